@@ -1,0 +1,210 @@
+"""effc command line: compile, inspect, diff, passes, eval, zoo."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from effc.errors import EffcError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _load_model(spec: str, opset: int | None = None):
+    """MODEL is a file path, or zoo:NAME for a zoo model built into the cache."""
+    from effc.frontend.onnx import load
+
+    if spec.startswith("zoo:"):
+        from effc.zoo.cache import cached_model_path
+
+        return load(cached_model_path(spec[4:]), opset=opset), spec[4:]
+    return load(spec, opset=opset), None
+
+
+def _read_feeds(path: str) -> list[dict]:
+    """An .npz of model inputs: one array per input, first axis = samples."""
+    import numpy as np
+
+    try:
+        data = np.load(path)
+    except Exception as exc:
+        raise EffcError(f"{path}: not an .npz of inputs ({exc})") from None
+    names = list(data.files)
+    if not names:
+        raise EffcError(f"{path}: holds no arrays")
+    count = len(data[names[0]])
+    return [{n: data[n][i:i + 1] for n in names} for i in range(count)]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="effc")
+def cli() -> None:
+    """effc: rewrite trained transformers into cheaper, equivalent (or budgeted) forms."""
+
+
+@cli.command("compile")
+@click.argument("model")
+@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--passes", "passes", default=None, help="Comma-separated pass names (default: the exact passes).")
+@click.option("--opset", type=int, default=None, help="Convert the model to this opset first.")
+@click.option("--inputs", "inputs", type=click.Path(exists=True, dir_okay=False), default=None,
+              help=".npz of inputs used to measure each pass (default: seeded random inputs).")
+@click.option("--keep-intermediate", is_flag=True, help="Also write the model after every pass.")
+@click.option("--no-untie", is_flag=True, help="layernorm-to-rmsnorm: refuse rather than untie shared weights.")
+def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inputs: str | None,
+                keep_intermediate: bool, no_untie: bool) -> None:
+    """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx and OUT/report.json."""
+    from effc.ir import save
+    from effc.passes import parse_pass_list
+    from effc.pipeline import run_pipeline
+    from effc.report import render_table, write_report
+
+    pass_list = parse_pass_list(passes)  # validate names before any expensive work
+    console = _console()
+    with console.status(f"loading {model}"):
+        ir_model, zoo_name = _load_model(model, opset)
+    feeds = _read_feeds(inputs) if inputs else None
+    if feeds is None and zoo_name:
+        from effc import zoo
+
+        feeds = zoo.get(zoo_name).sample_inputs(2, 0)
+    with console.status("running passes") as status:
+        result = run_pipeline(ir_model, pass_list, feeds=feeds, options={"untie": not no_untie},
+                              keep_intermediate=keep_intermediate,
+                              progress=lambda name: status.update(f"pass {name}"))
+    out_dir = Path(out)
+    save(result.model, out_dir / "model.onnx")
+    if keep_intermediate:
+        applied = [r for r in result.records if r.status == "applied"]
+        for i, (rec, m) in enumerate(zip(applied, result.intermediates), 1):
+            save(m, out_dir / "intermediate" / f"{i:02d}-{rec.name}.onnx")
+    write_report(out_dir / "report.json", model, result.records)
+    from effc.report import load_report
+
+    console.print(render_table(load_report(out_dir / "report.json")))
+    console.print(f"wrote {out_dir / 'model.onnx'} and {out_dir / 'report.json'}")
+
+
+@cli.command("inspect")
+@click.argument("out", type=click.Path())
+def inspect_cmd(out: str) -> None:
+    """Print the per-pass table (and skip reasons) of a compile output directory or report.json."""
+    from rich.console import Console
+
+    from effc.report import load_report, render_table
+
+    path = Path(out)
+    report = load_report(path / "report.json" if path.is_dir() else path)
+    console = Console(highlight=False)
+    console.print(render_table(report))
+    for p in report.get("passes", []):
+        for text in p.get("rewrites", []):
+            console.print(f"  [{p['name']}] {text}")
+        for skip in p.get("skipped", []):
+            console.print(f"  [{p['name']}] skipped {skip['node']}: {skip['reason']}")
+        if p.get("note"):
+            console.print(f"  [{p['name']}] note: {p['note']}")
+
+
+@cli.command("diff")
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+def diff_cmd(a: str, b: str) -> None:
+    """Op-level differences between two ONNX models."""
+    from effc.diff import diff_models, render_diff
+    from effc.frontend.onnx import load
+
+    click.echo(render_diff(diff_models(load(a), load(b))))
+
+
+@cli.command("passes")
+def passes_cmd() -> None:
+    """List the available passes."""
+    from effc.passes import REGISTRY
+
+    for name, p in sorted(REGISTRY.items()):
+        kind = "exact" if p.exact else "lossy"
+        click.echo(f"{name:24s} {kind:6s} {p.summary}")
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--zoo", "zoo_name", required=True, help="Zoo model whose held-out data and metric to use.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write {metric, value}.")
+def eval_cmd(model: str, zoo_name: str, json_path: str | None) -> None:
+    """Compute a zoo model's task metric for MODEL (original or optimized)."""
+    import json
+
+    from effc import zoo
+    from effc.frontend.onnx import load
+    from effc.ir import atomic_write_text
+    from effc.verify import OrtRunner
+
+    module = zoo.get(zoo_name)
+    runner = OrtRunner(load(model))
+    with _console().status(f"evaluating {model} on {zoo_name}"):
+        metric, value = module.evaluate(runner)
+    click.echo(f"{metric}: {value:.6g}")
+    if json_path:
+        atomic_write_text(Path(json_path), json.dumps({"metric": metric, "value": value, "zoo": zoo_name}) + "\n")
+
+
+@cli.group("zoo")
+def zoo_group() -> None:
+    """Reference models."""
+
+
+@zoo_group.command("list")
+def zoo_list() -> None:
+    """List the zoo models."""
+    from effc import zoo
+
+    for name in zoo.MODELS:
+        click.echo(f"{name:18s} {zoo.get(name).DESCRIPTION}")
+
+
+@zoo_group.command("build")
+@click.argument("name")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
+def zoo_build(name: str, out: str) -> None:
+    """Build zoo model NAME deterministically into OUT."""
+    from effc import zoo
+    from effc.ir import save
+
+    module = zoo.get(name)
+    with _console().status(f"building {name}"):
+        save(module.build(), out)
+    click.echo(f"wrote {out}")
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cli.main(standalone_mode=False)
+    except EffcError as exc:
+        click.echo(f"effc: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("effc: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"effc: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # never a traceback for the user; EFFC_DEBUG=1 shows it
+        if os.environ.get("EFFC_DEBUG"):
+            raise
+        click.echo(f"effc: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                   "(set EFFC_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Load .onnx (with external data) and .pt2 files into onnx_ir, normalised for the passes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from onnx import version_converter
+
+from effc.errors import EffcError
+
+MIN_OPSET = 13
+MAX_OPSET = 23
+
+
+def load(path: str | os.PathLike, opset: int | None = None) -> ir.Model:
+    """Read a model file into onnx_ir.
+
+    ``.onnx`` files are checked, upgraded to at least opset 13 (or to ``opset`` when given) and
+    shape-inferred; ``.pt2`` files (``torch.export.save``) go through torch's ONNX exporter.
+    Bad input raises :class:`EffcError` with a one-line reason.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise EffcError(f"{path}: no such file")
+    if path.is_dir():
+        candidate = path / "model.onnx"
+        if not candidate.exists():
+            raise EffcError(f"{path}: is a directory without model.onnx")
+        path = candidate
+    if path.suffix == ".pt2":
+        from effc.frontend.torch import load_pt2
+
+        return load_pt2(path, opset=opset)
+    return from_proto(_read_proto(path), opset=opset, origin=str(path))
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises a zoo of types on garbage
+        raise EffcError(f"{path}: not an ONNX model ({_first_line(exc)})") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise EffcError(f"{path}: not an ONNX model (no graph)")
+    try:
+        onnx.load_external_data_for_model(proto, str(path.parent))
+    except Exception as exc:
+        raise EffcError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+    return proto
+
+
+def from_proto(proto: onnx.ModelProto, opset: int | None = None, origin: str = "model") -> ir.Model:
+    """Check, upgrade and shape-infer a ModelProto, returning the onnx_ir model."""
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except Exception as exc:
+        raise EffcError(f"{origin}: fails the ONNX checker ({_first_line(exc)})") from None
+    current = _default_opset(proto)
+    target = opset if opset is not None else max(current, MIN_OPSET)
+    if not MIN_OPSET <= target <= MAX_OPSET:
+        raise EffcError(f"{origin}: opset {target} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
+    if target != current:
+        try:
+            proto = version_converter.convert_version(proto, target)
+        except Exception as exc:
+            raise EffcError(f"{origin}: cannot convert opset {current} to {target} ({_first_line(exc)})") from None
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:
+        pass  # shapes are a convenience for the passes; a model without them still loads
+    return ir.serde.deserialize_model(proto)
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,94 @@
+"""Run passes in order, measuring each one against the ORIGINAL model and rolling back failures."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from effc.errors import EffcError
+from effc.ir import copy_model, op_counts
+from effc.passes.base import Pass, PassContext
+from effc.passes.cleanup import cleanup
+from effc.report import PassRecord
+from effc.stats import flops, param_stats
+from effc.verify import OrtRunner, deviation, make_inputs
+
+Feeds = list[dict[str, np.ndarray]]
+
+
+@dataclass
+class PipelineResult:
+    model: ir.Model
+    records: list[PassRecord]
+    feeds: Feeds
+    intermediates: list[ir.Model] = field(default_factory=list)
+
+
+def _snapshot(model: ir.Model, shapes: dict[str, list[int]]) -> tuple[dict[str, int], int, int, int]:
+    params, nbytes = param_stats(model)
+    return op_counts(model), params, nbytes, flops(model, shapes)
+
+
+def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None,
+                 options: dict[str, Any] | None = None, calibration: Feeds | None = None,
+                 keep_intermediate: bool = False,
+                 progress: Callable[[str], None] | None = None) -> PipelineResult:
+    """Apply ``passes`` to ``model`` (in place where they succeed) and return a record per pass.
+
+    Every pass's output is run in ONNX Runtime on ``feeds`` (seeded random inputs by default) and
+    compared with the original model's outputs. An exact pass that deviates beyond its tolerance,
+    or any pass whose output ONNX Runtime cannot run, is rolled back.
+    """
+    feeds = feeds or make_inputs(model)
+    shapes = {name: list(arr.shape) for name, arr in feeds[0].items()}
+    reference = OrtRunner(model).run_all(feeds)
+    ctx = PassContext(options=dict(options or {}), calibration=calibration)
+    records: list[PassRecord] = []
+    intermediates: list[ir.Model] = []
+    ops, params, nbytes, fl = _snapshot(model, shapes)
+    for p in passes:
+        if progress:
+            progress(p.name)
+        start = time.perf_counter()
+        backup = copy_model(model)
+        record = PassRecord(name=p.name, exact=p.exact, status="skipped", ops_before=ops, ops_after=ops,
+                            params_before=params, params_after=params, bytes_before=nbytes, bytes_after=nbytes,
+                            flops_before=fl, flops_after=fl, tolerance=p.tolerance if p.exact else None)
+        try:
+            outcome = p.run(model, ctx)
+        except EffcError:
+            raise
+        except Exception as exc:  # a bug in a pass must not cost the user their model
+            model = backup
+            record.status, record.note = "rolled-back", f"pass crashed: {type(exc).__name__}: {exc}"
+            record.seconds = time.perf_counter() - start
+            records.append(record)
+            continue
+        record.rewrites, record.skipped = outcome.rewrites, outcome.skipped
+        if not outcome.changed:
+            model = backup  # a pass that did nothing must leave no trace
+        else:
+            cleanup(model)
+            try:
+                err = deviation(OrtRunner(model).run_all(feeds), reference)
+            except EffcError as exc:
+                err, record.note = None, str(exc)
+            if err is None or (p.exact and err.max_rel > p.tolerance):
+                if err is not None:
+                    record.error = err.as_dict()
+                    record.note = f"max_rel {err.max_rel:.3g} exceeds the exact-pass tolerance {p.tolerance:g}"
+                record.status = "rolled-back"
+                model = backup
+            else:
+                record.status, record.error = "applied", err.as_dict()
+                ops, params, nbytes, fl = _snapshot(model, shapes)
+                record.ops_after, record.params_after, record.bytes_after, record.flops_after = ops, params, nbytes, fl
+                if keep_intermediate:
+                    intermediates.append(copy_model(model))
+        record.seconds = time.perf_counter() - start
+        records.append(record)
+    return PipelineResult(model=model, records=records, feeds=feeds, intermediates=intermediates)

@@ -1,0 +1,148 @@
+"""Differential checks: seeded inputs, ONNX Runtime execution and deviation metrics."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from effc.errors import EffcError
+from effc.ir import const_value, to_proto
+
+# Symbolic dims get these sizes when no concrete shape is known.
+DEFAULT_BATCH = 1
+DEFAULT_DIM = 16
+_BATCH_NAMES = ("batch", "n", "b", "bs", "batch_size")
+
+
+@dataclass
+class Deviation:
+    """How far a model's outputs are from a reference.
+
+    max_rel is per output tensor the largest absolute deviation divided by the largest
+    reference magnitude (a scale-relative error that does not explode near zeros), then the
+    maximum over outputs; cosine is the smallest per-output cosine similarity.
+    """
+
+    max_abs: float
+    max_rel: float
+    cosine: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"max_abs": self.max_abs, "max_rel": self.max_rel, "cosine": self.cosine}
+
+
+def deviation(outputs: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]]) -> Deviation:
+    max_abs = max_rel = 0.0
+    cosine = 1.0
+    for got, ref in zip(outputs, reference):
+        for name, r in ref.items():
+            if name not in got:
+                raise EffcError(f"output '{name}' disappeared from the rewritten model")
+            g = got[name]
+            if not np.issubdtype(r.dtype, np.floating):
+                if not np.array_equal(g, r):
+                    max_abs, max_rel, cosine = float("inf"), float("inf"), min(cosine, 0.0)
+                continue
+            g64, r64 = g.astype(np.float64).ravel(), r.astype(np.float64).ravel()
+            if g64.shape != r64.shape:
+                raise EffcError(f"output '{name}' changed shape {r.shape} -> {g.shape}")
+            diff = float(np.max(np.abs(g64 - r64))) if r64.size else 0.0
+            scale = float(np.max(np.abs(r64))) if r64.size else 0.0
+            max_abs = max(max_abs, diff)
+            max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+            denom = float(np.linalg.norm(g64) * np.linalg.norm(r64))
+            cos = float(np.dot(g64, r64) / denom) if denom > 0 else (1.0 if diff == 0 else 0.0)
+            cosine = min(cosine, cos)
+    return Deviation(max_abs, max_rel, cosine)
+
+
+def _gather_bound(value: ir.Value) -> int | None:
+    """If ``value`` indexes a constant table (Gather indices), the table's row count."""
+    for node in value.consumers():
+        if node.op_type == "Gather" and len(node.inputs) > 1 and node.inputs[1] is value:
+            table = const_value(node.inputs[0])
+            if table is not None:
+                axis = node.attributes.get_int("axis", 0)
+                return int(table.shape[axis])
+    return None
+
+
+def concrete_shape(value: ir.Value, dims: dict[str, int] | None = None) -> list[int]:
+    dims = dims or {}
+    shape = []
+    for d in value.shape or []:
+        if isinstance(d, int):
+            shape.append(d)
+        else:
+            name = str(d.value) if d.value is not None else ""
+            shape.append(dims.get(name, DEFAULT_BATCH if name.lower() in _BATCH_NAMES else DEFAULT_DIM))
+    return shape
+
+
+def make_inputs(model: ir.Model, count: int = 2, seed: int = 0, dims: dict[str, int] | None = None) -> list[dict[str, np.ndarray]]:
+    """Seeded inputs for every graph input: normal floats, in-range token ids, all-one masks."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for value in model.graph.inputs:
+            if value.is_initializer():
+                continue
+            shape = concrete_shape(value, dims)
+            dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+            name = (value.name or "").lower()
+            if np.issubdtype(dtype, np.floating):
+                feed[value.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype == np.bool_ or "mask" in name:
+                feed[value.name] = np.ones(shape, dtype=dtype)
+            elif "token_type" in name:
+                feed[value.name] = np.zeros(shape, dtype=dtype)
+            elif "position" in name and shape:
+                feed[value.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+            else:
+                high = _gather_bound(value) or 2
+                feed[value.name] = rng.integers(0, high, size=shape).astype(dtype)
+        feeds.append(feed)
+    return feeds
+
+
+class OrtRunner:
+    """An ONNX Runtime session over an onnx_ir model (optimisations on, CPU)."""
+
+    def __init__(self, model: ir.Model | str | Path, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self._tmp = None
+        if isinstance(model, (str, Path)):
+            source: bytes | str = str(model)
+        else:
+            proto = to_proto(model)
+            if proto.ByteSize() < 1_800_000_000:
+                source = proto.SerializeToString()
+            else:
+                from effc.ir import save
+
+                self._tmp = tempfile.TemporaryDirectory(prefix="effc-ort-")
+                source = str(save(model, Path(self._tmp.name) / "model.onnx"))
+        try:
+            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise EffcError(f"ONNX Runtime cannot load the model ({str(exc).strip().splitlines()[0][:200]})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {k: v for k, v in feed.items() if k in self.input_names}
+        values = self.session.run(self.output_names, feed)
+        return dict(zip(self.output_names, values))
+
+    def run_all(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        return [self(f) for f in feeds]

@@ -1,0 +1,284 @@
+"""fold-batchnorm: fold inference BatchNorm (and SLAB's RepBN) into an adjacent linear op.
+
+Each BN site is first read as a per-channel affine y = a * x + b (see ``_affine``). Then:
+
+- BN after a linear (Conv, Gemm, MatMul [+ Add bias]) whose output only the site reads:
+  scale the linear's output channels by a, bias' = bias * a + b.
+- BN before linears (RepBN's placement: before qkv, fc1 and the head): every reader of the
+  site, possibly through ops that commute with a per-channel affine, must be a linear reading
+  the channel axis as its input features: scale their input rows by a, bias' = bias + b @ W.
+
+New weights are computed in float64, cast back to the weight's dtype and stored as new
+initializers, so tied weights read elsewhere are never changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from effc.ir import const_value, consumers
+from effc.passes import _rescale as rescale
+from effc.passes._affine import AffineSite, affine_site
+from effc.passes.base import Pass, PassContext, PassOutcome
+
+# Ops between the site and a following linear that commute with a per-channel affine
+# (as long as they keep the channel axis intact; see _through).
+_COMMUTING = {"Identity", "Dropout", "Transpose", "Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Flatten"}
+
+
+@dataclass
+class _Fold:
+    linear: ir.Node
+    apply: Callable[[], ir.Value | None]  # for a fold into the producer: the value now holding a*x+b
+
+
+class FoldBatchNorm(Pass):
+    name = "fold-batchnorm"
+    summary = "Fold inference BatchNorm and RepBN (BN(x) + alpha*x) into the adjacent Conv/Gemm/MatMul"
+    exact = True
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
+        outcome = PassOutcome()
+        graph = model.graph
+        for bn in [n for n in graph if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
+            site = affine_site(bn)
+            if isinstance(site, str):
+                outcome.skip(bn, site)
+                continue
+            into_producer = _producer_fold(site)
+            if isinstance(into_producer, _Fold):
+                folded = into_producer.apply()
+                for y in site.outputs:
+                    rescale.redirect(y, folded)
+                outcome.rewrites.append(f"{site.label} -> {_describe(into_producer.linear)} (after)")
+            else:
+                into_readers = _reader_folds(site)
+                if isinstance(into_readers, str):
+                    outcome.skip(bn, f"into its input's producer: {into_producer}; into its readers: {into_readers}")
+                    continue
+                for fold in into_readers:
+                    fold.apply()
+                    outcome.rewrites.append(f"{site.label} -> {_describe(fold.linear)} (before)")
+                for y in site.outputs:
+                    y.replace_all_uses_with(site.source)
+            graph.remove(site.nodes, safe=True)
+        if outcome.rewrites:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+        return outcome
+
+
+# --- BN after a linear: fold into the producer of the site's input --------------------------
+
+def _producer_fold(site: AffineSite) -> _Fold | str:
+    x = site.source
+    linear = x.producer()
+    if linear is None:
+        return "input is a graph input"
+    if x.is_graph_output() or any(reader not in site.nodes for reader in consumers(x)):
+        return f"{_describe(linear)} output has other readers"
+    if sum(y.is_graph_output() for y in site.outputs) > 1:
+        return "several outputs are graph outputs"
+    a, b = site.scale, site.shift
+    op = linear.op_type
+    if op == "Conv":
+        if site.axis != 1:
+            return f"channel axis {site.axis} is not the Conv's output-channel axis"
+        weight, bias = _weights(linear, 0, site.channels)
+        if isinstance(weight, str):
+            return weight
+        return _Fold(linear, lambda: rescale.scale_conv_outputs(linear, weight, bias, a, b))
+    if op == "Gemm":
+        if site.axis != 1:
+            return f"channel axis {site.axis} is not the Gemm's output axis"
+        weight, bias = _weights(linear, 0 if linear.attributes.get_int("transB", 0) else 1, site.channels)
+        if isinstance(weight, str):
+            return weight
+        return _Fold(linear, lambda: rescale.scale_gemm_outputs(linear, weight, bias, a, b))
+    if site.rank is None or site.axis != site.rank - 1:
+        return f"{_describe(linear)} output channel axis is not the BN channel axis"
+    if op == "MatMul":
+        weight = _matmul_weight(linear, 1, site.channels)
+        if isinstance(weight, str):
+            return weight
+        return _Fold(linear, lambda: rescale.scale_matmul_outputs(linear, weight, a, b))
+    if op == "Add":
+        return _biased_matmul_fold(linear, a, b)
+    return f"input comes from {_describe(linear)}, not a linear"
+
+
+def _biased_matmul_fold(add: ir.Node, a: np.ndarray, b: np.ndarray) -> _Fold | str:
+    for index in (0, 1):
+        matmul = add.inputs[index].producer() if add.inputs[index] is not None else None
+        bias = const_value(add.inputs[1 - index])
+        if matmul is None or matmul.op_type != "MatMul" or bias is None:
+            continue
+        if add.inputs[index].is_graph_output() or consumers(add.inputs[index]) != [add]:
+            return f"{_describe(matmul)} output has other readers"
+        weight = _matmul_weight(matmul, 1, len(a))
+        if isinstance(weight, str):
+            return weight
+
+        def apply(matmul=matmul, weight=weight, bias=bias, index=index) -> ir.Value:
+            rescale.scale_matmul_outputs(matmul, weight, a, None)
+            return rescale.scale_bias_add(add, 1 - index, bias, a, b)
+
+        return _Fold(matmul, apply)
+    return f"input comes from {_describe(add)}, not MatMul + constant bias"
+
+
+# --- BN before linears: fold into every reader ------------------------------------------------
+
+def _reader_folds(site: AffineSite) -> list[_Fold] | str:
+    folds: list[_Fold] = []
+    for y in site.outputs:
+        reason = _collect(y, site.axis, site.rank, site, folds)
+        if reason:
+            return reason
+    return folds or "its output is unused"
+
+
+def _collect(value: ir.Value, axis: int, rank: int | None, site: AffineSite, folds: list[_Fold]) -> str | None:
+    """Append a fold for every linear reading ``value``; a reason if some reader is not one."""
+    if value.is_graph_output():
+        return f"'{value.name}' is a graph output"
+    uses = list(value.uses())
+    others = sorted({node.op_type for node, _ in uses
+                     if node.op_type not in _COMMUTING and node.op_type not in ("MatMul", "Gemm", "Conv")})
+    if others:
+        return f"other consumers: {', '.join(others)}"
+    for node, index in uses:
+        if node.op_type in _COMMUTING:
+            step = _through(node, index, axis, rank, site.channels)
+            if isinstance(step, str):
+                return step
+            reason = _collect(node.outputs[0], *step, site, folds)
+        else:
+            reason = _reader_fold(node, index, axis, rank, site, folds)
+        if reason:
+            return reason
+    return None
+
+
+def _through(node: ir.Node, index: int, axis: int, rank: int | None, channels: int) -> tuple[int, int | None] | str:
+    """Channel axis and rank after ``node`` if it commutes with the affine, else a reason."""
+    op, name = node.op_type, _describe(node)
+    if index != 0:
+        return f"{name} reads it as a parameter"
+    if op == "Identity":
+        return axis, rank
+    if op == "Dropout":
+        training = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else False
+        if training is None or bool(np.any(training)) or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+            return f"{name} may be in training mode"
+        return axis, rank
+    if rank is None:
+        return f"unknown rank before {name}"
+    if op == "Transpose":
+        perm = node.attributes.get_ints("perm", None) or list(reversed(range(rank)))
+        return list(perm).index(axis), rank
+    if op == "Gather":
+        gathered = node.attributes.get_int("axis", 0) % rank
+        indices = node.inputs[1]
+        if gathered == axis:
+            return f"{name} indexes the channel axis"
+        if indices.shape is None:
+            return f"unknown indices rank in {name}"
+        kept = rank - 1 + len(indices.shape)
+        return (axis if axis < gathered else axis - 1 + len(indices.shape)), kept
+    if op == "Slice":
+        return _through_slice(node, axis, rank)
+    # Reshape-like ops keep the channel mapping when the channel is last before and after:
+    # a row-major reshape keeps every element's flat index, and flat index mod C is its channel.
+    out = node.outputs[0]
+    if axis != rank - 1 or out.shape is None or len(out.shape) == 0 or out.shape[-1] != channels:
+        return f"{name} does not keep the channel as the last axis"
+    return len(out.shape) - 1, len(out.shape)
+
+
+def _through_slice(node: ir.Node, axis: int, rank: int) -> tuple[int, int] | str:
+    name = _describe(node)
+    axes = const_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    if axes is None:
+        starts = node.inputs[1]
+        if (len(node.inputs) > 3 and node.inputs[3] is not None) or starts.shape is None:
+            return f"unknown axes in {name}"
+        axes = np.arange(starts.shape[0])
+    if axis in {int(a) % rank for a in axes.reshape(-1)}:
+        return f"{name} slices the channel axis"
+    return axis, rank
+
+
+def _reader_fold(node: ir.Node, index: int, axis: int, rank: int | None, site: AffineSite,
+                 folds: list[_Fold]) -> str | None:
+    name, a, b = _describe(node), site.scale, site.shift
+    if index != 0:
+        return f"{name} reads it as its weight"
+    if node.op_type == "MatMul":
+        if rank is None or axis != rank - 1 or rank < 2:
+            return f"channel axis is not the reduction axis of {name}"
+        weight = _matmul_weight(node, 0, site.channels)
+        if isinstance(weight, str):
+            return weight
+        folds.append(_Fold(node, lambda: rescale.scale_matmul_inputs(node, weight, a, b)))
+        return None
+    if axis != 1:
+        return f"channel axis {axis} is not the input-channel axis of {name}"
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        return f"{name} has transA=1"
+    if node.op_type == "Conv":
+        # Zero padding would see the affine's offset b at the border; a grouped conv spreads
+        # input channels over groups.
+        pads = node.attributes.get_ints("pads", None) or []
+        auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+        if any(pads) or auto_pad not in ("NOTSET", "VALID"):
+            return f"padding {list(pads) if any(pads) else auto_pad} on {name}"
+        if node.attributes.get_int("group", 1) != 1:
+            return f"{name} is grouped (group={node.attributes.get_int('group', 1)})"
+    in_axis = 1 if node.op_type == "Conv" or node.attributes.get_int("transB", 0) else 0
+    weight, bias = _weights(node, in_axis, site.channels)
+    if isinstance(weight, str):
+        return weight
+    scale = rescale.scale_conv_inputs if node.op_type == "Conv" else rescale.scale_gemm_inputs
+    folds.append(_Fold(node, lambda: scale(node, weight, bias, a, b)))
+    return None
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+def _weights(node: ir.Node, axis: int, channels: int) -> tuple[np.ndarray | str, np.ndarray | None]:
+    """Constant weight (input 1, ``channels`` on ``axis``) and optional constant bias of a Conv or Gemm."""
+    weight = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None:
+        return f"weight of {_describe(node)} is not constant", None
+    weight = _check_channels(node, weight, axis, channels)
+    if isinstance(weight, str):
+        return weight, None
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    bias = const_value(node.inputs[2]) if has_bias else None
+    if has_bias and bias is None:
+        return f"bias of {_describe(node)} is not constant", None
+    return weight, bias
+
+
+def _matmul_weight(matmul: ir.Node, axis: int, channels: int) -> np.ndarray | str:
+    """The constant 2-D weight of a MatMul whose ``axis`` (0: inputs, 1: outputs) has ``channels``."""
+    weight = const_value(matmul.inputs[1])
+    if weight is None:
+        return f"weight of {_describe(matmul)} is not constant"
+    if weight.ndim != 2:
+        return f"weight of {_describe(matmul)} is {weight.ndim}-D, not 2-D"
+    return _check_channels(matmul, weight, axis, channels)
+
+
+def _check_channels(node: ir.Node, weight: np.ndarray, axis: int, channels: int) -> np.ndarray | str:
+    if weight.shape[axis] != channels:
+        return f"weight of {_describe(node)} has {weight.shape[axis]} channels on axis {axis}, BN has {channels}"
+    return weight
+
+
+def _describe(node: ir.Node) -> str:
+    return f"{node.op_type} '{node.name}'"

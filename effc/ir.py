@@ -116,6 +116,9 @@ def save(model: ir.Model, path: str | os.PathLike) -> Path:
                             location=data_name, size_threshold=EXTERNAL_DATA_THRESHOLD)
         else:
             onnx.save_model(proto, tmp / path.name)
+        mode = 0o666 & ~_umask()
+        for written in tmp.iterdir():  # temp files are private; the results should not be
+            os.chmod(written, mode)
         if (tmp / data_name).exists():
             os.replace(tmp / data_name, path.parent / data_name)
         elif (path.parent / data_name).exists():
@@ -126,6 +129,12 @@ def save(model: ir.Model, path: str | os.PathLike) -> Path:
     return path
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file via a temporary sibling and rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +142,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -69,13 +69,16 @@ def _normalise(model: ir.Model) -> ir.Model:
 def _quiet():
     import logging
 
-    logger = logging.getLogger("torch.onnx")
-    old = logger.level
-    logger.setLevel(logging.ERROR)
+    # torch's exporter and onnxscript's constant folder both narrate; users want one clean line.
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     sink = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(old)
+        for lg, level in zip(loggers, old):
+            lg.setLevel(level)

@@ -1,0 +1,108 @@
+"""Constant edits that make a writer's output zero-mean: fold a LayerScale in, then recentre.
+
+An :class:`Edit` is planned per input slot (node, index). Slots that read the same constant
+with the same edit share one new initializer (a :class:`Replacement`); readers outside the walk
+keep the original, which is how a tied embedding / LM head gets untied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from effc.ir import const_value, new_initializer
+
+# How a writer's constant input is called in the rewrite text.
+_ROLES = {("MatMul", 1): "weight", ("Gemm", 1): "weight", ("Gemm", 2): "bias", ("Conv", 1): "weight",
+          ("Conv", 2): "bias", ("Gather", 0): "table"}
+
+
+@dataclass
+class Edit:
+    """The planned change of one constant input slot: scale (LayerScale folding), then recentre.
+
+    Axes are axes of the constant's array; a negative axis the array lacks (a broadcast operand)
+    means the constant is the same for every channel, and its zero-mean version is zero.
+    """
+
+    node: ir.Node
+    index: int
+    centre_axes: set[int] = field(default_factory=set)
+    scale: tuple[int, np.ndarray, ir.Node] | None = None  # (array axis, per-channel vector, the Mul)
+
+    @property
+    def key(self) -> tuple:
+        return (id(self.node.inputs[self.index]), tuple(sorted(self.centre_axes)),
+                id(self.scale[2]) if self.scale else None)
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """The edited array: computed in float64 (the mean too), stored in the weight's dtype."""
+        result = array
+        if self.scale is not None:
+            axis, vector, _ = self.scale
+            result = array.astype(np.float64) * _along(vector.astype(np.float64), axis, array.ndim)
+        for axis in sorted(self.centre_axes):
+            if (axis < 0 and result.ndim < -axis) or result.shape[axis] == 1:
+                result = np.zeros(result.shape, np.float64)
+            else:
+                result = result - result.mean(axis=axis, keepdims=True, dtype=np.float64)
+        return result.astype(array.dtype)
+
+
+@dataclass
+class Replacement:
+    """A constant and the new array its ``edits`` slots read instead; ``outside`` keep the original."""
+
+    value: ir.Value
+    array: np.ndarray
+    edits: list[Edit]
+    outside: list[str]
+
+
+def plan_replacements(edits: list[Edit]) -> list[Replacement]:
+    """Group edits by constant and transform, computing each new array once; no-ops are dropped."""
+    groups: dict[tuple, list[Edit]] = {}
+    for edit in edits:
+        groups.setdefault(edit.key, []).append(edit)
+    edited = {(id(e.node), e.index) for e in edits}
+    replacements = []
+    for group in groups.values():
+        value = group[0].node.inputs[group[0].index]
+        original = const_value(value)
+        array = group[0].apply(original)
+        if array.shape == original.shape and np.array_equal(array, original):
+            continue
+        outside = [f"{n.op_type} '{n.name}'" for n, i in value.uses() if (id(n), i) not in edited]
+        outside += ["a graph output"] if value.is_graph_output() else []
+        replacements.append(Replacement(value, array, group, outside))
+    return replacements
+
+
+def install(graph: ir.Graph, replacements: list[Replacement]) -> list[str]:
+    """Point the edited slots at their new constants; one rewrite per changed node and per untying."""
+    changed: dict[int, tuple[ir.Node, list[str]]] = {}
+    untied: dict[str, list[str]] = {}
+    for r in replacements:
+        new_value = new_initializer(graph, np.ascontiguousarray(r.array), f"{r.value.name}_centred")
+        for edit in r.edits:
+            edit.node.replace_input_with(edit.index, new_value)
+            role = _ROLES.get((edit.node.op_type, edit.index), f"constant '{r.value.name}'")
+            if not np.any(r.array):
+                role += " (zeroed: the same for every channel)"
+            changed.setdefault(id(edit.node), (edit.node, []))[1].append(role)
+        if r.outside:
+            untied[r.value.name] = r.outside
+    rewrites = [f"recentred {node.op_type} '{node.name}' {' and '.join(roles)}" for node, roles in changed.values()]
+    rewrites += [f"untied '{name}': the stream gets a recentred copy, {', '.join(readers)} keeps the original"
+                 for name, readers in untied.items()]
+    return rewrites
+
+
+def _along(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """``vector`` shaped to broadcast along ``axis`` of a rank-``ndim`` array (negative: right-aligned)."""
+    rank = max(ndim, -axis) if axis < 0 else ndim
+    shape = [1] * rank
+    shape[axis] = vector.size
+    return vector.reshape(shape)

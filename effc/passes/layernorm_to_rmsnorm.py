@@ -1,0 +1,85 @@
+"""Exact Pre-LN -> Pre-RMSNorm conversion (Jiang et al., NeurIPS 2023).
+
+LN(x) = RMSNorm(x - mean(x)). When every writer of the residual stream produces vectors that are
+zero-mean over the hidden axis, the stream is zero-mean and each LayerNorm reading it equals an
+RMSNorm with the same epsilon and gamma (beta stays as an Add). The writers are made zero-mean by
+recentring their weights over the output features: W <- W - mean_out(W), b <- b - mean(b).
+
+The proof and the planned edits come from :mod:`effc.passes._residual_stream`; nothing is changed
+unless every LayerNorm of the model is proven convertible (all-or-nothing), so a refused model is
+left exactly as it was. Post-LN models (BERT) are refused: their stream is written by LayerNorms.
+
+Options: ``untie`` (default True) lets a recentred constant that other nodes also read (a tied
+embedding / LM head) be copied; with ``untie=False`` such a model is refused instead.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from effc.ir import opset
+from effc.passes._norm_sites import NormSite, convert, find_sites
+from effc.passes._recentre import install
+from effc.passes._residual_stream import ResidualStream
+from effc.passes.base import Pass, PassContext, PassOutcome
+
+
+class LayerNormToRMSNorm(Pass):
+    name = "layernorm-to-rmsnorm"
+    summary = "Pre-LN LayerNorm -> RMSNorm by recentring the residual stream's writers (exact)"
+    exact = True
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
+        outcome = PassOutcome()
+        graph = model.graph
+        sites, rejected = find_sites(graph)
+        for node, reason in rejected:
+            outcome.skip(node, reason)
+        if not sites:
+            return outcome
+        plan = ResidualStream(sites, untie=bool(ctx.options.get("untie", True))).plan()
+        failing = [(site, reason) for site, reason in zip(sites, plan.failures) if reason]
+        if failing or rejected:
+            _refuse_all(outcome, sites, failing, len(rejected))
+            return outcome
+        # Constants this pass may leave unread, dropped at the end.
+        orphans = [r.value for r in plan.replacements] + [v for m, _ in plan.bypass for v in m.inputs]
+        orphans += [v for site in sites for n in site.nodes for v in n.inputs]
+        outcome.rewrites += install(graph, plan.replacements)
+        for mul, index in plan.bypass:
+            mul.outputs[0].replace_all_uses_with(mul.inputs[index])
+            graph.remove(mul, safe=True)
+            outcome.rewrites.append(f"folded LayerScale Mul '{mul.name}' into its writers")
+        version = opset(model)
+        outcome.rewrites += [convert(site, graph, version) for site in sites]
+        _drop_orphans(graph, orphans)
+        return outcome
+
+
+def _refuse_all(outcome: PassOutcome, sites: list[NormSite], failing: list[tuple[NormSite, str]],
+                rejected: int) -> None:
+    """One Skip per failing site with its reason; the others are held back (all-or-nothing)."""
+    for site, reason in failing:
+        outcome.skip(site.name, f"{site.label}: {reason}")
+    blocked = len(failing) + rejected
+    post_ln = any("post-LN" in reason for _, reason in failing)
+    why = ("the model is post-LN" if post_ln else
+           f"{blocked} other LayerNorm(s) cannot be converted and the stream is converted all-or-nothing")
+    failed = {id(site) for site, _ in failing}
+    for site in sites:
+        if id(site) not in failed:
+            outcome.skip(site.name, f"{site.label}: convertible, but held back: {why}")
+
+
+def _drop_orphans(graph: ir.Graph, candidates: list[ir.Value | None]) -> None:
+    """Remove the constants among ``candidates`` that this pass left without readers."""
+    dead_nodes = {}
+    for value in {id(v): v for v in candidates if v is not None}.values():
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        if value.is_initializer() and graph.initializers.get(value.name) is value:
+            del graph.initializers[value.name]
+        elif value.producer() is not None and value.producer().op_type == "Constant":
+            dead_nodes[id(value.producer())] = value.producer()
+    if dead_nodes:
+        graph.remove(list(dead_nodes.values()), safe=True)

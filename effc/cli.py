@@ -14,7 +14,12 @@ from effc.errors import EffcError
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, width=_width())
+
+
+def _width() -> int | None:
+    # rich assumes 80 columns when not on a terminal, which wraps the pass table into mush
+    return None if sys.stdout.isatty() else 160
 
 
 def _load_model(spec: str, opset: int | None = None):
@@ -58,8 +63,11 @@ def cli() -> None:
               help=".npz of inputs used to measure each pass (default: seeded random inputs).")
 @click.option("--keep-intermediate", is_flag=True, help="Also write the model after every pass.")
 @click.option("--no-untie", is_flag=True, help="layernorm-to-rmsnorm: refuse rather than untie shared weights.")
+@click.option("--target", type=click.Choice(["llvm", "cuda"]), default=None,
+              help="Also build OUT/model.so (+ params) with TVM for this target.")
+@click.option("--arch", default=None, help="CUDA arch for --target cuda: sm_80, sm_90, ...")
 def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inputs: str | None,
-                keep_intermediate: bool, no_untie: bool) -> None:
+                keep_intermediate: bool, no_untie: bool, target: str | None, arch: str | None) -> None:
     """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx and OUT/report.json."""
     from effc.ir import save
     from effc.passes import parse_pass_list
@@ -67,6 +75,10 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
     from effc.report import render_table, write_report
 
     pass_list = parse_pass_list(passes)  # validate names before any expensive work
+    if target:
+        from effc.codegen.target import check_target_args
+
+        check_target_args(target, arch)
     console = _console()
     with console.status(f"loading {model}"):
         ir_model, zoo_name = _load_model(model, opset)
@@ -90,6 +102,12 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
 
     console.print(render_table(load_report(out_dir / "report.json")))
     console.print(f"wrote {out_dir / 'model.onnx'} and {out_dir / 'report.json'}")
+    if target:
+        from effc.codegen.build import compile_model
+
+        with console.status(f"building for {target}"):
+            built = compile_model(result.model, target, out_dir, arch=arch)
+        console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s")
 
 
 @cli.command("inspect")
@@ -102,7 +120,7 @@ def inspect_cmd(out: str) -> None:
 
     path = Path(out)
     report = load_report(path / "report.json" if path.is_dir() else path)
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=_width())
     console.print(render_table(report))
     for p in report.get("passes", []):
         for text in p.get("rewrites", []):
@@ -182,6 +200,12 @@ def zoo_build(name: str, out: str) -> None:
     with _console().status(f"building {name}"):
         save(module.build(), out)
     click.echo(f"wrote {out}")
+
+
+# Registered on this module's own group object, so `python -m effc.cli` (a second module copy) gets them too.
+from effc.cli_codegen import COMMANDS as _CODEGEN_COMMANDS  # noqa: E402  (run, bench)
+for _command in _CODEGEN_COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

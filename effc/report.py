@@ -73,9 +73,11 @@ def render_table(report: dict[str, Any]) -> Any:
     """A rich Table of the per-pass records."""
     from rich.table import Table
 
-    table = Table(title=f"effc passes on {report.get('model', '?')}")
+    table = Table(title=f"effc passes on {Path(str(report.get('model', '?'))).name}")
     for col in ("pass", "status", "rewrites", "skipped", "op changes", "params", "GFLOPs", "max rel err", "cosine", "s"):
-        table.add_column(col, justify="right" if col not in ("pass", "status", "op changes") else "left")
+        left = col in ("pass", "status", "op changes")
+        # names and numbers must stay greppable; only the op-delta text may wrap
+        table.add_column(col, justify="left" if left else "right", no_wrap=col != "op changes")
     for p in report.get("passes", []):
         err = p.get("error") or {}
         table.add_row(

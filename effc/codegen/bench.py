@@ -1,0 +1,108 @@
+"""Latency of a compiled OUT directory against ONNX Runtime, measured interleaved.
+
+Engines take turns within every round (effc, ort, ...), so a slow phase of a shared machine
+hits them alike; the first rounds are warm-up and dropped; median and p90 are over the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from effc.errors import EffcError
+
+
+def _stats(times: list[float]) -> dict:
+    ms = np.asarray(times) * 1e3
+    return {"median_ms": round(float(np.median(ms)), 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
+            "runs": len(ms)}
+
+
+def _original_model(out: Path):
+    """The model `effc compile` started from, when report.json names one that can still be loaded."""
+    import json
+
+    report = out / "report.json"
+    if not report.exists():
+        return None, None
+    spec = json.loads(report.read_text()).get("model")
+    if not spec:
+        return None, None
+    if spec.startswith("zoo:"):
+        from effc.zoo.cache import cached_model_path
+
+        return cached_model_path(spec[4:]), spec[4:]
+    return (Path(spec), None) if Path(spec).exists() else (None, None)
+
+
+def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict] | None = None,
+          warmup: int = 3, runs: int = 15, threads: int | None = None) -> dict:
+    """Benchmark OUT against the engines in ``vs``; returns the `effc bench --json` dictionary."""
+    from effc.codegen.runtime import configure_threads, load_compiled
+    from effc.frontend.onnx import load
+    from effc.verify import OrtRunner, deviation, make_inputs
+
+    out = Path(out_dir)
+    compiled = load_compiled(out, threads)
+    nthreads = configure_threads(threads or compiled.manifest.get("threads") or 1)
+    unknown = set(vs) - {"ort"}
+    if unknown:
+        raise EffcError(f"--vs: unknown engine(s) {', '.join(sorted(unknown))} (known: ort)")
+    optimized = out / "model.onnx"
+    original, zoo_name = _original_model(out)
+    if feeds is None:
+        if zoo_name:
+            from effc import zoo
+
+            feeds = zoo.get(zoo_name).sample_inputs(1, 0)
+        elif optimized.exists():
+            feeds = make_inputs(load(optimized), 1)
+        else:
+            raise EffcError(f"{out}: no model.onnx to derive inputs from; pass --inputs")
+    feed = feeds[0]
+    engines = {"effc": _effc_runner(compiled, feed)}
+    sessions = {}
+    if "ort" in vs:
+        if not optimized.exists():
+            raise EffcError(f"{out}: no model.onnx for the ONNX Runtime comparison")
+        sessions["ort_optimized"] = OrtRunner(optimized, threads=nthreads)
+        if original is not None and original.resolve() != optimized.resolve():
+            sessions["ort"] = OrtRunner(original, threads=nthreads)
+        else:
+            sessions["ort"] = sessions.pop("ort_optimized")
+        for name, sess in sessions.items():
+            engines[name] = (lambda s: lambda: s(feed))(sess)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for round_ in range(warmup + runs):
+        for name, fn in engines.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    result = {name: _stats(t) for name, t in times.items()}
+    result["threads"] = nthreads
+    if "ort" in result:
+        result["ratio_vs_ort"] = round(result["effc"]["median_ms"] / result["ort"]["median_ms"], 3)
+        # Agreement with ONNX Runtime on the very model that was compiled (codegen correctness);
+        # a lossy pass's error is the compile report's business, not the code generator's.
+        reference = sessions.get("ort_optimized", sessions["ort"])
+        got = [compiled(f) for f in feeds]
+        result["max_rel_err"] = deviation(got, reference.run_all(feeds)).max_rel
+    return result
+
+
+def _effc_runner(compiled, feed):
+    """A zero-argument call of the compiled main with device inputs prepared once (as ORT's are)."""
+    args = compiled.args(feed)
+    main = compiled.vm["main"]
+    params = compiled.params
+
+    def run():
+        result = main(*args, *params)
+        if compiled.is_cuda:
+            compiled.device.sync()
+        return result
+
+    return run

@@ -1,0 +1,78 @@
+"""compile_model: import, schedule, pre-pack weights, build and export one OUT directory.
+
+OUT/model.so      the Relax VM executable (plain TVM: tvm.runtime.load_module + relax.VirtualMachine;
+                  call vm["main"](*inputs, *params))
+OUT/params.bin    main's trailing parameters, already pre-packed, in tvm.runtime.save_param_dict
+                  format, keyed p0000, p0001, ... in call order
+OUT/codegen.json  manifest: target, inputs (name, shape, dtype), outputs, rule hits, build time
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from effc.codegen.runtime import MANIFEST, Compiled, load_compiled, run_compiled  # noqa: F401 (API)
+from effc.codegen.target import BuildTarget, make_target
+from effc.errors import EffcError
+
+LIBRARY = "model.so"
+PARAMS = "params.bin"
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    seconds: float
+    rule_hits: dict = field(default_factory=dict)
+
+
+def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: str | Path = "out",
+                  arch: str | None = None, rules: list | None = None) -> BuildResult:
+    """Compile ``model`` for ``target`` ("llvm", "cuda" or a BuildTarget) into ``out_dir``."""
+    import tvm
+
+    from effc.codegen import lower
+    from effc.codegen.relax_import import import_model
+    from effc.codegen.schedules import rules_for
+    from effc.ir import atomic_write_text
+
+    start = time.perf_counter()
+    bt = target if isinstance(target, BuildTarget) else make_target(target, arch)
+    tvm_target = bt.tvm()
+    imported = import_model(model)
+    hits: dict[str, int] = {}
+    rule_errors: list[str] = []
+    rules = [lower.Counted(r, hits, rule_errors) for r in (rules if rules is not None else rules_for(tvm_target))]
+    try:
+        mod = lower.schedule(imported.mod, tvm_target, rules)
+        main, prep = lower.split_transform(mod)
+        params = lower.run_transform(prep, tvm_target, imported.params) if prep is not None else imported.params
+        exe = tvm.compile(main, target=tvm_target, relax_pipeline=lower.finish_pipeline(tvm_target))
+    except EffcError:
+        raise
+    except Exception as exc:
+        if os.environ.get("EFFC_DEBUG"):
+            raise
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise EffcError(f"TVM build for {bt.describe()} failed ({type(exc).__name__}: "
+                        f"{lines[-1][:200] if lines else ''})") from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    exe.export_library(str(out / LIBRARY))
+    tvm.runtime.save_param_dict_to_file({f"p{i:04d}": tvm.runtime.tensor(p) for i, p in enumerate(params)},
+                                        str(out / PARAMS))
+    seconds = round(time.perf_counter() - start, 2)
+    manifest = {"target": bt.kind, "arch": bt.arch, "target_spec": bt.spec, "threads": bt.threads,
+                "inputs": [{"name": n, "shape": list(s), "dtype": d}
+                           for n, s, d in zip(imported.input_names, imported.input_shapes, imported.input_dtypes)],
+                "outputs": imported.output_names, "library": LIBRARY, "params": PARAMS,
+                "num_params": len(params), "rule_hits": hits, "rule_errors": rule_errors[:20],
+                "build_seconds": seconds}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return BuildResult(out, seconds, hits)

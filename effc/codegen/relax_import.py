@@ -1,0 +1,81 @@
+"""ir.Model -> Relax IRModule through TVM's ONNX importer, with the weights kept apart.
+
+Weights become trailing parameters of ``main`` (not constants folded into the code), so the build
+can pre-pack them once at compile time and ship them in a params file next to model.so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from effc.errors import EffcError
+from effc.ir import to_proto
+
+
+@dataclass
+class Imported:
+    mod: object  # tvm.IRModule whose main takes (*inputs, *params)
+    params: list[np.ndarray]  # values for main's trailing parameters, in order
+    input_names: list[str]
+    input_shapes: list[tuple[int, ...]]
+    input_dtypes: list[str]
+    output_names: list[str]
+
+
+def _static_inputs(model: ir.Model) -> tuple[list[str], list[tuple[int, ...]], list[str]]:
+    names, shapes, dtypes = [], [], []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        dims = list(value.shape or [])
+        if not all(isinstance(d, int) for d in dims):
+            # Symbolic dims would leave every kernel shape-generic; the schedules need numbers.
+            raise EffcError(f"input '{value.name}' has a symbolic shape {value.shape}: codegen needs static "
+                            "shapes (export the model with fixed sizes)")
+        names.append(value.name)
+        shapes.append(tuple(dims))
+        dtypes.append(str(value.dtype.numpy()) if value.dtype is not None else "float32")
+    return names, shapes, dtypes
+
+
+def unsupported_ops(model: ir.Model) -> list[str]:
+    """Ops of ``model`` that TVM's importer has no converter for, or that it would silently misread.
+
+    The importer ignores op domains, so an effc (or any custom-domain) op would be looked up by its
+    bare name; such ops are reported here until effc lowers them itself.
+    """
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = _get_convert_map()
+    bad = set()
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx"):
+            bad.add(f"{node.domain}.{node.op_type}")
+        elif node.op_type not in known and node.op_type not in ("Constant", "If"):
+            bad.add(node.op_type)
+    return sorted(bad)
+
+
+def import_model(model: ir.Model) -> Imported:
+    """Import ``model`` into Relax; raise EffcError naming every op TVM cannot import."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    bad = unsupported_ops(model)
+    if bad:
+        raise EffcError(f"TVM's ONNX importer cannot handle: {', '.join(bad)}")
+    names, shapes, dtypes = _static_inputs(model)
+    proto = to_proto(model)
+    try:
+        mod = from_onnx(proto, shape_dict=dict(zip(names, shapes)), dtype_dict=dict(zip(names, dtypes)),
+                        keep_params_in_input=True, sanitize_input_names=False)
+    except Exception as exc:  # the importer raises assorted types on ops/attributes it cannot convert
+        first = str(exc).strip().splitlines()
+        raise EffcError(f"TVM cannot import the model ({type(exc).__name__}: {first[0][:200] if first else ''})") \
+            from None
+    mod, params = relax.frontend.detach_params(mod)
+    values = [p.numpy() for p in params.get("main", [])]
+    return Imported(mod, values, names, shapes, dtypes, [v.name for v in model.graph.outputs])

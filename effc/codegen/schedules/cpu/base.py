@@ -1,0 +1,39 @@
+"""Shared pieces of the CPU rules: the rule base class and small loop helpers."""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+
+VECTOR_BYTES = 64  # AVX-512: one zmm register
+
+
+class CPURule(ScheduleRule):
+    """A rule that only applies to llvm targets."""
+
+    name = "cpu-rule"
+
+    def is_target_available(self, target) -> bool:
+        return target.kind.name == "llvm"
+
+
+def extent(sch, loop) -> int | None:
+    """A loop's constant extent, or None when it is symbolic."""
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def vector_lanes(dtype: str) -> int:
+    import tvm
+
+    return max(1, VECTOR_BYTES * 8 // tvm.DataType(dtype).bits)
+
+
+def parallel_outer(sch, loops: list, min_extent: int = 2) -> None:
+    """Fuse ``loops`` (outermost first) and run them in parallel, if there is work to share."""
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    ext = extent(sch, fused)
+    if ext is None or ext >= min_extent:
+        sch.parallel(fused)

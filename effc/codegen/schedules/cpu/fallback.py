@@ -1,0 +1,68 @@
+"""Fallback: any kernel no other rule took gets parallel outer loops and a vectorised inner loop.
+
+Not fast, but never the single-threaded scalar loop nest TVM leaves unscheduled kernels as.
+Injective blocks are inlined first (fewer passes over memory); every remaining block then has its
+spatial loops moved outside its reduction loops, the outer spatial loops fused and run in parallel,
+and for purely spatial blocks the innermost loop vectorised when it splits evenly into vector lanes.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
+
+from effc.codegen.schedules.cpu.base import CPURule, extent, parallel_outer, vector_lanes
+
+
+class Fallback(CPURule):
+    name = "fallback"
+
+    def apply(self, func, target, tunable):
+        if not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = normalize_prim_func(sch)
+        if blocks is None:
+            return None
+        blocks = try_inline(sch, blocks)
+        reductions = []
+        for info in blocks:
+            block, kinds = info.block_rv, info.dom_kind()
+            loops = sch.get_loops(block)
+            if len(loops) != len(kinds) or any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in loops):
+                continue  # already scheduled or opaque structure: leave it alone
+            s_loops = [lp for lp, k in zip(loops, kinds) if k == "S"]
+            r_loops = [lp for lp, k in zip(loops, kinds) if k == "R"]
+            if "O" in kinds:
+                # Opaque iterators (scans, data-dependent writes) may not be reordered; only the
+                # spatial loops already outside them can be shared between cores.
+                lead = []
+                for lp, k in zip(loops, kinds):
+                    if k != "S":
+                        break
+                    lead.append(lp)
+                parallel_outer(sch, lead)
+                continue
+            if r_loops:
+                sch.reorder(*s_loops, *r_loops)
+                parallel_outer(sch, s_loops)
+                reductions.append((block, r_loops[0]))
+                continue
+            if not s_loops:
+                continue
+            lanes = vector_lanes(_write_dtype(sch, block))
+            inner = extent(sch, s_loops[-1])
+            if inner is not None and inner >= lanes and inner % lanes == 0:
+                outer, vec = sch.split(s_loops[-1], [None, lanes])
+                sch.vectorize(vec)
+                s_loops = s_loops[:-1] + [outer]
+            parallel_outer(sch, s_loops)
+        for block, r_loop in reductions:
+            sch.decompose_reduction(block, r_loop)
+        return sch
+
+
+def _write_dtype(sch, block) -> str:
+    writes = sch.get(block).writes
+    return str(writes[0].source.dtype) if writes else "float32"

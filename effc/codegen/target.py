@@ -1,0 +1,81 @@
+"""Build targets: the host CPU (detected, never `mcpu=native`) or a CUDA arch built without a GPU."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from effc.errors import EffcError
+
+CUDA_ARCHS = ("sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
+
+
+def host_threads() -> int:
+    """Cores this process may run on (affinity-aware, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class BuildTarget:
+    """What to build for; ``spec`` is the TVM target as a JSON dict (TVM 0.27 refuses strings)."""
+
+    kind: str  # "llvm" | "cuda"
+    spec: dict
+    threads: int = 1  # runtime threads for llvm; recorded in the build manifest
+    arch: str | None = None
+
+    def tvm(self):
+        import tvm
+
+        return tvm.target.Target(self.spec)
+
+    def describe(self) -> str:
+        if self.kind == "cuda":
+            return f"cuda {self.arch}"
+        return f"llvm {self.spec.get('mcpu', 'generic')} x{self.threads}"
+
+
+def llvm_target(threads: int | None = None) -> BuildTarget:
+    """The host CPU as TVM detects it (e.g. znver5, emeraldrapids): `mcpu=native` silently builds
+    generic code in TVM 0.27, so the detected name is what enables AVX-512."""
+    import tvm
+
+    detected = tvm.target.Target.from_device(tvm.cpu()).export()
+    threads = threads or host_threads()
+    spec = {"kind": "llvm", "mtriple": detected.get("mtriple", "x86_64-linux-gnu"),
+            "mcpu": detected.get("mcpu", "generic"), "num-cores": threads}
+    return BuildTarget("llvm", spec, threads)
+
+
+def cuda_target(arch: str = "sm_80") -> BuildTarget:
+    """A CUDA target for ``arch``; building needs nvcc but no GPU (the arch is never queried)."""
+    if arch not in CUDA_ARCHS:
+        raise EffcError(f"unknown CUDA arch '{arch}' (known: {', '.join(CUDA_ARCHS)})")
+    host = llvm_target().spec
+    # Explicit limits keep TVM from querying a device that is not there.
+    spec = {"kind": "cuda", "arch": arch, "max_num_threads": 1024, "thread_warp_size": 32,
+            "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024, "host": host}
+    return BuildTarget("cuda", spec, 1, arch)
+
+
+def check_target_args(kind: str, arch: str | None) -> None:
+    """Validate --target/--arch without importing TVM (fail before any expensive work)."""
+    if kind not in ("llvm", "cuda"):
+        raise EffcError(f"unknown target '{kind}' (known: llvm, cuda)")
+    if arch and kind != "cuda":
+        raise EffcError("--arch applies to --target cuda only")
+    if arch and arch not in CUDA_ARCHS:
+        raise EffcError(f"unknown CUDA arch '{arch}' (known: {', '.join(CUDA_ARCHS)})")
+
+
+def make_target(kind: str, arch: str | None = None, threads: int | None = None) -> BuildTarget:
+    if kind == "llvm":
+        if arch:
+            raise EffcError("--arch applies to --target cuda only")
+        return llvm_target(threads)
+    if kind == "cuda":
+        return cuda_target(arch or "sm_80")
+    raise EffcError(f"unknown target '{kind}' (known: llvm, cuda)")

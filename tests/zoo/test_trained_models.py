@@ -1,0 +1,141 @@
+"""The trained zoo models (vit-digits, gpt-text) and the RepBN DeiT: shipped weights and data,
+ONNX export through the build cache, ONNX Runtime agreement with torch and the task metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from effc.errors import EffcError
+from effc.frontend.onnx import load
+from effc.ir import op_counts
+from effc.verify import OrtRunner, deviation
+from effc.zoo import deit_tiny_repbn, gpt_text, vit_digits
+from effc.zoo.cache import cached_model_path
+
+VIT_DIGITS_MIN_TOP1 = 0.93
+GPT_TEXT_MAX_PERPLEXITY = 4.0
+EXPORT_MAX_REL = 1e-4
+
+
+def torch_runner(module, input_name):
+    def run(feed):
+        with torch.no_grad():
+            return {"logits": module(torch.from_numpy(feed[input_name])).numpy()}
+    return run
+
+
+def torch_vs_ort(zoo_module, name, input_name, feeds):
+    module, _ = zoo_module.torch_model()
+    ort = OrtRunner(cached_model_path(name))
+    reference = [torch_runner(module, input_name)(f) for f in feeds]
+    return deviation(ort.run_all(feeds), reference)
+
+
+# ---- vit-digits ------------------------------------------------------------------------------
+
+def test_vit_digits_split_is_fixed_stratified_and_upsampled():
+    data = vit_digits.split()
+    assert data.train_images.shape == (1437, 1, 32, 32) and data.test_images.shape == (360, 1, 32, 32)
+    assert data.train_images.dtype == np.float32 and 0.0 <= data.test_images.min() <= data.test_images.max() <= 1.0
+    assert set(np.bincount(data.test_labels)) <= {35, 36, 37}  # stratified: 10 nearly equal classes
+    raw = np.random.default_rng(0).integers(0, 17, (3, 8, 8))
+    expected = torch.nn.functional.interpolate(torch.tensor(raw / 16.0)[:, None], size=32, mode="bilinear",
+                                               align_corners=False).numpy()
+    np.testing.assert_allclose(vit_digits.upsample(raw), expected, atol=1e-6)
+
+
+def test_vit_digits_calibration_comes_from_the_training_split():
+    train = {img.tobytes() for img in vit_digits.split().train_images}
+    feeds = vit_digits.calibration_inputs(8, seed=3)
+    assert all(f["pixel_values"].shape == (1, 1, 32, 32) for f in feeds)
+    assert all(f["pixel_values"].tobytes() in train for f in feeds)
+    assert [f["pixel_values"].tobytes() for f in feeds] == [
+        f["pixel_values"].tobytes() for f in vit_digits.calibration_inputs(8, seed=3)]
+
+
+def test_vit_digits_onnx_reaches_its_accuracy_and_agrees_with_torch():
+    metric, top1 = vit_digits.evaluate(OrtRunner(cached_model_path("vit-digits")))
+    assert metric == "top1" and top1 >= VIT_DIGITS_MIN_TOP1
+    feeds = vit_digits.sample_inputs(4, seed=0)
+    assert torch_vs_ort(vit_digits, "vit-digits", "pixel_values", feeds).max_rel <= EXPORT_MAX_REL
+
+
+def test_missing_weights_raise_a_clear_error(monkeypatch, tmp_path):
+    for zoo_module in (vit_digits, gpt_text):
+        monkeypatch.setattr(zoo_module, "WEIGHTS", tmp_path / "absent.safetensors")
+        with pytest.raises(EffcError, match="weights missing"):
+            zoo_module.torch_model()
+
+
+# ---- gpt-text --------------------------------------------------------------------------------
+
+def test_gpt_text_held_out_windows_are_frozen_and_split_by_file():
+    windows = gpt_text.held_out_windows()
+    assert windows.shape == (128, 128) and windows.dtype == np.int64
+    assert len({w.tobytes() for w in windows}) == len(windows)
+    files = gpt_text.stdlib_files()
+    held_out = [f for f in files if gpt_text.is_held_out(f)]
+    assert 0.02 < len(held_out) / len(files) < 0.1
+
+
+def test_gpt_text_calibration_windows_come_from_training_files():
+    feeds = gpt_text.calibration_inputs(4, seed=1)
+    assert all(f["input_ids"].shape == (1, 128) and f["input_ids"].dtype == np.int64 for f in feeds)
+    held_out = b"".join(gpt_text.read_corpus(held_out=True))
+    training = gpt_text.training_stream().tobytes()
+    for feed in feeds:
+        window = feed["input_ids"].astype(np.uint8).tobytes()
+        assert window in training and window not in held_out
+
+
+def test_gpt_text_onnx_perplexity_matches_torch_and_is_good():
+    module, _ = gpt_text.torch_model()
+    metric, onnx_ppl = gpt_text.evaluate(OrtRunner(cached_model_path("gpt-text")))
+    _, torch_ppl = gpt_text.evaluate(torch_runner(module, "input_ids"))
+    assert metric == "perplexity"
+    # Agreement to 3 significant digits, as a relative bound (rounding both can split at a .5).
+    assert onnx_ppl == pytest.approx(torch_ppl, rel=5e-4)
+    assert 1.0 < onnx_ppl < GPT_TEXT_MAX_PERPLEXITY
+    feeds = gpt_text.sample_inputs(2, seed=0)
+    assert torch_vs_ort(gpt_text, "gpt-text", "input_ids", feeds).max_rel <= EXPORT_MAX_REL
+
+
+def test_gpt_text_next_byte_nll_scores_127_predictions():
+    ids = np.arange(128, dtype=np.int64)[None]
+    uniform = np.zeros((1, 128, 256), dtype=np.float32)
+    nll, count = gpt_text.next_byte_nll(uniform, ids)
+    assert count == 127 and nll == pytest.approx(127 * np.log(256))
+    certain = np.full((1, 128, 256), -1e4, dtype=np.float32)
+    certain[0, np.arange(127), ids[0, 1:]] = 0.0
+    assert gpt_text.next_byte_nll(certain, ids)[0] == pytest.approx(0.0, abs=1e-6)
+
+
+# ---- deit-tiny-repbn -------------------------------------------------------------------------
+
+def test_deit_repbn_exports_batchnorms_with_non_trivial_statistics():
+    model = load(cached_model_path("deit-tiny-repbn"))
+    assert op_counts(model).get("BatchNormalization") == 25  # 2 per block x 12 + the final norm
+    module, _ = deit_tiny_repbn.torch_model()
+    bn = module.blocks[3].norm2.bn
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    assert module.norm.alpha.item() != 1.0
+
+
+def test_deit_repbn_onnx_agrees_with_torch():
+    metric, cosine = deit_tiny_repbn.evaluate(OrtRunner(cached_model_path("deit-tiny-repbn")))
+    assert metric == "output-cosine" and cosine > 0.99999
+    feeds = deit_tiny_repbn.sample_inputs(2, seed=5)
+    assert torch_vs_ort(deit_tiny_repbn, "deit-tiny-repbn", "pixel_values", feeds).max_rel <= EXPORT_MAX_REL
+
+
+def test_deit_repbn_build_is_deterministic_and_keeps_the_callers_rng():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first, _ = deit_tiny_repbn.torch_model()
+    assert torch.rand(1) == before
+    second, _ = deit_tiny_repbn.torch_model()
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -87,3 +87,22 @@ def test_records_count_params_and_flops():
     assert rec.params_before == 8 * 16 + 16 + 16 * 8
     # 2 MatMuls of 4x8x16 MACs each, x2, plus one Add and one Relu over 4x16
     assert rec.flops_before == 2 * 2 * 4 * 8 * 16 + 2 * 4 * 16
+
+
+def test_cleanup_folds_constants_and_drops_dead_nodes():
+    from onnx import TensorProto, helper
+
+    from effc.passes.cleanup import cleanup
+
+    proto = tiny_mlp_proto()
+    # a constant subgraph (Transpose of a constant) and a dead branch
+    proto.graph.initializer.append(numpy_helper.from_array(np.ones((8, 8), np.float32), "C"))
+    proto.graph.node.insert(0, helper.make_node("Transpose", ["C"], ["Ct"], name="fold_me"))
+    proto.graph.node.insert(1, helper.make_node("Relu", ["x"], ["dead"], name="dead"))
+    proto.graph.node.insert(2, helper.make_node("MatMul", ["x", "Ct"], ["xc"], name="uses_folded"))
+    proto.graph.node[-1].input[0] = "r"
+    proto.graph.output.append(helper.make_tensor_value_info("xc", TensorProto.FLOAT, [1, 4, 8]))
+    model = from_proto(proto)
+    cleanup(model)
+    names = [n.name for n in model.graph]
+    assert "fold_me" not in names and "dead" not in names and "uses_folded" in names

@@ -6,7 +6,6 @@ import contextlib
 import io
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 import onnx_ir as ir

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from effc.errors import EffcError
+from effc.zoo._trained import trained_module
 
 DESCRIPTION = "pre-LN byte GPT (d 128, 4 layers, ctx 128) trained on the Python stdlib; metric perplexity/byte"
 VERSION = 1
@@ -108,13 +109,8 @@ def new_module():
 
 def torch_model():
     import torch
-    from safetensors.torch import load_file
 
-    if not WEIGHTS.exists():
-        raise EffcError(f"gpt-text weights missing at {WEIGHTS} (run tools/train_gpt_text.py)")
-    module = new_module()
-    module.load_state_dict(load_file(str(WEIGHTS)))
-    module.eval()
+    module = trained_module(new_module, WEIGHTS, "tools/train_gpt_text.py")
     return module, (torch.from_numpy(held_out_windows()[:1]),)
 
 

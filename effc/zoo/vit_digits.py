@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from effc.errors import EffcError
+from effc.zoo._trained import trained_module
 
 DESCRIPTION = "pre-LN ViT (dim 64, 4 layers, 4 heads) trained on sklearn digits at 32x32; metric top-1"
 VERSION = 1
@@ -78,13 +78,8 @@ def new_module():
 
 def torch_model():
     import torch
-    from safetensors.torch import load_file
 
-    if not WEIGHTS.exists():
-        raise EffcError(f"vit-digits weights missing at {WEIGHTS} (run tools/train_vit_digits.py)")
-    module = new_module()
-    module.load_state_dict(load_file(str(WEIGHTS)))
-    module.eval()
+    module = trained_module(new_module, WEIGHTS, "tools/train_vit_digits.py")
     return module, (torch.from_numpy(split().test_images[:1]),)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.ir import const_value, new_initializer
+from effc.passes._tied_correction import correct_heads, correctable_heads
 
 # How a writer's constant input is called in the rewrite text.
 _ROLES = {("MatMul", 1): "weight", ("Gemm", 1): "weight", ("Gemm", 2): "bias", ("Conv", 1): "weight",
@@ -84,6 +85,7 @@ def install(graph: ir.Graph, replacements: list[Replacement]) -> list[str]:
     """Point the edited slots at their new constants; one rewrite per changed node and per untying."""
     changed: dict[int, tuple[ir.Node, list[str]]] = {}
     untied: dict[str, list[str]] = {}
+    kept_tied: list[str] = []
     for r in replacements:
         new_value = new_initializer(graph, np.ascontiguousarray(r.array), f"{r.value.name}_centred")
         for edit in r.edits:
@@ -92,12 +94,19 @@ def install(graph: ir.Graph, replacements: list[Replacement]) -> list[str]:
             if not np.any(r.array):
                 role += " (zeroed: the same for every channel)"
             changed.setdefault(id(edit.node), (edit.node, []))[1].append(role)
-        if r.outside:
+        heads = correctable_heads(r) if r.outside else None
+        if heads:
+            correct_heads(graph, r.value, heads)
+            for node, i in list(r.value.uses()):
+                node.replace_input_with(i, new_value)
+            kept_tied.append(f"kept '{r.value.name}' tied: {', '.join(repr(h.name) for h in heads)} corrected by "
+                             f"ReduceSum(x) * row means (+{r.array.shape[0]} parameters, not an untied copy)")
+        elif r.outside:
             untied[r.value.name] = r.outside
     rewrites = [f"recentred {node.op_type} '{node.name}' {' and '.join(roles)}" for node, roles in changed.values()]
     rewrites += [f"untied '{name}': the stream gets a recentred copy, {', '.join(readers)} keeps the original"
                  for name, readers in untied.items()]
-    return rewrites
+    return rewrites + kept_tied
 
 
 def _along(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:

@@ -21,8 +21,16 @@ import onnx_ir as ir
 from effc.ir import const_value
 from effc.passes._norm_sites import NORM_OPS, NormSite
 from effc.passes._recentre import Edit, Replacement, plan_replacements
-from effc.passes._stream_axes import (PLUMBING, WRITERS, extent_along, gather_source_axis, plumbing_axis, rank_of,
-                                      writer_slots)
+from effc.passes._stream_axes import (
+    PLUMBING,
+    WRITERS,
+    extent_along,
+    gather_source_axis,
+    plumbing_axis,
+    rank_of,
+    writer_slots,
+)
+from effc.passes._tied_correction import correctable_heads
 
 # Readers that only look at a value's shape, never its numbers.
 SHAPE_READERS = frozenset({"Shape", "Size"})
@@ -73,7 +81,8 @@ class ResidualStream:
             for key, (_, axis) in c.values.items():
                 axes.setdefault(key, set()).add(axis)
         replacements = plan_replacements(_merge_edits(closures))
-        tied = {r.value.name: r.outside for r in replacements if r.outside}
+        # ties the head correction keeps (see _tied_correction) need no copy, so untie=False allows them
+        tied = {r.value.name: r.outside for r in replacements if r.outside and not correctable_heads(r)}
         failures = []
         for c in closures:
             errors = list(c.errors)

@@ -313,7 +313,7 @@ class Graph:
         return self.op("Add", [self.op("Mul", [normed, gamma], f"{name}.mul"), beta], f"{name}.add")
 
     def stream_model(self, eps=1e-5, blocks=2, style="op", tied=False, offset=True, opset=17, extra_output=False,
-                     pool_first=False):
+                     pool_first=False, table_output=False):
         d, self.opset = self.d, opset
         x = self.op("Gather", [self.rand("E", self.vocab, d), "ids"], "wte")
         x = self.op("Add", [x, self.rand("P", self.length, d)], "add_pos")
@@ -331,6 +331,8 @@ class Graph:
         head = self.op("Transpose", ["E"], "head_t", perm=[1, 0]) if tied else self.rand("H", d, self.vocab)
         self.op("MatMul", [self.layer_norm(x, "ln_f", eps, style), head], "logits")
         outputs = [("logits", [2, self.vocab] if pool_first else [2, self.length, self.vocab])]
+        if table_output:  # a reader of the table that is not an LM head: only untying keeps it exact
+            outputs.append((self.op("Abs", ["E"], "table_abs"), [self.vocab, d]))
         return self.model(outputs + ([(x, [2, self.length, d])] if extra_output else []), opset)
 
     def model(self, outputs, opset):
@@ -385,21 +387,41 @@ def test_stream_leaking_through_another_split_output_is_refused():
     assert_refused(model, "output 'tail' of Split 'split' carries the stream without a LayerNorm")
 
 
-def test_tied_embedding_is_untied():
+def test_tied_lm_head_stays_tied_with_a_correction():
     model = Graph(d=8).stream_model(tied=True)
+    original, converted, outcome = convert_copy(model)
+    assert ln_count(converted) == 0
+    assert sum(r.startswith("kept 'E' tied") for r in outcome.rewrites) == 1, outcome.rewrites
+    transpose = next(n for n in converted.graph if n.op_type == "Transpose")
+    gather = next(n for n in converted.graph if n.op_type == "Gather")
+    assert transpose.inputs[0] is gather.inputs[0]  # one table for both readers
+    table = const_value(gather.inputs[0])
+    np.testing.assert_allclose(table.mean(axis=1), 0, atol=1e-6)
+    assert op_counts(converted)["ReduceSum"] == 1
+    assert [o.name for o in converted.graph.outputs] == ["logits"]
+    assert max_rel(original, converted) <= TOLERANCE
+
+
+def test_tied_table_with_another_reader_is_untied():
+    model = Graph(d=8).stream_model(tied=True, table_output=True)
     original, converted, outcome = convert_copy(model)
     assert ln_count(converted) == 0
     assert sum(r.startswith("untied 'E'") for r in outcome.rewrites) == 1, outcome.rewrites
     transpose = next(n for n in converted.graph if n.op_type == "Transpose")
     gather = next(n for n in converted.graph if n.op_type == "Gather")
-    assert transpose.inputs[0].name == "E" and gather.inputs[0].name != "E"  # the LM head keeps the original
+    assert transpose.inputs[0].name == "E" and gather.inputs[0].name != "E"  # the other readers keep the original
     np.testing.assert_array_equal(const_value(transpose.inputs[0]), const_value(next(
         n for n in original.graph if n.op_type == "Transpose").inputs[0]))
     assert max_rel(original, converted) <= TOLERANCE
 
 
 def test_tied_embedding_is_refused_without_untie():
-    assert_refused(Graph(d=8).stream_model(tied=True), "tied weight 'E'", "Transpose", untie=False)
+    assert_refused(Graph(d=8).stream_model(tied=True, table_output=True), "tied weight 'E'", untie=False)
+
+
+def test_tied_lm_head_needs_no_untie():
+    _, converted, outcome = convert_copy(Graph(d=8).stream_model(tied=True), untie=False)
+    assert ln_count(converted) == 0 and any(r.startswith("kept 'E' tied") for r in outcome.rewrites)
 
 
 def test_stream_graph_output_is_refused():

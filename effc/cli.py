@@ -66,8 +66,15 @@ def cli() -> None:
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default=None,
               help="Also build OUT/model.so (+ params) with TVM for this target.")
 @click.option("--arch", default=None, help="CUDA arch for --target cuda: sm_80, sm_90, ...")
+@click.option("--calib", "calib", default=None, help="Calibration inputs for lossy passes: an .npz "
+              "(one array per input, first axis = samples) or zoo:NAME (that model's calibration set).")
+@click.option("--bits", type=click.IntRange(2, 4), default=None, help="shift-add: bit planes per weight (default 3).")
+@click.option("--group", type=click.IntRange(1), default=None, help="shift-add: input columns per scale (default 8).")
+@click.option("--layers", default=None, help="shift-add: glob on node names of the linears to rewrite.")
+@click.option("--avg-bits", "avg_bits", type=float, default=None, help="shift-add: allocate bits per layer under this average.")
 def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inputs: str | None,
-                keep_intermediate: bool, no_untie: bool, target: str | None, arch: str | None) -> None:
+                keep_intermediate: bool, no_untie: bool, target: str | None, arch: str | None, calib: str | None,
+                bits: int | None, group: int | None, layers: str | None, avg_bits: float | None) -> None:
     """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx and OUT/report.json."""
     from effc.ir import save
     from effc.passes import parse_pass_list
@@ -87,8 +94,14 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
         from effc import zoo
 
         feeds = zoo.get(zoo_name).sample_inputs(2, 0)
+    calibration = None
+    if calib:
+        from effc.calib import load_npz, zoo_calibration
+
+        calibration = zoo_calibration(calib[4:]) if calib.startswith("zoo:") else load_npz(calib)
+    options = {"untie": not no_untie, "bits": bits, "group": group, "layers": layers, "avg_bits": avg_bits}
     with console.status("running passes") as status:
-        result = run_pipeline(ir_model, pass_list, feeds=feeds, options={"untie": not no_untie},
+        result = run_pipeline(ir_model, pass_list, feeds=feeds, options=options, calibration=calibration,
                               keep_intermediate=keep_intermediate,
                               progress=lambda name: status.update(f"pass {name}"))
     out_dir = Path(out)
@@ -200,6 +213,18 @@ def zoo_build(name: str, out: str) -> None:
     with _console().status(f"building {name}"):
         save(module.build(), out)
     click.echo(f"wrote {out}")
+
+
+@zoo_group.command("calib")
+@click.argument("name")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Output .npz file.")
+@click.option("--count", type=click.IntRange(1), default=64, show_default=True, help="Samples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def zoo_calib(name: str, out: str, count: int, seed: int) -> None:
+    """Write zoo model NAME's calibration set (from its training split) to OUT (.npz)."""
+    from effc.calib import save_npz, zoo_calibration
+
+    click.echo(f"wrote {save_npz(zoo_calibration(name, count, seed), out)} ({count} samples)")
 
 
 # Registered on this module's own group object, so `python -m effc.cli` (a second module copy) gets them too.

@@ -6,10 +6,11 @@ from effc.errors import EffcError
 from effc.passes.base import Pass, PassContext, PassOutcome, Skip
 from effc.passes.fold_batchnorm import FoldBatchNorm  # noqa: E402
 from effc.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
+from effc.passes.shift_add import ShiftAdd
 
-REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (FoldBatchNorm, LayerNormToRMSNorm)}
+REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (FoldBatchNorm, LayerNormToRMSNorm, ShiftAdd)}
 
-# What `effc compile` runs when --passes is not given: the exact passes.
+# What `effc compile` runs when --passes is not given: the exact passes (lossy ones only on request).
 DEFAULT_PASSES = ("fold-batchnorm", "layernorm-to-rmsnorm")
 
 

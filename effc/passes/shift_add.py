@@ -1,0 +1,188 @@
+"""shift-add: ShiftAddLLM's post-training multiplication-less linears (lossy).
+
+Each selected MatMul/Gemm weight W [N, K] becomes q binary planes with power-of-two scales,
+W ~= sum_i alpha_i b_i, one scale per plane, output row and group of ``group`` input columns,
+emitted as ``effc.ShiftAddMatMul``. Scales come from alternating refinement (``_bcq``); codes
+are chosen column by column with GPTQ's error compensation (``_gptq``) under H = 2 X^T X from
+calibration activations, which is what keeps 3 and 2 bits usable. Without calibration data (or
+with ``compensate=False``) every weight is rounded independently: the round-to-nearest baseline.
+
+Options (ctx.options): bits (2/3/4, default 3), group (8), terms (powers of two per scale,
+1-3, default 1), layers (glob on node names; selecting a protected layer includes it),
+avg_bits (allocate 2-4 bits per layer under this average, by measured sensitivity),
+act_order (False), compensate (True).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_passes
+
+from effc.calib import gram_matrices, single_threaded_blas
+from effc.errors import EffcError
+from effc.ir import new_initializer, opset
+from effc.ops import DOMAIN, use
+from effc.ops import shift_add_matmul as op
+from effc.passes._bcq import BCQQuantizer
+from effc.passes._gptq import gptq, output_error
+from effc.passes._linears import Linear, find_linears
+from effc.passes.base import Pass, PassContext, PassOutcome
+
+BITS = (2, 3, 4)
+
+
+@dataclass
+class Options:
+    bits: int = 3
+    group: int = 8
+    terms: int = 1
+    layers: str | None = None
+    avg_bits: float | None = None
+    act_order: bool = False
+    compensate: bool = True
+    block: int = 128
+    damp: float = 0.01
+
+    @classmethod
+    def parse(cls, options: dict) -> "Options":
+        known = {k: options[k] for k in cls.__dataclass_fields__ if options.get(k) is not None}
+        opts = cls(**known)
+        if opts.bits not in BITS:
+            raise EffcError(f"shift-add: bits must be one of {BITS}, got {opts.bits}")
+        if opts.group < 1 or opts.terms not in (1, 2, 3):
+            raise EffcError(f"shift-add: need group >= 1 and terms in 1..3 (got {opts.group}, {opts.terms})")
+        if opts.avg_bits is not None and not BITS[0] <= opts.avg_bits <= BITS[-1]:
+            raise EffcError(f"shift-add: avg_bits must lie in [{BITS[0]}, {BITS[-1]}], got {opts.avg_bits}")
+        return opts
+
+
+@dataclass
+class Quantized:
+    planes: np.ndarray   # uint8 [q, N, K/8]
+    codes: np.ndarray    # int8 [q, N, K/group, terms]
+    dense: np.ndarray    # float64 [N, K], what the packed form stands for
+    error: float         # relative output error under H (weight error without H)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return op.storage_bits(self.planes, self.codes) / self.dense.size
+
+
+def quantize_weight(w: np.ndarray, h: np.ndarray | None, bits: int, opts: Options) -> Quantized:
+    """BCQ of one weight [N, K]: GPTQ-compensated when ``h`` is given and compensation is on."""
+    n, k = w.shape
+    quantizer = BCQQuantizer(n, k, bits, opts.group, opts.terms)
+    with single_threaded_blas():
+        if opts.compensate and h is not None:
+            dense = gptq(w, h, quantizer, opts.group, opts.block, opts.damp, opts.act_order)
+        else:
+            dense = quantizer.round_to_nearest(w.astype(np.float64))
+        error = output_error(w, dense, h)
+    planes = op.pack_planes(quantizer.signs)
+    codes = op.encode_terms(quantizer.term_signs, quantizer.term_exps)
+    return Quantized(planes, codes, dense, error)
+
+
+class ShiftAdd(Pass):
+    name = "shift-add"
+    summary = "Linears -> binary planes with power-of-two scales (ShiftAddLLM, GPTQ-compensated; lossy)"
+    exact = False
+    needs = ("calibration",)
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
+        opts = Options.parse(ctx.options)
+        outcome = PassOutcome()
+        if opset(model) < op.MIN_OPSET:
+            outcome.skip("model", f"opset {opset(model)} < {op.MIN_OPSET}, which {op.NAME}'s function needs")
+            return outcome
+        selected = self.select(model, opts, outcome)
+        if not selected:
+            return outcome
+        hessians: dict[str, np.ndarray] = {}
+        if ctx.calibration:
+            grams = gram_matrices(model, ctx.calibration, [lin.x.name for lin in selected])
+            hessians = {name: g.hessian() for name, g in grams.items()}
+        bits = (allocate_bits(selected, hessians, opts.avg_bits, opts) if opts.avg_bits is not None
+                else {lin.name: opts.bits for lin in selected})
+        outcome.rewrites += rewrite_linears(model, selected, hessians, bits, opts)
+        return outcome
+
+    @staticmethod
+    def select(model: ir.Model, opts: Options, outcome: PassOutcome) -> list[Linear]:
+        linears, refused = find_linears(model)
+        for node, reason in refused:
+            outcome.skip(node, reason)
+        selected = []
+        for lin in linears:
+            k = lin.weight.shape[1]
+            if opts.layers and not fnmatch.fnmatchcase(lin.name, opts.layers):
+                outcome.skip(lin.node, f"not selected by layers='{opts.layers}'")
+            elif lin.protected and not opts.layers:
+                outcome.skip(lin.node, f"{lin.protected}; kept dense unless selected by layers")
+            elif k % 8 or k % opts.group:
+                outcome.skip(lin.node, f"K={k} is not a multiple of 8 and of the group {opts.group}")
+            else:
+                selected.append(lin)
+        return selected
+
+
+def rewrite_linears(model: ir.Model, selected: list[Linear], hessians: dict[str, np.ndarray], bits: dict[str, int],
+                    opts: Options) -> list[str]:
+    """Quantize and replace each selected linear; one line per rewrite for the report."""
+    note = "" if hessians else ", no calibration: rounded without compensation"
+    lines = []
+    for lin in selected:
+        result = quantize_weight(lin.weight, hessians.get(lin.x.name), bits[lin.name], opts)
+        _rewrite(model.graph, lin, result)
+        n, k = lin.weight.shape
+        lines.append(f"{lin.name} [{k}x{n}] -> {DOMAIN}.{op.NAME}: {bits[lin.name]} planes, group {opts.group}, "
+                     f"{result.bits_per_weight:.2f} bits/weight, output error {result.error:.3g}{note}")
+    use(model, op.function(opset(model)))
+    ir_passes.RemoveUnusedNodesPass()(model)
+    return lines
+
+
+def allocate_bits(linears: list[Linear], hessians: dict[str, np.ndarray], avg_bits: float,
+                  opts: Options) -> dict[str, int]:
+    """Bits per layer with sum(bits * size) <= avg_bits * sum(size): start every layer at the
+    fewest bits, then repeatedly give one more bit to the layer whose round-to-nearest output
+    error drops most per weight paid, while the budget allows."""
+    rtn = Options(**{**opts.__dict__, "compensate": False})
+    errors = {lin.name: {b: quantize_weight(lin.weight, hessians.get(lin.x.name), b, rtn).error for b in BITS}
+              for lin in linears}
+    sizes = {lin.name: lin.weight.size for lin in linears}
+    bits = {name: BITS[0] for name in sizes}
+    budget = avg_bits * sum(sizes.values()) - BITS[0] * sum(sizes.values())
+    while True:
+        options = [((errors[n][bits[n]] - errors[n][bits[n] + 1]) / sizes[n], n) for n in sizes
+                   if bits[n] < BITS[-1] and sizes[n] <= budget]
+        if not options:
+            return bits
+        _, name = max(options)
+        bits[name] += 1
+        budget -= sizes[name]
+
+
+def _rewrite(graph: ir.Graph, lin: Linear, result: Quantized) -> None:
+    n = lin.weight.shape[0]
+    dtype = lin.weight.dtype
+    bias = lin.bias if lin.bias is not None else np.zeros(n, dtype=dtype)
+    inputs = [lin.x,
+              new_initializer(graph, result.planes, f"{lin.name}.planes"),
+              new_initializer(graph, result.codes, f"{lin.name}.scale_codes"),
+              new_initializer(graph, bias.astype(dtype), f"{lin.name}.bias")]
+    node = ir.Node(DOMAIN, op.NAME, inputs, name=f"{lin.name}.shift_add", num_outputs=1)
+    old, new = lin.output, node.outputs[0]
+    new.shape, new.type, new.name = old.shape, old.type, f"{old.name}_shift_add"
+    last = lin.bias_add or lin.node
+    graph.insert_after(last, node)
+    if old.is_graph_output():  # keep the model's output name
+        name = old.name
+        graph.outputs[graph.outputs.index(old)] = new
+        old.name, new.name = f"{name}_dense", name
+    old.replace_all_uses_with(new)
+    graph.remove([lin.node] + ([lin.bias_add] if lin.bias_add else []), safe=True)

@@ -1,0 +1,176 @@
+"""shift-add: quantizer properties, GPTQ compensation, rewrites in ONNX Runtime, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from effc.errors import EffcError
+from effc.frontend.onnx import from_proto
+from effc.ir import const_value, op_counts
+from effc.ops import shift_add_matmul as op
+from effc.passes import get_pass
+from effc.passes._bcq import BCQQuantizer, round_pow2
+from effc.passes._gptq import gptq, output_error
+from effc.passes.base import PassContext
+from effc.passes.shift_add import Options, ShiftAdd, quantize_weight
+from effc.pipeline import run_pipeline
+from effc.verify import OrtRunner
+
+RNG = np.random.default_rng(0)
+WEIGHT = RNG.standard_normal((48, 64)) * 0.1
+
+
+def correlated_hessian(k: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2000, k)) @ (np.eye(k) + 0.4 * rng.standard_normal((k, k)))
+    return 2 * x.T @ x / len(x)
+
+
+def mlp(dims=(32, 64, 32, 16), seed=0, bias=True) -> onnx.ModelProto:
+    """x -> [MatMul (+Add) -> Relu] x 3 -> y; first and last linears touch the graph's ends."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i, (k, n) in enumerate(zip(dims, dims[1:])):
+        inits.append(numpy_helper.from_array((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [f"h{i}"], name=f"fc{i}"))
+        prev = f"h{i}"
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"b{i}"))
+            nodes.append(helper.make_node("Add", [prev, f"b{i}"], [f"hb{i}"], name=f"fc{i}_bias"))
+            prev = f"hb{i}"
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"], name=f"act{i}"))
+            prev = f"r{i}"
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, dims[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, dims[-1]])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def feeds(count=8, seed=0, k=32):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 16, k)).astype(np.float32)} for _ in range(count)]
+
+
+# --- the quantizer ----------------------------------------------------------------------------
+
+def test_error_decreases_with_bits():
+    errors = [quantize_weight(WEIGHT, None, q, Options(compensate=False)).error for q in (2, 3, 4)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.02
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3])
+def test_scales_are_sums_of_powers_of_two(terms):
+    result = quantize_weight(WEIGHT, None, 3, Options(terms=terms, compensate=False))
+    assert result.codes.shape == (3, 48, 64 // 8, terms)
+    assert result.planes.dtype == np.uint8 and result.codes.dtype == np.int8
+    live = result.codes[result.codes != 0].astype(np.int64)
+    exponent = np.abs(live) - op.EXPONENT_BIAS
+    assert np.all((op.MIN_EXPONENT <= exponent) & (exponent <= op.MAX_EXPONENT))
+    # the packed form stands for exactly the weight the quantizer chose
+    np.testing.assert_array_equal(op.dense_weight(result.planes, result.codes), result.dense)
+    if terms == 1:
+        scales = np.abs(op.decode_scales(result.codes))
+        assert np.all(np.log2(scales[scales > 0]) == np.round(np.log2(scales[scales > 0])))
+
+
+def test_round_pow2_is_nearest_power_of_two():
+    signs, exps = round_pow2(np.array([0.7, -3.1, 5.9, 0.0]))
+    np.testing.assert_array_equal((signs * np.exp2(exps))[:, 0], [0.5, -4.0, 4.0, 0.0])
+
+
+def test_more_terms_fit_better():
+    errors = [quantize_weight(WEIGHT, None, 3, Options(terms=t, compensate=False)).error for t in (1, 2)]
+    assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_plain_bcq_on_correlated_inputs(act_order):
+    h = correlated_hessian(WEIGHT.shape[1])
+    plain = quantize_weight(WEIGHT, h, 3, Options(compensate=False))
+    compensated = quantize_weight(WEIGHT, h, 3, Options(act_order=act_order))
+    assert compensated.error < 0.7 * plain.error
+    np.testing.assert_array_equal(op.dense_weight(compensated.planes, compensated.codes), compensated.dense)
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    a, b = BCQQuantizer(48, 64, 3, 8), BCQQuantizer(48, 64, 3, 8)
+    np.testing.assert_allclose(gptq(WEIGHT, None, a, 8), b.round_to_nearest(WEIGHT), atol=1e-12)
+    assert output_error(WEIGHT, WEIGHT, None) == 0.0
+
+
+# --- the pass ---------------------------------------------------------------------------------
+
+def run(proto, calibration=None, **options):
+    model = from_proto(proto)
+    result = run_pipeline(model, [get_pass("shift-add")], feeds=feeds(2, seed=99),
+                          options=options, calibration=calibration)
+    return result.model, result.records[0]
+
+
+def test_pass_rewrites_middle_layer_and_keeps_ends_dense():
+    model, record = run(mlp(), calibration=feeds())
+    assert record.status == "applied", record.note
+    assert len(record.rewrites) == 1 and record.rewrites[0].startswith("fc1 ")
+    reasons = {s.node: s.reason for s in record.skipped}
+    assert "first layer" in reasons["fc0"] and "last layer" in reasons["fc2"]
+    assert op_counts(model).get("effc.ShiftAddMatMul") == 1 and op_counts(model)["MatMul"] == 2
+    assert 0 < record.error["max_rel"] < 0.2 and record.error["cosine"] > 0.99
+
+
+def test_pass_output_equals_reference_semantics():
+    model, record = run(mlp(), calibration=feeds(), layers="fc*", bits=2)
+    assert len(record.rewrites) == 3 and op_counts(model).get("MatMul", 0) == 0
+    x = feeds(1, seed=5)[0]["x"]
+    h = x
+    for i, node in enumerate(n for n in model.graph if n.op_type == op.NAME):
+        planes, codes, bias = (const_value(v) for v in node.inputs[1:])
+        h = op.reference(h, planes, codes, bias)
+        if i < 2:
+            h = np.maximum(h, 0)
+    np.testing.assert_allclose(OrtRunner(model)({"x": x})["y"], h, rtol=1e-4, atol=1e-4)
+
+
+def test_pass_without_calibration_rounds_to_nearest():
+    _, record = run(mlp())
+    assert record.status == "applied" and "no calibration" in record.rewrites[0]
+
+
+def test_average_bits_budget():
+    proto = mlp(dims=(32, 64, 64, 64, 16))
+    model = from_proto(proto)
+    outcome = ShiftAdd().run(model, PassContext(options={"avg_bits": 2.5}, calibration=feeds()))
+    bits = [int(text.split(": ")[1].split(" planes")[0]) for text in outcome.rewrites]
+    sizes = [64 * 64, 64 * 64]
+    assert len(bits) == 2 and sum(b * s for b, s in zip(bits, sizes)) <= 2.5 * sum(sizes)
+
+
+def test_refuses_non_constant_weight_and_bad_k():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="dynamic")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+                                           helper.make_tensor_value_info("w", TensorProto.FLOAT, [8, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    outcome = ShiftAdd().run(from_proto(proto), PassContext())
+    assert not outcome.changed and outcome.skipped[0].reason == "weight is not a constant"
+    outcome = ShiftAdd().run(from_proto(mlp(dims=(32, 20, 32, 16))), PassContext(options={"layers": "fc*"}))
+    reasons = {s.node: s.reason for s in outcome.skipped}
+    assert "K=20" in reasons["fc1"] and len(outcome.rewrites) == 2
+
+
+def test_layers_glob_selects():
+    outcome = ShiftAdd().run(from_proto(mlp()), PassContext(options={"layers": "fc2"}))
+    assert [r.split()[0] for r in outcome.rewrites] == ["fc2"]
+    assert {s.node: s.reason for s in outcome.skipped}["fc1"] == "not selected by layers='fc2'"
+
+
+def test_bad_options_are_user_errors():
+    with pytest.raises(EffcError):
+        ShiftAdd().run(from_proto(mlp()), PassContext(options={"bits": 5}))

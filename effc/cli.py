@@ -66,6 +66,8 @@ def cli() -> None:
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default=None,
               help="Also build OUT/model.so (+ params) with TVM for this target.")
 @click.option("--arch", default=None, help="CUDA arch for --target cuda: sm_80, sm_90, ...")
+@click.option("--records", "records", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Tuning records from `effc tune` (default: the rules' built-in knobs).")
 @click.option("--calib", "calib", default=None, help="Calibration inputs for lossy passes: an .npz "
               "(one array per input, first axis = samples) or zoo:NAME (that model's calibration set).")
 @click.option("--bits", type=click.IntRange(2, 4), default=None, help="shift-add: bit planes per weight (default 3).")
@@ -74,7 +76,8 @@ def cli() -> None:
 @click.option("--avg-bits", "avg_bits", type=float, default=None, help="shift-add: allocate bits per layer under this average.")
 def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inputs: str | None,
                 keep_intermediate: bool, no_untie: bool, target: str | None, arch: str | None, calib: str | None,
-                bits: int | None, group: int | None, layers: str | None, avg_bits: float | None) -> None:
+                bits: int | None, group: int | None, layers: str | None, avg_bits: float | None,
+                records: str | None) -> None:
     """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx and OUT/report.json."""
     from effc.ir import save
     from effc.passes import parse_pass_list
@@ -119,7 +122,7 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
         from effc.codegen.build import compile_model
 
         with console.status(f"building for {target}"):
-            built = compile_model(result.model, target, out_dir, arch=arch)
+            built = compile_model(result.model, target, out_dir, arch=arch, records=records)
         console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s")
 
 

@@ -1,4 +1,4 @@
-"""`effc run` and `effc bench`: execute and time an `effc compile --target` output directory.
+"""`effc run`, `effc bench` and `effc tune`: execute, time and tune `effc compile --target` outputs.
 
 The commands are standalone; effc/cli.py adds COMMANDS to its group (importing effc.cli from here
 would attach them to a second copy of the group when effc runs as `python -m effc.cli`)."""
@@ -70,8 +70,10 @@ def run_cmd(out: str, inputs: str, output: str, threads: int | None) -> None:
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed rounds first.")
 @click.option("--threads", type=int, default=None, help="Threads for every engine (default: as compiled).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results.")
+@click.option("--profile", "profile", is_flag=True, help="Also list the slowest kernels and their share of time.")
+@click.option("--top", type=int, default=15, show_default=True, help="Kernels listed by --profile.")
 def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, threads: int | None,
-              json_path: str | None) -> None:
+              json_path: str | None, profile: bool, top: int) -> None:
     """Latency of OUT's compiled module against ONNX Runtime (interleaved; median and p90)."""
     from effc.codegen.bench import bench
     from effc.codegen.runtime import load_compiled
@@ -87,8 +89,50 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
             click.echo(f"{name:14s} median {stats['median_ms']:9.3f} ms   p90 {stats['p90_ms']:9.3f} ms")
     if "ratio_vs_ort" in result:
         click.echo(f"effc / ort: {result['ratio_vs_ort']:.3f}   max rel err vs ort: {result['max_rel_err']:.2e}")
+    if profile:
+        from effc.codegen import profile as prof
+
+        compiled = load_compiled(out, threads)
+        rows, wall_ms = prof.profile(compiled, (feeds or [_default_feed(out, compiled)])[0], runs=max(1, min(runs, 5)))
+        click.echo("")
+        click.echo(prof.table(rows, wall_ms, top))
+        unscheduled = sorted({k for k, rule in compiled.manifest.get("kernels", {}).items() if rule == "unscheduled"})
+        if unscheduled:
+            click.echo(f"unscheduled kernels ({len(unscheduled)}): {', '.join(unscheduled)}")
+        result["profile"] = [vars(r) for r in rows]
     if json_path:
         atomic_write_text(Path(json_path), json.dumps(result, indent=2) + "\n")
 
 
-COMMANDS = [run_cmd, bench_cmd]
+@click.command("tune")
+@click.argument("model")
+@click.option("--target", type=click.Choice(["llvm"]), default="llvm", show_default=True,
+              help="Tuning runs on this machine's CPU.")
+@click.option("--trials", type=click.IntRange(1), default=8, show_default=True,
+              help="Knob sets tried per distinct workload (the rule's default is always the first).")
+@click.option("--records", "records", required=True, type=click.Path(dir_okay=False),
+              help="Record file to extend (JSON; created if missing, resumed if present).")
+def tune_cmd(model: str, target: str, trials: int, records: str) -> None:
+    """Search the CPU rules' knobs for each distinct kernel of MODEL and keep the best per kernel in
+    RECORDS; `effc compile --records RECORDS` applies them. MODEL is what gets built: an `effc
+    compile` OUT directory (its optimized model.onnx), an .onnx file, or zoo:NAME."""
+    from effc.codegen.tune import tune_model
+    from effc.frontend.onnx import load
+
+    if model.startswith("zoo:"):
+        from effc.zoo.cache import cached_model_path
+
+        model = str(cached_model_path(model[4:]))
+    elif Path(model).is_dir():
+        model = str(Path(model) / "model.onnx")
+    result = tune_model(load(model), trials, records, progress=click.echo)
+    click.echo(f"{result.workloads} workloads, {result.tuned} tuned now, {result.seconds} s; records in {records}")
+
+
+def _default_feed(out: str, compiled) -> dict:
+    from effc.codegen.bench import default_feeds
+
+    return default_feeds(Path(out))[0]
+
+
+COMMANDS = [run_cmd, bench_cmd, tune_cmd]

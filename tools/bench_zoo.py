@@ -1,6 +1,7 @@
 """Compile zoo models for llvm with effc and benchmark them against ONNX Runtime; write a markdown table.
 
     python tools/bench_zoo.py [--models vit-s16,bert-base,gpt2] [--work DIR] [--out bench.md] [--runs 15]
+                              [--records records.json] [--profile]
 
 Each model is compiled once per work directory (delete it to rebuild), then `effc bench --vs ort`
 runs interleaved; heavy, so run it on an otherwise idle machine and one model at a time.
@@ -22,12 +23,14 @@ def effc(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "effc.cli", *args], capture_output=True, text=True)
 
 
-def bench_model(name: str, work: Path, runs: int, threads: int | None) -> dict:
+def bench_model(name: str, work: Path, runs: int, threads: int | None, records: Path | None = None,
+                profile: bool = False) -> dict:
     out = work / name
     row: dict = {"model": name}
     if not (out / "model.so").exists():
         start = time.perf_counter()
-        proc = effc("compile", f"zoo:{name}", "-o", str(out), "--target", "llvm")
+        proc = effc("compile", f"zoo:{name}", "-o", str(out), "--target", "llvm",
+                    *(["--records", str(records)] if records else []))
         row["compile_s"] = round(time.perf_counter() - start, 1)
         if proc.returncode != 0:
             row["error"] = (proc.stderr.strip().splitlines() or ["compile failed"])[-1]
@@ -39,11 +42,15 @@ def bench_model(name: str, work: Path, runs: int, threads: int | None) -> dict:
     args = ["bench", str(out), "--vs", "ort", "--runs", str(runs), "--json", str(result_path)]
     if threads:
         args += ["--threads", str(threads)]
+    if profile:
+        args += ["--profile", "--top", "8"]
     proc = effc(*args)
     if proc.returncode != 0:
         row["error"] = (proc.stderr.strip().splitlines() or ["bench failed"])[-1]
         return row
     row.update(json.loads(result_path.read_text()))
+    if profile:
+        print(proc.stdout, flush=True)
     return row
 
 
@@ -71,11 +78,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench.md", type=Path)
     parser.add_argument("--runs", default=15, type=int)
     parser.add_argument("--threads", default=None, type=int)
+    parser.add_argument("--records", default=None, type=Path, help="Tuning records for the builds (effc tune).")
+    parser.add_argument("--profile", action="store_true", help="Also print each model's slowest kernels.")
     args = parser.parse_args()
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         print(f"{name} ...", flush=True)
-        rows.append(bench_model(name, args.work, args.runs, args.threads))
+        rows.append(bench_model(name, args.work, args.runs, args.threads, args.records, args.profile))
         args.out.write_text(markdown(rows))  # partial table survives an interrupted run
     print(markdown(rows))
 

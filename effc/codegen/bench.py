@@ -41,8 +41,7 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
           warmup: int = 3, runs: int = 15, threads: int | None = None) -> dict:
     """Benchmark OUT against the engines in ``vs``; returns the `effc bench --json` dictionary."""
     from effc.codegen.runtime import configure_threads, load_compiled
-    from effc.frontend.onnx import load
-    from effc.verify import OrtRunner, deviation, make_inputs
+    from effc.verify import OrtRunner, deviation
 
     out = Path(out_dir)
     compiled = load_compiled(out, threads)
@@ -51,16 +50,9 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
     if unknown:
         raise EffcError(f"--vs: unknown engine(s) {', '.join(sorted(unknown))} (known: ort)")
     optimized = out / "model.onnx"
-    original, zoo_name = _original_model(out)
+    original, _ = _original_model(out)
     if feeds is None:
-        if zoo_name:
-            from effc import zoo
-
-            feeds = zoo.get(zoo_name).sample_inputs(1, 0)
-        elif optimized.exists():
-            feeds = make_inputs(load(optimized), 1)
-        else:
-            raise EffcError(f"{out}: no model.onnx to derive inputs from; pass --inputs")
+        feeds = default_feeds(out)
     feed = feeds[0]
     engines = {"effc": _effc_runner(compiled, feed)}
     sessions = {}
@@ -91,6 +83,21 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
         got = [compiled(f) for f in feeds]
         result["max_rel_err"] = deviation(got, reference.run_all(feeds)).max_rel
     return result
+
+
+def default_feeds(out: Path) -> list[dict]:
+    """The zoo model's sample inputs, or seeded random inputs for OUT/model.onnx."""
+    from effc.frontend.onnx import load
+    from effc.verify import make_inputs
+
+    _, zoo_name = _original_model(out)
+    if zoo_name:
+        from effc import zoo
+
+        return zoo.get(zoo_name).sample_inputs(1, 0)
+    if (out / "model.onnx").exists():
+        return make_inputs(load(out / "model.onnx"), 1)
+    raise EffcError(f"{out}: no model.onnx to derive inputs from; pass --inputs")
 
 
 def _effc_runner(compiled, feed):

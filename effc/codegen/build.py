@@ -4,7 +4,8 @@ OUT/model.so      the Relax VM executable (plain TVM: tvm.runtime.load_module + 
                   call vm["main"](*inputs, *params))
 OUT/params.bin    main's trailing parameters, already pre-packed, in tvm.runtime.save_param_dict
                   format, keyed p0000, p0001, ... in call order
-OUT/codegen.json  manifest: target, inputs (name, shape, dtype), outputs, rule hits, build time
+OUT/codegen.json  manifest: target, inputs (name, shape, dtype), outputs, rule hits, the rule of
+                  each kernel, build time
 """
 
 from __future__ import annotations
@@ -30,14 +31,21 @@ class BuildResult:
     out_dir: Path
     seconds: float
     rule_hits: dict = field(default_factory=dict)
+    kernels: dict = field(default_factory=dict)  # kernel name -> rule ("unscheduled" when none took it)
 
 
 def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: str | Path = "out",
-                  arch: str | None = None, rules: list | None = None) -> BuildResult:
-    """Compile ``model`` for ``target`` ("llvm", "cuda" or a BuildTarget) into ``out_dir``."""
+                  arch: str | None = None, rules: list | None = None,
+                  records: str | Path | None = None) -> BuildResult:
+    """Compile ``model`` for ``target`` ("llvm", "cuda" or a BuildTarget) into ``out_dir``;
+    ``records``: a tuning record file (`effc tune`), whose knobs override the rules' defaults."""
     import tvm
 
     from effc.codegen import lower
+    from effc.codegen.apply import RuleLog
+    from effc.codegen.patchify import patchify_conv
+    from effc.codegen.prefold import fold_weight_transforms
+    from effc.codegen.records import load_records
     from effc.codegen.relax_import import import_model
     from effc.codegen.schedules import rules_for
     from effc.ir import atomic_write_text
@@ -46,14 +54,18 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
     bt = target if isinstance(target, BuildTarget) else make_target(target, arch)
     tvm_target = bt.tvm()
     imported = import_model(model)
-    hits: dict[str, int] = {}
-    rule_errors: list[str] = []
-    rules = [lower.Counted(r, hits, rule_errors) for r in (rules if rules is not None else rules_for(tvm_target))]
+    log = RuleLog()
+    rules = rules if rules is not None else rules_for(tvm_target, load_records(records))
     try:
-        mod = lower.schedule(imported.mod, tvm_target, rules)
+        mod, params = imported.mod, imported.params
+        if bt.kind == "llvm":
+            mod = patchify_conv()(mod)
+            mod, params = fold_weight_transforms(mod, params, tvm_target)
+        mod = lower.schedule(mod, tvm_target, rules, log)
         main, prep = lower.split_transform(mod)
-        params = lower.run_transform(prep, tvm_target, imported.params) if prep is not None else imported.params
-        exe = tvm.compile(main, target=tvm_target, relax_pipeline=lower.finish_pipeline(tvm_target))
+        params = lower.run_transform(prep, tvm_target, params) if prep is not None else params
+        with tvm.transform.PassContext(config=lower.build_config(tvm_target)):
+            exe = tvm.compile(main, target=tvm_target, relax_pipeline=lower.finish_pipeline(tvm_target))
     except EffcError:
         raise
     except Exception as exc:
@@ -72,7 +84,8 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                 "inputs": [{"name": n, "shape": list(s), "dtype": d}
                            for n, s, d in zip(imported.input_names, imported.input_shapes, imported.input_dtypes)],
                 "outputs": imported.output_names, "library": LIBRARY, "params": PARAMS,
-                "num_params": len(params), "rule_hits": hits, "rule_errors": rule_errors[:20],
+                "num_params": len(params), "rule_hits": log.hits, "rule_errors": log.errors[:20],
+                "kernels": log.kernels, "tuned_kernels": sum(getattr(r, "tuned_kernels", 0) for r in rules),
                 "build_seconds": seconds}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return BuildResult(out, seconds, hits)
+    return BuildResult(out, seconds, log.hits, log.kernels)

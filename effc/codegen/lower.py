@@ -9,61 +9,54 @@ on the host, so the shipped params are already packed and ``main`` never repacks
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 TRANSFORM = "main_transform_params"
 
 
-class Counted:
-    """Wraps a schedule rule to count the kernels it scheduled, so a kernel that no rule took is
-    visible in the build report instead of silently running unscheduled."""
-
-    def __init__(self, rule, hits: dict, errors: list | None = None):
-        self.rule, self.hits = rule, hits
-        self.errors = errors if errors is not None else []
-        self.label = getattr(rule, "name", type(rule).__name__)
-
-    def apply(self, func, target, tunable):
-        try:
-            sch = self.rule.apply(func, target, tunable)
-        except Exception as exc:  # a rule that breaks on a kernel passes it down the list, visibly
-            key = f"{self.label}:error"
-            self.hits[key] = self.hits.get(key, 0) + 1
-            if os.environ.get("EFFC_DEBUG"):
-                raise
-            self.errors.append(f"{self.label}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
-                               if str(exc).strip() else f"{self.label}: {type(exc).__name__}")
-            return None
-        if sch is not None:
-            self.hits[self.label] = self.hits.get(self.label, 0) + 1
-        return sch
-
-    def is_target_available(self, target):
-        return self.rule.is_target_available(target)
-
-
-def schedule(mod, target, rules):
-    """Legalize, fuse and schedule every kernel of ``mod`` for ``target`` (a tvm Target)."""
+def fuse(mod, target):
+    """Legalize and fuse ``mod`` into kernels (PrimFuncs), not yet scheduled; weight buffers of
+    each kernel are marked layout-free on CPU so that a rule may pre-pack them."""
     import tvm
     from tvm import relax
-    from tvm.s_tir import dlight as dl
 
-    prepack = target.kind.name == "llvm"
-    passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
-              relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-              relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
-    if prepack:
+    from effc.codegen.fast_math import fast_math_passes
+
+    passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]
+    if target.kind.name == "llvm":
+        passes += fast_math_passes()  # libm's exp/tanh/erf/pow are scalar calls on CPU
+    passes += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+               relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    if target.kind.name == "llvm":
         passes += [relax.transform.CanonicalizeBindings(), relax.transform.AttachAttrLayoutFreeBuffers()]
-    passes.append(dl.ApplyDefaultSchedule(*rules))
-    if prepack:
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def schedule(mod, target, rules, log=None):
+    """Legalize, fuse and schedule every kernel of ``mod`` for ``target`` (a tvm Target); ``log``
+    (an apply.RuleLog) receives which rule took which kernel."""
+    import tvm
+    from tvm import relax
+
+    from effc.codegen.apply import RuleLog, apply_rules
+
+    passes = [apply_rules(rules, log if log is not None else RuleLog())]
+    if target.kind.name == "llvm":
         # GPU weight transforms would be GPU kernels that cannot run at compile time here, so
         # lifting is CPU-only for now.
         passes += [relax.transform.SplitLayoutRewritePreproc(), relax.transform.LiftTransformParams(),
                    relax.transform.FoldConstant()]
+    mod = fuse(mod, target)
     with target:
         return tvm.transform.Sequential(passes)(mod)
+
+
+def build_config(target) -> dict:
+    """PassContext options for building scheduled code. On CPU, a vector loop with a bound check
+    (the last, partial tile of a padded matmul's write-back) becomes AVX-512 masked loads and
+    stores instead of being scalarised."""
+    return {"tirx.enable_buffer_level_predication": True} if target.kind.name == "llvm" else {}
 
 
 def finish_pipeline(target):

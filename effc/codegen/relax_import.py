@@ -77,5 +77,22 @@ def import_model(model: ir.Model) -> Imported:
         raise EffcError(f"TVM cannot import the model ({type(exc).__name__}: {first[0][:200] if first else ''})") \
             from None
     mod, params = relax.frontend.detach_params(mod)
-    values = [p.numpy() for p in params.get("main", [])]
+    mod, values = bind_scalars(mod, [p.numpy() for p in params.get("main", [])])
     return Imported(mod, values, names, shapes, dtypes, [v.name for v in model.graph.outputs])
+
+
+def bind_scalars(mod, values: list[np.ndarray]):
+    """Bind one-element params (GELU's 0.5 and 3.0, a softmax scale) into ``main`` as constants.
+
+    As params they reach the kernels as buffer loads (`pow(x, c[()])`), which hides the exponent from
+    the fast-math rewrite and costs a load per element; as constants they fold into the code."""
+    from tvm import relax
+
+    func = mod["main"]
+    num_inputs = len(func.params) - len(values)
+    bound, kept = {}, []
+    for var, value in zip(func.params[num_inputs:], values):
+        (bound.__setitem__(var, value) if value.size == 1 else kept.append(value))
+    if not bound:
+        return mod, values
+    return relax.transform.BindParams("main", bound)(mod), kept

@@ -84,7 +84,8 @@ def test_tiny_mlp_llvm_matches_ort(tmp_path):
 
 def test_patch_conv_matches_ort(tmp_path):
     """A ViT patch-embedding Conv fits the matmul rule's S/I/J/K pattern but must not be taken by
-    it (its im2col normalisation read garbage); regression for vit-s16's wrong outputs."""
+    it as a conv (its im2col normalisation read garbage); regression for vit-s16's wrong outputs.
+    (It is now rewritten into a matmul first: effc/codegen/patchify.py.)"""
     from onnx import TensorProto, helper, numpy_helper
 
     from effc.codegen.build import compile_model, run_compiled

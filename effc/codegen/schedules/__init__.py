@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 
-def rules_for(target) -> list:
+def rules_for(target, records: dict | None = None) -> list:
     """The rule list for a tvm Target (llvm: effc's CPU rules; cuda: dlight's GPU rules)."""
     if target.kind.name == "llvm":
         from effc.codegen.schedules.cpu import default_rules
 
-        return default_rules()
+        return default_rules(records)
     if target.kind.name == "cuda":
         from tvm.s_tir import dlight as dl
 

@@ -4,8 +4,10 @@ unscheduled (an unscheduled kernel runs single-threaded and scalar)."""
 from __future__ import annotations
 
 
-def default_rules() -> list:
+def default_rules(records: dict | None = None) -> list:
+    """``records``: tuned knobs (effc.codegen.records); rules fall back to their defaults."""
     from effc.codegen.schedules.cpu.fallback import Fallback
     from effc.codegen.schedules.cpu.matmul import Matmul
+    from effc.codegen.schedules.cpu.reduction import RowReduction
 
-    return [Matmul(), Fallback()]
+    return [Matmul(records=records), RowReduction(), Fallback()]

@@ -4,28 +4,44 @@ The kernel is normalised to [batch, i, j, k] loops, then tiled into an ``mr x nr
 for each (batch, j-panel) in parallel, for each i-tile, the k loop accumulates an mr x nr tile of C
 held in registers (i unrolled, j vectorised over AVX-512 lanes), and the epilogue (bias, GELU,
 residual add, scale: whatever FuseOps put after the matmul) is applied when the tile is written back.
-Knobs: mr (rows per tile), nr_vectors (j width in vector registers). k is not blocked yet: with the
-weight pre-packed, one j-panel of B is a contiguous stream that stays in L2 across the i tiles.
+B is read as [n / nr, k, nr] panels: a constant weight is packed once at compile time, a computed B
+(attention's K^T, V) per call. An n that is not a multiple of nr is padded to one (zero columns in
+the panel; the write-back of the last tile is masked), an m that is not a multiple of mr leaves a
+bound check on the unrolled rows.
+Knobs: mr (rows per tile), nr_vectors (j width in vector registers); `effc tune` searches them. k is
+not blocked yet: one j-panel of B is a contiguous stream that stays in L2 across the i tiles.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from tvm import s_tir
-from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
 from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
+from effc.codegen.records import knobs_for
 from effc.codegen.schedules.cpu.base import CPURule, extent, vector_lanes
 
 
 class Matmul(CPURule):
     name = "matmul"
 
-    def __init__(self, mr: int = 8, nr_vectors: int = 2):
-        self.mr, self.nr_vectors = mr, nr_vectors
+    KNOBS: ClassVar[dict] = {"mr": (4, 6, 8, 12, 16), "nr_vectors": (1, 2, 3, 4)}  # the tuner's search space
+
+    def __init__(self, mr: int = 8, nr_vectors: int = 2, records: dict | None = None):
+        self.mr, self.nr_vectors, self.records = mr, nr_vectors, records
+        self.tuned_kernels = 0  # kernels scheduled with recorded knobs (the build reports it)
 
     def apply(self, func, target, tunable):
         if not self.is_target_available(target):
             return None
+        recorded = knobs_for(self.records, self.name, func, target)
+        sch = self.schedule(func, **{"mr": self.mr, "nr_vectors": self.nr_vectors, **recorded})
+        self.tuned_kernels += bool(recorded and sch is not None)
+        return sch
+
+    def schedule(self, func, mr: int, nr_vectors: int):
         sch = s_tir.Schedule(func)
         blocks = normalize_prim_func(sch)
         if blocks is None:
@@ -40,9 +56,10 @@ class Matmul(CPURule):
         if dtype not in ("float32", "float16", "bfloat16"):
             return None
         lanes = vector_lanes(dtype)
+        _inline_side_inputs(sch, main)
 
-        # Normalise to C[S, I, J] += A[S, I, K] * B[S, J, K]; the reindex copies are inlined back
-        # below, so the kernel still reads A and B in their original layouts.
+        # Normalise to C[S, I, J] += A[S, I, K] * B[S, J, K]. A's reindex copy is inlined back
+        # below (the kernel reads A in place); B's copy becomes the [n / nr, k, nr] panel.
         a_copy = sch.reindex(main, ("read", 0))
         b_copy = sch.reindex(main, ("read", 1))
         c_copy = sch.reindex(main, ("write", 0))
@@ -53,25 +70,30 @@ class Matmul(CPURule):
         sch.transform_block_layout(main, block_map)
         batch, i, j, k = sch.get_loops(main)
         m, n, kk = extent(sch, i), extent(sch, j), extent(sch, k)
-        if m is None or n is None or kk is None or n < lanes:
+        if m is None or n is None or kk is None:
             return None
-        nr = _pick_nr(n, lanes, self.nr_vectors)
-        if nr is None:
-            return None
-        mr = min(self.mr, m)
+        nr = _pick_nr(n, lanes, nr_vectors)
+        padded = n % nr != 0
+        if padded:
+            # Ragged n (gpt2's 50257-wide LM head, 197-token attention): compute a zero-padded
+            # n_pad = ceil(n / nr) * nr wide result so every tile is a full vector tile; the B
+            # panel is zero-padded and only the write-back is trimmed to n.
+            sch.pad_einsum(main, [1, 1, nr, 1])
+        mr = min(mr, m)
 
+        sch.compute_inline(a_copy)
+        panel = _b_panel(sch, main, b_copy, padded)
+        batch, i, j, k = sch.get_loops(main)
         io, ii = sch.split(i, [None, mr])
         jo, ji = sch.split(j, [None, nr])
         sch.reorder(batch, jo, io, k, ii, ji)
-        for copy in (a_copy, b_copy):
-            sch.compute_inline(copy)
-        _prepack_weight(sch, func, main, nr)
+        _pack_panel(sch, func, panel, nr)
         # The epilogue becomes the tile write-back: it runs right after each tile's k loop, while
         # the accumulator shrinks to one mr x nr register tile.
         for block in _fold_epilogue(sch, main):
             sch.reverse_compute_at(block, io, preserve_unit_loops=True)
             last = sch.get_loops(block)[-1]
-            if extent(sch, last) == nr:
+            if extent(sch, last) == nr:  # masked in the last tile of a padded n (build_config)
                 sch.vectorize(last)
         sch.set_scope(main, 0, "local")
         sch.unroll(ii)
@@ -94,39 +116,61 @@ def _plain_access(stmt) -> bool:
     return True
 
 
-def _prepack_weight(sch, func, main, nr: int) -> bool:
-    """Give a constant weight B the blocked layout [n / nr, k, nr], so one j-panel is a contiguous
-    stream instead of k rows a full row-stride apart. The packing block is marked as a layout
-    rewrite, which the build splits out and runs once at compile time (never per inference)."""
+def _b_panel(sch, main, b_copy, padded: bool):
+    """The block that writes the B operand main reads: the reindex copy of B (layout [S, J, K]), or
+    after padding the zero-padding block, with the copy inlined into it. Any other producer (the
+    padding of A, if TVM made one) is inlined into main."""
+    panel = b_copy
+    if padded:
+        panel = sch.get_consumers(b_copy)[0]
+        sch.compute_inline(b_copy)
+    for block in sch.get_producers(main):
+        if not _same_block(sch, block, panel):
+            sch.compute_inline(block)
+    return panel
+
+
+def _pack_panel(sch, func, panel, nr: int) -> None:
+    """Give B the blocked layout [n / nr, k, nr] (per batch), so one j-panel is a contiguous stream
+    instead of k rows a full row-stride apart.
+
+    A constant weight's panel block is marked as a layout rewrite, which the build splits out and
+    runs once at compile time (never per inference); a computed B (attention's K^T and V) is packed
+    per call, which costs k * n against the matmul's m * k * n."""
+    batch = int(sch.get(panel).writes[0].source.shape[0])  # panel buffer: [S, J, K]
+    if batch == 1:
+        layout = lambda s, j, k: (j // nr, k, j % nr)  # noqa: E731
+    else:
+        layout = lambda s, j, k: (s, j // nr, k, j % nr)  # noqa: E731
+    sch.transform_layout(panel, ("write", 0), layout)
     free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
-    if not free:
-        return False
-    weights = [func.params[int(i)] for i in free]  # TVM 0.27: a PrimFunc param is its buffer
-    stmt = sch.get(main)
-    k_var, j_var = stmt.iter_vars[3].var, stmt.iter_vars[2].var
-    for index, region in enumerate(stmt.reads):
-        if not any(region.source.same_as(w) for w in weights) or len(region.region) != 2:
-            continue
-        first, second = (r.min for r in region.region)
-        if first.same_as(k_var) and second.same_as(j_var):
-            layout = lambda k, j: (j // nr, k, j % nr)  # noqa: E731  B[k, n]
-        elif first.same_as(j_var) and second.same_as(k_var):
-            layout = lambda j, k: (j // nr, k, j % nr)  # noqa: E731  B[n, k] (transposed weight)
-        else:
-            return False
-        pack = sch.cache_read(main, index, "global")
-        sch.transform_layout(pack, ("write", 0), layout)
-        sch.annotate(pack, "meta_schedule.layout_rewrite_preproc", True)
-        return True
-    return False
+    weights = [func.params[int(i)] for i in free] if free else []  # TVM 0.27: a param is its buffer
+    reads = sch.get(panel).reads
+    if len(reads) == 1 and any(reads[0].source.same_as(w) for w in weights):
+        sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)
+        return
+    loops = sch.get_loops(panel)  # the reindex loops run over [S, J, K] (S dropped when it is 1)
+    if len(loops) not in (2, 3):
+        return
+    *outer, j, k = loops
+    jo, ji = sch.split(j, [None, nr])
+    sch.reorder(*outer, jo, k, ji)
+    sch.vectorize(ji)
+    sch.parallel(sch.fuse(*outer, jo))
 
 
-def _pick_nr(n: int, lanes: int, nr_vectors: int) -> int | None:
-    """Widest j tile of at most ``nr_vectors`` vectors that divides n (no ragged vector tail)."""
-    for vectors in range(nr_vectors, 0, -1):
-        if n % (vectors * lanes) == 0:
-            return vectors * lanes
-    return None
+def _same_block(sch, a, b) -> bool:
+    return sch.get(a).same_as(sch.get(b))
+
+
+def _pick_nr(n: int, lanes: int, nr_vectors: int) -> int:
+    """Widest j tile of at most ``nr_vectors`` vectors that divides n; when none does, the widest
+    tile that pads n least (n is then padded to a multiple of it)."""
+    widths = [v * lanes for v in range(nr_vectors, 0, -1)]
+    for nr in widths:
+        if n % nr == 0:
+            return nr
+    return min(widths, key=lambda nr: (-(-n // nr) * nr - n, -nr))
 
 
 def _fold_epilogue(sch, main) -> list:
@@ -148,6 +192,29 @@ def _fold_epilogue(sch, main) -> list:
             changed = True
             break
     return list(sch.get_consumers(main))
+
+
+def _inline_side_inputs(sch, main) -> None:
+    """Inline blocks that feed the epilogue without coming from the matmul (a per-row scale times a
+    per-column mean, added to the product): left at root, they would block moving the epilogue
+    into the tile loop."""
+    related = [sch.get(b) for b in [main, *_descendants(sch, main), *_ancestors(sch, main)]]
+    for block in sch.get_child_blocks(get_root_block(sch)):
+        if any(sch.get(block).same_as(r) for r in related):
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # an output block, or one that cannot be inlined: leave it
+            pass
+
+
+def _ancestors(sch, block) -> list:
+    out, todo = [], list(sch.get_producers(block))
+    while todo:
+        b = todo.pop()
+        out.append(b)
+        todo.extend(sch.get_producers(b))
+    return out
 
 
 def _descendants(sch, block) -> list:

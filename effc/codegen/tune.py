@@ -1,0 +1,132 @@
+"""`effc tune`: search the knobs of the CPU rules per distinct workload, keep the best in a record file.
+
+In-process (MetaSchedule's task scheduler crashes in this TVM wheel): each distinct kernel is
+scheduled with each candidate knob set, built alone and timed with time_evaluator on random data.
+A kernel whose weight the rule pre-packs is timed as it runs in the model: its packing half is
+split off first (the build runs it once at compile time), so the pack is not charged per call.
+The record file is rewritten after every workload, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from effc.codegen.records import load_records, save_records, workload_key
+
+
+@dataclass
+class TuneResult:
+    workloads: int
+    tuned: int  # newly measured this run (the rest came from the record file)
+    seconds: float
+
+
+def tune_model(model, trials: int, record_path: str | Path, progress=print, repeat: int = 5) -> TuneResult:
+    """Tune every matmul workload of ``model`` for the host CPU with up to ``trials`` knob sets each."""
+    from effc.codegen import lower
+    from effc.codegen.patchify import patchify_conv
+    from effc.codegen.prefold import fold_weight_transforms
+    from effc.codegen.relax_import import import_model
+    from effc.codegen.schedules.cpu.matmul import Matmul
+    from effc.codegen.target import llvm_target
+
+    start = time.perf_counter()
+    target = llvm_target().tvm()
+    imported = import_model(model)
+    mod, _ = fold_weight_transforms(patchify_conv()(imported.mod), imported.params, target)
+    kernels = lower.fuse(mod, target)
+    rule = Matmul()
+    records = load_records(record_path)
+    workloads = {}
+    for gv, func in kernels.functions_items():
+        key = workload_key(func, target) if _is_primfunc(func) else None
+        if key and key not in workloads and rule.schedule(func, rule.mr, rule.nr_vectors) is not None:
+            workloads[key] = (gv.name_hint, func)
+    tuned = 0
+    for index, (key, (name, func)) in enumerate(workloads.items(), 1):
+        if records.get(key, {}).get("trials", 0) >= trials:
+            progress(f"[{index}/{len(workloads)}] {name}: recorded {records[key]['ms']:.3f} ms {records[key]['knobs']}")
+            continue
+        best = None
+        for knobs in _candidates(rule, trials):
+            sch = rule.schedule(func, **knobs)
+            if sch is None:
+                continue
+            try:
+                ms = time_kernel(sch.mod["main"], target, repeat)
+            except Exception:  # a knob set TVM cannot build: skip it
+                if os.environ.get("EFFC_DEBUG"):
+                    raise
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, knobs)
+        if best is None:
+            continue
+        records[key] = {"rule": rule.name, "knobs": best[1], "ms": round(best[0], 4), "kernel": name,
+                        "trials": trials}
+        save_records(record_path, records)
+        tuned += 1
+        progress(f"[{index}/{len(workloads)}] {name}: {best[0]:.3f} ms with {best[1]}")
+    return TuneResult(len(workloads), tuned, round(time.perf_counter() - start, 1))
+
+
+def _candidates(rule, trials: int) -> list[dict]:
+    """The default first, then the rest of the grid, nearest the default first."""
+    default = {"mr": rule.mr, "nr_vectors": rule.nr_vectors}
+    grid = [dict(zip(rule.KNOBS, values)) for values in itertools.product(*rule.KNOBS.values())]
+    grid.sort(key=lambda k: (k != default, abs(k["mr"] - rule.mr) + 4 * abs(k["nr_vectors"] - rule.nr_vectors)))
+    return grid[:max(1, trials)]
+
+
+def _is_primfunc(func) -> bool:
+    from tvm import tirx
+
+    return isinstance(func, tirx.PrimFunc)
+
+
+def time_kernel(func, target, repeat: int = 5) -> float:
+    """Median ms of one call of a scheduled kernel on random inputs, its weight packing excluded."""
+    import tvm
+
+    compute = _without_prepack(func).with_attr("global_symbol", "main")  # fused kernels are private
+    exe = tvm.compile(tvm.IRModule({"main": compute}), target=target)
+    rng = np.random.default_rng(0)
+    args = []
+    for buf in compute.params:  # TVM 0.27: a PrimFunc param is its buffer
+        shape = [int(d) for d in buf.shape]
+        dtype = str(buf.dtype)
+        args.append(tvm.runtime.tensor(rng.standard_normal(shape).astype(dtype) if dtype.startswith("float")
+                                       else np.zeros(shape, dtype)))
+    evaluator = exe.jit().time_evaluator("main", tvm.cpu(), number=3, repeat=repeat, min_repeat_ms=20)
+    return float(np.median(evaluator(*args).results) * 1e3)
+
+
+def _without_prepack(func):
+    """The compute half of a kernel whose rule marked a weight-packing block (the build's
+    SplitLayoutRewritePreproc, applied to a one-call Relax wrapper); the kernel itself otherwise."""
+    from tvm import relax
+
+    if "layout_rewrite_preproc" not in func.script():
+        return func
+    bb = relax.BlockBuilder()
+    buffers = list(func.params)
+    inputs = [relax.Var(f"p{i}", relax.TensorType([int(d) for d in b.shape], str(b.dtype)))
+              for i, b in enumerate(buffers[:-1])]
+    out = buffers[-1]
+    with bb.function("main", inputs):
+        with bb.dataflow():
+            kernel = bb.add_func(func, "kernel")
+            result = bb.emit_output(relax.call_tir(kernel, inputs, relax.TensorType([int(d) for d in out.shape],
+                                                                                    str(out.dtype))))
+        bb.emit_func_output(result)
+    split = relax.transform.SplitLayoutRewritePreproc()(bb.get())
+    for gv, f in split.functions_items():
+        if gv.name_hint.endswith("_prepacked"):
+            return f
+    return func

@@ -1,0 +1,85 @@
+"""The CPU matmul rule on ragged shapes: n not a multiple of the vector tile (padded panels, trimmed
+write-back), m not a multiple of the row tile, two computed operands (attention), a transposed
+weight reached through a Transpose (folded at compile time, then pre-packed), and an epilogue that
+reads other inputs. Each compiled kernel must agree with ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from effc.frontend.onnx import from_proto
+from effc.verify import OrtRunner, deviation, make_inputs
+
+pytest.importorskip("tvm")
+
+TOL = 1e-4
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs], list(inits))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    return from_proto(proto)
+
+
+def _compile_and_compare(model, tmp_path):
+    from effc.codegen.build import compile_model, run_compiled
+
+    result = compile_model(model, "llvm", tmp_path)
+    feeds = make_inputs(model, 2, seed=4)
+    dev = deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds))
+    assert dev.max_rel < TOL, dev
+    return result
+
+
+def test_ragged_lm_head_with_side_input_epilogue(tmp_path):
+    """GPT-2's LM head after layernorm-to-rmsnorm: x @ Transpose(W) + rowscale * colmean, n = 100."""
+    import tvm
+
+    rng = np.random.default_rng(0)
+    m, k, n = 37, 96, 100
+    inits = [numpy_helper.from_array(rng.standard_normal((n, k)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "colmean")]
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "Wt"], ["mm"]),
+             helper.make_node("ReduceMean", ["x"], ["rowscale"], axes=[-1], keepdims=1),
+             helper.make_node("Mul", ["rowscale", "colmean"], ["side"]),
+             helper.make_node("Add", ["mm", "side"], ["y"])]
+    result = _compile_and_compare(_model(nodes, [("x", [1, m, k])], [("y", [1, m, n])], inits), tmp_path)
+    matmul_kernels = [name for name, rule in result.kernels.items() if "matmul" in name]
+    assert matmul_kernels and all(result.kernels[name] == "matmul" for name in matmul_kernels), result.kernels
+    shapes = [tuple(p.shape) for p in tvm.runtime.load_param_dict_from_file(str(tmp_path / "params.bin")).values()]
+    packed = [s for s in shapes if len(s) == 3 and s[1] == k]
+    assert packed and packed[0][0] * packed[0][2] >= n and (packed[0][0] * packed[0][2]) % 16 == 0, shapes
+    assert (n, k) not in shapes and (k, n) not in shapes, "the unpacked weight should not be shipped"
+
+
+@pytest.mark.parametrize("m,k,n", [(37, 16, 37), (37, 37, 16)])
+def test_attention_batched_matmul_two_computed_operands(tmp_path, m, k, n):
+    """QK^T (n = tokens, ragged) and AV (k = tokens) over 3 heads: both operands are inputs."""
+    model = _model([helper.make_node("MatMul", ["a", "b"], ["y"])], [("a", [1, 3, m, k]), ("b", [1, 3, k, n])],
+                   [("y", [1, 3, m, n])])
+    result = _compile_and_compare(model, tmp_path)
+    assert result.rule_hits.get("matmul") == 1, result.kernels
+
+
+def test_patch_embedding_conv_becomes_a_matmul(tmp_path):
+    """A ViT patch Conv (stride == kernel, no padding) with bias, 14 filters, 3x3 patches of 8x8."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((14, 3, 8, 8)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(14).astype(np.float32), "B")]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], strides=[8, 8], kernel_shape=[8, 8])]
+    result = _compile_and_compare(_model(nodes, [("x", [1, 3, 24, 24])], [("y", [1, 14, 3, 3])], inits), tmp_path)
+    assert result.rule_hits.get("matmul") == 1 and not any("conv" in k for k in result.kernels), result.kernels
+
+
+def test_padded_conv_is_not_patchified(tmp_path):
+    """Overlapping or padded convs are not patch embeddings: left as convs, still correct."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W")]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], strides=[1, 1], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    result = _compile_and_compare(_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], inits), tmp_path)
+    assert any("conv" in k for k in result.kernels), result.kernels

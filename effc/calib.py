@@ -5,6 +5,9 @@ per model input, first axis = samples) or from a zoo model's training split, nev
 data its metric uses. Statistics are gathered by running ONNX Runtime on a copy of the model
 whose interesting values are extra graph outputs, accumulating the Gram matrix X^T X of each
 value in float64 one sample at a time, so memory stays at one K x K matrix per value.
+Rows at padded positions (an ``attention_mask`` input that is 0 there) are left out: the
+model's output never reads them, and in short padded sentences they would outnumber the
+real tokens and steer error compensation towards activations that do not matter.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from effc.errors import EffcError
 
 Feeds = list[dict[str, np.ndarray]]
 DEFAULT_COUNT = 64
+MASK_INPUTS = ("attention_mask",)
+PACK_WORDS = 48  # ~60 word-piece tokens: a 64-token encoder input nearly full of real tokens
 
 
 # --- calibration sets --------------------------------------------------------------------
@@ -50,20 +55,41 @@ def save_npz(feeds: Feeds, path: str | Path) -> Path:
 
 def zoo_calibration(name: str, count: int = DEFAULT_COUNT, seed: int = 0) -> Feeds:
     """A zoo model's calibration set: its ``calibration_inputs`` (training split) when it has
-    one; for sentence encoders, sentences of the Python documentation shipped with the
-    interpreter (disjoint from any shipped evaluation sentences); else seeded sample inputs
-    (only the random-weight models lack a training split)."""
+    one; for sentence encoders, packed sentences (``calibration_texts``); else seeded sample
+    inputs (only the random-weight models lack a training split)."""
     from effc import zoo
 
     module = zoo.get(name)
     if hasattr(module, "calibration_inputs"):
         return module.calibration_inputs(count, seed)
     if hasattr(module, "encode") and hasattr(module, "sentences"):
-        held_out = set(module.sentences())
-        pool = [s for s in documentation_sentences() if s not in held_out]
-        picks = np.random.default_rng(seed).choice(len(pool), size=count, replace=count > len(pool))
-        return module.encode([pool[i] for i in picks])
+        return module.encode(calibration_texts(module, count, seed))
     return module.sample_inputs(count, seed + 7919)
+
+
+def calibration_texts(module, count: int, seed: int = 0, words: int = PACK_WORDS) -> list[str]:
+    """``count`` texts for a sentence encoder, each several shuffled calibration sentences
+    joined up to about ``words`` words. Packing fills the sequence with real tokens (padded
+    positions are not calibrated on) and shows the encoder longer contexts than one sentence.
+    Sentences come from the module's shipped ``data/<module>_calibration.txt`` (everyday English
+    like its evaluation set, checked disjoint from it), else from the Python help topics."""
+    held_out = set(module.sentences())
+    path = Path(module.__file__).parent / "data" / f"{module.__name__.rsplit('.', 1)[-1]}_calibration.txt"
+    pool = ([line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if path.exists() else documentation_sentences())
+    pool = [s for s in pool if s not in held_out]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(pool))
+    texts, cursor = [], 0
+    for _ in range(count):
+        picked: list[str] = []
+        while not picked or sum(len(s.split()) for s in picked) + len(pool[order[cursor % len(pool)]].split()) <= words:
+            picked.append(pool[order[cursor % len(pool)]])
+            cursor += 1
+            if cursor % len(pool) == 0:  # a pass over the pool is done: reshuffle for the next
+                order = rng.permutation(len(pool))
+        texts.append(" ".join(picked))
+    return texts
 
 
 def documentation_sentences(min_len: int = 40, max_len: int = 200) -> list[str]:
@@ -116,13 +142,24 @@ def _accumulate(runner, feeds: Feeds, names: list[str], from_inputs: set[str], g
                 progress: bool) -> None:
     for feed in _progress(feeds, "calibrating", progress):
         outputs = runner(feed)
+        mask = row_mask(feed)
         for n in names:
             x = np.asarray(feed[n] if n in from_inputs else outputs[n], dtype=np.float64)
             x = x.reshape(-1, x.shape[-1])
+            if mask is not None and mask.size == x.shape[0]:  # token rows (not e.g. per-sample rows)
+                x = x[mask]
             if n not in grams:
                 grams[n] = Gram(np.zeros((x.shape[1], x.shape[1])), 0)
             grams[n].xtx += x.T @ x
             grams[n].rows += x.shape[0]
+
+
+def row_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Boolean per token row (flattened batch x sequence) from the feed's attention mask, if any."""
+    for name in MASK_INPUTS:
+        if name in feed:
+            return np.asarray(feed[name]).reshape(-1) != 0
+    return None
 
 
 def _all_values(graph: ir.Graph):

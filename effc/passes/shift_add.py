@@ -10,7 +10,8 @@ with ``compensate=False``) every weight is rounded independently: the round-to-n
 Options (ctx.options): bits (2/3/4, default 3), group (8), terms (powers of two per scale,
 1-3, default 1), layers (glob on node names; selecting a protected layer includes it),
 avg_bits (allocate 2-4 bits per layer under this average, by measured sensitivity),
-act_order (False), compensate (True).
+act_order (False), compensate (True), damp (0.01), clip (True: compensated weights stay
+within the largest magnitude of their original group; see ``_bcq.BCQQuantizer``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Options:
     compensate: bool = True
     block: int = 128
     damp: float = 0.01
+    clip: bool = True  # keep compensated weights within their original group's magnitude
 
     @classmethod
     def parse(cls, options: dict) -> "Options":
@@ -75,7 +77,7 @@ class Quantized:
 def quantize_weight(w: np.ndarray, h: np.ndarray | None, bits: int, opts: Options) -> Quantized:
     """BCQ of one weight [N, K]: GPTQ-compensated when ``h`` is given and compensation is on."""
     n, k = w.shape
-    quantizer = BCQQuantizer(n, k, bits, opts.group, opts.terms)
+    quantizer = BCQQuantizer(n, k, bits, opts.group, opts.terms, bound=w if opts.clip else None)
     with single_threaded_blas():
         if opts.compensate and h is not None:
             dense = gptq(w, h, quantizer, opts.group, opts.block, opts.damp, opts.act_order)

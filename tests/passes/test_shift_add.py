@@ -174,3 +174,61 @@ def test_layers_glob_selects():
 def test_bad_options_are_user_errors():
     with pytest.raises(EffcError):
         ShiftAdd().run(from_proto(mlp()), PassContext(options={"bits": 5}))
+
+
+def test_compensated_weights_stay_within_their_group_magnitude():
+    # A nearly dead input direction makes compensation push huge corrections into its weights.
+    h = correlated_hessian(WEIGHT.shape[1])
+    h[:8, :] *= 1e-4
+    h[:, :8] *= 1e-4
+    for clip in (True, False):
+        result = quantize_weight(WEIGHT, h, 3, Options(clip=clip))
+        bound = np.abs(WEIGHT).reshape(48, 8, 8).max(axis=2)
+        grown = np.abs(result.dense).reshape(48, 8, 8).max(axis=2) / bound
+        if clip:  # power-of-two levels may round a bounded weight up by at most 2x
+            assert grown.max() <= 2.0
+    assert result.error < quantize_weight(WEIGHT, h, 3, Options(compensate=False)).error
+
+
+# --- calibration ------------------------------------------------------------------------------
+
+def masked_model() -> onnx.ModelProto:
+    """y = x @ W with an attention_mask input the graph ignores (as padded encoders compute pads)."""
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4]),
+                               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto
+
+
+def test_gram_leaves_out_padded_positions():
+    from effc.calib import gram_matrices
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 6, 4)).astype(np.float32)
+    x[:, 4:] = 100.0  # padded positions carry large activations the output never reads
+    mask = np.array([[1, 1, 1, 1, 0, 0]])
+    grams = gram_matrices(from_proto(masked_model()), [{"x": x, "attention_mask": mask}], ["x", "y"], progress=False)
+    real = x[0, :4].astype(np.float64)
+    for gram in grams.values():
+        assert gram.rows == 4
+        np.testing.assert_allclose(gram.xtx, real.T @ real, rtol=1e-6)
+    unmasked = gram_matrices(from_proto(masked_model()), [{"x": x, "attention_mask": np.ones_like(mask)}], ["x"],
+                             progress=False)
+    assert unmasked["x"].rows == 6
+
+
+def test_encoder_calibration_texts_are_packed_and_disjoint_from_evaluation():
+    from effc import zoo
+    from effc.calib import PACK_WORDS, calibration_texts
+
+    module = zoo.get("minilm-l6")
+    texts = calibration_texts(module, 40, seed=0)
+    assert texts == calibration_texts(module, 40, seed=0)  # deterministic
+    held_out = set(module.sentences())
+    assert all(len(t.split()) <= PACK_WORDS or "." not in t[:-1] for t in texts)
+    assert all(t not in held_out and not any(s in t for s in held_out) for t in texts)
+    assert sum(len(t.split()) for t in texts) / len(texts) > PACK_WORDS * 0.7  # several sentences each

@@ -1,0 +1,156 @@
+"""CPU lookup-table kernel for effc.ShiftAddMatMul (AVX-512), hand-written TIR built by TVM.
+
+    Y[m, n] = bias[n] + sum_i sum_j alpha[i, n, j] * (sum_t b[i, n, 8j + t] x[m, 8j + t])
+
+No dense weight is ever rebuilt. Per row of X, every group of 4 activations gets a table of its
+16 signed sums (one zmm register of float32: ``lut[m, c, u] = sum_t (2 bit_t(u) - 1) x[m, 4c + t]``).
+A packed weight byte holds two nibbles, each one index into its table, so 16 output rows' bytes
+are looked up by two ``vpermps`` (an in-register 16-way float shuffle: exact, unlike int8 tables)
+and their sum is scaled by the group's power of two, whose float is assembled from the exponent
+bits (an exponent add, no multiply to form it), then accumulated. Parallel over blocks of
+output rows, vectorised over 16 output rows.
+
+Kernel layout (``pack``), made once from the op's layout: bytes transposed to [q, K/8, N] so 16
+output rows are one 16-byte load; a negative scale is folded into its byte (bitwise NOT flips
+every +-1 of the group); the scale becomes its biased exponent |code| as uint8 [q, K/g, N]
+(0 = no term). Needs one power-of-two term per scale and groups that are whole bytes (g % 8 == 0).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from effc.ops.shift_add_matmul import EXPONENT_BIAS
+
+LANES = 16  # float32 lanes of a zmm register: output rows per vector, entries per table
+BLOCK = 4   # vectors of output rows per parallel task (accumulators kept in registers)
+FLOAT_EXP_BIAS = 127
+PERMUTE = "llvm.x86.avx512.permvar.sf.512"
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The kernel's weight layout (see the module docstring)."""
+
+    bits: np.ndarray  # uint8 [N/R, q, K/8, R]
+    exps: np.ndarray  # uint8 [N/R, q, K/g, R]
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        blocks, q, kb, rows = self.bits.shape
+        return q, blocks * rows, kb * 8
+
+
+def pack(planes: np.ndarray, codes: np.ndarray, rows: int = LANES * BLOCK) -> Packed:
+    """Op layout (planes uint8 [q, N, K/8], codes int8 [q, N, K/g, 1]) -> kernel layout, in
+    blocks of ``rows`` output rows (one parallel task), each block one contiguous stream."""
+    q, n, kb = planes.shape
+    if n % rows:
+        raise ValueError(f"N={n} is not a multiple of the kernel's {rows}-row blocks")
+    groups, terms = codes.shape[2], codes.shape[3]
+    if terms != 1 or (kb * 8) % groups or (kb * 8 // groups) % 8:
+        raise ValueError(f"kernel needs one term per scale and groups of whole bytes (got terms={terms}, "
+                         f"group={kb * 8 / groups:g})")
+    per_group = kb // groups                                  # bytes per scale group
+    code = codes[..., 0].astype(np.int16)
+    negative = np.repeat(code < 0, per_group, axis=2)         # [q, N, K/8]
+    bits = np.where(negative, ~planes, planes).astype(np.uint8)
+    exps = np.abs(code).astype(np.uint8)
+
+    def blocked(a: np.ndarray) -> np.ndarray:  # [q, N, C] -> [N/rows, q, C, rows]
+        return np.ascontiguousarray(a.reshape(q, n // rows, rows, a.shape[2]).transpose(1, 0, 3, 2))
+
+    return Packed(blocked(bits), blocked(exps), kb * 8 // groups)
+
+
+def host_target():
+    """The host CPU as TVM detects it (``mcpu=native`` silently builds generic code in TVM 0.27)."""
+    import tvm
+
+    return tvm.target.Target.from_device(tvm.cpu())
+
+
+def prim_func(m: int, n: int, k: int, q: int, group: int, block: int = BLOCK):
+    """TIR for X [m, k] float32 -> Y [m, n]; ``block`` vectors of 16 output rows per parallel task."""
+    from tvm.script import tirx as T
+
+    if n % (LANES * block) or k % 8 or k % group or group % 8:
+        raise ValueError(f"shape n={n}, k={k}, group={group} does not fit the kernel's tiling")
+    kb, kc, per_group = k // 8, k // 4, group // 8
+    lanes, rows = LANES, LANES * block
+    bias_shift = FLOAT_EXP_BIAS - EXPONENT_BIAS  # code |c| = e + 64 -> float exponent field e + 127
+
+    @T.prim_func(s_tir=True)
+    def shift_add_lut(x: T.Buffer((m, k), "float32"), bits: T.Buffer((n // rows, q, kb, rows), "uint8"),
+                      exps: T.Buffer((n // rows, q, k // group, rows), "uint8"), bias: T.Buffer((n,), "float32"),
+                      y: T.Buffer((m, n), "float32")):
+        T.func_attr({"global_symbol": "shift_add_lut", "tirx.noalias": True})
+        lut = T.alloc_buffer((m, kc, lanes), "float32")
+        # Tables: entry u of chunk c is sum_t (+x if bit t of u else -x) over the chunk's 4 inputs.
+        for r in T.parallel(m):
+            for c in range(kc):
+                for u in T.vectorized(lanes):
+                    lut[r, c, u] = (T.Select((u & 1) == 1, x[r, c * 4], -x[r, c * 4])
+                                    + T.Select((u & 2) == 2, x[r, c * 4 + 1], -x[r, c * 4 + 1])
+                                    + T.Select((u & 4) == 4, x[r, c * 4 + 2], -x[r, c * 4 + 2])
+                                    + T.Select((u & 8) == 8, x[r, c * 4 + 3], -x[r, c * 4 + 3]))
+        for nb in T.parallel(n // rows):
+            for r in range(m):
+                for v in T.unroll(block):
+                    y[r, T.Ramp(nb * rows + v * lanes, 1, lanes)] = bias[T.Ramp(nb * rows + v * lanes, 1, lanes)]
+                for i, j in T.grid(q, kb):
+                    for v in T.unroll(block):
+                        col = nb * rows + v * lanes
+                        byte = T.Cast("int32x16", bits[nb, i, j, T.Ramp(v * lanes, 1, lanes)])
+                        e = T.Cast("int32x16", exps[nb, i, j // per_group, T.Ramp(v * lanes, 1, lanes)])
+                        scale = T.Select(e == T.Broadcast(0, lanes), T.Broadcast(T.float32(0), lanes),
+                                         T.reinterpret("float32x16", T.shift_left(e + T.Broadcast(bias_shift, lanes),
+                                                                                  T.Broadcast(23, lanes))))
+                        lo = T.call_llvm_pure_intrin("float32x16", PERMUTE, lut[r, j * 2, T.Ramp(0, 1, lanes)],
+                                                     T.bitwise_and(byte, T.Broadcast(15, lanes)))
+                        hi = T.call_llvm_pure_intrin("float32x16", PERMUTE, lut[r, j * 2 + 1, T.Ramp(0, 1, lanes)],
+                                                     T.shift_right(byte, T.Broadcast(4, lanes)))
+                        y[r, T.Ramp(col, 1, lanes)] = y[r, T.Ramp(col, 1, lanes)] + (lo + hi) * scale
+
+    return shift_add_lut
+
+
+class ShiftAddKernel:
+    """A built kernel for one weight: ``kernel(x)`` -> x @ W^T + bias (x float32 [m, k])."""
+
+    def __init__(self, planes: np.ndarray, codes: np.ndarray, bias: np.ndarray, m: int, target=None,
+                 threads: int | None = None):
+        import tvm
+
+        if threads:  # TVM's CPU thread pool reads this when it starts
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+        self.packed = pack(planes, codes)
+        q, n, k = self.packed.shape
+        self.m, self.n = m, n
+        target = target or host_target()
+        lib = tvm.compile(tvm.IRModule({"shift_add_lut": prim_func(m, n, k, q, self.packed.group)}), target=target)
+        self.module = lib.jit() if hasattr(lib, "jit") else lib
+        self.device = tvm.cpu()
+        self._weights = [tvm.runtime.tensor(a, self.device) for a in
+                         (self.packed.bits, self.packed.exps, np.asarray(bias, dtype=np.float32))]
+        self._out = tvm.runtime.tensor(np.zeros((m, n), dtype=np.float32), self.device)
+
+    def arguments(self, x: np.ndarray) -> list:
+        import tvm
+
+        return [tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device), *self._weights, self._out]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        args = self.arguments(x)
+        self.module["shift_add_lut"](*args)
+        return args[-1].numpy()
+
+    def time_ms(self, x: np.ndarray, number: int = 20, repeat: int = 7) -> float:
+        """Median over ``repeat`` timings of ``number`` calls each, after TVM's own warm-up call."""
+        timer = self.module.time_evaluator("shift_add_lut", self.device, number=number, repeat=repeat,
+                                           min_repeat_ms=0)
+        return float(np.median(timer(*self.arguments(x)).results) * 1e3)

@@ -1,0 +1,53 @@
+"""The CPU lookup-table kernel computes effc.ShiftAddMatMul exactly as the numpy reference does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from effc.ops import shift_add_matmul as op
+
+tvm = pytest.importorskip("tvm")
+from effc.kernels import shift_add_cpu as kernel  # noqa: E402  (needs TVM)
+
+
+def avx512() -> bool:
+    return "avx512" in str(kernel.host_target().export()) or "avx512f" in open("/proc/cpuinfo").read()
+
+
+def packed(rng, q, n, k, group):
+    planes = op.pack_planes(rng.choice([-1, 1], size=(q, n, k)))
+    signs = rng.choice([-1, 0, 1], size=(q, n, k // group, 1), p=[0.45, 0.1, 0.45])  # 0: a zero scale
+    codes = op.encode_terms(signs, rng.integers(-9, 3, size=signs.shape))
+    return planes, codes, rng.standard_normal(n).astype(np.float32)
+
+
+def test_pack_folds_negative_scales_into_the_bytes():
+    planes, codes, _ = packed(np.random.default_rng(0), 2, 64, 32, 16)
+    p = kernel.pack(planes, codes)
+    blocks, q, kb, rows = p.bits.shape
+    bits = p.bits.transpose(1, 0, 3, 2).reshape(q, blocks * rows, kb)
+    exps = p.exps.transpose(1, 0, 3, 2).reshape(q, blocks * rows, -1).astype(np.int64)
+    scales = np.where(exps > 0, np.exp2(exps - op.EXPONENT_BIAS), 0.0)[..., None]
+    assert (scales >= 0).all()  # signs now live in the bits
+    rebuilt = (op.unpack_planes(bits).reshape(q, blocks * rows, -1, 16) * scales).sum(axis=0).reshape(blocks * rows, -1)
+    np.testing.assert_array_equal(rebuilt, op.dense_weight(planes, codes))
+
+
+def test_pack_refuses_layouts_it_cannot_run():
+    planes, codes, _ = packed(np.random.default_rng(1), 2, 64, 32, 8)
+    with pytest.raises(ValueError, match="one term"):
+        kernel.pack(planes, np.concatenate([codes, codes], axis=-1))
+    with pytest.raises(ValueError, match="multiple"):
+        kernel.pack(planes[:, :48], codes[:, :48])
+
+
+@pytest.mark.skipif(not avx512(), reason="the kernel uses AVX-512 shuffles")
+@pytest.mark.parametrize("m, n, k, q, group", [(1, 64, 64, 3, 8), (3, 128, 96, 2, 8), (2, 64, 128, 4, 16)])
+def test_kernel_equals_reference(m, n, k, q, group):
+    rng = np.random.default_rng(m * 7 + q)
+    planes, codes, bias = packed(rng, q, n, k, group)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    got = kernel.ShiftAddKernel(planes, codes, bias, m)(x)
+    want = op.reference(x.astype(np.float64), planes, codes, bias)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -57,7 +57,7 @@ def cli() -> None:
 @cli.command("compile")
 @click.argument("model")
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--passes", "passes", default=None, help="Comma-separated pass names (default: the exact passes).")
+@click.option("--passes", "passes", default=None, help="Comma-separated pass names (default: the exact passes; none: no pass).")
 @click.option("--opset", type=int, default=None, help="Convert the model to this opset first.")
 @click.option("--inputs", "inputs", type=click.Path(exists=True, dir_okay=False), default=None,
               help=".npz of inputs used to measure each pass (default: seeded random inputs).")

@@ -107,3 +107,16 @@ def test_unknown_zoo_model_exit_2(tmp_path):
 def test_usage_errors_exit_2(args):
     proc = effc(*args)
     assert proc.returncode == 2
+
+
+def test_passes_none_copies_the_model(tiny_onnx, tmp_path):
+    out = tmp_path / "out"
+    proc = effc("compile", tiny_onnx, "-o", out, "--passes", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "report.json").read_text())["passes"] == []
+    assert "identical" in effc("diff", tiny_onnx, out / "model.onnx").stdout
+
+
+def test_empty_pass_list_exit_2(tiny_onnx, tmp_path):
+    line = _one_line_error(effc("compile", tiny_onnx, "-o", tmp_path / "out", "--passes", ","))
+    assert "--passes is empty" in line

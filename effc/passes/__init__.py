@@ -23,9 +23,12 @@ def get_pass(name: str) -> Pass:
 
 
 def parse_pass_list(text: str | None) -> list[Pass]:
-    names = DEFAULT_PASSES if not text else [n.strip() for n in text.split(",") if n.strip()]
+    """Pass objects for a comma-separated list; None means the defaults, "none" means no pass."""
+    if text is not None and text.strip().lower() == "none":
+        return []
+    names = DEFAULT_PASSES if text is None else [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise EffcError("--passes is empty")
+        raise EffcError("--passes is empty (use --passes none to run no pass)")
     return [get_pass(n) for n in names]
 
 

@@ -5,7 +5,9 @@
 One run, side by side, same thread count: a random N x K weight quantized by the shift-add
 layout (group 8, one power-of-two term per scale), the TVM kernel (effc.kernels.shift_add_cpu)
 and ONNX Runtime's fp32 MatMul on the dense weight it stands for. Timings are medians after
-warm-up; agreement is checked against the op's numpy reference (effc.ops.shift_add_matmul).
+warm-up, the two interleaved round by round so that a loaded machine slows both alike; agreement
+is checked against the op's numpy reference (effc.ops.shift_add_matmul). M >= 16 runs the
+prefill kernel (effc.kernels.shift_add_prefill), smaller M the decode kernel.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main() -> None:
     bits = (planes.size + codes.size) * 8 / (n * k)
     print(f"{n}x{k} linear, {q} planes + 1 scale byte per plane and group of {group} ({bits:.2f} bits/weight), "
           f"{args.threads} threads")
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print("| M | shift-add LUT (TVM) ms | ORT fp32 MatMul ms | speed-up | max rel err vs reference |")
     print("|---|---|---|---|---|")
     for m in (int(v) for v in args.m.split(",")):
@@ -78,9 +81,12 @@ def main() -> None:
         x = rng.standard_normal((m, k)).astype(np.float32)
         reference = op.reference(x.astype(np.float64), planes, codes, bias)
         error = float(np.abs(kernel(x) - reference).max() / np.abs(reference).max())
-        repeat = 200 if m == 1 else 20
-        lut = kernel.time_ms(x, number=max(1, repeat // 10), repeat=10)
-        ort = median_ms(lambda: session.run(None, {"x": x}), warmup=5, repeat=repeat)
+        number = 20 if m == 1 else 2
+        lut, ort = [], []
+        for _ in range(15):  # interleaved rounds: load spikes hit both sides
+            lut.append(kernel.time_ms(x, number=number, repeat=1))
+            ort.append(median_ms(lambda x=x: session.run(None, {"x": x}), warmup=1, repeat=number))
+        lut, ort = float(np.median(lut)), float(np.median(ort))
         print(f"| {m} | {lut:.3f} | {ort:.3f} | {ort / lut:.2f}x | {error:.1e} |", flush=True)
 
 

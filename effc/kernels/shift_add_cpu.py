@@ -12,8 +12,9 @@ output rows, vectorised over 16 output rows.
 
 Kernel layout (``pack``), made once from the op's layout: bytes transposed to [q, K/8, N] so 16
 output rows are one 16-byte load; a negative scale is folded into its byte (bitwise NOT flips
-every +-1 of the group); the scale becomes its biased exponent |code| as uint8 [q, K/g, N]
-(0 = no term). Needs one power-of-two term per scale and groups that are whole bytes (g % 8 == 0).
+every +-1 of the group); the scale becomes its float32 exponent field |code| + 63 as uint8
+[q, K/g, N] (0 = no term, which shifted into place is +0.0: no decode branch). Needs one
+power-of-two term per scale and groups that are whole bytes (g % 8 == 0).
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from effc.ops.shift_add_matmul import EXPONENT_BIAS
+from effc.kernels._layout import fold_signs
 
 LANES = 16  # float32 lanes of a zmm register: output rows per vector, entries per table
 BLOCK = 4   # vectors of output rows per parallel task (accumulators kept in registers)
-FLOAT_EXP_BIAS = 127
 PERMUTE = "llvm.x86.avx512.permvar.sf.512"
 
 
@@ -48,23 +48,15 @@ class Packed:
 def pack(planes: np.ndarray, codes: np.ndarray, rows: int = LANES * BLOCK) -> Packed:
     """Op layout (planes uint8 [q, N, K/8], codes int8 [q, N, K/g, 1]) -> kernel layout, in
     blocks of ``rows`` output rows (one parallel task), each block one contiguous stream."""
-    q, n, kb = planes.shape
+    q, n, _ = planes.shape
     if n % rows:
         raise ValueError(f"N={n} is not a multiple of the kernel's {rows}-row blocks")
-    groups, terms = codes.shape[2], codes.shape[3]
-    if terms != 1 or (kb * 8) % groups or (kb * 8 // groups) % 8:
-        raise ValueError(f"kernel needs one term per scale and groups of whole bytes (got terms={terms}, "
-                         f"group={kb * 8 / groups:g})")
-    per_group = kb // groups                                  # bytes per scale group
-    code = codes[..., 0].astype(np.int16)
-    negative = np.repeat(code < 0, per_group, axis=2)         # [q, N, K/8]
-    bits = np.where(negative, ~planes, planes).astype(np.uint8)
-    exps = np.abs(code).astype(np.uint8)
+    bits, exps, group = fold_signs(planes, codes)
 
     def blocked(a: np.ndarray) -> np.ndarray:  # [q, N, C] -> [N/rows, q, C, rows]
         return np.ascontiguousarray(a.reshape(q, n // rows, rows, a.shape[2]).transpose(1, 0, 3, 2))
 
-    return Packed(blocked(bits), blocked(exps), kb * 8 // groups)
+    return Packed(blocked(bits), blocked(exps), group)
 
 
 def host_target():
@@ -82,7 +74,6 @@ def prim_func(m: int, n: int, k: int, q: int, group: int, block: int = BLOCK):
         raise ValueError(f"shape n={n}, k={k}, group={group} does not fit the kernel's tiling")
     kb, kc, per_group = k // 8, k // 4, group // 8
     lanes, rows = LANES, LANES * block
-    bias_shift = FLOAT_EXP_BIAS - EXPONENT_BIAS  # code |c| = e + 64 -> float exponent field e + 127
 
     @T.prim_func(s_tir=True)
     def shift_add_lut(x: T.Buffer((m, k), "float32"), bits: T.Buffer((n // rows, q, kb, rows), "uint8"),
@@ -107,11 +98,9 @@ def prim_func(m: int, n: int, k: int, q: int, group: int, block: int = BLOCK):
                         col = nb * rows + v * lanes
                         byte = T.Cast("int32x16", bits[nb, i, j, T.Ramp(v * lanes, 1, lanes)])
                         e = T.Cast("int32x16", exps[nb, i, j // per_group, T.Ramp(v * lanes, 1, lanes)])
-                        scale = T.Select(e == T.Broadcast(0, lanes), T.Broadcast(T.float32(0), lanes),
-                                         T.reinterpret("float32x16", T.shift_left(e + T.Broadcast(bias_shift, lanes),
-                                                                                  T.Broadcast(23, lanes))))
-                        lo = T.call_llvm_pure_intrin("float32x16", PERMUTE, lut[r, j * 2, T.Ramp(0, 1, lanes)],
-                                                     T.bitwise_and(byte, T.Broadcast(15, lanes)))
+                        scale = T.reinterpret("float32x16", T.shift_left(e, T.Broadcast(23, lanes)))
+                        # vpermps reads only the low 4 bits of each index: no mask for the low nibble
+                        lo = T.call_llvm_pure_intrin("float32x16", PERMUTE, lut[r, j * 2, T.Ramp(0, 1, lanes)], byte)
                         hi = T.call_llvm_pure_intrin("float32x16", PERMUTE, lut[r, j * 2 + 1, T.Ramp(0, 1, lanes)],
                                                      T.shift_right(byte, T.Broadcast(4, lanes)))
                         y[r, T.Ramp(col, 1, lanes)] = y[r, T.Ramp(col, 1, lanes)] + (lo + hi) * scale
@@ -119,8 +108,14 @@ def prim_func(m: int, n: int, k: int, q: int, group: int, block: int = BLOCK):
     return shift_add_lut
 
 
+PREFILL_MIN_ROWS = 16  # from here on re-reading every weight byte per row of X costs more than tables of 8
+
+
 class ShiftAddKernel:
-    """A built kernel for one weight: ``kernel(x)`` -> x @ W^T + bias (x float32 [m, k])."""
+    """A built kernel for one weight: ``kernel(x)`` -> x @ W^T + bias (x float32 [m, k]).
+
+    m < PREFILL_MIN_ROWS: the decode kernel here (vectorised over output rows); otherwise the
+    prefill kernel (shift_add_prefill: vectorised over rows of X, X padded to whole row blocks)."""
 
     def __init__(self, planes: np.ndarray, codes: np.ndarray, bias: np.ndarray, m: int, target=None,
                  threads: int | None = None):
@@ -128,29 +123,43 @@ class ShiftAddKernel:
 
         if threads:  # TVM's CPU thread pool reads this when it starts
             os.environ["TVM_NUM_THREADS"] = str(threads)
-        self.packed = pack(planes, codes)
-        q, n, k = self.packed.shape
-        self.m, self.n = m, n
         target = target or host_target()
-        lib = tvm.compile(tvm.IRModule({"shift_add_lut": prim_func(m, n, k, q, self.packed.group)}), target=target)
+        self.m = m
+        if m < PREFILL_MIN_ROWS:
+            self.packed = pack(planes, codes)
+            q, n, k = self.packed.shape
+            self.name, self.rows = "shift_add_lut", m
+            func = prim_func(m, n, k, q, self.packed.group)
+        else:
+            from effc.kernels import shift_add_prefill as prefill
+
+            self.packed = prefill.pack_prefill(planes, codes)
+            q, n, k = self.packed.shape
+            block = prefill.ROWS if m >= prefill.ROWS else prefill.LANES
+            self.name, self.rows = "shift_add_prefill", -(-m // block) * block
+            func = prefill.prim_func_prefill(self.rows, n, k, q, self.packed.group, self.packed.k_block, rows=block)
+        self.n = n
+        lib = tvm.compile(tvm.IRModule({self.name: func}), target=target)
         self.module = lib.jit() if hasattr(lib, "jit") else lib
         self.device = tvm.cpu()
         self._weights = [tvm.runtime.tensor(a, self.device) for a in
                          (self.packed.bits, self.packed.exps, np.asarray(bias, dtype=np.float32))]
-        self._out = tvm.runtime.tensor(np.zeros((m, n), dtype=np.float32), self.device)
+        self._out = tvm.runtime.tensor(np.zeros((self.rows, n), dtype=np.float32), self.device)
 
     def arguments(self, x: np.ndarray) -> list:
         import tvm
 
-        return [tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device), *self._weights, self._out]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.rows != len(x):
+            x = np.concatenate([x, np.zeros((self.rows - len(x), x.shape[1]), np.float32)])
+        return [tvm.runtime.tensor(x, self.device), *self._weights, self._out]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         args = self.arguments(x)
-        self.module["shift_add_lut"](*args)
-        return args[-1].numpy()
+        self.module[self.name](*args)
+        return args[-1].numpy()[:self.m]
 
     def time_ms(self, x: np.ndarray, number: int = 20, repeat: int = 7) -> float:
         """Median over ``repeat`` timings of ``number`` calls each, after TVM's own warm-up call."""
-        timer = self.module.time_evaluator("shift_add_lut", self.device, number=number, repeat=repeat,
-                                           min_repeat_ms=0)
+        timer = self.module.time_evaluator(self.name, self.device, number=number, repeat=repeat, min_repeat_ms=0)
         return float(np.median(timer(*self.arguments(x)).results) * 1e3)

@@ -176,3 +176,53 @@ class BCQQuantizer:
         codes = nearest_codes(w.reshape(rows * groups, self.group), alphas)   # [rows*groups, g, q]
         self.signs = codes.reshape(rows, cols, self.q).transpose(2, 0, 1)
         return (codes * alphas[:, None, :]).sum(axis=2).reshape(rows, cols)
+
+
+def refit_exponents(w: np.ndarray, h: np.ndarray, signs: np.ndarray, term_signs: np.ndarray,
+                    term_exps: np.ndarray, limit: np.ndarray | None = None, sweeps: int = 2) -> int:
+    """After compensation: move single-term exponents by +-1 where that lowers the layer's output
+    error (W_hat - W) H (W_hat - W)^T; codes stay. Returns how many exponents moved.
+
+    GPTQ fits each group's scales once, on weights that later columns of the same group still
+    change, and its column-greedy choice never revisits them; coordinate descent on the exact
+    objective only ever lowers it. ``signs`` [q, N, K] and ``term_exps`` [q, N, G, 1] (int, in
+    place) are the quantizer's; ``h`` should be damped like GPTQ's. With ``limit`` [N, G], no move
+    takes a group's largest weight magnitude past it (the clipping contract of BCQQuantizer).
+    """
+    q, n, k = signs.shape
+    groups = term_exps.shape[2]
+    g = k // groups
+    alpha = term_signs[..., 0] * np.exp2(term_exps[..., 0])                      # [q, N, G]
+    dense = (signs.reshape(q, n, groups, g) * alpha[..., None]).sum(axis=0).reshape(n, k)
+    resid = (dense - w) @ h                                                      # gradient / 2
+    moved = 0
+    for _ in range(sweeps):
+        before = moved
+        for gi in range(groups):
+            cols = slice(gi * g, (gi + 1) * g)
+            hgg = h[cols, cols]
+            for i in range(q):
+                b = signs[i, :, cols]                                            # [N, g]
+                best_gain, best_step = np.zeros(n), np.zeros(n, dtype=np.int64)
+                for step in (-1, 1):
+                    e = term_exps[i, :, gi, 0] + step
+                    ok = (term_signs[i, :, gi, 0] != 0) & (e >= MIN_EXPONENT) & (e <= MAX_EXPONENT)
+                    d = ((term_signs[i, :, gi, 0] * np.exp2(e) - alpha[i, :, gi]) * ok)[:, None] * b
+                    if limit is not None:
+                        d *= (np.abs(dense[:, cols] + d).max(axis=1) <= limit[:, gi])[:, None]
+                    gain = 2 * (d * resid[:, cols]).sum(axis=1) + np.einsum("ng,gh,nh->n", d, hgg, d)
+                    take = gain < best_gain - 1e-12 * np.abs(best_gain)
+                    best_gain[take], best_step[take] = gain[take], step
+                rows = best_step != 0
+                if not rows.any():
+                    continue
+                new_alpha = term_signs[i, rows, gi, 0] * np.exp2(term_exps[i, rows, gi, 0] + best_step[rows])
+                d = (new_alpha - alpha[i, rows, gi])[:, None] * b[rows]
+                resid[rows] += d @ h[cols]
+                dense[rows, cols] += d
+                alpha[i, rows, gi] = new_alpha
+                term_exps[i, rows, gi, 0] += best_step[rows]
+                moved += int(rows.sum())
+        if moved == before:
+            break
+    return moved

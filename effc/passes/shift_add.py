@@ -11,7 +11,9 @@ Options (ctx.options): bits (2/3/4, default 3), group (8), terms (powers of two 
 1-3, default 1), layers (glob on node names; selecting a protected layer includes it),
 avg_bits (allocate 2-4 bits per layer under this average, by measured sensitivity),
 act_order (False), compensate (True), damp (0.01), clip (True: compensated weights stay
-within the largest magnitude of their original group; see ``_bcq.BCQQuantizer``).
+within the largest magnitude of their original group; see ``_bcq.BCQQuantizer``), refit (True:
+after compensation, exponents move by +-1 where the output error under H drops; see
+``_bcq.refit_exponents``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from effc.errors import EffcError
 from effc.ir import new_initializer, opset
 from effc.ops import DOMAIN, use
 from effc.ops import shift_add_matmul as op
-from effc.passes._bcq import BCQQuantizer
+from effc.passes._bcq import BCQQuantizer, refit_exponents
 from effc.passes._gptq import gptq, output_error
 from effc.passes._linears import Linear, find_linears
 from effc.passes.base import Pass, PassContext, PassOutcome
@@ -48,6 +50,7 @@ class Options:
     block: int = 128
     damp: float = 0.01
     clip: bool = True  # keep compensated weights within their original group's magnitude
+    refit: bool = True  # after compensation, move exponents by +-1 where the output error drops
 
     @classmethod
     def parse(cls, options: dict) -> "Options":
@@ -81,6 +84,14 @@ def quantize_weight(w: np.ndarray, h: np.ndarray | None, bits: int, opts: Option
     with single_threaded_blas():
         if opts.compensate and h is not None:
             dense = gptq(w, h, quantizer, opts.group, opts.block, opts.damp, opts.act_order)
+            if opts.refit and opts.terms == 1:
+                damped = h + np.eye(k) * opts.damp * max(float(np.mean(np.diag(h))), 1e-12)
+                target = np.where(np.diag(h) == 0, 0.0, w.astype(np.float64))  # as GPTQ: dead inputs
+                limit = 2 * np.abs(w).reshape(n, k // opts.group, opts.group).max(axis=2) if opts.clip else None
+                if refit_exponents(target, damped, quantizer.signs, quantizer.term_signs, quantizer.term_exps,
+                                   limit):
+                    dense = op.dense_weight(op.pack_planes(quantizer.signs),
+                                            op.encode_terms(quantizer.term_signs, quantizer.term_exps))
         else:
             dense = quantizer.round_to_nearest(w.astype(np.float64))
         error = output_error(w, dense, h)

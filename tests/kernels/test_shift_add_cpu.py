@@ -28,7 +28,7 @@ def test_pack_folds_negative_scales_into_the_bytes():
     blocks, q, kb, rows = p.bits.shape
     bits = p.bits.transpose(1, 0, 3, 2).reshape(q, blocks * rows, kb)
     exps = p.exps.transpose(1, 0, 3, 2).reshape(q, blocks * rows, -1).astype(np.int64)
-    scales = np.where(exps > 0, np.exp2(exps - op.EXPONENT_BIAS), 0.0)[..., None]
+    scales = np.where(exps > 0, np.exp2(exps - 127), 0.0)[..., None]  # float32 exponent fields
     assert (scales >= 0).all()  # signs now live in the bits
     rebuilt = (op.unpack_planes(bits).reshape(q, blocks * rows, -1, 16) * scales).sum(axis=0).reshape(blocks * rows, -1)
     np.testing.assert_array_equal(rebuilt, op.dense_weight(planes, codes))
@@ -51,3 +51,29 @@ def test_kernel_equals_reference(m, n, k, q, group):
     got = kernel.ShiftAddKernel(planes, codes, bias, m)(x)
     want = op.reference(x.astype(np.float64), planes, codes, bias)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_prefill_pack_keeps_the_weight():
+    from effc.kernels import shift_add_prefill as prefill
+
+    planes, codes, _ = packed(np.random.default_rng(2), 3, 64, 64, 16)
+    p = prefill.pack_prefill(planes, codes, k_block=32, outs=4)
+    blocks, nb, _ = p.bits.shape
+    bits = p.bits.reshape(blocks, nb * 4, 3, 4).transpose(2, 1, 0, 3).reshape(3, 64, 8)
+    field = p.exps.reshape(blocks, nb * 4, 3, 4).transpose(2, 1, 0, 3).reshape(3, 64, 8).astype(np.int64)
+    scales = np.where(field > 0, np.exp2(field - 127), 0.0)[..., None]  # one per byte
+    rebuilt = (op.unpack_planes(bits).reshape(3, 64, 8, 8) * scales).sum(axis=0).reshape(64, 64)
+    np.testing.assert_array_equal(rebuilt, op.dense_weight(planes, codes))
+
+
+@pytest.mark.skipif(not avx512(), reason="the kernel uses AVX-512")
+@pytest.mark.parametrize("m, n, k, q, group", [(16, 64, 64, 3, 8), (37, 128, 72, 2, 8), (64, 64, 256, 4, 16), (32, 64, 48, 3, 16)])
+def test_prefill_kernel_equals_reference(m, n, k, q, group):
+    """M >= 16 picks the prefill kernel (rows of X as lanes, X padded to whole row blocks)."""
+    rng = np.random.default_rng(m + q)
+    planes, codes, bias = packed(rng, q, n, k, group)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    run = kernel.ShiftAddKernel(planes, codes, bias, m)
+    assert run.name == "shift_add_prefill"
+    want = op.reference(x.astype(np.float64), planes, codes, bias)
+    np.testing.assert_allclose(run(x), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -66,3 +66,4 @@ def correct_heads(graph: ir.Graph, table: ir.Value, heads: list[ir.Node]) -> Non
         out.replace_all_uses_with(fixed.outputs[0], replace_graph_outputs=True)
         fixed.replace_input_with(0, out)  # the line above also rerouted the fix's own input
         out.name, fixed.outputs[0].name = f"{name}_uncorrected", name  # the public name stays put
+        fixed.outputs[0].type, fixed.outputs[0].shape = out.type, out.shape  # a graph output must be typed

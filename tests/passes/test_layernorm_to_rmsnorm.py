@@ -400,6 +400,7 @@ def test_tied_lm_head_stays_tied_with_a_correction():
     assert op_counts(converted)["ReduceSum"] == 1
     assert [o.name for o in converted.graph.outputs] == ["logits"]
     assert max_rel(original, converted) <= TOLERANCE
+    onnx.checker.check_model(to_proto(converted), full_check=True)  # the corrected output keeps its type
 
 
 def test_tied_table_with_another_reader_is_untied():

@@ -66,8 +66,9 @@ def cli() -> None:
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default=None,
               help="Also build OUT/model.so (+ params) with TVM for this target.")
 @click.option("--arch", default=None, help="CUDA arch for --target cuda: sm_80, sm_90, ...")
-@click.option("--records", "records", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Tuning records from `effc tune` (default: the rules' built-in knobs).")
+@click.option("--records", "records", default="shipped", show_default=True,
+              help="Tuning records for --target llvm: a file from `effc tune`, `shipped` (effc's records "
+              "for this CPU family, when it has some) or `none` (the rules' built-in knobs).")
 @click.option("--calib", "calib", default=None, help="Calibration inputs for lossy passes: an .npz "
               "(one array per input, first axis = samples) or zoo:NAME (that model's calibration set).")
 @click.option("--bits", type=click.IntRange(2, 4), default=None, help="shift-add: bit planes per weight (default 3).")
@@ -89,6 +90,8 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
         from effc.codegen.target import check_target_args
 
         check_target_args(target, arch)
+    if records not in ("shipped", "none") and not Path(records).is_file():
+        raise EffcError(f"--records: no such file '{records}' (or say `shipped` or `none`)")
     console = _console()
     with console.status(f"loading {model}"):
         ir_model, zoo_name = _load_model(model, opset)
@@ -122,7 +125,7 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
         from effc.codegen.build import compile_model
 
         with console.status(f"building for {target}"):
-            built = compile_model(result.model, target, out_dir, arch=arch, records=records)
+            built = compile_model(result.model, target, out_dir, arch=arch, records=records, source=model)
         console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s")
 
 

@@ -63,7 +63,8 @@ def run_cmd(out: str, inputs: str, output: str, threads: int | None) -> None:
 
 @click.command("bench")
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
-@click.option("--vs", "vs", default="ort", show_default=True, help="Comma-separated engines to compare with: ort.")
+@click.option("--vs", "vs", default="ort", show_default=True,
+              help="Comma-separated engines to compare with: ort, torch (zoo models only).")
 @click.option("--inputs", "inputs", type=click.Path(exists=True, dir_okay=False), default=None,
               help=".npz of inputs (default: the zoo model's samples or seeded random inputs).")
 @click.option("--runs", type=int, default=15, show_default=True, help="Timed rounds after warm-up.")
@@ -74,7 +75,8 @@ def run_cmd(out: str, inputs: str, output: str, threads: int | None) -> None:
 @click.option("--top", type=int, default=15, show_default=True, help="Kernels listed by --profile.")
 def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, threads: int | None,
               json_path: str | None, profile: bool, top: int) -> None:
-    """Latency of OUT's compiled module against ONNX Runtime (interleaved; median and p90)."""
+    """Latency of OUT's compiled module against ONNX Runtime and torch eager (interleaved, each call
+    after an idle gap, ONNX Runtime not spinning between runs; median and p90)."""
     from effc.codegen.bench import bench
     from effc.codegen.runtime import load_compiled
     from effc.ir import atomic_write_text
@@ -85,10 +87,13 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
     engines = tuple(e.strip() for e in vs.split(",") if e.strip())
     result = bench(out, engines, feeds=feeds, warmup=warmup, runs=runs, threads=threads)
     for name, stats in result.items():
-        if isinstance(stats, dict):
+        if isinstance(stats, dict) and "median_ms" in stats:  # an engine (not "method")
             click.echo(f"{name:14s} median {stats['median_ms']:9.3f} ms   p90 {stats['p90_ms']:9.3f} ms")
     if "ratio_vs_ort" in result:
         click.echo(f"effc / ort: {result['ratio_vs_ort']:.3f}   max rel err vs ort: {result['max_rel_err']:.2e}")
+    if "ratio_vs_torch" in result:
+        click.echo(f"effc / torch: {result['ratio_vs_torch']:.3f}   max rel err vs torch: "
+                   f"{result['torch_max_rel_err']:.2e}")
     if profile:
         from effc.codegen import profile as prof
 

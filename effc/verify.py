@@ -113,13 +113,16 @@ def make_inputs(model: ir.Model, count: int = 2, seed: int = 0, dims: dict[str, 
 class OrtRunner:
     """An ONNX Runtime session over an onnx_ir model (optimisations on, CPU)."""
 
-    def __init__(self, model: ir.Model | str | Path, threads: int = 0):
+    def __init__(self, model: ir.Model | str | Path, threads: int = 0, config: dict[str, str] | None = None):
+        """``config``: session config entries (e.g. {"session.force_spinning_stop": "1"})."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        for key, value in (config or {}).items():
+            opts.add_session_config_entry(key, value)
         self._tmp = None
         if isinstance(model, (str, Path)):
             source: bytes | str = str(model)

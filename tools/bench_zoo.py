@@ -1,16 +1,21 @@
-"""Compile zoo models for llvm with effc and benchmark them against ONNX Runtime; write a markdown table.
+"""Compile zoo models for llvm with effc and benchmark them against ONNX Runtime and torch eager;
+write a markdown table (with the date and the machine's load: the machine may be shared).
 
-    python tools/bench_zoo.py [--models vit-s16,bert-base,gpt2] [--work DIR] [--out bench.md] [--runs 15]
-                              [--records records.json] [--profile]
+    python tools/bench_zoo.py [--models vit-s16,bert-base,gpt2] [--records shipped,none] [--vs ort,torch]
+                              [--work DIR] [--out docs/benchmarks.md] [--runs 15] [--profile]
 
-Each model is compiled once per work directory (delete it to rebuild), then `effc bench --vs ort`
-runs interleaved; heavy, so run it on an otherwise idle machine and one model at a time.
+--records lists the record variants to build each model with (`effc compile --records`: shipped,
+none or a file from `effc tune`); each variant is compiled once per work directory (delete it to
+rebuild). `effc bench` then runs the engines interleaved (see effc/codegen/bench.py for how it keeps
+them from stealing each other's cores); heavy, so run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import subprocess
 import sys
 import time
@@ -20,26 +25,30 @@ DEFAULT_MODELS = ("vit-s16", "bert-base", "gpt2")
 
 
 def effc(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effc.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "effc.cli", *args], capture_output=True, text=True, check=False)
 
 
-def bench_model(name: str, work: Path, runs: int, threads: int | None, records: Path | None = None,
-                profile: bool = False) -> dict:
-    out = work / name
-    row: dict = {"model": name}
+def load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def bench_model(name: str, work: Path, runs: int, threads: int | None, records: str = "shipped",
+                vs: str = "ort", profile: bool = False) -> dict:
+    out = work / f"{name}-{Path(records).stem}"
+    row: dict = {"model": name, "records": records}
     if not (out / "model.so").exists():
         start = time.perf_counter()
-        proc = effc("compile", f"zoo:{name}", "-o", str(out), "--target", "llvm",
-                    *(["--records", str(records)] if records else []))
+        proc = effc("compile", f"zoo:{name}", "-o", str(out), "--target", "llvm", "--records", records)
         row["compile_s"] = round(time.perf_counter() - start, 1)
         if proc.returncode != 0:
             row["error"] = (proc.stderr.strip().splitlines() or ["compile failed"])[-1]
             return row
     manifest = json.loads((out / "codegen.json").read_text())
     row.setdefault("compile_s", manifest.get("build_seconds"))
+    row["tuned_kernels"] = manifest.get("tuned_kernels", 0)
     row["rule_hits"] = manifest.get("rule_hits", {})
     result_path = out / "bench.json"
-    args = ["bench", str(out), "--vs", "ort", "--runs", str(runs), "--json", str(result_path)]
+    args = ["bench", str(out), "--vs", vs, "--runs", str(runs), "--json", str(result_path)]
     if threads:
         args += ["--threads", str(threads)]
     if profile:
@@ -54,38 +63,70 @@ def bench_model(name: str, work: Path, runs: int, threads: int | None, records: 
     return row
 
 
+def _ms(row: dict, engine: str) -> str:
+    stats = row.get(engine)
+    return f"{stats['median_ms']:.1f} / {stats['p90_ms']:.1f}" if stats else "-"
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | effc median ms | effc p90 ms | ORT median ms | ORT p90 ms | effc/ORT | max rel err | "
-             "build s | kernels by rule |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | records (tuned kernels) | effc ms median / p90 | ORT ms | ORT on effc's ONNX ms | "
+              "torch ms | effc/ORT | effc/torch | max rel err vs ORT | compile s | kernels by rule |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['model']} | {r['records']} | error: {r['error']} | | | | | | | | |")
             continue
         hits = ", ".join(f"{k} {v}" for k, v in sorted(r.get("rule_hits", {}).items()))
-        lines.append(f"| {r['model']} | {r['effc']['median_ms']:.1f} | {r['effc']['p90_ms']:.1f} | "
-                     f"{r['ort']['median_ms']:.1f} | {r['ort']['p90_ms']:.1f} | {r['ratio_vs_ort']:.2f} | "
-                     f"{r['max_rel_err']:.1e} | {r.get('compile_s', '')} | {hits} |")
-    threads = next((r.get("threads") for r in rows if "threads" in r), None)
-    lines.append("")
-    lines.append(f"threads: {threads}; medians over interleaved runs after warm-up (effc bench).")
+        torch_ratio = f"{r['ratio_vs_torch']:.2f}" if "ratio_vs_torch" in r else "-"
+        lines.append(f"| {r['model']} | {r['records']} ({r.get('tuned_kernels', 0)}) | {_ms(r, 'effc')} | "
+                     f"{_ms(r, 'ort')} | {_ms(r, 'ort_optimized')} | {_ms(r, 'torch')} | {r['ratio_vs_ort']:.2f} | "
+                     f"{torch_ratio} | {r['max_rel_err']:.1e} | {r.get('compile_s', '')} | {hits} |")
     return "\n".join(lines) + "\n"
+
+
+def page(rows: list[dict], started: str, load_before: str, load_after: str) -> str:
+    from effc.codegen.target import llvm_target
+
+    target = llvm_target()
+    method = next((r["method"] for r in rows if "method" in r), {})
+    threads = next((r["threads"] for r in rows if "threads" in r), target.threads)
+    return "\n".join([
+        "# effc benchmarks (CPU)", "",
+        (f"Run {started} by `python tools/bench_zoo.py`; {platform.machine()} CPU family "
+         f"`{target.spec['mcpu']}` ({target.threads} cores available), {threads} threads for every engine, "
+         "fp32, batch 1."), "",
+        f"Machine load (`uptime`) before: `{load_before}`", f"after: `{load_after}`", "",
+        ("**Caveat: this machine is shared** (other jobs run beside the benchmark), so absolute times "
+         "wander from run to run; the engines take turns within each round (interleaved), so the ratios "
+         "are what to compare. Times are median / p90 in ms over the timed rounds after warm-up; "
+         f"method: {json.dumps(method)} (ONNX Runtime sessions stop spinning when Run returns, and each "
+         "call starts after an idle gap so no engine's spinning workers steal from the next)."), "",
+        ("`records`: `shipped` = effc's tuning records for this CPU family (effc/codegen/tuned/), "
+         "`none` = the CPU rules' default knobs. ORT = ONNX Runtime 1.31 on the original model; "
+         "max rel err = scale-relative difference from ONNX Runtime on the same (optimized) model."), "",
+        markdown(rows)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--records", default="shipped,none", help="Comma-separated record variants.")
+    parser.add_argument("--vs", default="ort,torch")
     parser.add_argument("--work", default="bench-work", type=Path)
-    parser.add_argument("--out", default="bench.md", type=Path)
+    parser.add_argument("--out", default=Path("docs/benchmarks.md"), type=Path)
     parser.add_argument("--runs", default=15, type=int)
     parser.add_argument("--threads", default=None, type=int)
-    parser.add_argument("--records", default=None, type=Path, help="Tuning records for the builds (effc tune).")
     parser.add_argument("--profile", action="store_true", help="Also print each model's slowest kernels.")
     args = parser.parse_args()
+    started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    load_before = load()
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        print(f"{name} ...", flush=True)
-        rows.append(bench_model(name, args.work, args.runs, args.threads, args.records, args.profile))
-        args.out.write_text(markdown(rows))  # partial table survives an interrupted run
+        for records in [r.strip() for r in args.records.split(",") if r.strip()]:
+            print(f"{name} (records: {records}) ...", flush=True)
+            rows.append(bench_model(name, args.work, args.runs, args.threads, records, args.vs, args.profile))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(page(rows, started, load_before, load()))  # a partial page survives an interrupt
     print(markdown(rows))
 
 

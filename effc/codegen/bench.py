@@ -1,7 +1,12 @@
-"""Latency of a compiled OUT directory against ONNX Runtime, measured interleaved.
+"""Latency of a compiled OUT directory against ONNX Runtime and torch eager, measured interleaved.
 
-Engines take turns within every round (effc, ort, ...), so a slow phase of a shared machine
+Engines take turns within every round (effc, ort, ..., torch), so a slow phase of a shared machine
 hits them alike; the first rounds are warm-up and dropped; median and p90 are over the rest.
+Fairness between engines in one process: each engine's worker threads spin for a while after a
+call (ONNX Runtime's until its next Run, TVM's and OpenMP's for a bounded count), and a spinning
+pool steals cores from whichever engine runs next (>10x on small kernels). So ONNX Runtime sessions
+stop spinning when Run returns (session.force_spinning_stop: spinning inside a Run is untouched),
+and every call starts after a short idle gap (not timed) in which the others' spinners go to sleep.
 """
 
 from __future__ import annotations
@@ -13,6 +18,12 @@ import numpy as np
 
 from effc.errors import EffcError
 
+ENGINES = ("ort", "torch")
+# Idle before each timed call: after a call TVM's pool workers spin (yielding) for ~90 ms of CPU
+# (measured with getrusage over the idle time, 2 threads), which made torch's OpenMP team 10x slower.
+SETTLE_S = 0.15
+ORT_CONFIG = {"session.force_spinning_stop": "1"}
+
 
 def _stats(times: list[float]) -> dict:
     ms = np.asarray(times) * 1e3
@@ -20,14 +31,15 @@ def _stats(times: list[float]) -> dict:
             "runs": len(ms)}
 
 
-def _original_model(out: Path):
-    """The model `effc compile` started from, when report.json names one that can still be loaded."""
+def _original_model(out: Path, manifest: dict | None = None):
+    """(path, zoo name) of the model `effc compile` started from, when the manifest (or, for older
+    outputs, report.json) names one that can still be loaded."""
     import json
 
+    spec = (manifest or {}).get("source")
     report = out / "report.json"
-    if not report.exists():
-        return None, None
-    spec = json.loads(report.read_text()).get("model")
+    if not spec and report.exists():
+        spec = json.loads(report.read_text()).get("model")
     if not spec:
         return None, None
     if spec.startswith("zoo:"):
@@ -38,7 +50,7 @@ def _original_model(out: Path):
 
 
 def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict] | None = None,
-          warmup: int = 3, runs: int = 15, threads: int | None = None) -> dict:
+          warmup: int = 3, runs: int = 15, threads: int | None = None, settle_s: float = SETTLE_S) -> dict:
     """Benchmark OUT against the engines in ``vs``; returns the `effc bench --json` dictionary."""
     from effc.codegen.runtime import configure_threads, load_compiled
     from effc.verify import OrtRunner, deviation
@@ -46,11 +58,14 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
     out = Path(out_dir)
     compiled = load_compiled(out, threads)
     nthreads = configure_threads(threads or compiled.manifest.get("threads") or 1)
-    unknown = set(vs) - {"ort"}
+    unknown = set(vs) - set(ENGINES)
     if unknown:
-        raise EffcError(f"--vs: unknown engine(s) {', '.join(sorted(unknown))} (known: ort)")
+        raise EffcError(f"--vs: unknown engine(s) {', '.join(sorted(unknown))} (known: {', '.join(ENGINES)})")
     optimized = out / "model.onnx"
-    original, _ = _original_model(out)
+    original, zoo_name = _original_model(out, compiled.manifest)
+    if "torch" in vs and zoo_name is None:
+        raise EffcError(f"{out}: --vs torch needs a model compiled from zoo:NAME (only zoo models know "
+                        "their torch module)")
     if feeds is None:
         feeds = default_feeds(out)
     feed = feeds[0]
@@ -59,22 +74,29 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
     if "ort" in vs:
         if not optimized.exists():
             raise EffcError(f"{out}: no model.onnx for the ONNX Runtime comparison")
-        sessions["ort_optimized"] = OrtRunner(optimized, threads=nthreads)
+        sessions["ort_optimized"] = OrtRunner(optimized, threads=nthreads, config=ORT_CONFIG)
         if original is not None and original.resolve() != optimized.resolve():
-            sessions["ort"] = OrtRunner(original, threads=nthreads)
+            sessions["ort"] = OrtRunner(original, threads=nthreads, config=ORT_CONFIG)
         else:
             sessions["ort"] = sessions.pop("ort_optimized")
         for name, sess in sessions.items():
             engines[name] = (lambda s: lambda: s(feed))(sess)
+    if "torch" in vs:
+        from effc.codegen.torch_engine import TorchEngine
+
+        engines["torch"] = TorchEngine(zoo_name, [s["name"] for s in compiled.inputs], feed, nthreads)
     times: dict[str, list[float]] = {name: [] for name in engines}
     for round_ in range(warmup + runs):
         for name, fn in engines.items():
+            time.sleep(settle_s)
             start = time.perf_counter()
             fn()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
     result = {name: _stats(t) for name, t in times.items()}
     result["threads"] = nthreads
+    result["method"] = {"interleaved": True, "warmup": warmup, "settle_ms": round(settle_s * 1e3, 1),
+                        "ort_config": ORT_CONFIG}
     if "ort" in result:
         result["ratio_vs_ort"] = round(result["effc"]["median_ms"] / result["ort"]["median_ms"], 3)
         # Agreement with ONNX Runtime on the very model that was compiled (codegen correctness);
@@ -82,6 +104,11 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
         reference = sessions.get("ort_optimized", sessions["ort"])
         got = [compiled(f) for f in feeds]
         result["max_rel_err"] = deviation(got, reference.run_all(feeds)).max_rel
+    if "torch" in result:
+        result["ratio_vs_torch"] = round(result["effc"]["median_ms"] / result["torch"]["median_ms"], 3)
+        first = compiled.output_names[0]
+        result["torch_max_rel_err"] = deviation([{first: compiled(feed)[first]}],
+                                                [{first: engines["torch"].output()}]).max_rel
     return result
 
 
@@ -90,7 +117,7 @@ def default_feeds(out: Path) -> list[dict]:
     from effc.frontend.onnx import load
     from effc.verify import make_inputs
 
-    _, zoo_name = _original_model(out)
+    _, zoo_name = _original_model(out, _manifest(out))
     if zoo_name:
         from effc import zoo
 
@@ -113,3 +140,12 @@ def _effc_runner(compiled, feed):
         return result
 
     return run
+
+
+def _manifest(out: Path) -> dict | None:
+    import json
+
+    from effc.codegen.runtime import MANIFEST
+
+    path = out / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from effc.codegen.records import SHIPPED
 from effc.codegen.runtime import MANIFEST, Compiled, load_compiled, run_compiled  # noqa: F401 (API)
 from effc.codegen.target import BuildTarget, make_target
 from effc.errors import EffcError
@@ -36,16 +37,18 @@ class BuildResult:
 
 def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: str | Path = "out",
                   arch: str | None = None, rules: list | None = None,
-                  records: str | Path | None = None) -> BuildResult:
+                  records: str | Path | None = SHIPPED, source: str | None = None) -> BuildResult:
     """Compile ``model`` for ``target`` ("llvm", "cuda" or a BuildTarget) into ``out_dir``;
-    ``records``: a tuning record file (`effc tune`), whose knobs override the rules' defaults."""
+    ``records``: a tuning record file (`effc tune`) whose knobs override the rules' defaults,
+    SHIPPED (effc's records for the host CPU family, when it has some) or None; ``source``: what
+    the model was loaded from (a path or zoo:NAME), kept in the manifest for `effc bench`."""
     import tvm
 
     from effc.codegen import lower
     from effc.codegen.apply import RuleLog
     from effc.codegen.patchify import patchify_conv
     from effc.codegen.prefold import fold_weight_transforms
-    from effc.codegen.records import load_records
+    from effc.codegen.records import resolve_records
     from effc.codegen.relax_import import import_model
     from effc.codegen.schedules import rules_for
     from effc.ir import atomic_write_text
@@ -55,7 +58,9 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
     tvm_target = bt.tvm()
     imported = import_model(model)
     log = RuleLog()
-    rules = rules if rules is not None else rules_for(tvm_target, load_records(records))
+    # CUDA rules take no records (the tuner measures CPU kernels only).
+    recorded, records_from = resolve_records(records, tvm_target) if bt.kind == "llvm" else ({}, None)
+    rules = rules if rules is not None else rules_for(tvm_target, recorded)
     try:
         mod, params = imported.mod, imported.params
         if bt.kind == "llvm":
@@ -85,7 +90,8 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                            for n, s, d in zip(imported.input_names, imported.input_shapes, imported.input_dtypes)],
                 "outputs": imported.output_names, "library": LIBRARY, "params": PARAMS,
                 "num_params": len(params), "rule_hits": log.hits, "rule_errors": log.errors[:20],
-                "kernels": log.kernels, "tuned_kernels": sum(getattr(r, "tuned_kernels", 0) for r in rules),
+                "kernels": log.kernels, "records": records_from,
+                "tuned_kernels": sum(getattr(r, "tuned_kernels", 0) for r in rules), "source": source,
                 "build_seconds": seconds}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return BuildResult(out, seconds, log.hits, log.kernels)

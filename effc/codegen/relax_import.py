@@ -68,7 +68,7 @@ def import_model(model: ir.Model) -> Imported:
     if bad:
         raise EffcError(f"TVM's ONNX importer cannot handle: {', '.join(bad)}")
     names, shapes, dtypes = _static_inputs(model)
-    proto = to_proto(model)
+    proto = _integer_initializers_as_constants(to_proto(model))
     try:
         mod = from_onnx(proto, shape_dict=dict(zip(names, shapes)), dtype_dict=dict(zip(names, dtypes)),
                         keep_params_in_input=True, sanitize_input_names=False)
@@ -79,6 +79,34 @@ def import_model(model: ir.Model) -> Imported:
     mod, params = relax.frontend.detach_params(mod)
     mod, values = bind_scalars(mod, [p.numpy() for p in params.get("main", [])])
     return Imported(mod, values, names, shapes, dtypes, [v.name for v in model.graph.outputs])
+
+
+def _integer_initializers_as_constants(proto):
+    """Integer initializers (shapes, axes, indices) become Constant nodes.
+
+    With keep_params_in_input every initializer reaches Relax as a parameter, so an Expand or
+    Reshape whose shape is an initializer gets a shape only known at run time (MiniLM's pooling
+    Expand, llama's masks): symbolic kernels that neither the CPU rules nor the VM's shape lowering
+    for CUDA can handle. As constants the importer reads their values and shapes stay static."""
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    integer = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT8,
+               TensorProto.BOOL}
+    moved = [t for t in graph.initializer if t.data_type in integer]
+    if not moved:
+        return proto
+    names = {t.name for t in moved}
+    constants = [helper.make_node("Constant", [], [t.name], name=f"effc_const_{i}", value=t)
+                 for i, t in enumerate(moved)]
+    kept = [t for t in graph.initializer if t.name not in names]
+    inputs = [i for i in graph.input if i.name not in names]
+    nodes = constants + list(graph.node)
+    del graph.initializer[:], graph.input[:], graph.node[:]
+    graph.initializer.extend(kept)
+    graph.input.extend(inputs)
+    graph.node.extend(nodes)
+    return proto
 
 
 def bind_scalars(mod, values: list[np.ndarray]):

@@ -9,6 +9,8 @@ x ** 3) becomes multiplies here.
 
 from __future__ import annotations
 
+from effc.codegen.relax_rewrite import mutator_pass
+
 
 def fast_math_passes() -> list:
     from tvm import relax
@@ -21,7 +23,6 @@ def _expand_gelu():
     as 0.5 * x * (1 + erf(x / sqrt 2)) (and the tanh form likewise) so that erf/tanh become fast."""
     import math
 
-    import tvm
     from tvm import relax
     from tvm.relax import PyExprMutator, expr_functor
 
@@ -46,15 +47,7 @@ def _expand_gelu():
                 inner = emit(op.tanh(emit(op.multiply(arg, c(math.sqrt(2 / math.pi))))))
             return op.multiply(emit(op.multiply(x, c(0.5))), emit(op.add(inner, c(1.0))))
 
-    @tvm.transform.module_pass(opt_level=0, name="EffcExpandGelu")
-    def _pass(mod, _ctx):
-        mutator = ExpandGelu(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
-
-    return _pass
+    return mutator_pass(ExpandGelu, "EffcExpandGelu")
 
 
 def _pow_to_multiply():
@@ -77,12 +70,4 @@ def _pow_to_multiply():
                 result = relax.op.multiply(self.builder_.emit(result), x)
             return result
 
-    @tvm.transform.module_pass(opt_level=0, name="EffcPowToMultiply")
-    def _pass(mod, _ctx):
-        mutator = PowToMultiply(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
-
-    return _pass
+    return mutator_pass(PowToMultiply, "EffcPowToMultiply")

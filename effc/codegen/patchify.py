@@ -9,9 +9,10 @@ the weight's reshape/transpose is weight-only, so it is evaluated at compile tim
 
 from __future__ import annotations
 
+from effc.codegen.relax_rewrite import mutator_pass
+
 
 def patchify_conv():
-    import tvm
     from tvm import relax
     from tvm.relax import PyExprMutator, expr_functor
 
@@ -33,15 +34,7 @@ def patchify_conv():
             y = emit(op.permute_dims(y, [0, 2, 1]))
             return op.reshape(y, (n, o, hp, wp))
 
-    @tvm.transform.module_pass(opt_level=0, name="EffcPatchify")
-    def _pass(mod, _ctx):
-        mutator = Patchify(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
-
-    return _pass
+    return mutator_pass(Patchify, "EffcPatchify")
 
 
 def _patch_conv_shapes(call):

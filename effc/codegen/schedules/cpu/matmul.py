@@ -208,19 +208,19 @@ def _inline_side_inputs(sch, main) -> None:
             pass
 
 
-def _ancestors(sch, block) -> list:
-    out, todo = [], list(sch.get_producers(block))
+def _reachable(sch, block, step) -> list:
+    """Every block reachable from ``block`` by repeating ``step`` (get_producers or get_consumers)."""
+    out, todo = [], list(step(block))
     while todo:
         b = todo.pop()
         out.append(b)
-        todo.extend(sch.get_producers(b))
+        todo.extend(step(b))
     return out
+
+
+def _ancestors(sch, block) -> list:
+    return _reachable(sch, block, sch.get_producers)
 
 
 def _descendants(sch, block) -> list:
-    out, todo = [], list(sch.get_consumers(block))
-    while todo:
-        b = todo.pop()
-        out.append(b)
-        todo.extend(sch.get_consumers(b))
-    return out
+    return _reachable(sch, block, sch.get_consumers)

@@ -40,13 +40,7 @@ def write_report(path: str | Path, model_name: str, records: list[PassRecord], e
     from effc.ir import atomic_write_text
 
     body = {"model": model_name, "passes": [r.as_dict() for r in records], **(extra or {})}
-    atomic_write_text(Path(path), json.dumps(body, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj
-    return str(obj)
+    atomic_write_text(Path(path), json.dumps(body, indent=2, default=str) + "\n")
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

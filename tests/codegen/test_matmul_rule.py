@@ -83,3 +83,24 @@ def test_padded_conv_is_not_patchified(tmp_path):
     nodes = [helper.make_node("Conv", ["x", "W"], ["y"], strides=[1, 1], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
     result = _compile_and_compare(_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], inits), tmp_path)
     assert any("conv" in k for k in result.kernels), result.kernels
+
+
+@pytest.mark.parametrize(("n", "nr_vectors", "expected"), [
+    (3072, 4, 64),    # divides: the requested width
+    (50257, 4, 64),   # gpt2's head: 47 padded columns of 50257 beat a 32-wide tile that pads 15
+    (197, 4, 16),     # 197 tokens: every wide tile pads too much, so the one that pads least
+    (768, 2, 32),
+])
+def test_tile_width_prefers_the_requested_width_when_padding_is_cheap(n, nr_vectors, expected):
+    from effc.codegen.schedules.cpu.matmul import _pick_nr
+
+    assert _pick_nr(n, 16, nr_vectors) == expected
+
+
+def test_narrowed_tile_keeps_its_accumulators():
+    from effc.codegen.schedules.cpu.matmul import MAX_MR, _pick_mr
+
+    assert _pick_mr(4, 197, 4, 16, 16) == 16   # 4 x 4 vectors asked, 1 vector wide: 16 rows
+    assert _pick_mr(4, 197, 4, 64, 16) == 4    # width as asked: the knob as is
+    assert _pick_mr(8, 5, 4, 16, 16) == 5      # never more rows than m
+    assert _pick_mr(12, 197, 2, 16, 16) == MAX_MR

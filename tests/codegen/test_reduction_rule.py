@@ -1,6 +1,7 @@
-"""The CPU row-reduction rule: softmax, LayerNormalization, RMSNormalization and a decomposed
-layer norm, on row lengths that split into vector lanes (128) and that do not (197), agree with
-ONNX Runtime and are taken by the rule rather than the fallback."""
+"""The CPU row rules: softmax (its own hand-written kernel), LayerNormalization, RMSNormalization
+and a decomposed layer norm (the row-reduction rule), on row lengths that split into vector lanes
+(128) and that do not (197, and 21 with a 5-wide tail), agree with ONNX Runtime and are taken by
+their rule rather than the fallback."""
 
 from __future__ import annotations
 
@@ -13,12 +14,37 @@ from tests.codegen.test_matmul_rule import _compile_and_compare, _model
 pytest.importorskip("tvm")
 
 
-@pytest.mark.parametrize("cols", [128, 197])
+@pytest.mark.parametrize("cols", [128, 197, 21])
 def test_softmax(tmp_path, cols):
     model = _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [("x", [1, 3, 21, cols])],
                    [("y", [1, 3, 21, cols])])
     result = _compile_and_compare(model, tmp_path)
+    assert set(result.kernels.values()) == {"softmax"}, result.kernels
+
+
+def test_softmax_rows_shorter_than_a_vector_go_to_the_row_reduction(tmp_path):
+    model = _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [("x", [1, 5, 7])], [("y", [1, 5, 7])])
+    result = _compile_and_compare(model, tmp_path)
     assert set(result.kernels.values()) == {"reduction"}, result.kernels
+
+
+def test_softmax_kernel_handles_extreme_logits():
+    """Rows with a huge spread (exp underflows for most entries) and an all-equal row stay finite
+    and normalised, like numpy's softmax."""
+    import tvm
+
+    from effc.codegen.schedules.cpu.softmax import softmax_kernel
+    from effc.codegen.target import llvm_target
+
+    x = np.zeros((3, 37), np.float32)
+    x[0] = np.linspace(-500, 80, 37)
+    x[1, 5] = 3e4
+    y = tvm.runtime.tensor(np.zeros_like(x))
+    func = softmax_kernel([3, 37], 3, 37).with_attr("global_symbol", "main")
+    tvm.compile(tvm.IRModule({"main": func}), target=llvm_target().tvm()).jit()["main"](tvm.runtime.tensor(x), y)
+    ref = np.exp(x - x.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    np.testing.assert_allclose(y.numpy(), ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("cols", [128, 197])

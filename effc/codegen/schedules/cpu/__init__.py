@@ -9,5 +9,6 @@ def default_rules(records: dict | None = None) -> list:
     from effc.codegen.schedules.cpu.fallback import Fallback
     from effc.codegen.schedules.cpu.matmul import Matmul
     from effc.codegen.schedules.cpu.reduction import RowReduction
+    from effc.codegen.schedules.cpu.softmax import Softmax
 
-    return [Matmul(records=records), RowReduction(), Fallback()]
+    return [Matmul(records=records), Softmax(), RowReduction(), Fallback()]

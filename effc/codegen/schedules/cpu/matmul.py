@@ -23,6 +23,9 @@ from tvm.s_tir.dlight.gpu.matmul import get_index_map
 from effc.codegen.records import knobs_for
 from effc.codegen.schedules.cpu.base import CPURule, extent, vector_lanes
 
+PAD_WASTE = 1 / 32  # padding of n (computed, then discarded) worth a wider register tile
+MAX_MR = 16  # rows of a tile: each is one broadcast per k step
+
 
 class Matmul(CPURule):
     name = "matmul"
@@ -79,7 +82,7 @@ class Matmul(CPURule):
             # n_pad = ceil(n / nr) * nr wide result so every tile is a full vector tile; the B
             # panel is zero-padded and only the write-back is trimmed to n.
             sch.pad_einsum(main, [1, 1, nr, 1])
-        mr = min(mr, m)
+        mr = _pick_mr(mr, m, nr_vectors, nr, lanes)
 
         sch.compute_inline(a_copy)
         panel = _b_panel(sch, main, b_copy, padded)
@@ -164,13 +167,20 @@ def _same_block(sch, a, b) -> bool:
 
 
 def _pick_nr(n: int, lanes: int, nr_vectors: int) -> int:
-    """Widest j tile of at most ``nr_vectors`` vectors that divides n; when none does, the widest
-    tile that pads n least (n is then padded to a multiple of it)."""
+    """Widest j tile of at most ``nr_vectors`` vectors that divides n, or else that pads n by at
+    most PAD_WASTE of its width (gpt2's 50257-wide head: 64 pads 47 columns, where the 32 that
+    pads 15 would halve the register tile); failing both, the tile that pads n least."""
     widths = [v * lanes for v in range(nr_vectors, 0, -1)]
     for nr in widths:
-        if n % nr == 0:
+        if n % nr == 0 or (-(-n // nr) * nr - n) <= PAD_WASTE * n:
             return nr
     return min(widths, key=lambda nr: (-(-n // nr) * nr - n, -nr))
+
+
+def _pick_mr(mr: int, m: int, nr_vectors: int, nr: int, lanes: int) -> int:
+    """Rows per tile: the knob, scaled up when n forced a narrower tile than ``nr_vectors``, so
+    the tile keeps its count of accumulators (independent FMA chains); at most m."""
+    return min(m, MAX_MR, mr * max(1, nr_vectors * lanes // nr))
 
 
 def _fold_epilogue(sch, main) -> list:

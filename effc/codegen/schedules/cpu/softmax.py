@@ -1,0 +1,178 @@
+"""Softmax over the last axis as a hand-written kernel (TVM's fast_softmax, rows of any length).
+
+The generic row-reduction rule vectorises a row only when its length is a multiple of 16: TVM 0.27
+vectorises a bounded (masked) access only when every access in the loop shares the bound's index,
+and its rfactor drops the bound of a ragged split, so ViT's 197-token rows ran scalar, polynomial
+exp included. Here each row is written out directly: whole 16-lane chunks as vectors, the ragged
+tail (fewer than 16) as scalars, rows in parallel.
+
+    y[r, :] = e / sum(e),   e = exp(x[r, :] - max(x[r, :]))
+
+exp is a range reduction to 2^k * exp(f), |f| <= ln2/2, with a degree-6 polynomial for exp(f) and
+2^k assembled in the exponent bits: no libm call (those are scalar, ~100x a multiply).
+"""
+
+from __future__ import annotations
+
+from effc.codegen.schedules.cpu.base import CPURule
+
+LANES = 16  # float32 lanes of a zmm register
+STAGES = ("T_softmax_maxelem", "T_softmax_delta", "T_fast_exp", "T_softmax_expsum", "T_softmax_norm")
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+EXP_LOW = -87.0  # below this exp underflows float32's normal range; x - max <= 0, so no upper clamp
+# Taylor-like coefficients of exp(f) on |f| <= ln2/2 (Cephes' expf minimax fit), highest power first.
+EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+class Softmax(CPURule):
+    name = "softmax"
+
+    def apply(self, func, target, tunable):
+        if not self.is_target_available(target):
+            return None
+        shape = _softmax_shape(func)
+        if shape is None:
+            return None
+        from tvm import s_tir
+
+        rows, n = shape
+        return s_tir.Schedule(softmax_kernel(list(func.params[0].shape), rows, n))
+
+
+def _softmax_shape(func) -> tuple[int, int] | None:
+    """(rows, row length) when ``func`` is exactly TVM's float32 fast_softmax over the last axis."""
+    from tvm import tirx
+
+    if len(func.params) != 2:
+        return None
+    src, dst = func.params
+    if str(src.dtype) != "float32" or str(dst.dtype) != "float32":
+        return None
+    dims = [int(d) if isinstance(d, tirx.IntImm) else None for d in src.shape]
+    if None in dims or [int(d) for d in dst.shape] != dims or len(dims) < 1:
+        return None
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    sch = s_tir.Schedule(func)
+    if tuple(sch.get(b).name_hint for b in sch.get_child_blocks(get_root_block(sch))) != STAGES:
+        return None
+    n = dims[-1]
+    rows = 1
+    for d in dims[:-1]:
+        rows *= d
+    return (rows, n) if n >= LANES else None
+
+
+def _vexp(v, lanes: int):
+    """exp of a float32 vector (every element <= 0) without libm: 2^k * p(f), k = round(v log2 e)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    vt = f"float32x{lanes}"
+    x = T.max(v, T.Broadcast(T.float32(EXP_LOW), lanes))
+    k = T.floor(x * T.Broadcast(T.float32(LOG2E), lanes) + T.Broadcast(T.float32(0.5), lanes))
+    f = x - k * T.Broadcast(T.float32(LN2), lanes)
+    p = T.Broadcast(T.float32(EXP_POLY[0]), lanes)
+    for c in EXP_POLY[1:]:
+        p = p * f + T.Broadcast(T.float32(c), lanes)
+    p = p * f * f + f + T.Broadcast(T.float32(1.0), lanes)
+    biased = T.Cast(f"int32x{lanes}", k) + T.Broadcast(T.int32(127), lanes)
+    two_k = T.reinterpret(vt, T.shift_left(biased, T.Broadcast(T.int32(23), lanes)))
+    return tirx.Mul(p, two_k)
+
+
+def _sexp(v):
+    """The scalar twin of _vexp, for the ragged tail of a row."""
+    from tvm.script import tirx as T
+
+    x = T.max(v, T.float32(EXP_LOW))
+    k = T.floor(x * T.float32(LOG2E) + T.float32(0.5))
+    f = x - k * T.float32(LN2)
+    p = T.float32(EXP_POLY[0])
+    for c in EXP_POLY[1:]:
+        p = p * f + T.float32(c)
+    p = p * f * f + f + T.float32(1.0)
+    return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", k) + 127, 23))
+
+
+def softmax_kernel(shape: list, rows: int, n: int):
+    """TIR for softmax over the last axis of a float32 tensor of ``shape`` (rows x n when flat).
+
+    The kernel keeps the tensor's own rank (the VM checks it) and addresses row r through its
+    leading indices; no flat view is declared, as TVM's schedule state (built for every kernel by
+    later Relax passes) cannot see blocks under a buffer declaration. For the same reason every
+    loop body is a block."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    full, tail, lanes = n // LANES, n % LANES, LANES
+    lead = [int(d) for d in shape[:-1]]
+
+    def at(row, col) -> list:  # N-d index of element col of flat row ``row``
+        index, stride = [], 1
+        for d in reversed(lead):
+            index.append(tirx.floormod(tirx.floordiv(row, stride), d) if stride > 1 else tirx.floormod(row, d))
+            stride *= d
+        return [*reversed(index), col]
+
+    def chunk(start):
+        return T.Ramp(start, 1, lanes)
+
+    def load(buf, row, col):
+        return tirx.BufferLoad(buf, at(row, col))
+
+    @T.prim_func(s_tir=True)
+    def softmax(x_in: T.handle, y_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        x = T.match_buffer(x_in, shape, "float32")
+        y = T.match_buffer(y_out, shape, "float32")
+        for r in T.parallel(rows):
+            with T.sblock("row"):
+                v = T.axis.spatial(rows, r)
+                T.reads()  # opaque: the scratch below lives in the block
+                T.writes()
+                # Row v's scratch: 16 lane partials at v * lanes and one statistic at v. Declared in
+                # the row block, TVM compacts each to the one row and puts it on the stack (at
+                # function level the Relax passes reject the kernel; in "local" scope every row
+                # costs a workspace call).
+                acc = T.alloc_buffer((rows * lanes,), "float32")
+                stat = T.alloc_buffer((rows,), "float32")
+                # max: lane-wise over whole chunks, then across the lanes and the tail
+                acc[chunk(v * lanes)] = load(x, v, chunk(0))
+                for c in range(1, full):
+                    with T.sblock("max_chunk"):
+                        acc[chunk(v * lanes)] = T.max(acc[chunk(v * lanes)], load(x, v, chunk(c * lanes)))
+                stat[v] = acc[v * lanes]
+                for u in range(1, lanes):
+                    with T.sblock("max_lane"):
+                        stat[v] = T.max(stat[v], acc[v * lanes + u])
+                for t in range(tail):
+                    with T.sblock("max_tail"):
+                        stat[v] = T.max(stat[v], load(x, v, full * lanes + t))
+                # e = exp(x - max) into y, summed lane-wise
+                acc[chunk(v * lanes)] = T.Broadcast(T.float32(0), lanes)
+                for c in range(full):
+                    with T.sblock("exp_chunk"):
+                        T.buffer_store(y, _vexp(load(x, v, chunk(c * lanes)) - T.Broadcast(stat[v], lanes), lanes),
+                                       at(v, chunk(c * lanes)))
+                        acc[chunk(v * lanes)] = acc[chunk(v * lanes)] + load(y, v, chunk(c * lanes))
+                for t in range(tail):
+                    with T.sblock("exp_tail"):
+                        T.buffer_store(y, _sexp(load(x, v, full * lanes + t) - stat[v]), at(v, full * lanes + t))
+                        acc[v * lanes] = acc[v * lanes] + load(y, v, full * lanes + t)
+                stat[v] = acc[v * lanes]
+                for u in range(1, lanes):
+                    with T.sblock("sum_lane"):
+                        stat[v] = stat[v] + acc[v * lanes + u]
+                # normalise by one reciprocal per row
+                stat[v] = T.float32(1) / stat[v]
+                for c in range(full):
+                    with T.sblock("norm_chunk"):
+                        T.buffer_store(y, load(y, v, chunk(c * lanes)) * T.Broadcast(stat[v], lanes),
+                                       at(v, chunk(c * lanes)))
+                for t in range(tail):
+                    with T.sblock("norm_tail"):
+                        T.buffer_store(y, load(y, v, full * lanes + t) * stat[v], at(v, full * lanes + t))
+
+    return softmax

@@ -127,6 +127,8 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
         with console.status(f"building for {target}"):
             built = compile_model(result.model, target, out_dir, arch=arch, records=records, source=model)
         console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s")
+        if built.custom_summary:
+            console.print(built.custom_summary)
 
 
 @cli.command("inspect")

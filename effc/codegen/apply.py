@@ -40,7 +40,11 @@ def apply_rules(rules: list, log: RuleLog):
     def _pass(mod, _ctx):
         updated = {}
         for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if _is_scheduled(func):  # hand-written kernels (effc/kernels) name their own label
+                if func.attrs.get("effc.rule") is not None:
+                    log.record(gv.name_hint, str(func.attrs["effc.rule"]))
                 continue
             target = func.attrs.get("target") if func.attrs is not None else None
             target = target or Target.current(allow_none=False)

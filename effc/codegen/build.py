@@ -5,7 +5,7 @@ OUT/model.so      the Relax VM executable (plain TVM: tvm.runtime.load_module + 
 OUT/params.bin    main's trailing parameters, already pre-packed, in tvm.runtime.save_param_dict
                   format, keyed p0000, p0001, ... in call order
 OUT/codegen.json  manifest: target, inputs (name, shape, dtype), outputs, rule hits, the rule of
-                  each kernel, build time
+                  each kernel, how each effc op was lowered (custom_ops), build time
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class BuildResult:
     seconds: float
     rule_hits: dict = field(default_factory=dict)
     kernels: dict = field(default_factory=dict)  # kernel name -> rule ("unscheduled" when none took it)
+    custom_ops: list = field(default_factory=list)  # per effc op node: its lowering (shift_add_lowering)
+    custom_summary: str = ""
 
 
 def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: str | Path = "out",
@@ -56,7 +58,7 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
     start = time.perf_counter()
     bt = target if isinstance(target, BuildTarget) else make_target(target, arch)
     tvm_target = bt.tvm()
-    imported = import_model(model)
+    imported = import_model(model, tvm_target)
     log = RuleLog()
     # CUDA rules take no records (the tuner measures CPU kernels only).
     recorded, records_from = resolve_records(records, tvm_target) if bt.kind == "llvm" else ({}, None)
@@ -90,8 +92,8 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                            for n, s, d in zip(imported.input_names, imported.input_shapes, imported.input_dtypes)],
                 "outputs": imported.output_names, "library": LIBRARY, "params": PARAMS,
                 "num_params": len(params), "rule_hits": log.hits, "rule_errors": log.errors[:20],
-                "kernels": log.kernels, "records": records_from,
+                "kernels": log.kernels, "custom_ops": imported.custom_ops, "records": records_from,
                 "tuned_kernels": sum(getattr(r, "tuned_kernels", 0) for r in rules), "source": source,
                 "build_seconds": seconds}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return BuildResult(out, seconds, log.hits, log.kernels)
+    return BuildResult(out, seconds, log.hits, log.kernels, imported.custom_ops, imported.custom_summary)

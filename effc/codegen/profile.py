@@ -83,12 +83,12 @@ def by_rule(rows: list[KernelTime]) -> dict[str, float]:
 
 
 def table(rows: list[KernelTime], wall_ms: float, top: int = 15) -> str:
-    lines = [f"{'kernel':48s} {'rule':12s} {'calls':>5s} {'ms/run':>9s} {'share':>6s}"]
+    lines = [f"{'kernel':48s} {'rule':14s} {'calls':>5s} {'ms/run':>9s} {'share':>6s}"]
     for r in rows[:top]:
-        lines.append(f"{r.name[:48]:48s} {r.rule[:12]:12s} {r.calls:5d} {r.ms:9.3f} {r.share:6.1%}")
+        lines.append(f"{r.name[:48]:48s} {r.rule[:14]:14s} {r.calls:5d} {r.ms:9.3f} {r.share:6.1%}")
     if len(rows) > top:
         rest = rows[top:]
-        lines.append(f"{'(' + str(len(rest)) + ' more)':48s} {'':12s} {sum(r.calls for r in rest):5d} "
+        lines.append(f"{'(' + str(len(rest)) + ' more)':48s} {'':14s} {sum(r.calls for r in rest):5d} "
                      f"{sum(r.ms for r in rest):9.3f} {sum(r.share for r in rest):6.1%}")
     summed = sum(r.ms for r in rows)
     lines.append(f"kernels total {summed:.2f} ms of {wall_ms:.2f} ms per instrumented run; by rule: "

@@ -6,7 +6,7 @@ can pre-pack them once at compile time and ship them in a params file next to mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -23,6 +23,8 @@ class Imported:
     input_shapes: list[tuple[int, ...]]
     input_dtypes: list[str]
     output_names: list[str]
+    custom_ops: list[dict] = field(default_factory=list)  # how each effc op was lowered
+    custom_summary: str = ""
 
 
 def _static_inputs(model: ir.Model) -> tuple[list[str], list[tuple[int, ...]], list[str]]:
@@ -44,14 +46,18 @@ def _static_inputs(model: ir.Model) -> tuple[list[str], list[tuple[int, ...]], l
 def unsupported_ops(model: ir.Model) -> list[str]:
     """Ops of ``model`` that TVM's importer has no converter for, or that it would silently misread.
 
-    The importer ignores op domains, so an effc (or any custom-domain) op would be looked up by its
-    bare name; such ops are reported here until effc lowers them itself.
+    The importer ignores op domains, so a custom-domain op would be looked up by its bare name; such
+    ops are reported here unless effc lowers them itself (effc.ShiftAddMatMul: shift_add_lowering).
     """
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    from effc.codegen.shift_add_lowering import is_shift_add
 
     known = _get_convert_map()
     bad = set()
     for node in model.graph:
+        if is_shift_add(node):
+            continue
         if node.domain not in ("", "ai.onnx"):
             bad.add(f"{node.domain}.{node.op_type}")
         elif node.op_type not in known and node.op_type not in ("Constant", "If"):
@@ -59,26 +65,39 @@ def unsupported_ops(model: ir.Model) -> list[str]:
     return sorted(bad)
 
 
-def import_model(model: ir.Model) -> Imported:
-    """Import ``model`` into Relax; raise EffcError naming every op TVM cannot import."""
+def import_model(model: ir.Model, target=None) -> Imported:
+    """Import ``model`` into Relax for ``target`` (a tvm Target; default the host CPU, which decides
+    how effc ops are lowered); raise EffcError naming every op TVM cannot import."""
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
+
+    from effc.codegen.shift_add_lowering import ShiftAddLowering
 
     bad = unsupported_ops(model)
     if bad:
         raise EffcError(f"TVM's ONNX importer cannot handle: {', '.join(bad)}")
     names, shapes, dtypes = _static_inputs(model)
-    proto = _integer_initializers_as_constants(to_proto(model))
+    if target is None:
+        from effc.codegen.target import llvm_target
+
+        target = llvm_target().tvm()
+    lowering = ShiftAddLowering(model, target)
+    proto = _integer_initializers_as_constants(lowering.rewrite(to_proto(model)))
     try:
-        mod = from_onnx(proto, shape_dict=dict(zip(names, shapes)), dtype_dict=dict(zip(names, dtypes)),
-                        keep_params_in_input=True, sanitize_input_names=False)
+        with lowering.converter():
+            mod = from_onnx(proto, shape_dict=dict(zip(names, shapes)), dtype_dict=dict(zip(names, dtypes)),
+                            keep_params_in_input=True, sanitize_input_names=False)
+    except EffcError:
+        raise
     except Exception as exc:  # the importer raises assorted types on ops/attributes it cannot convert
         first = str(exc).strip().splitlines()
         raise EffcError(f"TVM cannot import the model ({type(exc).__name__}: {first[0][:200] if first else ''})") \
             from None
     mod, params = relax.frontend.detach_params(mod)
-    mod, values = bind_scalars(mod, [p.numpy() for p in params.get("main", [])])
-    return Imported(mod, values, names, shapes, dtypes, [v.name for v in model.graph.outputs])
+    mod, values = lowering.attach(mod, [p.numpy() for p in params.get("main", [])])
+    mod, values = bind_scalars(mod, values)
+    return Imported(mod, values, names, shapes, dtypes, [v.name for v in model.graph.outputs],
+                    lowering.report(), lowering.summary())
 
 
 def _integer_initializers_as_constants(proto):

@@ -38,7 +38,7 @@ def tune_model(model, trials: int, record_path: str | Path, progress=print, repe
 
     start = time.perf_counter()
     target = llvm_target().tvm()
-    imported = import_model(model)
+    imported = import_model(model, target)
     mod, _ = fold_weight_transforms(patchify_conv()(imported.mod), imported.params, target)
     kernels = lower.fuse(mod, target)
     rule = Matmul()
@@ -85,9 +85,11 @@ def _candidates(rule, trials: int) -> list[dict]:
 
 
 def _is_primfunc(func) -> bool:
+    """A kernel the rules schedule (hand-written ones, e.g. the shift-add LUT kernels, are not tuned)."""
     from tvm import tirx
 
-    return isinstance(func, tirx.PrimFunc)
+    return isinstance(func, tirx.PrimFunc) and not (func.attrs is not None
+                                                    and int(func.attrs.get("tirx.is_scheduled", 0)) == 1)
 
 
 def time_kernel(func, target, repeat: int = 5) -> float:

@@ -111,11 +111,56 @@ def prim_func(m: int, n: int, k: int, q: int, group: int, block: int = BLOCK):
 PREFILL_MIN_ROWS = 16  # from here on re-reading every weight byte per row of X costs more than tables of 8
 
 
-class ShiftAddKernel:
-    """A built kernel for one weight: ``kernel(x)`` -> x @ W^T + bias (x float32 [m, k]).
+def misfit(planes_shape: tuple, codes_shape: tuple) -> str | None:
+    """Why a weight (planes [q, N, K/8], codes [q, N, K/g, T]) does not fit the kernels at every M,
+    or None when it does (checked against the decode kernel, whose constraints include the prefill
+    kernel's, so the choice never depends on M)."""
+    _, n, kb = planes_shape
+    groups, terms = codes_shape[2], codes_shape[3]
+    if terms != 1:
+        return f"{terms} power-of-two terms per scale (the kernels take 1)"
+    if (kb * 8) % groups or (kb * 8 // groups) % 8:
+        return f"group {kb * 8 / groups:g} is not a whole number of bytes"
+    if n % (LANES * BLOCK):
+        return f"N={n} is not a multiple of {LANES * BLOCK}"
+    return None
 
-    m < PREFILL_MIN_ROWS: the decode kernel here (vectorised over output rows); otherwise the
+
+@dataclass(frozen=True)
+class Choice:
+    """The kernel for one weight at M rows of X: ``func(x [rows, K], bits, exps, bias, y [rows, N])``,
+    X padded from M to ``rows`` rows; ``symbol`` names the shape (one PrimFunc per distinct shape)."""
+
+    name: str
+    symbol: str
+    rows: int
+    func: object
+    bits: np.ndarray
+    exps: np.ndarray
+
+
+def choose(planes: np.ndarray, codes: np.ndarray, m: int) -> Choice:
+    """m < PREFILL_MIN_ROWS: the decode kernel here (vectorised over output rows); otherwise the
     prefill kernel (shift_add_prefill: vectorised over rows of X, X padded to whole row blocks)."""
+    if m < PREFILL_MIN_ROWS:
+        packed = pack(planes, codes)
+        q, n, k = packed.shape
+        name, rows = "shift_add_lut", m
+        func = prim_func(m, n, k, q, packed.group)
+    else:
+        from effc.kernels import shift_add_prefill as prefill
+
+        packed = prefill.pack_prefill(planes, codes)
+        q, n, k = packed.shape
+        block = prefill.ROWS if m >= prefill.ROWS else prefill.LANES
+        name, rows = "shift_add_prefill", -(-m // block) * block
+        func = prefill.prim_func_prefill(rows, n, k, q, packed.group, packed.k_block, rows=block)
+    symbol = f"{name}_m{rows}_n{n}_k{k}_q{q}_g{packed.group}_"  # TVM may append digits to a kernel name
+    return Choice(name, symbol, rows, func, packed.bits, packed.exps)
+
+
+class ShiftAddKernel:
+    """A built kernel for one weight: ``kernel(x)`` -> x @ W^T + bias (x float32 [m, k]); see choose."""
 
     def __init__(self, planes: np.ndarray, codes: np.ndarray, bias: np.ndarray, m: int, target=None,
                  threads: int | None = None):
@@ -125,26 +170,14 @@ class ShiftAddKernel:
             os.environ["TVM_NUM_THREADS"] = str(threads)
         target = target or host_target()
         self.m = m
-        if m < PREFILL_MIN_ROWS:
-            self.packed = pack(planes, codes)
-            q, n, k = self.packed.shape
-            self.name, self.rows = "shift_add_lut", m
-            func = prim_func(m, n, k, q, self.packed.group)
-        else:
-            from effc.kernels import shift_add_prefill as prefill
-
-            self.packed = prefill.pack_prefill(planes, codes)
-            q, n, k = self.packed.shape
-            block = prefill.ROWS if m >= prefill.ROWS else prefill.LANES
-            self.name, self.rows = "shift_add_prefill", -(-m // block) * block
-            func = prefill.prim_func_prefill(self.rows, n, k, q, self.packed.group, self.packed.k_block, rows=block)
-        self.n = n
-        lib = tvm.compile(tvm.IRModule({self.name: func}), target=target)
+        choice = choose(planes, codes, m)
+        self.name, self.rows, self.n = choice.name, choice.rows, planes.shape[1]
+        lib = tvm.compile(tvm.IRModule({self.name: choice.func}), target=target)
         self.module = lib.jit() if hasattr(lib, "jit") else lib
         self.device = tvm.cpu()
         self._weights = [tvm.runtime.tensor(a, self.device) for a in
-                         (self.packed.bits, self.packed.exps, np.asarray(bias, dtype=np.float32))]
-        self._out = tvm.runtime.tensor(np.zeros((self.rows, n), dtype=np.float32), self.device)
+                         (choice.bits, choice.exps, np.asarray(bias, dtype=np.float32))]
+        self._out = tvm.runtime.tensor(np.zeros((self.rows, self.n), dtype=np.float32), self.device)
 
     def arguments(self, x: np.ndarray) -> list:
         import tvm

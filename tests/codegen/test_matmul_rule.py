@@ -104,3 +104,20 @@ def test_narrowed_tile_keeps_its_accumulators():
     assert _pick_mr(4, 197, 4, 64, 16) == 4    # width as asked: the knob as is
     assert _pick_mr(8, 5, 4, 16, 16) == 5      # never more rows than m
     assert _pick_mr(12, 197, 2, 16, 16) == MAX_MR
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_single_row_head_is_a_gemv_with_a_packed_weight(tmp_path, transposed):
+    """A decode step's LM head / a CLS classifier: one row of x, n ragged (100), W as [k, n] or as a
+    Gemm's transB [n, k]; taken by the gemv rule (not the fallback), weight shipped packed."""
+    import tvm
+
+    rng = np.random.default_rng(1)
+    k, n = 96, 100
+    w = rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")]
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=int(transposed))]
+    result = _compile_and_compare(_model(nodes, [("x", [1, k])], [("y", [1, n])], inits), tmp_path)
+    assert "gemv" in result.kernels.values() and "fallback" not in result.kernels.values(), result.kernels
+    shapes = [tuple(p.shape) for p in tvm.runtime.load_param_dict_from_file(str(tmp_path / "params.bin")).values()]
+    assert (n, k) not in shapes and (k, n) not in shapes, "the unpacked weight should not be shipped"

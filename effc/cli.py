@@ -226,13 +226,15 @@ def zoo_build(name: str, out: str) -> None:
 @zoo_group.command("calib")
 @click.argument("name")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Output .npz file.")
-@click.option("--count", type=click.IntRange(1), default=64, show_default=True, help="Samples.")
+@click.option("--count", type=click.IntRange(1), default=None,
+              help="Samples (default: 64; for a sentence encoder every calibration sentence, one per sample).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def zoo_calib(name: str, out: str, count: int, seed: int) -> None:
+def zoo_calib(name: str, out: str, count: int | None, seed: int) -> None:
     """Write zoo model NAME's calibration set (from its training split) to OUT (.npz)."""
     from effc.calib import save_npz, zoo_calibration
 
-    click.echo(f"wrote {save_npz(zoo_calibration(name, count, seed), out)} ({count} samples)")
+    feeds = zoo_calibration(name, count, seed)
+    click.echo(f"wrote {save_npz(feeds, out)} ({len(feeds)} samples)")
 
 
 # Registered on this module's own group object, so `python -m effc.cli` (a second module copy) gets them too.

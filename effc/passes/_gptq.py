@@ -17,6 +17,10 @@ import numpy as np
 
 
 class GroupQuantizer(Protocol):
+    """What ``gptq`` drives. A quantizer may also define ``weigh(costs)``: it is called once,
+    before any ``fit``, with each input column's cost per unit of squared weight error once
+    compensation has run, 1 / [chol(H^-1)]_jj^2 (original column order; 0 for dead inputs)."""
+
     def fit(self, index: int, w: np.ndarray) -> None:
         """Choose the parameters of group ``index`` from its current columns ``w`` [N, group]."""
 
@@ -49,13 +53,17 @@ def gptq(w: np.ndarray, h: np.ndarray | None, quantizer: GroupQuantizer, group: 
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0  # an input that is always zero: its weight never matters
-    perm = np.arange(k)
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    hinv = hessian_inverse_factor(h[perm][:, perm], damp)
+    if hasattr(quantizer, "weigh"):
+        costs = np.empty(k)
+        costs[perm] = 1.0 / np.diag(hinv) ** 2
+        costs[dead] = 0.0
+        quantizer.weigh(costs)
     if act_order:
         for g in range(k // group):
             quantizer.fit(g, w[:, g * group:(g + 1) * group])
-        perm = np.argsort(-np.diag(h), kind="stable")
-        w, h = w[:, perm], h[perm][:, perm]
-    hinv = hessian_inverse_factor(h, damp)
+        w = w[:, perm]
     block = max(group, block // group * group)
     out = np.zeros_like(w)
     for start in range(0, k, block):

@@ -11,9 +11,13 @@ Options (ctx.options): bits (2/3/4, default 3), group (8), terms (powers of two 
 1-3, default 1), layers (glob on node names; selecting a protected layer includes it),
 avg_bits (allocate 2-4 bits per layer under this average, by measured sensitivity),
 act_order (False), compensate (True), damp (0.01), clip (True: compensated weights stay
-within the largest magnitude of their original group; see ``_bcq.BCQQuantizer``), refit (True:
-after compensation, exponents move by +-1 where the output error under H drops; see
-``_bcq.refit_exponents``).
+within the largest magnitude of their original group; see ``_bcq.BCQQuantizer``), weighted
+(True: each group's scales are fitted to the weight error weighted by what each input column
+costs at the output under GPTQ, 1 / [chol(H^-1)]_jj^2, instead of the plain weight error; see
+``BCQQuantizer.weigh``), refit (True: after compensation, exponents move by +-1 where the
+output error under H drops; see ``_bcq.refit_exponents``), refine (2: that many rounds of
+re-choosing every code, column by column, as the level nearest its exact minimiser under H,
+each followed by the exponent refit; see ``_bcq.refine_codes``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from effc.errors import EffcError
 from effc.ir import new_initializer, opset
 from effc.ops import DOMAIN, use
 from effc.ops import shift_add_matmul as op
-from effc.passes._bcq import BCQQuantizer, refit_exponents
+from effc.passes._bcq import BCQQuantizer, refine_codes, refit_exponents
 from effc.passes._gptq import gptq, output_error
 from effc.passes._linears import Linear, find_linears
 from effc.passes.base import Pass, PassContext, PassOutcome
@@ -51,13 +55,17 @@ class Options:
     damp: float = 0.01
     clip: bool = True  # keep compensated weights within their original group's magnitude
     refit: bool = True  # after compensation, move exponents by +-1 where the output error drops
+    weighted: bool = True  # fit each group's scales to the error weighted by its inputs' GPTQ cost
+    refine: int = 2  # rounds of code-by-code descent on the exact output error after compensation
 
     @classmethod
-    def parse(cls, options: dict) -> "Options":
+    def parse(cls, options: dict) -> Options:
         known = {k: options[k] for k in cls.__dataclass_fields__ if options.get(k) is not None}
         opts = cls(**known)
         if opts.bits not in BITS:
             raise EffcError(f"shift-add: bits must be one of {BITS}, got {opts.bits}")
+        if opts.refine < 0:
+            raise EffcError(f"shift-add: refine must be >= 0, got {opts.refine}")
         if opts.group < 1 or opts.terms not in (1, 2, 3):
             raise EffcError(f"shift-add: need group >= 1 and terms in 1..3 (got {opts.group}, {opts.terms})")
         if opts.avg_bits is not None and not BITS[0] <= opts.avg_bits <= BITS[-1]:
@@ -80,24 +88,41 @@ class Quantized:
 def quantize_weight(w: np.ndarray, h: np.ndarray | None, bits: int, opts: Options) -> Quantized:
     """BCQ of one weight [N, K]: GPTQ-compensated when ``h`` is given and compensation is on."""
     n, k = w.shape
-    quantizer = BCQQuantizer(n, k, bits, opts.group, opts.terms, bound=w if opts.clip else None)
+    quantizer = BCQQuantizer(n, k, bits, opts.group, opts.terms, bound=w if opts.clip else None,
+                             weighted=opts.weighted)
     with single_threaded_blas():
         if opts.compensate and h is not None:
             dense = gptq(w, h, quantizer, opts.group, opts.block, opts.damp, opts.act_order)
-            if opts.refit and opts.terms == 1:
-                damped = h + np.eye(k) * opts.damp * max(float(np.mean(np.diag(h))), 1e-12)
-                target = np.where(np.diag(h) == 0, 0.0, w.astype(np.float64))  # as GPTQ: dead inputs
-                limit = 2 * np.abs(w).reshape(n, k // opts.group, opts.group).max(axis=2) if opts.clip else None
-                if refit_exponents(target, damped, quantizer.signs, quantizer.term_signs, quantizer.term_exps,
-                                   limit):
-                    dense = op.dense_weight(op.pack_planes(quantizer.signs),
-                                            op.encode_terms(quantizer.term_signs, quantizer.term_exps))
+            if (opts.refit and opts.terms == 1) or opts.refine:
+                dense = _polish(w, h, quantizer, opts)
         else:
             dense = quantizer.round_to_nearest(w.astype(np.float64))
         error = output_error(w, dense, h)
     planes = op.pack_planes(quantizer.signs)
     codes = op.encode_terms(quantizer.term_signs, quantizer.term_exps)
     return Quantized(planes, codes, dense, error)
+
+
+def _polish(w: np.ndarray, h: np.ndarray, quantizer: BCQQuantizer, opts: Options) -> np.ndarray:
+    """After compensation, descend on the layer's exact output error under the damped H (as
+    GPTQ's): exponents by +-1 (``refit``), then ``refine`` rounds of codes column by column
+    followed by exponents again. Each step only ever lowers the error; the quantizer's codes
+    change in place and the dense weight they stand for is returned."""
+    n, k = w.shape
+    damped = h + np.eye(k) * opts.damp * max(float(np.mean(np.diag(h))), 1e-12)
+    target = np.where(np.diag(h) == 0, 0.0, w.astype(np.float64))  # as GPTQ: dead inputs
+    bound = np.abs(w).reshape(n, k // opts.group, opts.group).max(axis=2) if opts.clip else None
+    refit = opts.refit and opts.terms == 1
+    args = (quantizer.signs, quantizer.term_signs, quantizer.term_exps)
+    if refit:
+        refit_exponents(target, damped, *args, None if bound is None else 2 * bound)
+    for _ in range(opts.refine):
+        drop = refine_codes(target, damped, *args, bound)
+        if refit:
+            refit_exponents(target, damped, *args, None if bound is None else 2 * bound)
+        if drop < 1e-4:
+            break
+    return op.dense_weight(op.pack_planes(quantizer.signs), op.encode_terms(quantizer.term_signs, quantizer.term_exps))
 
 
 class ShiftAdd(Pass):

@@ -37,3 +37,21 @@ def parallel_outer(sch, loops: list, min_extent: int = 2) -> None:
     ext = extent(sch, fused)
     if ext is None or ext >= min_extent:
         sch.parallel(fused)
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def one_reduction(sch):
+    """Normalise ``sch``'s kernel; (its single reduction block, the vector lanes of its float output
+    dtype) when every other block is elementwise, else None. The matmul-shaped rules start here."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    blocks = normalize_prim_func(sch)
+    if blocks is None:
+        return None
+    reductions = [b for b in blocks if b.is_reduction()]
+    if len(reductions) != 1 or not all(b.is_injective() for b in blocks if not b.is_reduction()):
+        return None
+    dtype = str(sch.get(reductions[0].block_rv).writes[0].source.dtype)
+    return (reductions[0], vector_lanes(dtype)) if dtype in FLOAT_DTYPES else None

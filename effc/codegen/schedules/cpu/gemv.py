@@ -11,10 +11,9 @@ vector FMAs with x[k] broadcast. Memory-bound: W is read once.
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from effc.codegen.schedules.cpu.base import CPURule, extent, vector_lanes
-from effc.codegen.schedules.cpu.matmul import _fold_epilogue, _inline_side_inputs, _pack_panel, _pick_nr
+from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
+from effc.codegen.schedules.cpu.matmul import _b_panel, _fold_epilogue, _inline_side_inputs, _pack_panel, _pick_nr
 
 NR_VECTORS = 8  # 8 independent FMA chains per task; the kernel streams W, so wide is cheap
 
@@ -26,41 +25,27 @@ class Gemv(CPURule):
         if not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        blocks = normalize_prim_func(sch)
-        if blocks is None:
+        found = one_reduction(sch)
+        if found is None or found[0].dom_kind() != "SR":
             return None
-        reductions = [b for b in blocks if b.is_reduction()]
-        if len(reductions) != 1 or reductions[0].dom_kind() != "SR":
-            return None
-        if not all(b.is_injective() for b in blocks if not b.is_reduction()):
-            return None
-        main = reductions[0].block_rv
+        main, lanes = found[0].block_rv, found[1]
         weight = _weight_read(sch.get(main), func)
         if weight is None:
             return None
-        dtype = str(sch.get(main).writes[0].source.dtype)
-        if dtype not in ("float32", "float16", "bfloat16"):
-            return None
-        lanes = vector_lanes(dtype)
         _inline_side_inputs(sch, main)
         j, k = sch.get_loops(main)
         n, kk = extent(sch, j), extent(sch, k)
         if n is None or kk is None or n < lanes:
             return None
         nr = _pick_nr(n, lanes, NR_VECTORS)
-        # The weight as [J, K] (a reindex copy), then padded and blocked into panels.
+        # The weight as [1, J, K] (a reindex copy; the panel packing expects a leading batch axis),
+        # then padded to whole panels and blocked.
         b_copy = sch.reindex(main, ("read", weight))
         sch.transform_layout(b_copy, ("write", 0), lambda jj, kk_: (jj * 0, jj, kk_))
         padded = n % nr != 0
         if padded:
             sch.pad_einsum(main, [nr, 1])
-        panel = b_copy
-        if padded:
-            panel = sch.get_consumers(b_copy)[0]
-            sch.compute_inline(b_copy)
-        for block in sch.get_producers(main):
-            if not sch.get(block).same_as(sch.get(panel)):
-                sch.compute_inline(block)
+        panel = _b_panel(sch, main, b_copy, padded)
         j, k = sch.get_loops(main)
         jo, ji = sch.split(j, [None, nr])
         sch.reorder(jo, k, ji)

@@ -17,11 +17,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 from tvm import s_tir
-from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
+from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
 from effc.codegen.records import knobs_for
-from effc.codegen.schedules.cpu.base import CPURule, extent, vector_lanes
+from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
 
 PAD_WASTE = 1 / 32  # padding of n (computed, then discarded) worth a wider register tile
 MAX_MR = 16  # rows of a tile: each is one broadcast per k step
@@ -46,19 +46,12 @@ class Matmul(CPURule):
 
     def schedule(self, func, mr: int, nr_vectors: int):
         sch = s_tir.Schedule(func)
-        blocks = normalize_prim_func(sch)
-        if blocks is None:
+        found = one_reduction(sch)
+        if found is None:
             return None
-        reductions = [b for b in blocks if b.is_reduction()]
-        if len(reductions) != 1 or not all(b.is_injective() for b in blocks if not b.is_reduction()):
-            return None
-        main = reductions[0].block_rv
+        main, lanes = found[0].block_rv, found[1]
         if not _plain_access(sch.get(main)) or get_index_map(sch.get(main)) is None:
             return None
-        dtype = str(sch.get(main).writes[0].source.dtype)
-        if dtype not in ("float32", "float16", "bfloat16"):
-            return None
-        lanes = vector_lanes(dtype)
         _inline_side_inputs(sch, main)
 
         # Normalise to C[S, I, J] += A[S, I, K] * B[S, J, K]. A's reindex copy is inlined back

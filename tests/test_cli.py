@@ -120,3 +120,24 @@ def test_passes_none_copies_the_model(tiny_onnx, tmp_path):
 def test_empty_pass_list_exit_2(tiny_onnx, tmp_path):
     line = _one_line_error(effc("compile", tiny_onnx, "-o", tmp_path / "out", "--passes", ","))
     assert "--passes is empty" in line
+
+
+def test_zoo_calib_writes_the_models_own_set(tmp_path):
+    """Without --count a sentence encoder's set is every calibration sentence (one per sample);
+    --count takes that many; the .npz holds one array per model input, samples first."""
+    import numpy as np
+
+    from effc.calib import calibration_texts
+    from effc.zoo import get
+
+    full = tmp_path / "all.npz"
+    proc = effc("zoo", "calib", "minilm-l6", "-o", str(full))
+    assert proc.returncode == 0, proc.stderr
+    expected = len(calibration_texts(get("minilm-l6"), None, 0))
+    with np.load(full) as data:
+        assert set(data.files) == {"input_ids", "attention_mask"}
+        assert len(data["input_ids"]) == expected > 64
+    some = tmp_path / "some.npz"
+    assert effc("zoo", "calib", "minilm-l6", "-o", str(some), "--count", "10").returncode == 0
+    with np.load(some) as data:
+        assert len(data["input_ids"]) == 10

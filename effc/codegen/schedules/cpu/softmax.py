@@ -106,8 +106,7 @@ def softmax_kernel(shape: list, rows: int, n: int):
 
     The kernel keeps the tensor's own rank (the VM checks it) and addresses row r through its
     leading indices; no flat view is declared, as TVM's schedule state (built for every kernel by
-    later Relax passes) cannot see blocks under a buffer declaration. For the same reason every
-    loop body is a block."""
+    later Relax passes) cannot see blocks under a buffer declaration."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -146,38 +145,30 @@ def softmax_kernel(shape: list, rows: int, n: int):
                 # max: lane-wise over whole chunks, then across the lanes and the tail
                 acc[chunk(v * lanes)] = load(x, v, chunk(0))
                 for c in range(1, full):
-                    with T.sblock("max_chunk"):
-                        acc[chunk(v * lanes)] = T.max(acc[chunk(v * lanes)], load(x, v, chunk(c * lanes)))
+                    acc[chunk(v * lanes)] = T.max(acc[chunk(v * lanes)], load(x, v, chunk(c * lanes)))
                 stat[v] = acc[v * lanes]
                 for u in range(1, lanes):
-                    with T.sblock("max_lane"):
-                        stat[v] = T.max(stat[v], acc[v * lanes + u])
+                    stat[v] = T.max(stat[v], acc[v * lanes + u])
                 for t in range(tail):
-                    with T.sblock("max_tail"):
-                        stat[v] = T.max(stat[v], load(x, v, full * lanes + t))
+                    stat[v] = T.max(stat[v], load(x, v, full * lanes + t))
                 # e = exp(x - max) into y, summed lane-wise
                 acc[chunk(v * lanes)] = T.Broadcast(T.float32(0), lanes)
                 for c in range(full):
-                    with T.sblock("exp_chunk"):
-                        T.buffer_store(y, _vexp(load(x, v, chunk(c * lanes)) - T.Broadcast(stat[v], lanes), lanes),
-                                       at(v, chunk(c * lanes)))
-                        acc[chunk(v * lanes)] = acc[chunk(v * lanes)] + load(y, v, chunk(c * lanes))
+                    T.buffer_store(y, _vexp(load(x, v, chunk(c * lanes)) - T.Broadcast(stat[v], lanes), lanes),
+                                   at(v, chunk(c * lanes)))
+                    acc[chunk(v * lanes)] = acc[chunk(v * lanes)] + load(y, v, chunk(c * lanes))
                 for t in range(tail):
-                    with T.sblock("exp_tail"):
-                        T.buffer_store(y, _sexp(load(x, v, full * lanes + t) - stat[v]), at(v, full * lanes + t))
-                        acc[v * lanes] = acc[v * lanes] + load(y, v, full * lanes + t)
+                    T.buffer_store(y, _sexp(load(x, v, full * lanes + t) - stat[v]), at(v, full * lanes + t))
+                    acc[v * lanes] = acc[v * lanes] + load(y, v, full * lanes + t)
                 stat[v] = acc[v * lanes]
                 for u in range(1, lanes):
-                    with T.sblock("sum_lane"):
-                        stat[v] = stat[v] + acc[v * lanes + u]
+                    stat[v] = stat[v] + acc[v * lanes + u]
                 # normalise by one reciprocal per row
                 stat[v] = T.float32(1) / stat[v]
                 for c in range(full):
-                    with T.sblock("norm_chunk"):
-                        T.buffer_store(y, load(y, v, chunk(c * lanes)) * T.Broadcast(stat[v], lanes),
-                                       at(v, chunk(c * lanes)))
+                    T.buffer_store(y, load(y, v, chunk(c * lanes)) * T.Broadcast(stat[v], lanes),
+                                   at(v, chunk(c * lanes)))
                 for t in range(tail):
-                    with T.sblock("norm_tail"):
-                        T.buffer_store(y, load(y, v, full * lanes + t) * stat[v], at(v, full * lanes + t))
+                    T.buffer_store(y, load(y, v, full * lanes + t) * stat[v], at(v, full * lanes + t))
 
     return softmax

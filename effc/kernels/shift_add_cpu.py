@@ -19,6 +19,7 @@ power-of-two term per scale and groups that are whole bytes (g % 8 == 0).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ def host_target():
     return tvm.target.Target.from_device(tvm.cpu())
 
 
+@functools.cache  # one parse per shape: a model's linears share a handful of shapes
 def prim_func(m: int, n: int, k: int, q: int, group: int, block: int = BLOCK):
     """TIR for X [m, k] float32 -> Y [m, n]; ``block`` vectors of 16 output rows per parallel task."""
     from tvm.script import tirx as T

@@ -23,6 +23,7 @@ rows of X (no sharing between tasks).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,7 @@ def pack_prefill(planes: np.ndarray, codes: np.ndarray, k_block: int = K_BLOCK, 
     return PackedPrefill(blocked(bits), blocked(field), q, group, k_block, outs)
 
 
+@functools.cache  # one parse per shape: a model's linears share a handful of shapes
 def prim_func_prefill(m: int, n: int, k: int, q: int, group: int, k_block: int = K_BLOCK, rows: int = ROWS,
                       outs: int = OUTS):
     """TIR for X [m, k] float32 -> Y [m, n]; m a multiple of ``rows`` (callers pad X)."""

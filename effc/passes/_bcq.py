@@ -224,6 +224,15 @@ class BCQQuantizer:
         return (codes * alphas[:, None, :]).sum(axis=2).reshape(rows, cols)
 
 
+def _dense_and_residual(w: np.ndarray, h: np.ndarray, signs: np.ndarray, alpha: np.ndarray):
+    """W_hat [N, K] rebuilt from the planes ``signs`` [q, N, K] and group scales ``alpha`` [q, N, G],
+    and (W_hat - W) H (half the output error's gradient), which the descents below keep current."""
+    q, n, k = signs.shape
+    groups = alpha.shape[2]
+    dense = (signs.reshape(q, n, groups, k // groups) * alpha[..., None]).sum(axis=0).reshape(n, k)
+    return dense, (dense - w) @ h
+
+
 def refit_exponents(w: np.ndarray, h: np.ndarray, signs: np.ndarray, term_signs: np.ndarray,
                     term_exps: np.ndarray, limit: np.ndarray | None = None, sweeps: int = 2) -> int:
     """After compensation: move single-term exponents by +-1 where that lowers the layer's output
@@ -239,8 +248,7 @@ def refit_exponents(w: np.ndarray, h: np.ndarray, signs: np.ndarray, term_signs:
     groups = term_exps.shape[2]
     g = k // groups
     alpha = term_signs[..., 0] * np.exp2(term_exps[..., 0])                      # [q, N, G]
-    dense = (signs.reshape(q, n, groups, g) * alpha[..., None]).sum(axis=0).reshape(n, k)
-    resid = (dense - w) @ h                                                      # gradient / 2
+    dense, resid = _dense_and_residual(w, h, signs, alpha)
     moved = 0
     for _ in range(sweeps):
         before = moved
@@ -287,8 +295,7 @@ def refine_codes(w: np.ndarray, h: np.ndarray, signs: np.ndarray, term_signs: np
     groups = term_exps.shape[2]
     g = k // groups
     alpha = pow2_value(term_signs, term_exps)                                     # [q, N, G]
-    dense = (signs.reshape(q, n, groups, g) * alpha[..., None]).sum(axis=0).reshape(n, k)
-    resid = (dense - w) @ h
+    dense, resid = _dense_and_residual(w, h, signs, alpha)
     before = float((resid * (dense - w)).sum())
     diag = np.maximum(np.diag(h), 1e-300)
     for start in range(0, k, block):

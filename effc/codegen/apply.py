@@ -86,8 +86,7 @@ def kernel_rule(kernels: dict[str, str], symbol: str) -> str | None:
     """The rule of a built kernel: the build renames a split kernel NAME into NAME_prepacked (the
     compute) and NAME_weight_prepack (run at compile time)."""
     for suffix in ("", "_prepacked", "_weight_prepack"):
-        if suffix and symbol.endswith(suffix) and symbol[: -len(suffix)] in kernels:
-            return kernels[symbol[: -len(suffix)]]
-        if not suffix and symbol in kernels:
-            return kernels[symbol]
+        base = symbol[: len(symbol) - len(suffix)]
+        if symbol.endswith(suffix) and base in kernels:
+            return kernels[base]
     return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
-from effc.codegen.schedules.cpu.matmul import _b_panel, _fold_epilogue, _inline_side_inputs, _pack_panel, _pick_nr
+from effc.codegen.schedules.cpu.matmul import _b_panel, _inline_side_inputs, _pack_panel, _pick_nr, _write_back_at
 
 NR_VECTORS = 8  # 8 independent FMA chains per task; the kernel streams W, so wide is cheap
 
@@ -50,11 +50,7 @@ class Gemv(CPURule):
         jo, ji = sch.split(j, [None, nr])
         sch.reorder(jo, k, ji)
         _pack_panel(sch, func, panel, nr)
-        for block in _fold_epilogue(sch, main):
-            sch.reverse_compute_at(block, jo, preserve_unit_loops=True)
-            last = sch.get_loops(block)[-1]
-            if extent(sch, last) == nr:
-                sch.vectorize(last)
+        _write_back_at(sch, main, jo, nr)
         sch.set_scope(main, 0, "local")
         sch.vectorize(ji)
         sch.parallel(jo)

@@ -86,11 +86,7 @@ class Matmul(CPURule):
         _pack_panel(sch, func, panel, nr)
         # The epilogue becomes the tile write-back: it runs right after each tile's k loop, while
         # the accumulator shrinks to one mr x nr register tile.
-        for block in _fold_epilogue(sch, main):
-            sch.reverse_compute_at(block, io, preserve_unit_loops=True)
-            last = sch.get_loops(block)[-1]
-            if extent(sch, last) == nr:  # masked in the last tile of a padded n (build_config)
-                sch.vectorize(last)
+        _write_back_at(sch, main, io, nr)
         sch.set_scope(main, 0, "local")
         sch.unroll(ii)
         sch.vectorize(ji)
@@ -174,6 +170,16 @@ def _pick_mr(mr: int, m: int, nr_vectors: int, nr: int, lanes: int) -> int:
     """Rows per tile: the knob, scaled up when n forced a narrower tile than ``nr_vectors``, so
     the tile keeps its count of accumulators (independent FMA chains); at most m."""
     return min(m, MAX_MR, mr * max(1, nr_vectors * lanes // nr))
+
+
+def _write_back_at(sch, main, loop, nr: int) -> None:
+    """Fold the epilogue into the blocks writing the result and run them under ``loop`` (after
+    each tile, or each panel), vectorised over the panel's nr columns."""
+    for block in _fold_epilogue(sch, main):
+        sch.reverse_compute_at(block, loop, preserve_unit_loops=True)
+        last = sch.get_loops(block)[-1]
+        if extent(sch, last) == nr:  # masked in the last tile of a padded n (build_config)
+            sch.vectorize(last)
 
 
 def _fold_epilogue(sch, main) -> list:

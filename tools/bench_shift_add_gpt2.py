@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 CALIBRATED_SEQ = 128  # the zoo's calibration samples have this length
 
 
 def effc(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "effc.cli", *args], capture_output=True, text=True, check=False)
+    from bench_zoo import effc as run  # tools/ is on sys.path: this script's folder
+
+    proc = run(*args)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ["failed"]
         raise SystemExit(f"effc {args[0]} failed: {lines[-1]}")

@@ -67,38 +67,26 @@ def _softmax_shape(func) -> tuple[int, int] | None:
     return (rows, n) if n >= LANES else None
 
 
-def _vexp(v, lanes: int):
-    """exp of a float32 vector (every element <= 0) without libm: 2^k * p(f), k = round(v log2 e)."""
-    from tvm import tirx
+def _exp(v, lanes: int = 1):
+    """exp of a float32 value, or vector of ``lanes`` (every element <= 0), without libm:
+    2^k * p(f), k = round(v log2 e), 2^k assembled in the exponent bits; 0 below EXP_LOW."""
     from tvm.script import tirx as T
 
-    vt = f"float32x{lanes}"
-    x = T.max(v, T.Broadcast(T.float32(EXP_LOW), lanes))
-    k = T.floor(x * T.Broadcast(T.float32(LOG2E), lanes) + T.Broadcast(T.float32(0.5), lanes))
-    f = x - k * T.Broadcast(T.float32(LN2), lanes)
-    p = T.Broadcast(T.float32(EXP_POLY[0]), lanes)
+    def const(value, dtype="float32"):
+        scalar = T.float32(value) if dtype == "float32" else T.int32(value)
+        return T.Broadcast(scalar, lanes) if lanes > 1 else scalar
+
+    suffix = f"x{lanes}" if lanes > 1 else ""
+    x = T.max(v, const(EXP_LOW))
+    k = T.floor(x * const(LOG2E) + const(0.5))
+    f = x - k * const(LN2)
+    p = const(EXP_POLY[0])
     for c in EXP_POLY[1:]:
-        p = p * f + T.Broadcast(T.float32(c), lanes)
-    p = p * f * f + f + T.Broadcast(T.float32(1.0), lanes)
-    biased = T.Cast(f"int32x{lanes}", k) + T.Broadcast(T.int32(127), lanes)
-    two_k = T.reinterpret(vt, T.shift_left(biased, T.Broadcast(T.int32(23), lanes)))
-    return T.Select(v < T.Broadcast(T.float32(EXP_LOW), lanes), T.Broadcast(T.float32(0), lanes),
-                    tirx.Mul(p, two_k))
-
-
-def _sexp(v):
-    """The scalar twin of _vexp, for the ragged tail of a row."""
-    from tvm.script import tirx as T
-
-    x = T.max(v, T.float32(EXP_LOW))
-    k = T.floor(x * T.float32(LOG2E) + T.float32(0.5))
-    f = x - k * T.float32(LN2)
-    p = T.float32(EXP_POLY[0])
-    for c in EXP_POLY[1:]:
-        p = p * f + T.float32(c)
-    p = p * f * f + f + T.float32(1.0)
-    return T.Select(v < T.float32(EXP_LOW), T.float32(0),
-                    p * T.reinterpret("float32", T.shift_left(T.Cast("int32", k) + 127, 23)))
+        p = p * f + const(c)
+    p = p * f * f + f + const(1.0)
+    biased = T.Cast(f"int32{suffix}", k) + const(127, "int32")
+    two_k = T.reinterpret(f"float32{suffix}", T.shift_left(biased, const(23, "int32")))
+    return T.Select(v < const(EXP_LOW), const(0.0), p * two_k)
 
 
 def softmax_kernel(shape: list, rows: int, n: int):
@@ -154,11 +142,11 @@ def softmax_kernel(shape: list, rows: int, n: int):
                 # e = exp(x - max) into y, summed lane-wise
                 acc[chunk(v * lanes)] = T.Broadcast(T.float32(0), lanes)
                 for c in range(full):
-                    T.buffer_store(y, _vexp(load(x, v, chunk(c * lanes)) - T.Broadcast(stat[v], lanes), lanes),
+                    T.buffer_store(y, _exp(load(x, v, chunk(c * lanes)) - T.Broadcast(stat[v], lanes), lanes),
                                    at(v, chunk(c * lanes)))
                     acc[chunk(v * lanes)] = acc[chunk(v * lanes)] + load(y, v, chunk(c * lanes))
                 for t in range(tail):
-                    T.buffer_store(y, _sexp(load(x, v, full * lanes + t) - stat[v]), at(v, full * lanes + t))
+                    T.buffer_store(y, _exp(load(x, v, full * lanes + t) - stat[v]), at(v, full * lanes + t))
                     acc[v * lanes] = acc[v * lanes] + load(y, v, full * lanes + t)
                 stat[v] = acc[v * lanes]
                 for u in range(1, lanes):

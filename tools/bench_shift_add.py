@@ -5,7 +5,9 @@
 One run, side by side, same thread count: a random N x K weight quantized by the shift-add
 layout (group 8, one power-of-two term per scale), the TVM kernel (effc.kernels.shift_add_cpu)
 and ONNX Runtime's fp32 MatMul on the dense weight it stands for. Timings are medians after
-warm-up, the two interleaved round by round so that a loaded machine slows both alike; agreement
+warm-up, the two interleaved round by round so that a loaded machine slows both alike, each round
+after an idle gap, with ONNX Runtime's workers told to stop spinning when a run returns (as `effc
+bench` does: a spinning pool would take one of the two cores from the other engine); agreement
 is checked against the op's numpy reference (effc.ops.shift_add_matmul). M >= 16 runs the
 prefill kernel (effc.kernels.shift_add_prefill), smaller M the decode kernel.
 """
@@ -17,6 +19,8 @@ import os
 import time
 
 import numpy as np
+
+from effc.codegen.bench import ORT_CONFIG, SETTLE_S
 
 
 def ort_matmul(weight_t: np.ndarray, bias: np.ndarray, threads: int):
@@ -35,6 +39,8 @@ def ort_matmul(weight_t: np.ndarray, bias: np.ndarray, threads: int):
     model.ir_version = 8
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    for key, value in ORT_CONFIG.items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString(),
                                 options, providers=["CPUExecutionProvider"])
 
@@ -84,7 +90,9 @@ def main() -> None:
         number = 20 if m == 1 else 2
         lut, ort = [], []
         for _ in range(15):  # interleaved rounds: load spikes hit both sides
+            time.sleep(SETTLE_S)
             lut.append(kernel.time_ms(x, number=number, repeat=1))
+            time.sleep(SETTLE_S)
             ort.append(median_ms(lambda x=x: session.run(None, {"x": x}), warmup=1, repeat=number))
         lut, ort = float(np.median(lut)), float(np.median(ort))
         print(f"| {m} | {lut:.3f} | {ort:.3f} | {ort / lut:.2f}x | {error:.1e} |", flush=True)

@@ -165,7 +165,7 @@ class ShiftAddLowering:
             gv = self._symbols[choice.symbol] = bb.add_func(func, choice.symbol)
         weights = []
         for part, array in (("bits", choice.bits), ("exps", choice.exps)):
-            var = relax.Var(f"{low.node}.lut_{part}", relax.TensorType(list(array.shape), "uint8"))
+            var = relax.Var(f"{low.node}.lut_{part}", relax.TensorType(list(array.shape), str(array.dtype)))
             self._lifted.append((var, array))  # free here; attach() makes it a parameter of main
             weights.append(var)
         rows = bb.emit(relax.op.reshape(x, [m, k])) if len(shape) != 2 else x

@@ -10,11 +10,17 @@ and their sum is scaled by the group's power of two, whose float is assembled fr
 bits (an exponent add, no multiply to form it), then accumulated. Parallel over blocks of
 output rows, vectorised over 16 output rows.
 
-Kernel layout (``pack``), made once from the op's layout: bytes transposed to [q, K/8, N] so 16
-output rows are one 16-byte load; a negative scale is folded into its byte (bitwise NOT flips
-every +-1 of the group); the scale becomes its float32 exponent field |code| + 63 as uint8
-[q, K/g, N] (0 = no term, which shifted into place is +0.0: no decode branch). Needs one
-power-of-two term per scale and groups that are whole bytes (g % 8 == 0).
+The kernel is bound by the vector shuffle unit, so the layout spends no shuffle on unpacking:
+each output row's bytes come four to a 32-bit lane (4 consecutive bytes of K, 16 rows = one
+64-byte load), and ``vpermps`` reads only the low 4 bits of its index, so a plain shift selects
+byte s and its nibble. The exponent fields are packed four groups to a lane the same way. Per
+byte and 16 rows that leaves two shuffles (the lookups) and a few integer and float operations.
+
+Kernel layout (``pack``), made once from the op's layout: [N/R, q, C, R] uint32 words (R output
+rows per parallel block, C words along K); a negative scale is folded into its byte (bitwise NOT
+flips every +-1 of the group); the scale becomes its float32 exponent field |code| + 63 (0 = no
+term, which shifted into place is +0.0: no decode branch). K is padded to whole words of groups
+with zero scales. Needs one power-of-two term per scale and groups that are whole bytes.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from effc.kernels._layout import fold_signs
 
 LANES = 16  # float32 lanes of a zmm register: output rows per vector, entries per table
 BLOCK = 4   # vectors of output rows per parallel task (accumulators kept in registers)
+WORD = 4    # bytes (of bits, or exponent fields) per 32-bit lane
 PERMUTE = "llvm.x86.avx512.permvar.sf.512"
 
 
@@ -36,28 +43,34 @@ PERMUTE = "llvm.x86.avx512.permvar.sf.512"
 class Packed:
     """The kernel's weight layout (see the module docstring)."""
 
-    bits: np.ndarray  # uint8 [N/R, q, K/8, R]
-    exps: np.ndarray  # uint8 [N/R, q, K/g, R]
+    bits: np.ndarray  # uint32 [N/R, q, K_pad/32, R]: bytes 4w..4w+3 of a row in one word
+    exps: np.ndarray  # uint32 [N/R, q, K_pad/(4g), R]: exponent fields of groups 4w..4w+3
     group: int
+    k: int  # K before padding
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        blocks, q, kb, rows = self.bits.shape
-        return q, blocks * rows, kb * 8
+        blocks, q, _, rows = self.bits.shape
+        return q, blocks * rows, self.k
 
 
 def pack(planes: np.ndarray, codes: np.ndarray, rows: int = LANES * BLOCK) -> Packed:
     """Op layout (planes uint8 [q, N, K/8], codes int8 [q, N, K/g, 1]) -> kernel layout, in
     blocks of ``rows`` output rows (one parallel task), each block one contiguous stream."""
-    q, n, _ = planes.shape
+    q, n, kb = planes.shape
     if n % rows:
         raise ValueError(f"N={n} is not a multiple of the kernel's {rows}-row blocks")
     bits, exps, group = fold_signs(planes, codes)
+    groups = exps.shape[2]
+    pad = -groups % WORD  # zero scales: the padded bytes add 0 x (a finite table entry)
+    bits = np.pad(bits, ((0, 0), (0, 0), (0, pad * group // 8)))
+    exps = np.pad(exps, ((0, 0), (0, 0), (0, pad)))
 
-    def blocked(a: np.ndarray) -> np.ndarray:  # [q, N, C] -> [N/rows, q, C, rows]
-        return np.ascontiguousarray(a.reshape(q, n // rows, rows, a.shape[2]).transpose(1, 0, 3, 2))
+    def words(a: np.ndarray) -> np.ndarray:  # [q, N, C*4] bytes -> [N/rows, q, C, rows] uint32
+        w = np.ascontiguousarray(a).view("<u4")
+        return np.ascontiguousarray(w.reshape(q, n // rows, rows, w.shape[2]).transpose(1, 0, 3, 2))
 
-    return Packed(blocked(bits), blocked(exps), group)
+    return Packed(words(bits), words(exps), group, kb * 8)
 
 
 def host_target():
@@ -72,40 +85,57 @@ def prim_func(m: int, n: int, k: int, q: int, group: int, block: int = BLOCK):
     """TIR for X [m, k] float32 -> Y [m, n]; ``block`` vectors of 16 output rows per parallel task."""
     from tvm.script import tirx as T
 
-    if n % (LANES * block) or k % 8 or k % group or group % 8:
+    if n % (LANES * block) or k % group or group % 8:
         raise ValueError(f"shape n={n}, k={k}, group={group} does not fit the kernel's tiling")
-    kb, kc, per_group = k // 8, k // 4, group // 8
-    lanes, rows = LANES, LANES * block
+    per_group = group // 8  # bytes per group
+    words = -(-(k // group) // WORD)  # exponent words along K (groups padded to whole words)
+    k_pad = words * WORD * group
+    kc, lanes, rows = k_pad // 4, LANES, LANES * block
 
     @T.prim_func(s_tir=True)
-    def shift_add_lut(x: T.Buffer((m, k), "float32"), bits: T.Buffer((n // rows, q, kb, rows), "uint8"),
-                      exps: T.Buffer((n // rows, q, k // group, rows), "uint8"), bias: T.Buffer((n,), "float32"),
+    def shift_add_lut(x: T.Buffer((m, k), "float32"),
+                      bits: T.Buffer((n // rows, q, words * per_group, rows), "uint32"),
+                      exps: T.Buffer((n // rows, q, words, rows), "uint32"), bias: T.Buffer((n,), "float32"),
                       y: T.Buffer((m, n), "float32")):
         T.func_attr({"global_symbol": "shift_add_lut", "tirx.noalias": True})
         lut = T.alloc_buffer((m, kc, lanes), "float32")
-        # Tables: entry u of chunk c is sum_t (+x if bit t of u else -x) over the chunk's 4 inputs.
+        # Tables: entry u of chunk c is sum_t (+x if bit t of u else -x) over the chunk's 4 inputs
+        # (0 past K: the padding).
         for r in T.parallel(m):
             for c in range(kc):
                 for u in T.vectorized(lanes):
-                    lut[r, c, u] = (T.Select((u & 1) == 1, x[r, c * 4], -x[r, c * 4])
-                                    + T.Select((u & 2) == 2, x[r, c * 4 + 1], -x[r, c * 4 + 1])
-                                    + T.Select((u & 4) == 4, x[r, c * 4 + 2], -x[r, c * 4 + 2])
-                                    + T.Select((u & 8) == 8, x[r, c * 4 + 3], -x[r, c * 4 + 3]))
+                    lut[r, c, u] = (
+                        T.Select((u & 1) == 1, 1.0, -1.0) * T.if_then_else(c * 4 < k, x[r, c * 4], 0.0)
+                        + T.Select((u & 2) == 2, 1.0, -1.0) * T.if_then_else(c * 4 + 1 < k, x[r, c * 4 + 1], 0.0)
+                        + T.Select((u & 4) == 4, 1.0, -1.0) * T.if_then_else(c * 4 + 2 < k, x[r, c * 4 + 2], 0.0)
+                        + T.Select((u & 8) == 8, 1.0, -1.0) * T.if_then_else(c * 4 + 3 < k, x[r, c * 4 + 3], 0.0))
         for nb in T.parallel(n // rows):
             for r in range(m):
                 for v in T.unroll(block):
                     y[r, T.Ramp(nb * rows + v * lanes, 1, lanes)] = bias[T.Ramp(nb * rows + v * lanes, 1, lanes)]
-                for i, j in T.grid(q, kb):
-                    for v in T.unroll(block):
-                        col = nb * rows + v * lanes
-                        byte = T.Cast("int32x16", bits[nb, i, j, T.Ramp(v * lanes, 1, lanes)])
-                        e = T.Cast("int32x16", exps[nb, i, j // per_group, T.Ramp(v * lanes, 1, lanes)])
-                        scale = T.reinterpret("float32x16", T.shift_left(e, T.Broadcast(23, lanes)))
-                        # vpermps reads only the low 4 bits of each index: no mask for the low nibble
-                        lo = T.call_llvm_pure_intrin("float32x16", PERMUTE, lut[r, j * 2, T.Ramp(0, 1, lanes)], byte)
-                        hi = T.call_llvm_pure_intrin("float32x16", PERMUTE, lut[r, j * 2 + 1, T.Ramp(0, 1, lanes)],
-                                                     T.shift_right(byte, T.Broadcast(4, lanes)))
-                        y[r, T.Ramp(col, 1, lanes)] = y[r, T.Ramp(col, 1, lanes)] + (lo + hi) * scale
+                for i, w in T.grid(q, words):
+                    for s in T.unroll(WORD):  # group 4w + s
+                        for b in T.unroll(per_group):  # byte b of the group: byte j of the row
+                            for v in T.unroll(block):
+                                col = nb * rows + v * lanes
+                                # the group's exponent field is byte s of the word, moved into place
+                                field = T.bitwise_and(T.shift_right(exps[nb, i, w, T.Ramp(v * lanes, 1, lanes)],
+                                                                    T.Broadcast(T.Cast("uint32", s * 8), lanes)),
+                                                      T.Broadcast(T.uint32(0xFF), lanes))
+                                scale = T.reinterpret("float32x16",
+                                                      T.shift_left(field, T.Broadcast(T.uint32(23), lanes)))
+                                jj = s * per_group + b  # byte within the word(s) of this exponent word
+                                j = w * WORD * per_group + jj
+                                word = bits[nb, i, w * per_group + jj // WORD, T.Ramp(v * lanes, 1, lanes)]
+                                index = T.reinterpret("int32x16", T.shift_right(
+                                    word, T.Broadcast(T.Cast("uint32", (jj % WORD) * 8), lanes)))
+                                # vpermps reads only the low 4 bits of each index: no masking of nibbles
+                                lo = T.call_llvm_pure_intrin("float32x16", PERMUTE, lut[r, j * 2, T.Ramp(0, 1, lanes)],
+                                                             index)
+                                hi = T.call_llvm_pure_intrin("float32x16", PERMUTE,
+                                                             lut[r, j * 2 + 1, T.Ramp(0, 1, lanes)],
+                                                             T.shift_right(index, T.Broadcast(4, lanes)))
+                                y[r, T.Ramp(col, 1, lanes)] = y[r, T.Ramp(col, 1, lanes)] + (lo + hi) * scale
 
     return shift_add_lut
 

@@ -22,15 +22,23 @@ def packed(rng, q, n, k, group):
     return planes, codes, rng.standard_normal(n).astype(np.float32)
 
 
+def unwords(a, n):
+    """Kernel words [N/R, q, C, R] uint32 -> bytes [q, N, 4C] in K order."""
+    blocks, q, c, rows = a.shape
+    return np.ascontiguousarray(a.transpose(1, 0, 3, 2)).view(np.uint8).reshape(q, n, 4 * c)
+
+
 def test_pack_folds_negative_scales_into_the_bytes():
-    planes, codes, _ = packed(np.random.default_rng(0), 2, 64, 32, 16)
+    planes, codes, _ = packed(np.random.default_rng(0), 2, 64, 32, 16)  # 2 groups: padded to a word of 4
     p = kernel.pack(planes, codes)
-    blocks, q, kb, rows = p.bits.shape
-    bits = p.bits.transpose(1, 0, 3, 2).reshape(q, blocks * rows, kb)
-    exps = p.exps.transpose(1, 0, 3, 2).reshape(q, blocks * rows, -1).astype(np.int64)
-    scales = np.where(exps > 0, np.exp2(exps - 127), 0.0)[..., None]  # float32 exponent fields
+    assert p.bits.dtype == p.exps.dtype == np.uint32 and p.shape == (2, 64, 32)
+    bits, exps = unwords(p.bits, 64), unwords(p.exps, 64).astype(np.int64)
+    assert bits.shape == (2, 64, 8) and exps.shape == (2, 64, 4)
+    assert (exps[..., 2:] == 0).all()  # padding: zero scales
+    bits, exps = bits[..., :4], exps[..., :2]
+    scales = np.where(exps > 0, np.exp2(exps.astype(np.float64) - 127), 0.0)[..., None]  # float32 exponent fields
     assert (scales >= 0).all()  # signs now live in the bits
-    rebuilt = (op.unpack_planes(bits).reshape(q, blocks * rows, -1, 16) * scales).sum(axis=0).reshape(blocks * rows, -1)
+    rebuilt = (op.unpack_planes(bits).reshape(2, 64, -1, 16) * scales).sum(axis=0).reshape(64, -1)
     np.testing.assert_array_equal(rebuilt, op.dense_weight(planes, codes))
 
 
@@ -43,7 +51,8 @@ def test_pack_refuses_layouts_it_cannot_run():
 
 
 @pytest.mark.skipif(not avx512(), reason="the kernel uses AVX-512 shuffles")
-@pytest.mark.parametrize("m, n, k, q, group", [(1, 64, 64, 3, 8), (3, 128, 96, 2, 8), (2, 64, 128, 4, 16)])
+@pytest.mark.parametrize("m, n, k, q, group", [(1, 64, 64, 3, 8), (3, 128, 96, 2, 8), (2, 64, 128, 4, 16),
+                                                (1, 64, 40, 2, 8), (2, 64, 48, 3, 16)])  # K padded to whole words
 def test_kernel_equals_reference(m, n, k, q, group):
     rng = np.random.default_rng(m * 7 + q)
     planes, codes, bias = packed(rng, q, n, k, group)

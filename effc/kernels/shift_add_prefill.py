@@ -13,6 +13,8 @@ weight byte is read M/R times instead of M. Offsets (index * R) and signed scale
 float exponent field shifted into place, field 0 = +0.0 = "no term", sign from bit 7) are
 decoded 16 at a time into small stack buffers first, so that a lookup is one offset load, one
 scale broadcast load and R/16 FMAs with a memory operand (decoding per lookup took half the time).
+The decode runs one output block ahead of the lookups (two slots): read straight after the wide
+stores that wrote them, the scalar loads waited on store forwarding (10% of the kernel's time).
 
 Blocking: tables for KB activations x R rows (KB/8 x 128 x R floats, 64 KB at KB=32, R=32)
 stay in L1/L2 while every output row streams its KB/8 bytes per plane; partial sums go to a
@@ -112,35 +114,41 @@ def prim_func_prefill(m: int, n: int, k: int, q: int, group: int, k_block: int =
                 for j, u in T.grid(jb, 128):
                     for r in T.vectorized(rows):
                         lut[b, j * table + u * rows + r] = half[b, j * 2, u & 15, r] + half[b, j * 2 + 1, u >> 4, r]
-                for ob in range(n // outs):
-                    offset = T.alloc_buffer((outs * q * jb,), "int32", scope="local")
-                    scale = T.alloc_buffer((outs * q * jb,), "float32", scope="local")
-                    acc = T.alloc_buffer((outs, rows), "float32", scope="local")
-                    for f in T.vectorized(outs * q * jb):  # byte with bit 7 set: -(entry of its complement)
-                        offset[f] = T.bitwise_and(T.bitwise_xor(T.Cast("int32", bits[c, ob, f]),
-                                                                0 - T.shift_right(T.Cast("int32", bits[c, ob, f]), 7)),
-                                                  127) * rows
-                        scale[f] = T.reinterpret("float32", T.bitwise_or(
-                            T.shift_left(T.Cast("int32", exps[c, ob, f]), 23),
-                            T.shift_left(T.shift_right(T.Cast("int32", bits[c, ob, f]), 7), 31)))
-                    for w, v in T.grid(outs, vecs):
-                        acc[w, T.Ramp(v * LANES, 1, LANES)] = T.Select(
-                            c == 0, T.Broadcast(T.float32(0), LANES), acc_t[b, ob * outs + w, T.Ramp(v * LANES, 1, LANES)])
-                    for i in range(q):
-                        for j in T.unroll(jb):
-                            for w in T.unroll(outs):  # independent chains hide the FMA latency
-                                for v in T.unroll(vecs):
-                                    acc[w, T.Ramp(v * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                                        "float32x16", "llvm.fma.v16f32",
-                                        lut[b, T.Ramp(j * table + offset[(w * q + i) * jb + j] + v * LANES, 1, LANES)],
-                                        T.Broadcast(scale[(w * q + i) * jb + j], LANES),
-                                        acc[w, T.Ramp(v * LANES, 1, LANES)])
-                    if c < kbs - 1:
+                # Iteration ob decodes output block ob into slot ob % 2 and looks up block ob - 1.
+                offset = T.alloc_buffer((2, outs * q * jb), "int32", scope="local")
+                scale = T.alloc_buffer((2, outs * q * jb), "float32", scope="local")
+                acc = T.alloc_buffer((outs, rows), "float32", scope="local")
+                for ob in range(n // outs + 1):
+                    if ob < n // outs:
+                        for f in T.vectorized(outs * q * jb):  # byte with bit 7 set: -(entry of its complement)
+                            offset[ob % 2, f] = T.bitwise_and(T.bitwise_xor(T.Cast("int32", bits[c, ob, f]),
+                                                              0 - T.shift_right(T.Cast("int32", bits[c, ob, f]), 7)),
+                                                              127) * rows
+                            scale[ob % 2, f] = T.reinterpret("float32", T.bitwise_or(
+                                T.shift_left(T.Cast("int32", exps[c, ob, f]), 23),
+                                T.shift_left(T.shift_right(T.Cast("int32", bits[c, ob, f]), 7), 31)))
+                    if ob > 0:
                         for w, v in T.grid(outs, vecs):
-                            acc_t[b, ob * outs + w, T.Ramp(v * LANES, 1, LANES)] = acc[w, T.Ramp(v * LANES, 1, LANES)]
-                    else:  # last block: straight from the registers into Y (no transposing pass over a scratch)
-                        for w in T.unroll(outs):
-                            for r in T.unroll(rows):
-                                y[b * rows + r, ob * outs + w] = acc[w, r] + bias[ob * outs + w]
+                            acc[w, T.Ramp(v * LANES, 1, LANES)] = T.Select(
+                                c == 0, T.Broadcast(T.float32(0), LANES),
+                                acc_t[b, (ob - 1) * outs + w, T.Ramp(v * LANES, 1, LANES)])
+                        for i in range(q):
+                            for j in T.unroll(jb):
+                                for w in T.unroll(outs):  # independent chains hide the FMA latency
+                                    for v in T.unroll(vecs):
+                                        acc[w, T.Ramp(v * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                                            "float32x16", "llvm.fma.v16f32",
+                                            lut[b, T.Ramp(j * table + v * LANES
+                                                          + offset[(ob - 1) % 2, (w * q + i) * jb + j], 1, LANES)],
+                                            T.Broadcast(scale[(ob - 1) % 2, (w * q + i) * jb + j], LANES),
+                                            acc[w, T.Ramp(v * LANES, 1, LANES)])
+                        if c < kbs - 1:
+                            for w, v in T.grid(outs, vecs):
+                                acc_t[b, (ob - 1) * outs + w, T.Ramp(v * LANES, 1, LANES)] = acc[w, T.Ramp(v * LANES, 1,
+                                                                                                      LANES)]
+                        else:  # last block: straight from the registers into Y (no transposing pass over a scratch)
+                            for w in T.unroll(outs):
+                                for r in T.unroll(rows):
+                                    y[b * rows + r, (ob - 1) * outs + w] = acc[w, r] + bias[(ob - 1) * outs + w]
 
     return shift_add_prefill

@@ -1,12 +1,12 @@
-"""Lower effc.ShiftAddMatMul for TVM: effc's LUT kernels on CPU, else a dense weight at compile time.
+"""Lower effc.ShiftAddMatMul for TVM: effc's LUT kernels, else a dense weight at compile time.
 
-Each node whose weight fits the kernels (effc.kernels.shift_add_cpu.misfit), with float32 X and
-bias and constant planes/codes, on an AVX-512 llvm target, becomes a call_tir to a hand-written
-PrimFunc (decode or prefill by M, one PrimFunc per distinct shape) whose packed weight arrays
-are new trailing parameters of main, so they ship in params.bin. Every other node (all of them
-on CUDA, which has no kernel yet) has its ONNX function body inlined: its planes and codes are
-constants, so TVM folds them into a dense weight at compile time. The manifest records which
-node got which lowering and why.
+Each node whose weight fits the kernels, with float32 X and bias and constant planes/codes,
+becomes a call_tir to a hand-written PrimFunc (one per distinct shape) whose packed weight arrays
+are new trailing parameters of main, so they ship in params.bin: on an AVX-512 llvm target the CPU
+kernels (effc.kernels.shift_add_cpu: decode or prefill by M), on CUDA the shared-memory table
+kernel (effc.kernels.shift_add_cuda). Every other node has its ONNX function body inlined: its
+planes and codes are constants, so TVM folds them into a dense weight at compile time. The
+manifest records which node got which lowering and why.
 
 How the call_tir gets in: TVM 0.27's importer looks converters up by bare op name in
 ``onnx_frontend._get_convert_map()`` and takes no custom converters, so while importing, that
@@ -58,6 +58,7 @@ class ShiftAddLowering:
     ONNX proto accordingly and converts the kernel nodes during import."""
 
     def __init__(self, model: ir.Model, target):
+        self._cuda = target.kind.name == "cuda"
         self.lowerings: list[Lowering] = []
         self._count = len(model.graph)
         self._lut: dict[int, tuple[Lowering, np.ndarray, np.ndarray]] = {}  # top-level node index ->
@@ -77,7 +78,7 @@ class ShiftAddLowering:
     @staticmethod
     def _misfit(node: ir.Node, name: str, target) -> str | None:
         """Why ``node`` cannot use the kernels (None: it can); EffcError if it is malformed."""
-        from effc.kernels.shift_add_cpu import misfit
+        from effc.kernels import shift_add_cpu, shift_add_cuda
 
         if len(node.inputs) != 4 or any(v is None for v in node.inputs):
             raise EffcError(f"{name}: {NAME} needs 4 inputs (X, planes, codes, bias), got {len(node.inputs)}")
@@ -85,15 +86,16 @@ class ShiftAddLowering:
         p, c = const_value(planes), const_value(codes)
         if p is not None and c is not None:
             _check_weight(name, x, p, c)
-        if target.kind.name != "llvm":
+        if target.kind.name not in ("llvm", "cuda"):
             return f"no {target.kind.name} kernel yet: dense weight rebuilt at compile time"
-        if not _has_avx512(target):
+        if target.kind.name == "llvm" and not _has_avx512(target):
             return "the CPU kernels need AVX-512"
         if x.dtype != ir.DataType.FLOAT or bias.dtype != ir.DataType.FLOAT:
             return f"kernels take float32 X and bias (got {x.dtype}, {bias.dtype})"
         if p is None or c is None:
             return "planes/codes are not constants"
-        return misfit(p.shape, c.shape)
+        kernels = shift_add_cuda if target.kind.name == "cuda" else shift_add_cpu
+        return kernels.misfit(p.shape, c.shape)
 
     # --- before import: the proto ---------------------------------------------------------
 
@@ -144,7 +146,7 @@ class ShiftAddLowering:
     def _convert(self, bb, inputs, attr):
         from tvm import relax
 
-        from effc.kernels.shift_add_cpu import choose
+        from effc.kernels import shift_add_cpu, shift_add_cuda
 
         low, planes, codes = self._lut[attr[INDEX_ATTR]]
         x, bias = inputs[0], inputs[1]
@@ -153,7 +155,7 @@ class ShiftAddLowering:
         if k != planes.shape[2] * 8:
             raise EffcError(f"{low.node}: X has K={k}, the weight {planes.shape[2] * 8}")
         m = int(np.prod(shape[:-1]))
-        choice = choose(planes, codes, m)
+        choice = (shift_add_cuda if self._cuda else shift_add_cpu).choose(planes, codes, m)
         low.kernel = choice.symbol
         gv = self._symbols.get(choice.symbol)
         if gv is None:

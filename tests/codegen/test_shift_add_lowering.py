@@ -1,5 +1,5 @@
-"""effc.ShiftAddMatMul through codegen: LUT kernels on llvm (decode and prefill), dense fallback on
-CUDA and for shapes the kernels do not tile; results equal ONNX Runtime running the function form."""
+"""effc.ShiftAddMatMul through codegen: LUT kernels on llvm (decode and prefill) and on CUDA, dense
+fallback for shapes the kernels do not tile; results equal ONNX Runtime running the function form."""
 
 from __future__ import annotations
 
@@ -100,16 +100,28 @@ def test_untileable_node_falls_back_to_dense(tmp_path):
     assert "dense fallback" in result.custom_summary
 
 
+def gpu_present() -> bool:
+    import tvm
+
+    return bool(tvm.cuda(0).exist)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA builds need it")
-def test_cuda_builds_with_dense_fallback(tmp_path):
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_builds_lut_kernels(tmp_path, arch):
     from effc.codegen.build import compile_model
 
-    compile_model(shift_add_model([1, 32]), "cuda", tmp_path, arch="sm_90")
+    model = shift_add_model([1, 32])
+    compile_model(model, "cuda", tmp_path, arch=arch)
     manifest = json.loads((tmp_path / "codegen.json").read_text())
-    assert (tmp_path / "model.so").exists() and manifest["arch"] == "sm_90"
-    assert [c["lowering"] for c in manifest["custom_ops"]] == ["dense"] * 2
-    assert all("cuda" in c["reason"] for c in manifest["custom_ops"])
-    assert "shift-add-lut" not in manifest["kernels"].values()
+    assert (tmp_path / "model.so").exists() and manifest["arch"] == arch
+    lowered = manifest["custom_ops"]
+    assert [c["lowering"] for c in lowered] == ["shift-add-lut"] * 2, lowered
+    assert all(c["kernel"].startswith("shift_add_lut_cuda") for c in lowered), lowered
+    luts = [name for name, rule in manifest["kernels"].items() if rule == "shift-add-lut"]
+    assert len(luts) == 2 and all(name.startswith("shift_add_lut_cuda") for name in luts), manifest["kernels"]
+    if gpu_present():  # the GPU check: the kernels' output against ONNX Runtime on the function form
+        assert compiled_deviation(model, tmp_path, [1, 32]) < TOL
 
 
 def test_malformed_node_is_a_one_line_error(tmp_path):

@@ -21,9 +21,11 @@ def fuse(mod, target):
     from tvm import relax
 
     from effc.codegen.fast_math import fast_math_passes
+    from effc.codegen.unflatten_matmul import unflatten_matmul_pass
 
     passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]
     if target.kind.name == "llvm":
+        passes += [unflatten_matmul_pass(), relax.transform.DeadCodeElimination()]  # epilogues fuse
         passes += fast_math_passes()  # libm's exp/tanh/erf/pow are scalar calls on CPU
     passes += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]

@@ -5,9 +5,11 @@
 One run, side by side, same thread count: a random N x K weight quantized by the shift-add
 layout (group 8, one power-of-two term per scale), the TVM kernel (effc.kernels.shift_add_cpu)
 and ONNX Runtime's fp32 MatMul on the dense weight it stands for. Timings are medians after
-warm-up, the two interleaved round by round so that a loaded machine slows both alike, each round
+warm-up, the two interleaved round by round so that a loaded machine slows both alike, each turn
 after an idle gap, with ONNX Runtime's workers told to stop spinning when a run returns (as `effc
-bench` does: a spinning pool would take one of the two cores from the other engine); agreement
+bench` does: a spinning pool would take one of the two cores from the other engine). The calls
+right after the gap are reported apart ("after idle": a core that idled comes back slow here);
+the headline is the median of the three back-to-back timings that follow each; agreement
 is checked against the op's numpy reference (effc.ops.shift_add_matmul). M >= 16 runs the
 prefill kernel (effc.kernels.shift_add_prefill), smaller M the decode kernel.
 """
@@ -80,23 +82,28 @@ def main() -> None:
     print(f"{n}x{k} linear, {q} planes + 1 scale byte per plane and group of {group} ({bits:.2f} bits/weight), "
           f"{args.threads} threads")
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    print("| M | shift-add LUT (TVM) ms | ORT fp32 MatMul ms | speed-up | max rel err vs reference |")
-    print("|---|---|---|---|---|")
+    print("| M | shift-add LUT (TVM) ms | ORT fp32 MatMul ms | speed-up | after idle: LUT / ORT ms | "
+          "max rel err vs reference |")
+    print("|---|---|---|---|---|---|")
     for m in (int(v) for v in args.m.split(",")):
         kernel = ShiftAddKernel(planes, codes, bias, m)
         x = rng.standard_normal((m, k)).astype(np.float32)
         reference = op.reference(x.astype(np.float64), planes, codes, bias)
         error = float(np.abs(kernel(x) - reference).max() / np.abs(reference).max())
         number = 20 if m == 1 else 2
-        lut, ort = [], []
+        engines = {"lut": lambda x=x: kernel.time_ms(x, number=number, repeat=1),
+                   "ort": lambda x=x: median_ms(lambda: session.run(None, {"x": x}), warmup=1, repeat=number)}
+        idle = {name: [] for name in engines}
+        steady = {name: [] for name in engines}
         for _ in range(15):  # interleaved rounds: load spikes hit both sides
-            time.sleep(SETTLE_S)
-            lut.append(kernel.time_ms(x, number=number, repeat=1))
-            time.sleep(SETTLE_S)
-            ort.append(median_ms(lambda x=x: session.run(None, {"x": x}), warmup=1, repeat=number))
-        lut, ort = float(np.median(lut)), float(np.median(ort))
-        print(f"| {m} | {lut:.3f} | {ort:.3f} | {ort / lut:.2f}x | {error:.1e} |", flush=True)
-
+            for name, timed in engines.items():
+                time.sleep(SETTLE_S)
+                idle[name].append(timed())  # the calls straight after the idle gap
+                steady[name] += [timed() for _ in range(3)]  # then back to back (as `effc bench`)
+        lut, ort = (float(np.median(steady[name])) for name in engines)
+        lut_idle, ort_idle = (float(np.median(idle[name])) for name in engines)
+        print(f"| {m} | {lut:.3f} | {ort:.3f} | {ort / lut:.2f}x | {lut_idle:.3f} / {ort_idle:.3f} | {error:.1e} |",
+              flush=True)
 
 if __name__ == "__main__":
     main()

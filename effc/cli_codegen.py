@@ -120,20 +120,33 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
               help="Knob sets tried per distinct workload (the rule's default is always the first).")
 @click.option("--records", "records", required=True, type=click.Path(dir_okay=False),
               help="Record file to extend (JSON; created if missing, resumed if present).")
-def tune_cmd(model: str, target: str, trials: int, records: str) -> None:
+@click.option("--passes", default=None,
+              help="Passes run first, as `effc compile` runs them, so that the tuned kernels are the ones it "
+                   "builds (default: its default passes; none: MODEL as it is). Not for an OUT directory, "
+                   "whose model.onnx has been through them.")
+def tune_cmd(model: str, target: str, trials: int, records: str, passes: str | None) -> None:
     """Search the CPU rules' knobs for each distinct kernel of MODEL and keep the best per kernel in
     RECORDS; `effc compile --records RECORDS` applies them. MODEL is what gets built: an `effc
     compile` OUT directory (its optimized model.onnx), an .onnx file, or zoo:NAME."""
+    from effc.cli import _load_model
     from effc.codegen.tune import tune_model
     from effc.frontend.onnx import load
+    from effc.passes import parse_pass_list
+    from effc.pipeline import run_pipeline
 
-    if model.startswith("zoo:"):
-        from effc.zoo.cache import cached_model_path
+    if Path(model).is_dir():
+        if passes is not None:
+            raise EffcError(f"--passes: {model} is an `effc compile` output, already through its passes")
+        ir_model, pass_list = load(Path(model) / "model.onnx"), []
+    else:
+        pass_list = parse_pass_list(passes)
+        ir_model, zoo_name = _load_model(model)
+    if pass_list:
+        from effc import zoo
 
-        model = str(cached_model_path(model[4:]))
-    elif Path(model).is_dir():
-        model = str(Path(model) / "model.onnx")
-    result = tune_model(load(model), trials, records, progress=click.echo)
+        feeds = zoo.get(zoo_name).sample_inputs(2, 0) if zoo_name else None  # as `effc compile` measures
+        ir_model = run_pipeline(ir_model, pass_list, feeds=feeds).model
+    result = tune_model(ir_model, trials, records, progress=click.echo)
     click.echo(f"{result.workloads} workloads, {result.tuned} tuned now, {result.seconds} s; records in {records}")
 
 

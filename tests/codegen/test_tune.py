@@ -39,3 +39,50 @@ def test_tune_records_resume_and_apply(tmp_path):
     assert (8, 64, 16) in shapes and (4, 64, 32) not in shapes, shapes
     feeds = make_inputs(model, 2, seed=5)
     assert deviation(run_compiled(out, feeds), OrtRunner(model).run_all(feeds)).max_rel < 1e-4
+
+
+def linear_then_batchnorm(path) -> None:
+    """x [16, 32] -> MatMul -> BatchNormalization: fold-batchnorm (a default pass) turns the kernel's
+    normalising epilogue into a bias add, a different workload."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("W", (32, 64)), ("gamma", (64,)), ("beta", (64,)), ("mean", (64,)))]
+    inits.append(numpy_helper.from_array(rng.uniform(0.5, 2, 64).astype(np.float32), "var"))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("BatchNormalization", ["h", "gamma", "beta", "mean", "var"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 64])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, path)
+
+
+@pytest.mark.parametrize("passes, tuned", [(None, 1), ("none", 0)])
+def test_cli_tune_builds_what_compile_builds(tmp_path, passes, tuned):
+    """`effc tune` runs compile's default passes first, so its records fit the kernels `effc compile`
+    builds; with --passes none they fit the unfolded model and the compiled kernel goes untuned."""
+    from tests.codegen.test_codegen import _effc
+
+    model = tmp_path / "linear_bn.onnx"
+    linear_then_batchnorm(model)
+    records = tmp_path / "records.json"
+    tune = ["tune", model, "--trials", "1", "--records", records] + (["--passes", passes] if passes else [])
+    proc = _effc(*tune)
+    assert proc.returncode == 0, proc.stderr
+    proc = _effc("compile", model, "-o", tmp_path / "out", "--target", "llvm", "--records", records)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "out" / "codegen.json").read_text())
+    assert manifest["rule_hits"].get("matmul") == 1 and manifest["tuned_kernels"] == tuned, manifest
+
+
+def test_cli_tune_refuses_passes_for_a_compiled_output(tmp_path):
+    from tests.codegen.test_codegen import _effc
+
+    (tmp_path / "out").mkdir()
+    proc = _effc("tune", tmp_path / "out", "--records", tmp_path / "r.json", "--passes", "none")
+    assert proc.returncode == 2 and "already through its passes" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from effc.kernels._layout import fold_signs
+from effc.kernels._layout import fold_signs, table_entry
+from effc.kernels._layout import misfit as layout_misfit
 
 LANES = 16  # float32 lanes of a zmm register: output rows per vector, entries per table
 BLOCK = 4   # vectors of output rows per parallel task (accumulators kept in registers)
@@ -104,11 +105,7 @@ def prim_func(m: int, n: int, k: int, q: int, group: int, block: int = BLOCK):
         for r in T.parallel(m):
             for c in range(kc):
                 for u in T.vectorized(lanes):
-                    lut[r, c, u] = (
-                        T.Select((u & 1) == 1, 1.0, -1.0) * T.if_then_else(c * 4 < k, x[r, c * 4], 0.0)
-                        + T.Select((u & 2) == 2, 1.0, -1.0) * T.if_then_else(c * 4 + 1 < k, x[r, c * 4 + 1], 0.0)
-                        + T.Select((u & 4) == 4, 1.0, -1.0) * T.if_then_else(c * 4 + 2 < k, x[r, c * 4 + 2], 0.0)
-                        + T.Select((u & 8) == 8, 1.0, -1.0) * T.if_then_else(c * 4 + 3 < k, x[r, c * 4 + 3], 0.0))
+                    lut[r, c, u] = table_entry(x, r, c * 4, k, u)
         for nb in T.parallel(n // rows):
             for r in range(m):
                 for v in T.unroll(block):
@@ -147,12 +144,10 @@ def misfit(planes_shape: tuple, codes_shape: tuple) -> str | None:
     """Why a weight (planes [q, N, K/8], codes [q, N, K/g, T]) does not fit the kernels at every M,
     or None when it does (checked against the decode kernel, whose constraints include the prefill
     kernel's, so the choice never depends on M)."""
-    _, n, kb = planes_shape
-    groups, terms = codes_shape[2], codes_shape[3]
-    if terms != 1:
-        return f"{terms} power-of-two terms per scale (the kernels take 1)"
-    if (kb * 8) % groups or (kb * 8 // groups) % 8:
-        return f"group {kb * 8 / groups:g} is not a whole number of bytes"
+    n = planes_shape[1]
+    reason = layout_misfit(planes_shape, codes_shape)
+    if reason:
+        return reason
     if n % (LANES * BLOCK):
         return f"N={n} is not a multiple of {LANES * BLOCK}"
     return None

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from effc.kernels._layout import fold_signs
+from effc.kernels._layout import fold_signs, table_entry
+from effc.kernels._layout import misfit as layout_misfit
 
 THREADS = 128  # output columns per thread block
 CHUNK = 32     # weight bytes (256 activations) per shared table: 64 tables x 16 floats = 4 KiB
@@ -45,11 +46,12 @@ class PackedCuda:
 
 def misfit(planes_shape: tuple, codes_shape: tuple) -> str | None:
     """Why a weight (planes [q, N, K/8], codes [q, N, K/g, T]) does not fit this kernel, or None."""
-    kb, groups, terms = planes_shape[2], codes_shape[2], codes_shape[3]
-    if terms != 1:
-        return f"{terms} power-of-two terms per scale (the kernel takes 1)"
-    if (kb * 8) % groups or (kb * 8 // groups) % 8 or CHUNK % (kb * 8 // groups // 8):
-        return f"group {kb * 8 / groups:g} is not a whole number of bytes dividing {CHUNK}"
+    reason = layout_misfit(planes_shape, codes_shape)
+    if reason:
+        return reason
+    group_bytes = planes_shape[2] // codes_shape[2]
+    if CHUNK % group_bytes:
+        return f"groups of {group_bytes} bytes do not divide the {CHUNK}-byte chunks"
     return None
 
 
@@ -96,19 +98,8 @@ def prim_func(m: int, n: int, k: int, q: int, group: int, gpu: bool = True):
                     for tx in bind(THREADS, "threadIdx.x"):
                         for e in range(builds):
                             # entry u of table t: sum over its 4 activations of +-x (0 past K: padding)
-                            lut[(e * THREADS + tx) // 16, (e * THREADS + tx) % 16] = (
-                                T.Select(((e * THREADS + tx) % 16) & 1 == 1, 1.0, -1.0) * T.if_then_else(
-                                    ((c * TABLES + (e * THREADS + tx) // 16) * 4) < k,
-                                    x[row, T.min((c * TABLES + (e * THREADS + tx) // 16) * 4, k - 1)], 0.0)
-                                + T.Select(((e * THREADS + tx) % 16) & 2 == 2, 1.0, -1.0) * T.if_then_else(
-                                    ((c * TABLES + (e * THREADS + tx) // 16) * 4 + 1) < k,
-                                    x[row, T.min((c * TABLES + (e * THREADS + tx) // 16) * 4 + 1, k - 1)], 0.0)
-                                + T.Select(((e * THREADS + tx) % 16) & 4 == 4, 1.0, -1.0) * T.if_then_else(
-                                    ((c * TABLES + (e * THREADS + tx) // 16) * 4 + 2) < k,
-                                    x[row, T.min((c * TABLES + (e * THREADS + tx) // 16) * 4 + 2, k - 1)], 0.0)
-                                + T.Select(((e * THREADS + tx) % 16) & 8 == 8, 1.0, -1.0) * T.if_then_else(
-                                    ((c * TABLES + (e * THREADS + tx) // 16) * 4 + 3) < k,
-                                    x[row, T.min((c * TABLES + (e * THREADS + tx) // 16) * 4 + 3, k - 1)], 0.0))
+                            lut[(e * THREADS + tx) // 16, (e * THREADS + tx) % 16] = table_entry(
+                                x, row, (c * TABLES + (e * THREADS + tx) // 16) * 4, k, (e * THREADS + tx) % 16)
                     for tx in bind(THREADS, "threadIdx.x"):
                         if bx * THREADS + tx < n:
                             acc = T.alloc_buffer((1,), "float32", scope="local")

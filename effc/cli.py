@@ -33,6 +33,17 @@ def _load_model(spec: str, opset: int | None = None):
     return load(spec, opset=opset), None
 
 
+def pass_feeds(zoo_name: str | None) -> list[dict] | None:
+    """The inputs passes are measured on when none are given: a zoo model's samples, else None
+    (the pipeline's seeded random inputs). `effc tune` uses the same, so that it rewrites the model
+    exactly as `effc compile` does."""
+    if not zoo_name:
+        return None
+    from effc import zoo
+
+    return zoo.get(zoo_name).sample_inputs(2, 0)
+
+
 def _read_feeds(path: str) -> list[dict]:
     """An .npz of model inputs: one array per input, first axis = samples."""
     import numpy as np
@@ -95,11 +106,7 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
     console = _console()
     with console.status(f"loading {model}"):
         ir_model, zoo_name = _load_model(model, opset)
-    feeds = _read_feeds(inputs) if inputs else None
-    if feeds is None and zoo_name:
-        from effc import zoo
-
-        feeds = zoo.get(zoo_name).sample_inputs(2, 0)
+    feeds = _read_feeds(inputs) if inputs else pass_feeds(zoo_name)
     calibration = None
     if calib:
         from effc.calib import load_npz, zoo_calibration

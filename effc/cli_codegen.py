@@ -128,7 +128,7 @@ def tune_cmd(model: str, target: str, trials: int, records: str, passes: str | N
     """Search the CPU rules' knobs for each distinct kernel of MODEL and keep the best per kernel in
     RECORDS; `effc compile --records RECORDS` applies them. MODEL is what gets built: an `effc
     compile` OUT directory (its optimized model.onnx), an .onnx file, or zoo:NAME."""
-    from effc.cli import _load_model
+    from effc.cli import _load_model, pass_feeds
     from effc.codegen.tune import tune_model
     from effc.frontend.onnx import load
     from effc.passes import parse_pass_list
@@ -142,10 +142,7 @@ def tune_cmd(model: str, target: str, trials: int, records: str, passes: str | N
         pass_list = parse_pass_list(passes)
         ir_model, zoo_name = _load_model(model)
     if pass_list:
-        from effc import zoo
-
-        feeds = zoo.get(zoo_name).sample_inputs(2, 0) if zoo_name else None  # as `effc compile` measures
-        ir_model = run_pipeline(ir_model, pass_list, feeds=feeds).model
+        ir_model = run_pipeline(ir_model, pass_list, feeds=pass_feeds(zoo_name)).model
     result = tune_model(ir_model, trials, records, progress=click.echo)
     click.echo(f"{result.workloads} workloads, {result.tuned} tuned now, {result.seconds} s; records in {records}")
 

@@ -88,8 +88,9 @@ def _is_primfunc(func) -> bool:
     """A kernel the rules schedule (hand-written ones, e.g. the shift-add LUT kernels, are not tuned)."""
     from tvm import tirx
 
-    return isinstance(func, tirx.PrimFunc) and not (func.attrs is not None
-                                                    and int(func.attrs.get("tirx.is_scheduled", 0)) == 1)
+    from effc.codegen.apply import is_scheduled
+
+    return isinstance(func, tirx.PrimFunc) and not is_scheduled(func)
 
 
 def time_kernel(func, target, repeat: int = 5) -> float:

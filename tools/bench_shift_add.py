@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from effc.codegen.bench import ORT_CONFIG, SETTLE_S
+from effc.codegen.bench import ORT_CONFIG, turns
 
 
 def ort_matmul(weight_t: np.ndarray, bias: np.ndarray, threads: int):
@@ -93,17 +93,14 @@ def main() -> None:
         number = 20 if m == 1 else 2
         engines = {"lut": lambda x=x: kernel.time_ms(x, number=number, repeat=1),
                    "ort": lambda x=x: median_ms(lambda: session.run(None, {"x": x}), warmup=1, repeat=number)}
-        idle = {name: [] for name in engines}
-        steady = {name: [] for name in engines}
-        for _ in range(15):  # interleaved rounds: load spikes hit both sides
-            for name, timed in engines.items():
-                time.sleep(SETTLE_S)
-                idle[name].append(timed())  # the calls straight after the idle gap
-                steady[name] += [timed() for _ in range(3)]  # then back to back (as `effc bench`)
+        # interleaved rounds (load spikes hit both sides), each engine's turn as in `effc bench`;
+        # the engines time themselves (ms per call)
+        steady, idle = turns(engines, rounds=15, measure=lambda timed: timed())
         lut, ort = (float(np.median(steady[name])) for name in engines)
         lut_idle, ort_idle = (float(np.median(idle[name])) for name in engines)
         print(f"| {m} | {lut:.3f} | {ort:.3f} | {ort / lut:.2f}x | {lut_idle:.3f} / {ort_idle:.3f} | {error:.1e} |",
               flush=True)
+
 
 if __name__ == "__main__":
     main()

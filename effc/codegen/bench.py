@@ -93,16 +93,7 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
         from effc.codegen.torch_engine import TorchEngine
 
         engines["torch"] = TorchEngine(zoo_name, [s["name"] for s in compiled.inputs], feed, nthreads)
-    steady: dict[str, list[float]] = {name: [] for name in engines}
-    after_idle: dict[str, list[float]] = {name: [] for name in engines}
-    for round_ in range(warmup + runs):
-        for name, fn in engines.items():
-            time.sleep(settle_s)
-            for call in range(1 + burst):
-                start = time.perf_counter()
-                fn()
-                if round_ >= warmup:
-                    (after_idle if call == 0 else steady)[name].append(time.perf_counter() - start)
+    steady, after_idle = turns(engines, warmup + runs, warmup, settle_s, burst)
     result = {}
     for name in engines:
         result[name] = _stats(steady[name] or after_idle[name])
@@ -126,6 +117,30 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
         result["torch_max_rel_err"] = deviation([{first: compiled(feed)[first]}],
                                                 [{first: engines["torch"].output()}]).max_rel
     return result
+
+
+def _wall_seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def turns(engines: dict, rounds: int, warmup: int = 0, settle_s: float = SETTLE_S, burst: int = BURST,
+          measure=_wall_seconds) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """The interleaved timing loop: each round, each engine in turn idles ``settle_s``, is measured
+    once (after idle), then ``burst`` times back to back (steady); the first ``warmup`` rounds are
+    dropped. ``measure(fn)`` gives one sample (default: wall-clock seconds of ``fn()``).
+    Returns (steady, after_idle) samples per engine."""
+    steady: dict[str, list[float]] = {name: [] for name in engines}
+    after_idle: dict[str, list[float]] = {name: [] for name in engines}
+    for round_ in range(rounds):
+        for name, fn in engines.items():
+            time.sleep(settle_s)
+            for call in range(1 + burst):
+                sample = measure(fn)
+                if round_ >= warmup:
+                    (after_idle if call == 0 else steady)[name].append(sample)
+    return steady, after_idle
 
 
 def default_feeds(out: Path) -> list[dict]:

@@ -112,14 +112,15 @@ def _polish(w: np.ndarray, h: np.ndarray, quantizer: BCQQuantizer, opts: Options
     damped = h + np.eye(k) * opts.damp * max(float(np.mean(np.diag(h))), 1e-12)
     target = np.where(np.diag(h) == 0, 0.0, w.astype(np.float64))  # as GPTQ: dead inputs
     bound = np.abs(w).reshape(n, k // opts.group, opts.group).max(axis=2) if opts.clip else None
+    limit = None if bound is None else 2 * bound  # how far the exponent refit may move a group
     refit = opts.refit and opts.terms == 1
     args = (quantizer.signs, quantizer.term_signs, quantizer.term_exps)
     if refit:
-        refit_exponents(target, damped, *args, None if bound is None else 2 * bound)
+        refit_exponents(target, damped, *args, limit)
     for _ in range(opts.refine):
         drop = refine_codes(target, damped, *args, bound)
         if refit:
-            refit_exponents(target, damped, *args, None if bound is None else 2 * bound)
+            refit_exponents(target, damped, *args, limit)
         if drop < 1e-4:
             break
     return op.dense_weight(op.pack_planes(quantizer.signs), op.encode_terms(quantizer.term_signs, quantizer.term_exps))

@@ -25,6 +25,16 @@ import numpy as np
 from effc.codegen.bench import ORT_CONFIG, turns
 
 
+def random_layer(rng, q: int, n: int, k: int, group: int = 8):
+    """(planes, codes, bias) of a random shift-add linear: one power-of-two term per scale."""
+    from effc.ops import shift_add_matmul as op
+
+    planes = op.pack_planes(rng.choice([-1, 1], size=(q, n, k)))
+    exps = -6 - np.arange(q)[:, None, None, None] + rng.integers(-1, 2, size=(q, n, k // group, 1))
+    codes = op.encode_terms(rng.choice([-1, 1], size=exps.shape), exps)
+    return planes, codes, rng.standard_normal(n).astype(np.float32)
+
+
 def ort_matmul(weight_t: np.ndarray, bias: np.ndarray, threads: int):
     """An ONNX Runtime session computing x @ weight_t + bias in fp32."""
     import onnx
@@ -73,10 +83,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     q, n, k, group = args.bits, args.n, args.k, 8
-    planes = op.pack_planes(rng.choice([-1, 1], size=(q, n, k)))
-    exps = -6 - np.arange(q)[:, None, None, None] + rng.integers(-1, 2, size=(q, n, k // group, 1))
-    codes = op.encode_terms(rng.choice([-1, 1], size=exps.shape), exps)
-    bias = rng.standard_normal(n).astype(np.float32)
+    planes, codes, bias = random_layer(rng, q, n, k, group)
     session = ort_matmul(op.dense_weight(planes, codes).T.astype(np.float32).copy(), bias, args.threads)
     bits = (planes.size + codes.size) * 8 / (n * k)
     print(f"{n}x{k} linear, {q} planes + 1 scale byte per plane and group of {group} ({bits:.2f} bits/weight), "

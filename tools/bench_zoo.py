@@ -1,8 +1,12 @@
-"""Compile zoo models for llvm with effc and benchmark them against ONNX Runtime and torch eager;
+"""Compile zoo models with effc and benchmark them against ONNX Runtime and torch eager;
 write a markdown table (with the date and the machine's load: the machine may be shared).
 
     python tools/bench_zoo.py [--models vit-s16,bert-base,gpt2] [--records shipped,none] [--vs ort,torch]
                               [--work DIR] [--out docs/benchmarks.md] [--runs 15] [--profile]
+                              [--target llvm|cuda --arch sm_90]
+
+With --target cuda (a GPU needed) torch runs on the same GPU and ONNX Runtime on the CPU: its
+timing is context, its outputs the agreement check. CUDA builds take no records (--records none).
 
 --records lists the record variants to build each model with (`effc compile --records`: shipped,
 none or a file from `effc tune`); each variant is compiled once per work directory (delete it to
@@ -33,12 +37,14 @@ def load() -> str:
 
 
 def bench_model(name: str, work: Path, runs: int, threads: int | None, records: str = "shipped",
-                vs: str = "ort", profile: bool = False) -> dict:
-    out = work / f"{name}-{Path(records).stem}"
+                vs: str = "ort", profile: bool = False, target: tuple[str, ...] = ("llvm",)) -> dict:
+    """``target``: (kind,) or (kind, arch), as `effc compile --target KIND [--arch ARCH]` takes them."""
+    out = work / f"{name}-{Path(records).stem}" if target == ("llvm",) else work / f"{name}-{'-'.join(target)}"
     row: dict = {"model": name, "records": records}
     if not (out / "model.so").exists():
         start = time.perf_counter()
-        proc = effc("compile", f"zoo:{name}", "-o", str(out), "--target", "llvm", "--records", records)
+        arch = ["--arch", target[1]] if len(target) > 1 else []
+        proc = effc("compile", f"zoo:{name}", "-o", str(out), "--target", target[0], *arch, "--records", records)
         row["compile_s"] = round(time.perf_counter() - start, 1)
         if proc.returncode != 0:
             row["error"] = (proc.stderr.strip().splitlines() or ["compile failed"])[-1]
@@ -86,17 +92,30 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def page(rows: list[dict], started: str, load_before: str, load_after: str) -> str:
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU visible to torch"
+
+
+def page(rows: list[dict], started: str, load_before: str, load_after: str, target: tuple[str, ...] = ("llvm",)) -> str:
     from effc.codegen.target import llvm_target
 
-    target = llvm_target()
+    host = llvm_target()
     method = next((r["method"] for r in rows if "method" in r), {})
-    threads = next((r["threads"] for r in rows if "threads" in r), target.threads)
+    threads = next((r["threads"] for r in rows if "threads" in r), host.threads)
+    cpu = f"{platform.machine()} CPU family `{host.spec['mcpu']}` ({host.threads} cores available)"
+    if target[0] == "cuda":
+        title = f"# effc benchmarks (CUDA {' '.join(target[1:])})"
+        setup = (f"Run {started} by `python tools/bench_zoo.py --target {' --arch '.join(target)}` on "
+                 f"{gpu_name()}; effc and torch eager on the GPU, fp32, batch 1; ONNX Runtime on the {cpu} with "
+                 f"{threads} threads (context and the agreement check, not a GPU engine).")
+    else:
+        title = "# effc benchmarks (CPU)"
+        setup = (f"Run {started} by `python tools/bench_zoo.py`; {cpu}, {threads} threads for every engine, "
+                 "fp32, batch 1.")
     return "\n".join([
-        "# effc benchmarks (CPU)", "",
-        (f"Run {started} by `python tools/bench_zoo.py`; {platform.machine()} CPU family "
-         f"`{target.spec['mcpu']}` ({target.threads} cores available), {threads} threads for every engine, "
-         "fp32, batch 1."), "",
+        title, "", setup, "",
         f"Machine load (`uptime`) before: `{load_before}`", f"after: `{load_after}`", "",
         ("**Caveat: this machine is shared** (other jobs run beside the benchmark), so absolute times "
          "wander from run to run; the engines take turns within each round (interleaved), so the ratios "
@@ -122,16 +141,20 @@ def main() -> None:
     parser.add_argument("--runs", default=15, type=int)
     parser.add_argument("--threads", default=None, type=int)
     parser.add_argument("--profile", action="store_true", help="Also print each model's slowest kernels.")
+    parser.add_argument("--target", default="llvm", choices=("llvm", "cuda"))
+    parser.add_argument("--arch", default=None, help="CUDA arch (sm_80, sm_90) for --target cuda.")
     args = parser.parse_args()
+    target = (args.target, args.arch) if args.arch else (args.target,)
     started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     load_before = load()
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         for records in [r.strip() for r in args.records.split(",") if r.strip()]:
             print(f"{name} (records: {records}) ...", flush=True)
-            rows.append(bench_model(name, args.work, args.runs, args.threads, records, args.vs, args.profile))
+            rows.append(bench_model(name, args.work, args.runs, args.threads, records, args.vs, args.profile, target))
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(page(rows, started, load_before, load()))  # a partial page survives an interrupt
+            # a partial page survives an interrupt
+            args.out.write_text(page(rows, started, load_before, load(), target))
     print(markdown(rows))
 
 

@@ -92,7 +92,8 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
     if "torch" in vs:
         from effc.codegen.torch_engine import TorchEngine
 
-        engines["torch"] = TorchEngine(zoo_name, [s["name"] for s in compiled.inputs], feed, nthreads)
+        engines["torch"] = TorchEngine(zoo_name, [s["name"] for s in compiled.inputs], feed, nthreads,
+                                       "cuda" if compiled.is_cuda else "cpu")
     steady, after_idle = turns(engines, warmup + runs, warmup, settle_s, burst)
     result = {}
     for name in engines:

@@ -1,5 +1,6 @@
 """The CUDA lookup-table kernel's arithmetic, checked on the CPU: the same TIR body with serial loops
-in place of thread bindings equals effc.ShiftAddMatMul's numpy reference; its layout keeps the weight."""
+in place of thread bindings equals effc.ShiftAddMatMul's numpy reference, and so does the GPU kernel where a
+GPU is present; its layout keeps the weight."""
 
 from __future__ import annotations
 
@@ -50,3 +51,22 @@ def test_misfit_names_the_reason():
     assert kernel.misfit((3, 64, 8), (3, 64, 8, 1)) is None
     assert "2 power-of-two terms" in kernel.misfit((3, 64, 8), (3, 64, 8, 2))
     assert "whole number of bytes" in kernel.misfit((3, 64, 8), (3, 64, 16, 1))  # groups of 4 columns
+
+
+@pytest.mark.skipif(not tvm.cuda(0).exist, reason="no GPU: the arithmetic is checked above with serial loops")
+@pytest.mark.parametrize("m, n, k, q", [(1, 4096, 4096, 3), (128, 768, 3072, 2), (5, 130, 264, 4)])
+def test_kernel_on_gpu_equals_reference(m, n, k, q):
+    from effc.codegen.target import cuda_target
+
+    rng = np.random.default_rng(n + k)
+    planes, codes, bias = packed(rng, q, n, k, 8)
+    choice = kernel.choose(planes, codes, m)
+    func = choice.func.with_attr("global_symbol", choice.symbol)
+    arch = "sm_{}{}".format(*tvm.cuda(0).compute_version.split("."))
+    lib = tvm.compile(tvm.IRModule({choice.symbol: func}), target=cuda_target(arch).tvm()).jit()
+    dev = tvm.cuda(0)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32), dev)  # poisoned: every element must be written
+    lib[choice.symbol](*(tvm.runtime.tensor(a, dev) for a in (x, choice.bits, choice.exps, bias)), y)
+    want = op.reference(x.astype(np.float64), planes, codes, bias)
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -50,6 +50,10 @@ def deviation(outputs: list[dict[str, np.ndarray]], reference: list[dict[str, np
             g64, r64 = g.astype(np.float64).ravel(), r.astype(np.float64).ravel()
             if g64.shape != r64.shape:
                 raise EffcError(f"output '{name}' changed shape {r.shape} -> {g.shape}")
+            if not np.array_equal(np.isnan(g64), np.isnan(r64)):  # NaN compares false: max() would skip it
+                max_abs, max_rel, cosine = float("inf"), float("inf"), min(cosine, 0.0)
+                continue
+            g64, r64 = np.nan_to_num(g64, nan=0.0), np.nan_to_num(r64, nan=0.0)  # NaN where both have it
             diff = float(np.max(np.abs(g64 - r64))) if r64.size else 0.0
             scale = float(np.max(np.abs(r64))) if r64.size else 0.0
             max_abs = max(max_abs, diff)

@@ -54,7 +54,7 @@ def main() -> None:
 
     from effc.cli import _load_model
     from effc.codegen import lower
-    from effc.codegen.apply import RuleLog, apply_rules, is_scheduled
+    from effc.codegen.apply import RuleLog, is_scheduled
     from effc.codegen.relax_import import import_model
     from effc.codegen.schedules import rules_for
     from effc.codegen.target import cuda_target, llvm_target
@@ -63,8 +63,7 @@ def main() -> None:
     fused = lower.fuse(import_model(_load_model(args.model)[0], gpu).mod, gpu)
     plain = {gv.name_hint: func for gv, func in fused.functions_items()}  # the rules update fused in place
     log = RuleLog()
-    with gpu:
-        scheduled = apply_rules(rules_for(gpu), log)(fused)
+    scheduled = lower.schedule_kernels(fused, gpu, rules_for(gpu), log)
     dev = tvm.cuda(0) if tvm.cuda(0).exist else None
     rng = np.random.default_rng(0)
     bad = 0

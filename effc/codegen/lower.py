@@ -20,13 +20,15 @@ def fuse(mod, target):
     import tvm
     from tvm import relax
 
-    from effc.codegen.fast_math import fast_math_passes
+    from effc.codegen.fast_math import fast_math_passes, pow_to_multiply_pass
     from effc.codegen.unflatten_matmul import unflatten_matmul_pass
 
-    passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]
+    # pow(x, small int) as multiplies everywhere: on CUDA, TVM builds with fast math, where powf of a
+    # negative base is NaN (GPT-2's tanh GELU cubes x)
+    passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(), pow_to_multiply_pass()]
     if target.kind.name == "llvm":
         passes += [unflatten_matmul_pass(), relax.transform.DeadCodeElimination()]  # epilogues fuse
-        passes += fast_math_passes()  # libm's exp/tanh/erf/pow are scalar calls on CPU
+        passes += fast_math_passes()  # libm's exp/tanh/erf are scalar calls on CPU
     passes += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     if target.kind.name == "llvm":
@@ -38,10 +40,16 @@ def fuse(mod, target):
 def schedule(mod, target, rules, log=None):
     """Legalize, fuse and schedule every kernel of ``mod`` for ``target`` (a tvm Target); ``log``
     (an apply.RuleLog) receives which rule took which kernel."""
+    return schedule_kernels(fuse(mod, target), target, rules, log)
+
+
+def schedule_kernels(fused, target, rules, log=None):
+    """Schedule the kernels of an already fused module (updated in place, as TVM passes may)."""
     import tvm
     from tvm import relax
 
     from effc.codegen.apply import RuleLog, apply_rules
+    from effc.codegen.cuda_bool_loads import serial_bool_loads_pass
 
     passes = [apply_rules(rules, log if log is not None else RuleLog())]
     if target.kind.name == "llvm":
@@ -49,9 +57,10 @@ def schedule(mod, target, rules, log=None):
         # lifting is CPU-only for now.
         passes += [relax.transform.SplitLayoutRewritePreproc(), relax.transform.LiftTransformParams(),
                    relax.transform.FoldConstant()]
-    mod = fuse(mod, target)
+    else:
+        passes += [serial_bool_loads_pass()]
     with target:
-        return tvm.transform.Sequential(passes)(mod)
+        return tvm.transform.Sequential(passes)(fused)
 
 
 def build_config(target) -> dict:

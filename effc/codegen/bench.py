@@ -61,11 +61,14 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
           burst: int = BURST) -> dict:
     """Benchmark OUT against the engines in ``vs``; returns the `effc bench --json` dictionary."""
     from effc.codegen.runtime import configure_threads, load_compiled
+    from effc.codegen.target import host_threads
     from effc.verify import OrtRunner, deviation
 
     out = Path(out_dir)
     compiled = load_compiled(out, threads)
-    nthreads = configure_threads(threads or compiled.manifest.get("threads") or 1)
+    # a CUDA build records 1 host thread; ONNX Runtime and torch on the CPU get the host's cores
+    nthreads = configure_threads(threads or (host_threads() if compiled.is_cuda else compiled.manifest.get("threads"))
+                                 or 1)
     unknown = set(vs) - set(ENGINES)
     if unknown:
         raise EffcError(f"--vs: unknown engine(s) {', '.join(sorted(unknown))} (known: {', '.join(ENGINES)})")

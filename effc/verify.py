@@ -58,8 +58,11 @@ def deviation(outputs: list[dict[str, np.ndarray]], reference: list[dict[str, np
             scale = float(np.max(np.abs(r64))) if r64.size else 0.0
             max_abs = max(max_abs, diff)
             max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
-            denom = float(np.linalg.norm(g64) * np.linalg.norm(r64))
-            cos = float(np.dot(g64, r64) / denom) if denom > 0 else (1.0 if diff == 0 else 0.0)
+            with np.errstate(over="ignore", invalid="ignore"):  # infinities: cosine undefined
+                denom = float(np.linalg.norm(g64) * np.linalg.norm(r64))
+                cos = float(np.dot(g64, r64) / denom) if denom > 0 else float("nan")
+            if not np.isfinite(cos):
+                cos = 1.0 if diff == 0 else 0.0
             cosine = min(cosine, cos)
     return Deviation(max_abs, max_rel, cosine)
 

@@ -121,3 +121,25 @@ def test_single_row_head_is_a_gemv_with_a_packed_weight(tmp_path, transposed):
     assert "gemv" in result.kernels.values() and "fallback" not in result.kernels.values(), result.kernels
     shapes = [tuple(p.shape) for p in tvm.runtime.load_param_dict_from_file(str(tmp_path / "params.bin")).values()]
     assert (n, k) not in shapes and (k, n) not in shapes, "the unpacked weight should not be shipped"
+
+
+def test_three_vector_tile_is_three_vectors_not_one_wide_one():
+    """nr_vectors=3 (48 columns): LLVM's <48 x float> is no legal type and spilled the accumulators
+    at every k step (3 GFLOP/s); the rule splits the tile into 3 unrolled 16-lane vectors."""
+    import tvm
+    from tvm import te, topi
+
+    from effc.codegen.schedules.cpu.matmul import Matmul
+    from effc.codegen.target import llvm_target
+
+    m, k, n = 16, 64, 96
+    a, b = te.placeholder((m, k), "float32", name="A"), te.placeholder((k, n), "float32", name="B")
+    func = te.create_prim_func([a, b, topi.nn.matmul(a, b)])
+    sch = Matmul().schedule(func, mr=8, nr_vectors=3)
+    lib = tvm.compile(sch.mod, target=llvm_target(1).tvm())
+    assert "<48 x float>" not in lib.mod.inspect_source("ll")
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), y)
+    np.testing.assert_allclose(y.numpy(), x @ w, rtol=1e-5, atol=1e-4)

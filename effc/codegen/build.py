@@ -72,7 +72,8 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
         main, prep = lower.split_transform(mod)
         params = lower.run_transform(prep, tvm_target, params) if prep is not None else params
         with tvm.transform.PassContext(config=lower.build_config(tvm_target)):
-            exe = tvm.compile(main, target=tvm_target, relax_pipeline=lower.finish_pipeline(tvm_target))
+            exe = tvm.compile(main, target=tvm_target, relax_pipeline=lower.finish_pipeline(tvm_target),
+                              tir_pipeline=lower.tir_pipeline(tvm_target))
     except EffcError:
         raise
     except Exception as exc:

@@ -70,6 +70,16 @@ def build_config(target) -> dict:
     return {"tirx.enable_buffer_level_predication": True} if target.kind.name == "llvm" else {}
 
 
+def tir_pipeline(target) -> str:
+    """The TIR pipeline to build scheduled kernels with: on CPU, TVM's with weight-panel prefetching
+    in front (effc.codegen.prefetch)."""
+    if target.kind.name != "llvm":
+        return "default"
+    from effc.codegen.prefetch import register_pipeline
+
+    return register_pipeline()
+
+
 def finish_pipeline(target):
     """The rest of TVM's backend pipeline (memory planning, VM lowering) for already-scheduled code."""
     import tvm

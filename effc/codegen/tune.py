@@ -97,8 +97,10 @@ def time_kernel(func, target, repeat: int = 5) -> float:
     """Median ms of one call of a scheduled kernel on random inputs, its weight packing excluded."""
     import tvm
 
+    from effc.codegen.lower import tir_pipeline
+
     compute = _without_prepack(func).with_attr("global_symbol", "main")  # fused kernels are private
-    exe = tvm.compile(tvm.IRModule({"main": compute}), target=target)
+    exe = tvm.compile(tvm.IRModule({"main": compute}), target=target, tir_pipeline=tir_pipeline(target))
     rng = np.random.default_rng(0)
     args = []
     for buf in compute.params:  # TVM 0.27: a PrimFunc param is its buffer

@@ -13,7 +13,14 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
-from effc.codegen.schedules.cpu.matmul import _b_panel, _inline_side_inputs, _pack_panel, _pick_nr, _write_back_at
+from effc.codegen.schedules.cpu.matmul import (
+    _b_panel,
+    _inline_side_inputs,
+    _pack_panel,
+    _pick_nr,
+    _vectorize,
+    _write_back_at,
+)
 
 NR_VECTORS = 8  # 8 independent FMA chains per task; the kernel streams W, so wide is cheap
 
@@ -50,9 +57,9 @@ class Gemv(CPURule):
         jo, ji = sch.split(j, [None, nr])
         sch.reorder(jo, k, ji)
         _pack_panel(sch, func, panel, nr)
-        _write_back_at(sch, main, jo, nr)
+        _write_back_at(sch, main, jo, nr, lanes)
         sch.set_scope(main, 0, "local")
-        sch.vectorize(ji)
+        _vectorize(sch, ji, lanes)
         sch.parallel(jo)
         sch.decompose_reduction(main, k)
         return sch

@@ -25,6 +25,7 @@ from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
 
 PAD_WASTE = 1 / 32  # padding of n (computed, then discarded) worth a wider register tile
 MAX_MR = 16  # rows of a tile: each is one broadcast per k step
+PREFETCH_KEY = "effc.prefetch_panel_nr"  # on the k loop: the panel width, for effc.codegen.prefetch
 
 
 class Matmul(CPURule):
@@ -92,6 +93,7 @@ class Matmul(CPURule):
         _vectorize(sch, ji, lanes)
         sch.parallel(sch.fuse(batch, jo))
         sch.decompose_reduction(main, k)
+        sch.annotate(k, PREFETCH_KEY, nr)  # effc.codegen.prefetch streams the next panel in
         return sch
 
 

@@ -9,7 +9,8 @@ B is read as [n / nr, k, nr] panels: a constant weight is packed once at compile
 the panel; the write-back of the last tile is masked), an m that is not a multiple of mr leaves a
 bound check on the unrolled rows.
 Knobs: mr (rows per tile), nr_vectors (j width in vector registers); `effc tune` searches them. k is
-not blocked yet: one j-panel of B is a contiguous stream that stays in L2 across the i tiles.
+not blocked yet: one j-panel of B is a contiguous stream that stays in L2 across the i tiles. The k
+loop carries PREFETCH_KEY, by which effc.codegen.prefetch streams the next panel of a large weight in.
 """
 
 from __future__ import annotations

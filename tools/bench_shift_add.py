@@ -35,6 +35,16 @@ def random_layer(rng, q: int, n: int, k: int, group: int = 8):
     return planes, codes, rng.standard_normal(n).astype(np.float32)
 
 
+def layer_arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line of a shift-add kernel benchmark: the layer (N x K, bits) and the rows M."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--m", default="1,128")
+    return parser
+
+
 def ort_matmul(weight_t: np.ndarray, bias: np.ndarray, threads: int):
     """An ONNX Runtime session computing x @ weight_t + bias in fp32."""
     import onnx
@@ -69,11 +79,7 @@ def median_ms(fn, warmup: int, repeat: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=4096)
-    parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--m", default="1,128")
+    parser = layer_arguments(__doc__)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool

@@ -13,10 +13,8 @@ mostly that read.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
-from bench_shift_add import random_layer  # tools/ is on sys.path when run as a script
+from bench_shift_add import layer_arguments, random_layer  # tools/ is on sys.path when run as a script
 
 
 def torch_ms(fn, repeat: int = 200) -> float:
@@ -38,11 +36,7 @@ def torch_ms(fn, repeat: int = 200) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=4096)
-    parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--m", default="1,128")
+    parser = layer_arguments(__doc__)
     parser.add_argument("--arch", default="sm_90")
     args = parser.parse_args()
 

@@ -33,16 +33,6 @@ def random_buffers(func, rng) -> list[np.ndarray] | None:
     return arrays
 
 
-def max_rel(got: np.ndarray, want: np.ndarray) -> float:
-    got, want = got.astype(np.float64), want.astype(np.float64)
-    if not np.array_equal(np.isnan(got), np.isnan(want)):
-        return float("inf")
-    got, want = np.nan_to_num(got), np.nan_to_num(want)
-    scale = np.abs(want).max() if want.size else 0.0
-    diff = np.abs(got - want).max() if want.size else 0.0
-    return float(diff / scale) if scale > 0 else (0.0 if diff == 0 else float("inf"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -58,13 +48,17 @@ def main() -> None:
     from effc.codegen.relax_import import import_model
     from effc.codegen.schedules import rules_for
     from effc.codegen.target import cuda_target, llvm_target
+    from effc.verify import deviation
+
+    if not tvm.cuda(0).exist:
+        raise SystemExit("check_cuda_kernels: no GPU visible to TVM")
 
     gpu, cpu = cuda_target(args.arch).tvm(), llvm_target().tvm()
     fused = lower.fuse(import_model(_load_model(args.model)[0], gpu).mod, gpu)
     plain = {gv.name_hint: func for gv, func in fused.functions_items()}  # the rules update fused in place
     log = RuleLog()
     scheduled = lower.schedule_kernels(fused, gpu, rules_for(gpu), log)
-    dev = tvm.cuda(0) if tvm.cuda(0).exist else None
+    dev = tvm.cuda(0)
     rng = np.random.default_rng(0)
     bad = 0
     print("| kernel | rule | max rel err (per output buffer) |")
@@ -87,7 +81,7 @@ def main() -> None:
         ref_lib[name](*ref)
         gpu_lib[name](*got)
         dev.sync()
-        errors = [max_rel(g.numpy(), r.numpy()) for g, r, a in zip(got, ref, arrays)
+        errors = [deviation([{"out": g.numpy()}], [{"out": r.numpy()}]).max_rel for g, r, a in zip(got, ref, arrays)
                   if not np.array_equal(r.numpy(), a)]  # buffers the kernel wrote
         worst = max(errors, default=0.0)
         bad += worst > args.tol

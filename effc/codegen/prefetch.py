@@ -19,6 +19,8 @@ compile time. A computed B (attention's K^T and V) is small and already in cache
 
 from __future__ import annotations
 
+import math
+
 PIPELINE = "effc_cpu"  # tvm.compile(..., tir_pipeline=PIPELINE) on llvm targets
 CHUNK_K = 64  # k steps between prefetch bursts
 MIN_PANEL_BYTES = 1 << 20
@@ -112,10 +114,7 @@ def _weight_panel(func, k_loop, nr: int):
         shape = [_const(d) for d in buf.shape]
         if len(shape) < 3 or None in shape or shape[-1] != nr or shape[-2] != k:
             continue
-        size = 1
-        for d in shape:
-            size *= d
-        if size * 4 >= MIN_PANEL_BYTES and str(buf.dtype) == "float32":
+        if math.prod(shape) * 4 >= MIN_PANEL_BYTES and str(buf.dtype) == "float32":
             return buf
     return None
 

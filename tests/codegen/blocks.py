@@ -9,6 +9,17 @@ from onnx import TensorProto, helper, numpy_helper
 SEQ, DIM, HEADS, FFN = 16, 64, 2, 128
 
 
+def model_from_nodes(nodes, inputs, outputs, inits=(), opset=17):
+    """An effc IR model of ``nodes`` with float inputs/outputs given as (name, shape) pairs."""
+    from effc.frontend.onnx import from_proto
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs], list(inits))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    return from_proto(proto)
+
+
 def transformer_block_proto(seed: int = 0) -> onnx.ModelProto:
     """One pre-LN encoder block: x[1,16,64] -> LN -> 2-head attention -> +x -> LN -> MLP(erf GELU) -> +."""
     rng = np.random.default_rng(seed)

@@ -10,25 +10,15 @@ import re
 import shutil
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from effc.frontend.onnx import load
+from tests.codegen.blocks import model_from_nodes
 
 tvm = pytest.importorskip("tvm")
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA builds need it")
 
 HEADS, SEQ, HD = 4, 128, 32
-
-
-def save(tmp_path, nodes, inputs, output_shape, inits):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, tmp_path / "m.onnx")
-    return load(tmp_path / "m.onnx")
 
 
 def cuda_sources(model) -> dict[str, str]:
@@ -49,13 +39,14 @@ def cuda_sources(model) -> dict[str, str]:
     return sources
 
 
-def test_masked_scores_read_the_bool_mask_one_byte_at_a_time(tmp_path):
+def test_masked_scores_read_the_bool_mask_one_byte_at_a_time():
     causal = np.triu(np.ones((SEQ, SEQ), bool), 1)
     inits = [numpy_helper.from_array(causal, "mask"), numpy_helper.from_array(np.float32(-1e9), "fill"),
              numpy_helper.from_array(np.float32(HD ** -0.5), "scale")]
     nodes = [helper.make_node("MatMul", ["q", "k"], ["qk"]), helper.make_node("Mul", ["qk", "scale"], ["s"]),
              helper.make_node("Where", ["mask", "fill", "s"], ["y"])]
-    model = save(tmp_path, nodes, [("q", [1, HEADS, SEQ, HD]), ("k", [1, HEADS, HD, SEQ])], [1, HEADS, SEQ, SEQ], inits)
+    model = model_from_nodes(nodes, [("q", [1, HEADS, SEQ, HD]), ("k", [1, HEADS, HD, SEQ])], [("y", [1, HEADS, SEQ, SEQ])],
+                             inits)
     sources = cuda_sources(model)
     fused = [src for src in sources.values() if "bool*" in src]
     assert len(fused) == 1, list(sources)  # matmul, scale and where in one kernel
@@ -65,9 +56,9 @@ def test_masked_scores_read_the_bool_mask_one_byte_at_a_time(tmp_path):
     assert "float2" in fused[0] or "float4" in fused[0]  # the matmul itself stays vectorised
 
 
-def test_cube_is_multiplies_not_powf(tmp_path):
+def test_cube_is_multiplies_not_powf():
     inits = [numpy_helper.from_array(np.float32(3.0), "three")]
     nodes = [helper.make_node("Pow", ["x", "three"], ["y"])]
-    model = save(tmp_path, nodes, [("x", [4, 256])], [4, 256], inits)
+    model = model_from_nodes(nodes, [("x", [4, 256])], [("y", [4, 256])], inits)
     sources = cuda_sources(model)
     assert sources and not any("pow" in src.split("extern \"C\"", 1)[-1] for src in sources.values())

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from tests.codegen.test_matmul_rule import _compile_and_compare, _model
+from tests.codegen.blocks import model_from_nodes
+from tests.codegen.test_matmul_rule import _compile_and_compare
 
 pytest.importorskip("tvm")
 
@@ -26,7 +27,7 @@ def flattened_linear(extra_reader: bool = False):
     if extra_reader:
         nodes.append(helper.make_node("Relu", ["p"], ["z"]))
         outputs.append(("z", [M, N]))
-    return _model(nodes, [("x", [1, M, K])], outputs, inits)
+    return model_from_nodes(nodes, [("x", [1, M, K])], outputs, inits)
 
 
 def rewritten(model):

@@ -14,7 +14,10 @@ mostly that read.
 from __future__ import annotations
 
 import numpy as np
-from bench_shift_add import layer_arguments, random_layer  # tools/ is on sys.path when run as a script
+from bench_shift_add import (  # tools/ is on sys.path when run as a script
+    layer_arguments,
+    random_layer,
+)
 
 
 def torch_ms(fn, repeat: int = 200) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from tvm import s_tir
+from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
@@ -88,7 +88,8 @@ class Matmul(CPURule):
         _pack_panel(sch, func, panel, nr)
         # The epilogue becomes the tile write-back: it runs right after each tile's k loop, while
         # the accumulator shrinks to one mr x nr register tile.
-        _write_back_at(sch, main, io, nr, lanes)
+        if not _write_back_at(sch, main, io, nr, lanes, c_map, mr):
+            return None
         sch.set_scope(main, 0, "local")
         sch.unroll(ii)
         _vectorize(sch, ji, lanes)
@@ -175,14 +176,37 @@ def _pick_mr(mr: int, m: int, nr_vectors: int, nr: int, lanes: int) -> int:
     return min(m, MAX_MR, mr * max(1, nr_vectors * lanes // nr))
 
 
-def _write_back_at(sch, main, loop, nr: int, lanes: int) -> None:
+def _write_back_at(sch, main, loop, nr: int, lanes: int, c_map=None, mr: int = 1) -> bool:
     """Fold the epilogue into the blocks writing the result and run them under ``loop`` (after
-    each tile, or each panel), vectorised over the panel's nr columns."""
+    each tile, or each panel), vectorised over the panel's nr columns. False when a tile's rows
+    cannot be written back exactly.
+
+    When the rows I fuse several output dims (x[2, 197, k] @ W: I = 2 * 197 rows, or a 4-D
+    x[1, 28, 28, k]), a row tile can straddle two of them. compute_at covers such a tile by a
+    rectangle in the output's own dims, which spans rows the tile never computed (garbage
+    written over finished rows), so each writer is first re-indexed by C's map: its loops then
+    run over the same fused [S, I, J] rows as the tile, and the region is exact. (No ``c_map``:
+    the caller's tiles hold whole rows, as gemv's one-row panels do.)"""
+    fused_rows = c_map is not None and not isinstance(c_map.final_indices[1], tirx.Var)
     for block in _fold_epilogue(sch, main):
+        if fused_rows and not _reindex_rows(sch, block, c_map):
+            rows = [extent(sch, lp) for lp in sch.get_loops(block)][-2:-1]  # the innermost row dim
+            if not rows or rows[0] is None or rows[0] % mr:
+                return False  # a writer of another shape (a transpose) under straddling tiles
         sch.reverse_compute_at(block, loop, preserve_unit_loops=True)
         last = sch.get_loops(block)[-1]
         if extent(sch, last) == nr:  # masked in the last tile of a padded n (build_config)
             _vectorize(sch, last, lanes)
+    return True
+
+
+def _reindex_rows(sch, block, c_map) -> bool:
+    """Re-index ``block`` (an output writer) by C's map when its loops match C's dims."""
+    try:
+        sch.transform_block_layout(block, c_map)
+    except Exception:  # noqa: BLE001 (TVM raises ScheduleError or TVMError for a misfit)
+        return False
+    return True
 
 
 def _vectorize(sch, loop, lanes: int) -> None:

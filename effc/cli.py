@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from effc.errors import EffcError
+from effc.errors import EffcError, EffcFault
 
 
 def _console():
@@ -77,6 +77,9 @@ def cli() -> None:
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default=None,
               help="Also build OUT/model.so (+ params) with TVM for this target.")
 @click.option("--arch", default=None, help="CUDA arch for --target cuda: sm_80, sm_90, ...")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run the built module against ONNX Runtime on the exported model; beyond 1e-4 (scale-relative) "
+              "exit 1 naming the first wrong kernel, leaving no module behind.")
 @click.option("--records", "records", default="shipped", show_default=True,
               help="Tuning records for --target llvm: a file from `effc tune`, `shipped` (effc's records "
               "for this CPU family, when it has some) or `none` (the rules' built-in knobs).")
@@ -89,7 +92,7 @@ def cli() -> None:
 def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inputs: str | None,
                 keep_intermediate: bool, no_untie: bool, target: str | None, arch: str | None, calib: str | None,
                 bits: int | None, group: int | None, layers: str | None, avg_bits: float | None,
-                records: str | None) -> None:
+                records: str | None, verify: bool) -> None:
     """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx and OUT/report.json."""
     from effc.ir import save
     from effc.passes import parse_pass_list
@@ -136,6 +139,43 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
         console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s")
         if built.custom_summary:
             console.print(built.custom_summary)
+        _print_rule_problems(console, built)
+        if verify:
+            _verify_build(console, out_dir, result.model, feeds, target, arch, records)
+        else:
+            console.print("not verified against ONNX Runtime (--no-verify)")
+
+
+def _print_rule_problems(console, built) -> None:
+    """One line per schedule rule that failed on a kernel, and per kernel left to the generic rules."""
+    for error in built.rule_errors:
+        console.print(f"rule error: {error}")
+    for kernel, rule in sorted(built.kernels.items()):
+        if rule in ("fallback", "unscheduled"):
+            console.print(f"kernel {kernel} is on the {rule} rule (no specific rule took it)")
+
+
+def _verify_build(console, out_dir: Path, model, feeds, target: str, arch: str | None, records: str) -> None:
+    """The built module against ONNX Runtime; a disagreement removes the module and exits 1."""
+    from effc.codegen.build import discard_module
+    from effc.codegen.check import verify_build
+    from effc.codegen.target import gpu_present, make_target
+    from effc.errors import EffcFault
+    from effc.verify import make_inputs
+
+    bt = make_target(target, arch)
+    if bt.kind == "cuda" and not gpu_present():
+        console.print("not verified against ONNX Runtime: no GPU here (`effc run` on a GPU machine can check it)")
+        return
+    feeds = feeds or make_inputs(model, 2, seed=0)
+    try:
+        with console.status("verifying against ONNX Runtime"):
+            dev = verify_build(out_dir, model, feeds, bt, records)
+    except EffcFault:
+        if not os.environ.get("EFFC_DEBUG"):
+            discard_module(out_dir)
+        raise
+    console.print(f"verified against ONNX Runtime on {len(feeds)} input(s): max rel err {dev.max_rel:.1e}")
 
 
 @cli.command("inspect")
@@ -258,6 +298,9 @@ def main() -> None:
     except EffcError as exc:
         click.echo(f"effc: error: {exc}", err=True)
         sys.exit(2)
+    except EffcFault as exc:
+        click.echo(f"effc: error: {exc}", err=True)
+        sys.exit(1)
     except click.exceptions.Abort:
         click.echo("effc: aborted", err=True)
         sys.exit(130)

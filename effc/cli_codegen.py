@@ -46,7 +46,10 @@ def _feeds_for(compiled, path: str) -> list[dict[str, np.ndarray]]:
               help=".npz with one array per model input (first axis = samples when the model takes batch 1).")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Output .npz.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: as compiled; TVM_NUM_THREADS wins).")
-def run_cmd(out: str, inputs: str, output: str, threads: int | None) -> None:
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Also run OUT/model.onnx in ONNX Runtime on the same inputs; exit 1 (outputs still written) "
+              "when the module disagrees beyond 1e-4 scale-relative.")
+def run_cmd(out: str, inputs: str, output: str, threads: int | None, check: bool) -> None:
     """Run the compiled module in OUT on INPUTS and write its outputs to an .npz."""
     from effc.codegen.runtime import load_compiled
 
@@ -59,6 +62,20 @@ def run_cmd(out: str, inputs: str, output: str, threads: int | None) -> None:
     with open(output, "wb") as handle:  # np.savez would append .npz to a name without it
         np.savez(handle, **merged)
     click.echo(f"wrote {output} ({len(feeds)} sample{'s' if len(feeds) != 1 else ''})")
+    if check:
+        from effc.verify import OrtRunner, deviation
+
+        _fail_on_disagreement(deviation(results, OrtRunner(Path(out) / "model.onnx").run_all(feeds)).max_rel)
+
+
+def _fail_on_disagreement(max_rel: float) -> None:
+    """EffcFault (exit 1) when the compiled module is further than TOLERANCE from ONNX Runtime."""
+    from effc.codegen.check import TOLERANCE
+    from effc.errors import EffcFault
+
+    if max_rel > TOLERANCE:
+        raise EffcFault(f"the compiled module disagrees with ONNX Runtime on its own model.onnx (max rel err "
+                        f"{max_rel:.2e} > {TOLERANCE:g}): its results are wrong; please report it with the model")
 
 
 @click.command("bench")
@@ -110,6 +127,8 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
         result["profile"] = [vars(r) for r in rows]
     if json_path:
         atomic_write_text(Path(json_path), json.dumps(result, indent=2) + "\n")
+    if "max_rel_err" in result:
+        _fail_on_disagreement(result["max_rel_err"])
 
 
 @click.command("tune")

@@ -3,3 +3,8 @@
 
 class EffcError(Exception):
     """A user-facing error: the message is complete and fits on one line."""
+
+
+class EffcFault(Exception):
+    """effc's own fault, found and explained (a compiled module that disagrees with ONNX Runtime):
+    the CLI prints the one-line message and exits 1."""

@@ -35,6 +35,7 @@ class BuildResult:
     kernels: dict = field(default_factory=dict)  # kernel name -> rule ("unscheduled" when none took it)
     custom_ops: list = field(default_factory=list)  # per effc op node: its lowering (shift_add_lowering)
     custom_summary: str = ""
+    rule_errors: list = field(default_factory=list)  # "kernel: rule: error" for each rule that raised
 
 
 def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: str | Path = "out",
@@ -48,11 +49,7 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
 
     from effc.codegen import lower
     from effc.codegen.apply import RuleLog
-    from effc.codegen.patchify import patchify_conv
-    from effc.codegen.prefold import fold_weight_transforms
-    from effc.codegen.records import resolve_records
     from effc.codegen.relax_import import import_model
-    from effc.codegen.schedules import rules_for
     from effc.ir import atomic_write_text
 
     start = time.perf_counter()
@@ -60,14 +57,10 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
     tvm_target = bt.tvm()
     imported = import_model(model, tvm_target)
     log = RuleLog()
-    # CUDA rules take no records (the tuner measures CPU kernels only).
-    recorded, records_from = resolve_records(records, tvm_target) if bt.kind == "llvm" else ({}, None)
-    rules = rules if rules is not None else rules_for(tvm_target, recorded)
+    default_rules, records_from = build_rules(bt, records)
+    rules = rules if rules is not None else default_rules
     try:
-        mod, params = imported.mod, imported.params
-        if bt.kind == "llvm":
-            mod = patchify_conv()(mod)
-            mod, params = fold_weight_transforms(mod, params, tvm_target)
+        mod, params = prepare(imported, bt)
         mod = lower.schedule(mod, tvm_target, rules, log)
         main, prep = lower.split_transform(mod)
         params = lower.run_transform(prep, tvm_target, params) if prep is not None else params
@@ -97,4 +90,34 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                 "tuned_kernels": sum(getattr(r, "tuned_kernels", 0) for r in rules), "source": source,
                 "build_seconds": seconds}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return BuildResult(out, seconds, log.hits, log.kernels, imported.custom_ops, imported.custom_summary)
+    return BuildResult(out, seconds, log.hits, log.kernels, imported.custom_ops, imported.custom_summary, log.errors)
+
+
+def discard_module(out_dir: str | Path) -> None:
+    """Remove the compiled module from ``out_dir`` (after a failed check: nothing that would run it stays)."""
+    for name in (MANIFEST, LIBRARY, PARAMS):
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
+def build_rules(bt: BuildTarget, records=SHIPPED) -> tuple[list, str | None]:
+    """(the schedule rules for ``bt`` with ``records``' knobs, where those records came from).
+    CUDA rules take no records (the tuner measures CPU kernels only)."""
+    from effc.codegen.records import resolve_records
+    from effc.codegen.schedules import rules_for
+
+    tvm_target = bt.tvm()
+    recorded, records_from = resolve_records(records, tvm_target) if bt.kind == "llvm" else ({}, None)
+    return rules_for(tvm_target, recorded), records_from
+
+
+def prepare(imported, bt: BuildTarget):
+    """(module, params) of an imported model, ready to fuse: on CPU, patch-embedding convolutions
+    become matmuls and weight-only computations are evaluated once, here."""
+    mod, params = imported.mod, imported.params
+    if bt.kind == "llvm":
+        from effc.codegen.patchify import patchify_conv
+        from effc.codegen.prefold import fold_weight_transforms
+
+        mod = patchify_conv()(mod)
+        mod, params = fold_weight_transforms(mod, params, bt.tvm())
+    return mod, params

@@ -79,3 +79,10 @@ def make_target(kind: str, arch: str | None = None, threads: int | None = None) 
     if kind == "cuda":
         return cuda_target(arch or "sm_80")
     raise EffcError(f"unknown target '{kind}' (known: llvm, cuda)")
+
+
+def gpu_present() -> bool:
+    """Whether TVM sees a CUDA device here (a CUDA build can only run, and be checked, where one is)."""
+    import tvm
+
+    return bool(tvm.cuda(0).exist)

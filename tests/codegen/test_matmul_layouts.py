@@ -72,3 +72,9 @@ def test_any_layout_agrees_with_onnx_runtime(tmp_path_factory, lead, k, n, weigh
     if epilogue == "transpose" and len(lead) < 2:
         epilogue = "residual"  # a transpose of the row dims needs two of them
     _check(_linear_model(lead, k, n, weight, epilogue), tmp_path_factory.mktemp("mm"))
+
+
+def test_unit_reduction_with_residual_is_not_added_twice(tmp_path):
+    """k = 1: normalisation drops the reduction loop, and inlining the residual into the (still
+    initialised) matmul block once added it in both the init and the update."""
+    _check(_linear_model([1], 1, 1, "const", "residual"), tmp_path)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 def default_rules(records: dict | None = None) -> list:
     """``records``: tuned knobs (effc.codegen.records); rules fall back to their defaults."""
-    from effc.codegen.schedules.cpu.fallback import Fallback
+    from effc.codegen.schedules.cpu.fallback import Elementwise, Fallback
     from effc.codegen.schedules.cpu.gemv import Gemv
     from effc.codegen.schedules.cpu.matmul import Matmul
     from effc.codegen.schedules.cpu.reduction import RowReduction
     from effc.codegen.schedules.cpu.softmax import Softmax
 
-    return [Matmul(records=records), Gemv(), Softmax(), RowReduction(), Fallback()]
+    return [Matmul(records=records), Gemv(), Softmax(), RowReduction(), Elementwise(), Fallback()]

@@ -1,6 +1,9 @@
 """Fallback: any kernel no other rule took gets parallel outer loops and a vectorised inner loop.
 
 Not fast, but never the single-threaded scalar loop nest TVM leaves unscheduled kernels as.
+Elementwise, the same schedule restricted to kernels without a reduction (elementwise math,
+transposes, reshapes, gathers), names the kernels for which it is the right one: they move memory
+once, in parallel and in vectors, so only what lands on `fallback` itself lacks a rule.
 Injective blocks are inlined first (fewer passes over memory); every remaining block then has its
 spatial loops moved outside its reduction loops, the outer spatial loops fused and run in parallel,
 and for purely spatial blocks the innermost loop vectorised when it splits evenly into vector lanes.
@@ -10,7 +13,6 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import try_inline
 
 from effc.codegen.schedules.cpu.base import CPURule, extent, parallel_outer, vector_lanes
 
@@ -25,7 +27,7 @@ class Fallback(CPURule):
         blocks = normalize_prim_func(sch)
         if blocks is None:
             return None
-        blocks = try_inline(sch, blocks)
+        blocks = _inline(sch, blocks)
         reductions = []
         for info in blocks:
             block, kinds = info.block_rv, info.dom_kind()
@@ -63,6 +65,53 @@ class Fallback(CPURule):
         return sch
 
 
+def _inline(sch, blocks: list) -> list:
+    """Inline what can be (producers into consumers first), and return the blocks left.
+
+    dlight's try_inline, except that nothing is reverse-inlined into a block with an init: after
+    normalisation drops a unit reduction loop (a matmul over k = 1), that block looks spatial, and
+    TVM then folds the epilogue into both its init and its update (a residual added twice)."""
+    def trial(inline, allowed) -> int | None:
+        for i, info in enumerate(blocks):
+            if not allowed(info.block_rv):
+                continue
+            try:
+                inline(info.block_rv)
+            except Exception:  # noqa: BLE001 (TVM's ScheduleError: this block stays)
+                continue
+            return i
+        return None
+
+    def into_plain_producers(block) -> bool:
+        return all(sch.get(p).init is None for p in sch.get_producers(block))
+
+    while True:
+        i = trial(sch.compute_inline, lambda b: True)
+        if i is None:
+            i = trial(sch.reverse_compute_inline, into_plain_producers)
+        if i is None:
+            return blocks
+        blocks.pop(i)
+
+
 def _write_dtype(sch, block) -> str:
     writes = sch.get(block).writes
     return str(writes[0].source.dtype) if writes else "float32"
+
+
+class Elementwise(Fallback):
+    """Kernels made only of spatial (injective) blocks; see the module docstring."""
+
+    name = "elementwise"
+
+    def apply(self, func, target, tunable):
+        if not self.is_target_available(target) or not _all_spatial(func):
+            return None
+        return super().apply(func, target, tunable)
+
+
+def _all_spatial(func) -> bool:
+    sch = s_tir.Schedule(func)
+    blocks = normalize_prim_func(sch)
+    return blocks is not None and all(set(b.dom_kind()) <= {"S"} and sch.get(b.block_rv).init is None
+                                      for b in blocks)

@@ -28,7 +28,8 @@ from effc.passes.base import Pass, PassContext, PassOutcome
 
 # Ops that keep every element's channel (for reshapes: when the channel axis survives, see
 # _reshaped), so a per-channel affine moves across them unchanged.
-_CHANNEL_KEEPING = {"Identity", "Dropout", "Transpose", "Squeeze", "Unsqueeze", "Reshape", "Flatten"}
+_RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+_CHANNEL_KEEPING = {"Identity", "Dropout", "Transpose"} | _RESHAPES
 # Ops between the site and a following linear that commute with the affine: the above, and
 # selections that leave the channel axis whole (see _through).
 _COMMUTING = _CHANNEL_KEEPING | {"Gather", "Slice"}
@@ -87,9 +88,28 @@ def _producer_fold(site: AffineSite) -> _Fold | str:
     fold = _linear_output_fold(linear, axis, rank, site)
     if isinstance(fold, str) or not chain:
         return fold
-    # a*x+b now leaves the linear and flows through the reshapes to where the BN read it.
-    apply = fold.apply
-    return _Fold(linear, lambda: (apply(), site.source)[1])
+
+    def apply() -> ir.Value:
+        fold.apply()
+        _skip_round_trips(site, chain)
+        return site.source  # a*x+b leaves the linear and flows through the chain to the BN's input
+
+    return _Fold(fold.linear, apply)
+
+
+def _skip_round_trips(site: AffineSite, chain: list[ir.Node]) -> None:
+    """Read the linear's output directly where a reshape after the BN undoes the chain before it
+    (``bn(h.flatten(0, 1)).reshape_as(h)``): both reshapes are dead once the BN is gone."""
+    if any(node.op_type == "Transpose" for node in chain):
+        return  # only pure reshapes keep the row-major order of the elements
+    start = chain[-1].inputs[0]
+    for y in site.outputs:
+        readers = consumers(y)
+        if y.is_graph_output() or len(readers) != 1 or readers[0].op_type not in _RESHAPES:
+            continue
+        back = readers[0].outputs[0]
+        if _same_static_shape(shape_of(back), shape_of(start)):
+            rescale.redirect(back, start)
 
 
 def _producing_linear(site: AffineSite) -> tuple[ir.Node, int, int | None, list[ir.Node]] | str:
@@ -348,6 +368,15 @@ def _check_channels(node: ir.Node, weight: np.ndarray, axis: int, channels: int)
     if weight.shape[axis] != channels:
         return f"weight of {_describe(node)} has {weight.shape[axis]} channels on axis {axis}, BN has {channels}"
     return weight
+
+
+def _same_static_shape(a: list | None, b: list | None) -> bool:
+    """Whether two shapes are provably equal: the same integers, or the same named dimensions."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(x == y if isinstance(x, int) and isinstance(y, int)
+               else not isinstance(x, int) and not isinstance(y, int) and x.value is not None and str(x) == str(y)
+               for x, y in zip(a, b))
 
 
 def _dims(shape: list) -> str:

@@ -185,7 +185,7 @@ def convert(site: NormSite, graph: ir.Graph, opset: int) -> str:
     if site.node is None:
         # The decomposition already computes the RMS of d = x - mean; with mean == 0, d is x.
         sub = site.centring
-        sub.outputs[0].replace_all_uses_with(site.x)
+        sub.outputs[0].replace_all_uses_with(sub.inputs[0])  # not site.x: a centring may now stand between
         graph.remove([sub, site.nodes[0]], safe=True)
         return f"{site.label} -> RMS form (mean subtraction removed)"
     ln = site.node

@@ -68,7 +68,7 @@ def _refuse_all(outcome: PassOutcome, sites: list[NormSite], failing: list[tuple
     post_ln = [site for site, reason in failing if "post-LN" in reason]
     # A stream value read outside the proof is often only a consequence of another site's failure.
     causes = sorted(failing, key=lambda f: "without a LayerNorm" in f[1])
-    first = (f"{causes[0][0].label}" if failing else
+    first = (f"{causes[0][0].label}: {causes[0][1]}" if failing else
              f"{rejected[0][0].op_type} '{rejected[0][0].name}': {rejected[0][1]}")
     why = (f"the model is post-LN (see {post_ln[0].label})" if post_ln else
            f"{blocked} other LayerNorm(s) cannot be converted (first: {first}) and the stream is converted "

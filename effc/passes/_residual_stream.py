@@ -220,7 +220,8 @@ class ResidualStream:
         if rank is None:
             return _cannot(node, "its rank is unknown")
         if node.attributes.get_int("axis", 0) % rank == rank + axis:
-            return _cannot(node, "it concatenates along the hidden axis")
+            return _cannot(node, "it concatenates along the hidden axis (each part would keep its own "
+                                 "per-token shift)")
         for index in range(len(node.inputs)):
             reason = self._operand(step, node, index, axis)
             if reason:

@@ -362,7 +362,8 @@ def _start_problem(site: NormSite, own: _Closure, allowed: set[tuple[int, int]])
                 f"normalised stream '{inner[0].output.name}' of {inner[0].label}")
     reader = _other_reader(value, allowed)
     if reader:
-        return f"post-LN: stream value '{value.name}' is written by {site.label} and read by {reader} without a LayerNorm"
+        return (f"post-LN: stream value '{value.name}' is written by {site.label} and read by {reader} "
+                "without a LayerNorm")
     return None
 
 

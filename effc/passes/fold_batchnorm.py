@@ -286,7 +286,8 @@ def _in_training(dropout: ir.Node) -> bool:
     """Whether a Dropout may drop (training mode) or its mask is read."""
     inputs = dropout.inputs
     training = const_value(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else False
-    return training is None or bool(np.any(training)) or any(o.uses() or o.is_graph_output() for o in dropout.outputs[1:])
+    mask_read = any(o.uses() or o.is_graph_output() for o in dropout.outputs[1:])
+    return training is None or bool(np.any(training)) or mask_read
 
 
 def _through_slice(node: ir.Node, axis: int, rank: int) -> tuple[int, int] | str:

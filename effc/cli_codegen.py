@@ -45,7 +45,7 @@ def _feeds_for(compiled, path: str) -> list[dict[str, np.ndarray]]:
     if counts or ("whole" in layouts.values() and count != 1):
         raise EffcError(f"{path}: inputs disagree on the number of samples")
     take = {"shared": lambda a, i: a, "whole": lambda a, i: a, "concatenated": lambda a, i: a[i:i + 1],
-            "stacked": lambda a, i: a[i]}
+            "stacked": lambda a, i: np.asarray(a[i])}  # a 0-d array, not a numpy scalar
     return [{s["name"]: take[layouts[s["name"]]](data[s["name"]], i) for s in compiled.inputs} for i in range(count)]
 
 

@@ -109,6 +109,7 @@ def _levit_onnx(tmp_path) -> onnx.ModelProto:
     return onnx.load(path)
 
 
+@pytest.mark.filterwarnings("ignore:The tensor attributes")  # LeViT caches its attention biases at export
 def test_levit_every_batchnorm_folds(tmp_path):
     proto = _levit_onnx(tmp_path)
     bns = sum(node.op_type == "BatchNormalization" for node in proto.graph.node)

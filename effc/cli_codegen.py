@@ -15,35 +15,57 @@ from effc.errors import EffcError
 
 
 def _feeds_for(compiled, path: str) -> list[dict[str, np.ndarray]]:
-    """Feeds from an .npz: an array shaped like the compiled input is one sample; otherwise its
-    first axis counts samples of the compiled (batch-1) shape."""
+    """Feeds from an .npz. An array shaped like the compiled input is one sample; otherwise its
+    first axis counts samples: concatenated on the compiled batch-1 axis ([N, ...] for [1, ...]),
+    or stacked for inputs without one ([N] for a 0-d input). A 0-d input given once goes with
+    every sample; another input given whole only with a single sample."""
     try:
         data = np.load(path)
     except Exception as exc:
         raise EffcError(f"{path}: not an .npz of inputs ({exc})") from None
-    counts = set()
+    layouts, counts = {}, set()
     for spec in compiled.inputs:
-        if spec["name"] not in data.files:
-            raise EffcError(f"{path}: no array for input '{spec['name']}' (has: {', '.join(data.files)})")
-        shape = list(data[spec["name"]].shape)
-        if shape == spec["shape"]:
-            counts.add(None)
-        elif len(shape) == len(spec["shape"]) and shape[1:] == spec["shape"][1:] and spec["shape"][0] == 1:
-            counts.add(shape[0])
+        name, want = spec["name"], list(spec["shape"])
+        if name not in data.files:
+            raise EffcError(f"{path}: no array for input '{name}' (has: {', '.join(data.files)})")
+        shape = list(data[name].shape)
+        if shape == want:
+            layouts[name] = "shared" if not want else "whole"
+        elif want and want[0] == 1 and len(shape) == len(want) and shape[1:] == want[1:]:
+            layouts[name], count = "concatenated", shape[0]
+        elif shape[1:] == want and len(shape) == len(want) + 1:
+            layouts[name], count = "stacked", shape[0]
         else:
-            raise EffcError(f"{path}: input '{spec['name']}' has shape {shape}, compiled for {spec['shape']}")
-    if counts == {None}:
+            raise EffcError(f"{path}: input '{name}' has shape {shape}, compiled for {want}")
+        if layouts[name] not in ("shared", "whole"):
+            counts.add(count)
+    if not counts:
         return [{s["name"]: data[s["name"]] for s in compiled.inputs}]
-    if len(counts) != 1 or None in counts:
-        raise EffcError(f"{path}: inputs disagree on the number of samples")
     count = counts.pop()
-    return [{s["name"]: data[s["name"]][i:i + 1] for s in compiled.inputs} for i in range(count)]
+    if counts or ("whole" in layouts.values() and count != 1):
+        raise EffcError(f"{path}: inputs disagree on the number of samples")
+    take = {"shared": lambda a, i: a, "whole": lambda a, i: a, "concatenated": lambda a, i: a[i:i + 1],
+            "stacked": lambda a, i: np.asarray(a[i])}  # a 0-d array, not a numpy scalar
+    return [{s["name"]: take[layouts[s["name"]]](data[s["name"]], i) for s in compiled.inputs} for i in range(count)]
+
+
+def _merge(results: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
+    """One array per output: a single sample as is; samples concatenated on a leading batch axis
+    of 1, else stacked on a new axis 0 (0-d outputs, outputs of a model compiled for batch > 1)."""
+    if len(results) == 1:
+        return {name: results[0][name] for name in names}
+    merged = {}
+    for name in names:
+        arrays = [r[name] for r in results]
+        merged[name] = np.concatenate(arrays) if arrays[0].ndim and arrays[0].shape[0] == 1 else np.stack(arrays)
+    return merged
 
 
 @click.command("run")
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option("--inputs", "inputs", required=True, type=click.Path(exists=True, dir_okay=False),
-              help=".npz with one array per model input (first axis = samples when the model takes batch 1).")
+              help=".npz with one array per model input, shaped as compiled, or with a first axis of samples "
+                   "(the batch-1 axis, or a new one); a 0-d input given once is shared by all samples.")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Output .npz.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: as compiled; TVM_NUM_THREADS wins).")
 @click.option("--check/--no-check", default=True, show_default=True,
@@ -56,8 +78,7 @@ def run_cmd(out: str, inputs: str, output: str, threads: int | None, check: bool
     compiled = load_compiled(out, threads)
     feeds = _feeds_for(compiled, inputs)
     results = [compiled(f) for f in feeds]
-    merged = {name: (results[0][name] if len(results) == 1 else np.concatenate([r[name] for r in results]))
-              for name in compiled.output_names}
+    merged = _merge(results, compiled.output_names)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "wb") as handle:  # np.savez would append .npz to a name without it
         np.savez(handle, **merged)

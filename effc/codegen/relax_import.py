@@ -71,6 +71,7 @@ def import_model(model: ir.Model, target=None) -> Imported:
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
+    from effc.codegen.layernorm_stats import expose_layernorm_stats
     from effc.codegen.shift_add_lowering import ShiftAddLowering
 
     bad = unsupported_ops(model)
@@ -82,7 +83,7 @@ def import_model(model: ir.Model, target=None) -> Imported:
 
         target = llvm_target().tvm()
     lowering = ShiftAddLowering(model, target)
-    proto = _integer_initializers_as_constants(lowering.rewrite(to_proto(model)))
+    proto = _integer_initializers_as_constants(expose_layernorm_stats(lowering.rewrite(to_proto(model))))
     try:
         with lowering.converter():
             mod = from_onnx(proto, shape_dict=dict(zip(names, shapes)), dtype_dict=dict(zip(names, dtypes)),

@@ -49,7 +49,8 @@ class Compiled:
         for spec in self.inputs:
             if spec["name"] not in feed:
                 raise EffcError(f"missing input '{spec['name']}'")
-            arr = np.ascontiguousarray(feed[spec["name"]], dtype=spec["dtype"])
+            # Not np.ascontiguousarray: it turns a 0-d input into shape [1].
+            arr = np.require(np.asarray(feed[spec["name"]], dtype=spec["dtype"]), requirements="C")
             if list(arr.shape) != spec["shape"]:
                 raise EffcError(f"input '{spec['name']}' has shape {list(arr.shape)}, compiled for {spec['shape']}")
             args.append(tvm.runtime.tensor(arr, self.device))

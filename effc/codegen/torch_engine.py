@@ -29,7 +29,7 @@ class TorchEngine:
             raise EffcError("--vs torch for a CUDA build needs torch with CUDA and a GPU; this torch sees none")
         torch.set_num_threads(threads)
         self.module = module.eval().to(device)
-        self.args = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])).to(device) for n in input_names)
+        self.args = tuple(torch.from_numpy(np.require(feed[n], requirements="C")).to(device) for n in input_names)
         self._torch, self._cuda = torch, device == "cuda"
 
     def __call__(self):

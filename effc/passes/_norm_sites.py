@@ -39,6 +39,11 @@ class NormSite:
     centring: ir.Node | None = None  # the Sub(x, mean) of a decomposed site
 
     @property
+    def output(self) -> ir.Value:
+        """What the site writes: the LayerNorm's Y, or the decomposition's last node's output."""
+        return self.nodes[-1].outputs[0]
+
+    @property
     def label(self) -> str:
         if self.node is not None:
             return f"LayerNormalization '{self.name}'"
@@ -180,7 +185,7 @@ def convert(site: NormSite, graph: ir.Graph, opset: int) -> str:
     if site.node is None:
         # The decomposition already computes the RMS of d = x - mean; with mean == 0, d is x.
         sub = site.centring
-        sub.outputs[0].replace_all_uses_with(site.x)
+        sub.outputs[0].replace_all_uses_with(sub.inputs[0])  # not site.x: a centring may now stand between
         graph.remove([sub, site.nodes[0]], safe=True)
         return f"{site.label} -> RMS form (mean subtraction removed)"
     ln = site.node
@@ -205,6 +210,27 @@ def convert(site: NormSite, graph: ir.Graph, opset: int) -> str:
         out = add.outputs[0]
     ir.convenience.replace_nodes_and_values(graph, ln, [ln], new_nodes, [ln.outputs[0]], [out])
     return f"{site.label} -> {target}" + (" + Add(beta)" if bias is not None else "")
+
+
+def centre_output(site: NormSite, graph: ir.Graph, opset: int) -> str:
+    """Make every reader of ``site``'s output read it minus its mean over the last axis.
+
+    Used where the residual stream starts at this norm: a per-token shift, invisible to the
+    LayerNorms that read the stream, which makes the stream zero-mean from its start.
+    """
+    y = site.output
+    uses = list(y.uses())
+    if opset >= 18:
+        axes = new_initializer(graph, np.array([-1], np.int64), f"{site.name}/centre_axes")
+        mean = ir.node("ReduceMean", [y, axes], {"keepdims": 1}, name=f"{site.name}/centre_mean")
+    else:
+        mean = ir.node("ReduceMean", [y], {"axes": [-1], "keepdims": 1}, name=f"{site.name}/centre_mean")
+    sub = ir.node("Sub", [y, mean.outputs[0]], name=f"{site.name}/centre")
+    sub.outputs[0].type, sub.outputs[0].shape = y.type, y.shape
+    graph.insert_after(y.producer(), [mean, sub])
+    for node, index in uses:
+        node.replace_input_with(index, sub.outputs[0])
+    return f"centred the stream where it starts: {site.label} output '{y.name}' minus its mean"
 
 
 def _rms_decomposition(graph: ir.Graph, name: str, x: ir.Value, scale: ir.Value, epsilon: float,

@@ -9,6 +9,11 @@ is edited here: the result is a :class:`StreamPlan` the pass applies only if eve
 Every edit shifts stream values by a per-token constant, which is invisible to a LayerNorm but
 not to anything else; so each value the walk visits may only be read by LayerNorm sites or by
 the walk's own nodes, and a constant shared with other readers must be untied first.
+
+A stream may start at a LayerNorm (a patch-embedding norm, CLIP's pre-norm): its output is not
+zero-mean, so the plan subtracts its mean there (one explicit centring for the whole stream).
+That is only done for a norm that reads no normalised stream itself and whose output only
+LayerNorms and the walk read; otherwise the norm sits inside the stream, which is post-LN.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Step:
     centres: list[tuple[ir.Node, int, int]] = field(default_factory=list)  # (node, input, array axis)
     scales: list[tuple[ir.Node, int, int, ir.Node]] = field(default_factory=list)  # ... + LayerScale Mul
     bypass: list[tuple[ir.Node, int]] = field(default_factory=list)  # LayerScale Mul, its stream input
+    starts: list[NormSite] = field(default_factory=list)  # LayerNorm sites whose output starts the stream
 
 
 @dataclass
@@ -53,6 +59,7 @@ class StreamPlan:
     failures: list[str | None]  # per site, the reason it cannot be converted
     replacements: list[Replacement]  # constants to recentre
     bypass: list[tuple[ir.Node, int]]  # LayerScale Muls (folded) and their stream input
+    starts: list[NormSite]  # sites whose output starts the stream: centre it explicitly
 
 
 @dataclass
@@ -70,6 +77,7 @@ class ResidualStream:
         self.sites = sites
         self.untie = untie
         self._norm_nodes = {id(n) for site in sites for n in site.nodes}
+        self._site_by_output = {id(site.output): site for site in sites}
         self._steps: dict[tuple[int, int], Step] = {}
 
     def plan(self) -> StreamPlan:
@@ -83,22 +91,27 @@ class ResidualStream:
         replacements = plan_replacements(_merge_edits(closures))
         # ties the head correction keeps (see _tied_correction) need no copy, so untie=False allows them
         tied = {r.value.name: r.outside for r in replacements if r.outside and not correctable_heads(r)}
+        own = {id(site): c for site, c in zip(self.sites, closures)}
+        starts = {id(site.output): site for c in closures for step in c.steps for site in step.starts}
         failures = []
         for c in closures:
             errors = list(c.errors)
+            errors += [_start_problem(site, own[id(site)], allowed) for step in c.steps for site in step.starts]
             for key, (value, _) in c.values.items():
                 if len(axes[key]) > 1:
                     errors.append(_two_axes(value))
-                problem = _reader_problem(value, allowed) or _sibling_problem(value, axes)
+                reader = None if key in starts else _reader_problem(value, allowed)  # see _start_problem
+                problem = reader or _sibling_problem(value, axes)
                 if problem:
                     errors.append(problem)
             if not self.untie:
                 errors += [f"tied weight '{name}' is shared with {readers[0]} (untie=False)"
                            for name, readers in tied.items() if name in c.constants]
+            errors = [e for e in errors if e]
             post_ln = [e for e in errors if "post-LN" in e]
             failures.append((post_ln or errors or [None])[0])
         bypass = {id(m): (m, i) for c in closures for step in c.steps for m, i in step.bypass}
-        return StreamPlan(failures, replacements, list(bypass.values()))
+        return StreamPlan(failures, replacements, list(bypass.values()), list(starts.values()))
 
     # --- the walk -----------------------------------------------------------------------------
 
@@ -137,12 +150,25 @@ class ResidualStream:
         if rank is not None and rank < -axis:
             return f"stream value '{value.name}' has no axis {axis}"
         if id(node) in self._norm_nodes or node.op_type in NORM_OPS:
-            return (f"post-LN: stream value '{value.name}' is written by {node.op_type} '{node.name}' "
-                    "(a LayerNorm output is not zero-mean)")
+            return self._norm_writer(step, node, value, axis)
         handler = _HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if handler is None:
             return _cannot(node)
         return handler(self, step, node, value, axis)
+
+    def _norm_writer(self, step: Step, node: ir.Node, value: ir.Value, axis: int) -> str | None:
+        """A norm writes the stream: a LayerNorm site's output can start it (see _start_problem)."""
+        site = self._site_by_output.get(id(value))
+        if site is None and id(node) in self._norm_nodes:
+            return f"stream value '{value.name}' is read from inside a LayerNorm ({node.op_type} '{node.name}')"
+        if site is None:
+            return (f"stream value '{value.name}' is written by {node.op_type} '{node.name}', a norm this pass "
+                    "does not convert (its output is not zero-mean)")
+        if axis != -1:
+            return (f"stream value '{value.name}' is written by {site.label} (zero-mean over its last axis "
+                    f"once centred) but read as a stream over axis {axis}")
+        step.starts.append(site)
+        return None
 
     def _operand(self, step: Step, node: ir.Node, index: int, axis: int) -> str | None:
         """Input ``index`` of ``node`` must be zero-mean along ``axis`` (relative to that input)."""
@@ -194,7 +220,8 @@ class ResidualStream:
         if rank is None:
             return _cannot(node, "its rank is unknown")
         if node.attributes.get_int("axis", 0) % rank == rank + axis:
-            return _cannot(node, "it concatenates along the hidden axis")
+            return _cannot(node, "it concatenates along the hidden axis (each part would keep its own "
+                                 "per-token shift)")
         for index in range(len(node.inputs)):
             reason = self._operand(step, node, index, axis)
             if reason:
@@ -306,11 +333,37 @@ def _cannot(node: ir.Node, detail: str | None = None) -> str:
 
 
 def _reader_problem(value: ir.Value, allowed: set[tuple[int, int]]) -> str | None:
-    if value.is_graph_output():
+    reader = _other_reader(value, allowed)
+    if reader == "a graph output":
         return f"stream value '{value.name}' is a graph output, read without a LayerNorm"
+    return reader and f"stream value '{value.name}' is read by {reader} without a LayerNorm"
+
+
+def _other_reader(value: ir.Value, allowed: set[tuple[int, int]]) -> str | None:
+    """What reads ``value`` other than LayerNorm sites, the walk and shape queries, if anything."""
+    if value.is_graph_output():
+        return "a graph output"
     for node, index in value.uses():
         if (id(node), index) not in allowed and node.op_type not in SHAPE_READERS:
-            return f"stream value '{value.name}' is read by {node.op_type} '{node.name}' without a LayerNorm"
+            return f"{node.op_type} '{node.name}'"
+    return None
+
+
+def _start_problem(site: NormSite, own: _Closure, allowed: set[tuple[int, int]]) -> str | None:
+    """Why the stream may not start at ``site``'s output (centred there), if it may not.
+
+    A norm that reads a normalised stream itself, or whose output blocks read directly, is a
+    norm inside the stream: the model is post-LN and centring after every such norm gains nothing.
+    """
+    value = site.output
+    inner = [s for step in own.steps for s in step.starts]
+    if inner:
+        return (f"post-LN: stream value '{value.name}' is written by {site.label}, which itself reads the "
+                f"normalised stream '{inner[0].output.name}' of {inner[0].label}")
+    reader = _other_reader(value, allowed)
+    if reader:
+        return (f"post-LN: stream value '{value.name}' is written by {site.label} and read by {reader} "
+                "without a LayerNorm")
     return None
 
 

@@ -23,11 +23,16 @@ import onnx_ir as ir
 from effc.ir import const_value, consumers
 from effc.passes import _rescale as rescale
 from effc.passes._affine import AffineSite, affine_site
+from effc.passes._stream_axes import reshaped_axis, shape_of
 from effc.passes.base import Pass, PassContext, PassOutcome
 
-# Ops between the site and a following linear that commute with a per-channel affine
-# (as long as they keep the channel axis intact; see _through).
-_COMMUTING = {"Identity", "Dropout", "Transpose", "Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Flatten"}
+# Ops that keep every element's channel (for reshapes: when the channel axis survives, see
+# _reshaped), so a per-channel affine moves across them unchanged.
+_RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+_CHANNEL_KEEPING = {"Identity", "Dropout", "Transpose"} | _RESHAPES
+# Ops between the site and a following linear that commute with the affine: the above, and
+# selections that leave the channel axis whole (see _through).
+_COMMUTING = _CHANNEL_KEEPING | {"Gather", "Slice"}
 
 
 @dataclass
@@ -74,40 +79,124 @@ class FoldBatchNorm(Pass):
 # --- BN after a linear: fold into the producer of the site's input --------------------------
 
 def _producer_fold(site: AffineSite) -> _Fold | str:
-    x = site.source
-    linear = x.producer()
-    if linear is None:
-        return "input is a graph input"
-    if x.is_graph_output() or any(reader not in site.nodes for reader in consumers(x)):
-        return f"{_describe(linear)} output has other readers"
+    found = _producing_linear(site)
+    if isinstance(found, str):
+        return found
+    linear, axis, rank, chain = found
     if sum(y.is_graph_output() for y in site.outputs) > 1:
         return "several outputs are graph outputs"
+    fold = _linear_output_fold(linear, axis, rank, site)
+    if isinstance(fold, str) or not chain:
+        return fold
+
+    def apply() -> ir.Value:
+        fold.apply()
+        _skip_round_trips(site, chain)
+        return site.source  # a*x+b leaves the linear and flows through the chain to the BN's input
+
+    return _Fold(fold.linear, apply)
+
+
+def _skip_round_trips(site: AffineSite, chain: list[ir.Node]) -> None:
+    """Read the linear's output directly where a reshape after the BN undoes the chain before it
+    (``bn(h.flatten(0, 1)).reshape_as(h)``): both reshapes are dead once the BN is gone."""
+    if any(node.op_type == "Transpose" for node in chain):
+        return  # only pure reshapes keep the row-major order of the elements
+    start = chain[-1].inputs[0]
+    for y in site.outputs:
+        readers = consumers(y)
+        if y.is_graph_output() or len(readers) != 1 or readers[0].op_type not in _RESHAPES:
+            continue
+        back = readers[0].outputs[0]
+        if _same_static_shape(shape_of(back), shape_of(start)):
+            rescale.redirect(back, start)
+
+
+def _producing_linear(site: AffineSite) -> tuple[ir.Node, int, int | None, list[ir.Node]] | str:
+    """The op computing the site's input, looking through ops that keep every element's channel
+    (reshapes that keep the channel axis, e.g. torch's BatchNorm1d on ``linear(x).flatten(0, 1)``):
+    (that op, channel axis and rank of its output, the ops passed through)."""
+    value, axis, rank, chain = site.source, site.axis, site.rank, []
+    node = value.producer()
+    if node is None:
+        return "input is a graph input"
+    if value.is_graph_output() or any(reader not in site.nodes for reader in consumers(value)):
+        return f"{_describe(node)} output has other readers"
+    while node is not None and node.op_type in _CHANNEL_KEEPING:
+        moved = _back_through(node, value, axis, rank)
+        if isinstance(moved, str):
+            return moved
+        value, (axis, rank) = node.inputs[0], moved
+        chain.append(node)
+        if value.is_graph_output() or consumers(value) != [node]:
+            return f"{_describe(node)} input has other readers"
+        node = value.producer()
+    if node is None:
+        return "input is a graph input" if not chain else f"{_describe(chain[-1])} reads a graph input"
+    return node, axis, rank, chain
+
+
+def _back_through(node: ir.Node, value: ir.Value, axis: int, rank: int | None) -> tuple[int, int] | str:
+    """Channel axis and rank of ``node``'s input, given those of its output ``value``; else a reason."""
+    name = _describe(node)
+    if value is not node.outputs[0] or len(node.inputs) == 0 or node.inputs[0] is None:
+        return f"input comes from a side output of {name}"
+    if node.op_type == "Dropout" and _in_training(node):
+        return f"{name} may be in training mode"
+    if node.op_type in ("Identity", "Dropout"):
+        return axis, rank
+    if rank is None:
+        return f"unknown rank after {name}"
+    if node.op_type == "Transpose":
+        perm = node.attributes.get_ints("perm", None) or list(reversed(range(rank)))
+        return perm[axis], rank
+    return _reshaped(node, value, node.inputs[0], axis, rank)
+
+
+def _reshaped(node: ir.Node, src: ir.Value, dst: ir.Value, axis: int, rank: int) -> tuple[int, int] | str:
+    """Where ``axis`` of ``src`` is in ``dst`` (the other side of a Reshape-like ``node``, its input
+    or its output), and ``dst``'s rank, if the node keeps every element's channel.
+
+    A row-major reshape keeps every element's channel when the channel dimension keeps its size
+    and the elements after it (the product of the later dimensions) stay as many.
+    """
+    source, target = shape_of(src), shape_of(dst)
+    if source is None or target is None or len(source) != rank:
+        return f"unknown shapes around {_describe(node)}"
+    mapped = reshaped_axis(target, source, axis - rank)
+    if mapped is None:
+        return f"{_describe(node)} moves the channel axis ({_dims(source)} -> {_dims(target)})"
+    return mapped + len(target), len(target)
+
+
+def _linear_output_fold(linear: ir.Node, axis: int, rank: int | None, site: AffineSite) -> _Fold | str:
+    """Fold the site's affine into ``linear``, whose output holds the channels on ``axis``."""
     a, b = site.scale, site.shift
     op = linear.op_type
     if op == "Conv":
-        if site.axis != 1:
-            return f"channel axis {site.axis} is not the Conv's output-channel axis"
+        if axis != 1:
+            return f"channel axis {axis} is not the Conv's output-channel axis"
         weight, bias = _weights(linear, 0, site.channels)
         if isinstance(weight, str):
             return weight
         return _Fold(linear, lambda: rescale.scale_conv_outputs(linear, weight, bias, a, b))
     if op == "Gemm":
-        if site.axis != 1:
-            return f"channel axis {site.axis} is not the Gemm's output axis"
+        if axis != 1:
+            return f"channel axis {axis} is not the Gemm's output axis"
         weight, bias = _weights(linear, 0 if linear.attributes.get_int("transB", 0) else 1, site.channels)
         if isinstance(weight, str):
             return weight
         return _Fold(linear, lambda: rescale.scale_gemm_outputs(linear, weight, bias, a, b))
-    if site.rank is None or site.axis != site.rank - 1:
+    if op not in ("MatMul", "Add"):
+        return f"input comes from {_describe(linear)}, not a linear"
+    if rank is None or axis != rank - 1:
         return f"{_describe(linear)} output channel axis is not the BN channel axis"
     if op == "MatMul":
         weight = _matmul_weight(linear, 1, site.channels)
         if isinstance(weight, str):
             return weight
         return _Fold(linear, lambda: rescale.scale_matmul_outputs(linear, weight, a, b))
-    if op == "Add":
-        return _biased_matmul_fold(linear, a, b)
-    return f"input comes from {_describe(linear)}, not a linear"
+    return _biased_matmul_fold(linear, a, b)
 
 
 def _biased_matmul_fold(add: ir.Node, a: np.ndarray, b: np.ndarray) -> _Fold | str:
@@ -152,7 +241,7 @@ def _collect(value: ir.Value, axis: int, rank: int | None, site: AffineSite, fol
         return f"other consumers: {', '.join(others)}"
     for node, index in uses:
         if node.op_type in _COMMUTING:
-            step = _through(node, index, axis, rank, site.channels)
+            step = _through(node, index, axis, rank)
             if isinstance(step, str):
                 return step
             reason = _collect(node.outputs[0], *step, site, folds)
@@ -163,7 +252,7 @@ def _collect(value: ir.Value, axis: int, rank: int | None, site: AffineSite, fol
     return None
 
 
-def _through(node: ir.Node, index: int, axis: int, rank: int | None, channels: int) -> tuple[int, int | None] | str:
+def _through(node: ir.Node, index: int, axis: int, rank: int | None) -> tuple[int, int | None] | str:
     """Channel axis and rank after ``node`` if it commutes with the affine, else a reason."""
     op, name = node.op_type, _describe(node)
     if index != 0:
@@ -171,8 +260,7 @@ def _through(node: ir.Node, index: int, axis: int, rank: int | None, channels: i
     if op == "Identity":
         return axis, rank
     if op == "Dropout":
-        training = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else False
-        if training is None or bool(np.any(training)) or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+        if _in_training(node):
             return f"{name} may be in training mode"
         return axis, rank
     if rank is None:
@@ -191,12 +279,15 @@ def _through(node: ir.Node, index: int, axis: int, rank: int | None, channels: i
         return (axis if axis < gathered else axis - 1 + len(indices.shape)), kept
     if op == "Slice":
         return _through_slice(node, axis, rank)
-    # Reshape-like ops keep the channel mapping when the channel is last before and after:
-    # a row-major reshape keeps every element's flat index, and flat index mod C is its channel.
-    out = node.outputs[0]
-    if axis != rank - 1 or out.shape is None or len(out.shape) == 0 or out.shape[-1] != channels:
-        return f"{name} does not keep the channel as the last axis"
-    return len(out.shape) - 1, len(out.shape)
+    return _reshaped(node, node.inputs[0], node.outputs[0], axis, rank)
+
+
+def _in_training(dropout: ir.Node) -> bool:
+    """Whether a Dropout may drop (training mode) or its mask is read."""
+    inputs = dropout.inputs
+    training = const_value(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else False
+    mask_read = any(o.uses() or o.is_graph_output() for o in dropout.outputs[1:])
+    return training is None or bool(np.any(training)) or mask_read
 
 
 def _through_slice(node: ir.Node, axis: int, rank: int) -> tuple[int, int] | str:
@@ -278,6 +369,19 @@ def _check_channels(node: ir.Node, weight: np.ndarray, axis: int, channels: int)
     if weight.shape[axis] != channels:
         return f"weight of {_describe(node)} has {weight.shape[axis]} channels on axis {axis}, BN has {channels}"
     return weight
+
+
+def _same_static_shape(a: list | None, b: list | None) -> bool:
+    """Whether two shapes are provably equal: the same integers, or the same named dimensions."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(x == y if isinstance(x, int) and isinstance(y, int)
+               else not isinstance(x, int) and not isinstance(y, int) and x.value is not None and str(x) == str(y)
+               for x, y in zip(a, b))
+
+
+def _dims(shape: list) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
 def _describe(node: ir.Node) -> str:

@@ -7,7 +7,9 @@ recentring their weights over the output features: W <- W - mean_out(W), b <- b 
 
 The proof and the planned edits come from :mod:`effc.passes._residual_stream`; nothing is changed
 unless every LayerNorm of the model is proven convertible (all-or-nothing), so a refused model is
-left exactly as it was. Post-LN models (BERT) are refused: their stream is written by LayerNorms.
+left exactly as it was. A stream that starts at a LayerNorm (a patch-embedding norm) gets one
+explicit mean subtraction there. Post-LN models (BERT) are refused: LayerNorms inside the stream
+write it, and blocks read their outputs directly.
 
 Options: ``untie`` (default True) lets a recentred constant that other nodes also read (a tied
 embedding / LM head) be copied; with ``untie=False`` such a model is refused instead.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from effc.ir import opset
-from effc.passes._norm_sites import NormSite, convert, find_sites
+from effc.passes._norm_sites import NormSite, centre_output, convert, find_sites
 from effc.passes._recentre import install
 from effc.passes._residual_stream import ResidualStream
 from effc.passes.base import Pass, PassContext, PassOutcome
@@ -40,7 +42,7 @@ class LayerNormToRMSNorm(Pass):
         plan = ResidualStream(sites, untie=bool(ctx.options.get("untie", True))).plan()
         failing = [(site, reason) for site, reason in zip(sites, plan.failures) if reason]
         if failing or rejected:
-            _refuse_all(outcome, sites, failing, len(rejected))
+            _refuse_all(outcome, sites, failing, rejected)
             return outcome
         # Constants this pass may leave unread, dropped at the end.
         orphans = [r.value for r in plan.replacements] + [v for m, _ in plan.bypass for v in m.inputs]
@@ -51,20 +53,26 @@ class LayerNormToRMSNorm(Pass):
             graph.remove(mul, safe=True)
             outcome.rewrites.append(f"folded LayerScale Mul '{mul.name}' into its writers")
         version = opset(model)
+        outcome.rewrites += [centre_output(site, graph, version) for site in plan.starts]
         outcome.rewrites += [convert(site, graph, version) for site in sites]
         _drop_orphans(graph, orphans)
         return outcome
 
 
 def _refuse_all(outcome: PassOutcome, sites: list[NormSite], failing: list[tuple[NormSite, str]],
-                rejected: int) -> None:
+                rejected: list[tuple[ir.Node, str]]) -> None:
     """One Skip per failing site with its reason; the others are held back (all-or-nothing)."""
     for site, reason in failing:
         outcome.skip(site.name, f"{site.label}: {reason}")
-    blocked = len(failing) + rejected
-    post_ln = any("post-LN" in reason for _, reason in failing)
-    why = ("the model is post-LN" if post_ln else
-           f"{blocked} other LayerNorm(s) cannot be converted and the stream is converted all-or-nothing")
+    blocked = len(failing) + len(rejected)
+    post_ln = [site for site, reason in failing if "post-LN" in reason]
+    # A stream value read outside the proof is often only a consequence of another site's failure.
+    causes = sorted(failing, key=lambda f: "without a LayerNorm" in f[1])
+    first = (f"{causes[0][0].label}: {causes[0][1]}" if failing else
+             f"{rejected[0][0].op_type} '{rejected[0][0].name}': {rejected[0][1]}")
+    why = (f"the model is post-LN (see {post_ln[0].label})" if post_ln else
+           f"{blocked} other LayerNorm(s) cannot be converted (first: {first}) and the stream is converted "
+           "all-or-nothing")
     failed = {id(site) for site, _ in failing}
     for site in sites:
         if id(site) not in failed:

@@ -313,12 +313,21 @@ class Graph:
         return self.op("Add", [self.op("Mul", [normed, gamma], f"{name}.mul"), beta], f"{name}.add")
 
     def stream_model(self, eps=1e-5, blocks=2, style="op", tied=False, offset=True, opset=17, extra_output=False,
-                     pool_first=False, table_output=False):
+                     pool_first=False, table_output=False, embed_norm=False, embed_norm_op="LayerNormalization",
+                     embed_probe=False, merge_tokens=False):
         d, self.opset = self.d, opset
         x = self.op("Gather", [self.rand("E", self.vocab, d), "ids"], "wte")
         x = self.op("Add", [x, self.rand("P", self.length, d)], "add_pos")
         if offset:  # a per-token constant: LayerNorm ignores it, so the pass zeroes it
             x = self.op("Add", [x, self.const("c", np.full([1], 0.7, np.float32))], "add_offset")
+        extra = []
+        if embed_norm:  # the stream starts at a norm (a patch-embedding norm)
+            if embed_norm_op == "LayerNormalization":
+                x = self.layer_norm(x, "ln_emb", eps, style)
+            else:
+                x = self.op(embed_norm_op, [x, self.rand("ln_emb.g", d, offset=1.0)], "ln_emb", axis=-1, epsilon=eps)
+        if embed_probe:  # a block reading the normalised stream directly, as post-LN blocks do
+            extra.append((self.op("MatMul", [x, self.rand("W_probe", d, d)], "probe"), [2, self.length, d]))
         for i in range(blocks):
             h = self.layer_norm(x, f"ln{i}", eps, style)
             h = self.op("Relu", [self.op("Add", [self.op("MatMul", [h, self.rand(f"W1_{i}", d, 2 * d)], f"fc1_{i}"),
@@ -329,8 +338,17 @@ class Graph:
         if pool_first:  # read the first token only, before the final norm (a cls-token head)
             x = self.op("Gather", [x, self.const("first", np.array(0))], "pool", axis=1)
         head = self.op("Transpose", ["E"], "head_t", perm=[1, 0]) if tied else self.rand("H", d, self.vocab)
-        self.op("MatMul", [self.layer_norm(x, "ln_f", eps, style), head], "logits")
-        outputs = [("logits", [2, self.vocab] if pool_first else [2, self.length, self.vocab])]
+        if merge_tokens:  # Swin's patch merging: two tokens side by side on the hidden axis, then a norm
+            first, second = (self.op("Gather", [x, self.const(f"token{i}", np.array(i))], f"take{i}", axis=1)
+                             for i in (0, 1))
+            merged = self.op("Concat", [first, second], "merge", axis=-1)
+            gamma, beta = self.rand("ln_merge.g", 2 * d, offset=1.0), self.rand("ln_merge.b", 2 * d, offset=0.0)
+            normed = self.op("LayerNormalization", [merged, gamma, beta], "ln_merge", axis=-1, epsilon=eps)
+            self.op("MatMul", [normed, self.rand("H2", 2 * d, self.vocab)], "logits")
+        else:
+            self.op("MatMul", [self.layer_norm(x, "ln_f", eps, style), head], "logits")
+        pooled = pool_first or merge_tokens
+        outputs = [("logits", [2, self.vocab] if pooled else [2, self.length, self.vocab])] + extra
         if table_output:  # a reader of the table that is not an LM head: only untying keeps it exact
             outputs.append((self.op("Abs", ["E"], "table_abs"), [self.vocab, d]))
         return self.model(outputs + ([(x, [2, self.length, d])] if extra_output else []), opset)
@@ -455,11 +473,12 @@ def test_registered_under_its_name():
 
 @settings(max_examples=12, deadline=None)
 @given(d=st.integers(2, 24), eps=st.sampled_from([1e-6, 1e-5, 1e-3, 0.1]), blocks=st.integers(1, 3),
-       opset=st.sampled_from([17, 18, 23]), style=st.sampled_from(["op", "pow-div"]), seed=st.integers(0, 2**16))
-def test_exact_over_shapes_eps_and_depth(d, eps, blocks, opset, style, seed):
-    model = Graph(d=d, seed=seed).stream_model(eps=eps, blocks=blocks, style=style, opset=opset)
+       opset=st.sampled_from([17, 18, 23]), style=st.sampled_from(["op", "pow-div"]), seed=st.integers(0, 2**16),
+       embed_norm=st.booleans())
+def test_exact_over_shapes_eps_and_depth(d, eps, blocks, opset, style, seed, embed_norm):
+    model = Graph(d=d, seed=seed).stream_model(eps=eps, blocks=blocks, style=style, opset=opset, embed_norm=embed_norm)
     original, converted, outcome = convert_copy(model)
     assert outcome.skipped == [] and ln_count(converted) == 0
-    # norms + Gather table, P, zeroed c, and per block W2 and b2.
-    assert len(outcome.rewrites) == (blocks + 1) + 3 + 2 * blocks, outcome.rewrites
+    # norms + Gather table, P, zeroed c, and per block W2 and b2 (+ the embedding norm and its centring).
+    assert len(outcome.rewrites) == (blocks + 1) + 3 + 2 * blocks + 2 * embed_norm, outcome.rewrites
     assert max_rel(original, converted) <= TOLERANCE

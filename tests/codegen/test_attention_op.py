@@ -24,10 +24,12 @@ MHA = dict(q=(2, 4, 13, 16), k=(2, 4, 13, 16), v=(2, 4, 13, 16))  # batch 2, 4 h
 
 CASES = {
     "vit-197-tokens": Case((2, 3, 197, 32), (2, 3, 197, 32), (2, 3, 197, 32)),
-    "3d-gqa-cross": Case((2, 13, 64), (2, 9, 32), (2, 9, 48), attrs=dict(q_num_heads=4, kv_num_heads=2)),
+    "3d-gqa-cross-present": Case((2, 13, 64), (2, 9, 32), (2, 9, 48), attrs=dict(q_num_heads=4, kv_num_heads=2),
+                                 outputs=("Y", "present_key", "present_value")),
     "mqa-causal": Case((2, 4, 13, 16), (2, 1, 13, 16), (2, 1, 13, 8), attrs=dict(is_causal=1)),
     "bool-mask": Case(**MHA, mask=(2, 1, 13, 13)),
     "bool-mask-causal": Case(**MHA, mask=(2, 4, 13, 13), attrs=dict(is_causal=1)),
+    "float-mask-causal": Case(**MHA, mask=(2, 1, 13, 13), mask_dtype="float", attrs=dict(is_causal=1)),
     "float-mask-3d": Case((2, 13, 64), (2, 13, 64), (2, 13, 64), mask=(13, 13), mask_dtype="float",
                           attrs=dict(q_num_heads=4, kv_num_heads=4)),
     "past-causal": Case((2, 4, 3, 16), (2, 4, 3, 16), (2, 4, 3, 16), attrs=dict(is_causal=1),

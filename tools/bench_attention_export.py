@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TOL = 1e-4  # scale-relative agreement with ONNX Runtime, as effc's tests hold compiled modules to
 
 
 def make_module(kind: str, attention: str, layers: int):
@@ -37,7 +38,8 @@ def make_module(kind: str, attention: str, layers: int):
     config = BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=1024, attn_implementation=attention)
     model = _hf.seeded(lambda: BertModel(config, add_pooling_layer=False))
-    return _hf.single_output(model, ["input_ids", "attention_mask"], "last_hidden_state"), ["input_ids", "attention_mask"]
+    names = ["input_ids", "attention_mask"]
+    return _hf.single_output(model, names, "last_hidden_state"), names
 
 
 def sample_feed(kind: str, batch: int) -> dict[str, np.ndarray]:
@@ -82,11 +84,13 @@ def main() -> None:
     from effc.verify import deviation
 
     feed = sample_feed(args.model, args.batch)
-    engines, outputs = {}, {}
+    engines, outputs, wrong = {}, {}, False
     with tempfile.TemporaryDirectory(prefix="effc-attn-bench-") as tmp:
         for attention in ("sdpa", "eager"):
             compiled, ops, err, hits = build(args.model, attention, args.layers, feed, Path(tmp))
-            print(f"{attention:5s}  ops {ops}  rules {hits}  max_rel vs ORT {err:.2e}")
+            verdict = "" if err < TOL else "  DISAGREES with ONNX Runtime: timings below are of wrong code"
+            print(f"{attention:5s}  ops {ops}  rules {hits}  max_rel vs ORT {err:.2e}{verdict}")
+            wrong |= err >= TOL
             engines[attention] = _effc_runner(compiled, feed)
             outputs[attention] = compiled(feed)
         threads = configure_threads(compiled.manifest.get("threads") or 1)
@@ -101,6 +105,8 @@ def main() -> None:
               f"after idle {idle_ms:8.3f} ms")
     ratio = stats["sdpa"]["median_ms"] / stats["eager"]["median_ms"]
     print(f"  sdpa/eager = {ratio:.3f}   sdpa vs eager outputs max_rel {between:.2e}")
+    if wrong:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

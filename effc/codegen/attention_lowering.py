@@ -87,6 +87,23 @@ def _misfit(node: ir.Node, opset: int) -> str | None:
         return f"Q, K and V must be 3-D or 4-D, got rank {ranks.pop()}"
     if ranks == {3} and (_attr(node, "q_num_heads") is None or _attr(node, "kv_num_heads") is None):
         return "3-D Q/K/V need the q_num_heads and kv_num_heads attributes"
+    return _head_misfit(node, q, k, v)
+
+
+def _head_misfit(node: ir.Node, q: ir.Value, k: ir.Value, v: ir.Value) -> str | None:
+    """Head counts that do not divide, from the static shapes (the converter checks again)."""
+    shapes = [list(x.shape or []) for x in (q, k, v)]
+    if not all(shape and all(isinstance(d, int) for d in shape) for shape in shapes):
+        return None
+    if len(shapes[0]) == 3:
+        heads_q, heads_kv = _attr(node, "q_num_heads"), _attr(node, "kv_num_heads")
+        for role, shape, heads in (("Q", shapes[0], heads_q), ("K", shapes[1], heads_kv), ("V", shapes[2], heads_kv)):
+            if heads <= 0 or shape[2] % heads:
+                return f"{role} has {shape[2]} features, not a multiple of {heads} heads"
+    else:
+        heads_q, heads_kv = shapes[0][1], shapes[1][1]
+    if heads_kv <= 0 or heads_q % heads_kv:
+        return f"{heads_q} query heads are not a multiple of {heads_kv} key/value heads"
     return None
 
 

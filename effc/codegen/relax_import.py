@@ -48,6 +48,8 @@ def unsupported_ops(model: ir.Model) -> list[str]:
 
     The importer ignores op domains, so a custom-domain op would be looked up by its bare name; such
     ops are reported here unless effc lowers them itself (effc.ShiftAddMatMul: shift_add_lowering).
+    The standard Attention op is lowered by effc (attention_lowering), not by the importer's entry of
+    that name, which is com.microsoft's contrib Attention.
     """
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
@@ -72,11 +74,13 @@ def import_model(model: ir.Model, target=None) -> Imported:
     from tvm.relax.frontend.onnx import from_onnx
 
     from effc.codegen.layernorm_stats import expose_layernorm_stats
+    from effc.codegen.attention_lowering import attention_converter, check_attention
     from effc.codegen.shift_add_lowering import ShiftAddLowering
 
     bad = unsupported_ops(model)
     if bad:
         raise EffcError(f"TVM's ONNX importer cannot handle: {', '.join(bad)}")
+    check_attention(model)
     names, shapes, dtypes = _static_inputs(model)
     if target is None:
         from effc.codegen.target import llvm_target
@@ -85,7 +89,7 @@ def import_model(model: ir.Model, target=None) -> Imported:
     lowering = ShiftAddLowering(model, target)
     proto = _integer_initializers_as_constants(expose_layernorm_stats(lowering.rewrite(to_proto(model))))
     try:
-        with lowering.converter():
+        with lowering.converter(), attention_converter():
             mod = from_onnx(proto, shape_dict=dict(zip(names, shapes)), dtype_dict=dict(zip(names, dtypes)),
                             keep_params_in_input=True, sanitize_input_names=False)
     except EffcError:

@@ -12,7 +12,7 @@ from onnx import version_converter
 from effc.errors import EffcError
 
 MIN_OPSET = 13
-MAX_OPSET = 23
+MAX_OPSET = 24  # 24: the Attention op with nonpad_kv_seqlen
 
 
 def load(path: str | os.PathLike, opset: int | None = None) -> ir.Model:

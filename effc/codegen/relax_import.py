@@ -73,8 +73,8 @@ def import_model(model: ir.Model, target=None) -> Imported:
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from effc.codegen.layernorm_stats import expose_layernorm_stats
     from effc.codegen.attention_lowering import attention_converter, check_attention
+    from effc.codegen.layernorm_stats import expose_layernorm_stats
     from effc.codegen.shift_add_lowering import ShiftAddLowering
 
     bad = unsupported_ops(model)

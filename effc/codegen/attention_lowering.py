@@ -179,7 +179,10 @@ def convert(bb, inputs, attr):
     if softcap > 0:
         scores = emit(op.multiply(emit(op.tanh(emit(op.multiply(scores, c(1.0 / softcap))))), c(softcap)))
     offset = _dims(past_k)[2] if past_k is not None else 0
-    bias, maybe_dead = _bias(bb, mask, nonpad, bool(attr.get("is_causal", 0)), len_q, len_kv, offset, dtype, node)
+    bias, visible, maybe_dead = _bias(bb, mask, nonpad, bool(attr.get("is_causal", 0)), len_q, len_kv, offset,
+                                      dtype, node)
+    if visible is not None:
+        scores = emit(op.where(visible, scores, c(-np.inf)))
     keep = None
     if bias is not None and maybe_dead:
         # A row masked everywhere would softmax to NaN (-inf - -inf); the op wants zeros there. Found
@@ -221,7 +224,9 @@ def _split_heads(bb, x, heads: int, node: str, role: str):
 
 
 def _bias(bb, mask, nonpad, causal: bool, len_q: int, len_kv: int, offset: int, dtype: str, node: str):
-    """(additive bias broadcastable to [B, H, S_q, S_kv] or None, whether a row of it may be all -inf)."""
+    """(additive bias broadcastable to [B, H, S_q, S_kv] or None, a constant bool [S_q, S_kv] of the keys
+    each query sees when that is all there is to the bias (else None), whether a row of the bias may
+    be all -inf)."""
     from tvm import relax
 
     op = relax.op
@@ -229,7 +234,7 @@ def _bias(bb, mask, nonpad, causal: bool, len_q: int, len_kv: int, offset: int, 
     def c(value, dt=dtype):
         return relax.const(value, dt)
 
-    bias, maybe_dead = None, False
+    bias, visible, maybe_dead = None, None, False
     if mask is not None:
         mask_dims = _dims(mask)
         is_bool = str(mask.ty.dtype) == "bool"
@@ -242,10 +247,12 @@ def _bias(bb, mask, nonpad, causal: bool, len_q: int, len_kv: int, offset: int, 
         bias = bb.emit(op.where(mask, c(0.0), c(-np.inf))) if is_bool else mask
         maybe_dead = True
     if causal and nonpad is None:
-        # Bottom-right aligned: query i sees key j <= i + offset, so key 0 is always visible.
-        allowed = np.arange(len_kv)[None, :] <= np.arange(len_q)[:, None] + offset
-        frontier = relax.const(np.where(allowed, 0.0, -np.inf).astype(dtype))
-        bias = frontier if bias is None else bb.emit(op.add(bias, frontier))
+        # Bottom-right aligned: query i sees key j <= i + offset, so key 0 is always visible. Kept as a
+        # bool constant that selects from a computed tensor (as GPT-2's eager causal mask does): a
+        # float bias would be folded into an [S_q, S_kv] float32 constant, 4x the bytes.
+        visible = relax.const(np.arange(len_kv)[None, :] <= np.arange(len_q)[:, None] + offset)
+        if bias is not None:
+            bias, visible = bb.emit(op.where(visible, bias, c(-np.inf))), None
     if nonpad is not None:
         # Per batch: keys at or past nonpad_kv_seqlen[b] are padding; causal offset nonpad[b] - S_q.
         batch = _dims(nonpad)[0]
@@ -255,10 +262,10 @@ def _bias(bb, mask, nonpad, causal: bool, len_q: int, len_kv: int, offset: int, 
         if causal:
             # j <= i + nonpad[b] - S_q  <=>  j - i + S_q <= nonpad[b]
             reach = np.arange(len_kv)[None, :] - np.arange(len_q)[:, None] + len_q
-            visible = bb.emit(op.less_equal(relax.const(reach.astype("int64").reshape(1, 1, len_q, len_kv)),
-                                            lengths))
-            allowed = bb.emit(op.logical_and(allowed, visible))
+            within = bb.emit(op.less_equal(relax.const(reach.astype("int64").reshape(1, 1, len_q, len_kv)),
+                                           lengths))
+            allowed = bb.emit(op.logical_and(allowed, within))
         padding = bb.emit(op.where(allowed, c(0.0), c(-np.inf)))
         bias = padding if bias is None else bb.emit(op.add(bias, padding))
         maybe_dead = True
-    return bias, maybe_dead
+    return bias, visible, maybe_dead

@@ -217,10 +217,11 @@ def test_torch_sdpa_export_compiles_like_its_eager_form(gqa, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA builds need it")
-def test_cuda_build(tmp_path):
-    """Build only (no GPU is needed to build): GQA, a bool mask and is_causal for sm_90."""
-    case = Case((2, 13, 64), (2, 13, 32), (2, 13, 32), mask=(2, 1, 13, 13), attrs=dict(q_num_heads=4, kv_num_heads=2,
-                                                                                      is_causal=1))
+@pytest.mark.parametrize("name", ["3d-gqa-mask-causal", "mqa-causal"])
+def test_cuda_build(name, tmp_path):
+    """Build only (no GPU is needed to build) for sm_90: QK^T and PV on dlight's GPU matmul rule."""
+    case = CASES.get(name) or Case((2, 13, 64), (2, 13, 32), (2, 13, 32), mask=(2, 1, 13, 13),
+                                   attrs=dict(q_num_heads=4, kv_num_heads=2, is_causal=1))
     _, result = _compile(attention_proto(case), tmp_path, "cuda", arch="sm_90")
-    assert result.rule_hits.get("Matmul", 0) >= 2, result.rule_hits  # dlight's GPU matmul rule: QK^T and PV
+    assert result.rule_hits.get("Matmul", 0) >= 2, result.rule_hits
     assert b"_kernel" in (tmp_path / "model.so").read_bytes()

@@ -11,5 +11,6 @@ def default_rules(records: dict | None = None) -> list:
     from effc.codegen.schedules.cpu.matmul import Matmul
     from effc.codegen.schedules.cpu.reduction import RowReduction
     from effc.codegen.schedules.cpu.softmax import Softmax
+    from effc.codegen.schedules.cpu.window import Window
 
-    return [Matmul(records=records), Gemv(), Softmax(), RowReduction(), Fallback()]
+    return [Matmul(records=records), Gemv(), Window(), Softmax(), RowReduction(), Fallback()]

@@ -49,6 +49,7 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
     from effc.codegen import lower
     from effc.codegen.apply import RuleLog
     from effc.codegen.conv_gemm import conv_gemm_pass
+    from effc.codegen.sink_reshape import sink_reshape_pass
     from effc.codegen.patchify import patchify_conv
     from effc.codegen.prefold import fold_weight_transforms
     from effc.codegen.records import resolve_records
@@ -67,7 +68,7 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
     try:
         mod, params = imported.mod, imported.params
         if bt.kind == "llvm":
-            mod = conv_gemm_pass()(patchify_conv()(mod))
+            mod = sink_reshape_pass()(conv_gemm_pass()(patchify_conv()(mod)))
             mod, params = fold_weight_transforms(mod, params, tvm_target)
         mod = lower.schedule(mod, tvm_target, rules, log)
         main, prep = lower.split_transform(mod)

@@ -24,6 +24,7 @@ import math
 from effc.codegen.relax_rewrite import mutator_pass
 
 CONV_OPS = ("relax.nn.conv1d", "relax.nn.conv2d")
+IM2COL = "effc.im2col"  # the gather block's annotation: [channels per group, *kernel, *out] (its rule reads it)
 LAYOUTS = {"relax.nn.conv1d": ("NCW", "OIW", "NCW"), "relax.nn.conv2d": ("NCHW", "OIHW", "NCHW")}
 
 
@@ -49,6 +50,8 @@ def conv_gemm_pass():
             else:
                 col = self.builder_.emit_te(lambda x: _im2col(x, conv), call.args[0], primfunc_name_hint="im2col")
             out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint="conv_gemm")
+            if conv.groups == 1 and len(conv.out) == 1:
+                return out  # a conv1d's [n, o, pixels] already is its NCW output
             return op.reshape(out, [conv.n, conv.o, *conv.out])
 
     return mutator_pass(ConvGemm, "EffcConvGemm")
@@ -122,7 +125,7 @@ def _im2col(x, conv: ConvShape):
         return tirx.if_then_else(inside, x[(n, c, *safe)], tirx.const(0, x.dtype))
 
     shape = [conv.n] + ([conv.groups] if grouped else []) + [conv.k, conv.pixels]
-    return te.compute(shape, gather, name="im2col")
+    return te.compute(shape, gather, name="im2col", attrs={IM2COL: [conv.cg, *conv.kernel, *conv.out]})
 
 
 def _no_pad_after(conv: ConvShape) -> bool:

@@ -58,6 +58,81 @@ def export(name: str, path: Path) -> None:
     torch.onnx.export(module.eval(), (torch.randn(*shape),), str(path))
 
 
+def _median(values):
+    import numpy as np
+
+    return float(np.median(values))
+
+
+def layer_models(onnx_path: Path) -> list[tuple[str, int, object]]:
+    """(label, count, single-layer model) for every distinct Conv (+ its Relu) and pool of the model,
+    with the shapes and attributes it has there."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from effc.frontend.onnx import from_proto
+
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]}
+    inits = {t.name: t for t in proto.graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    layers: dict[str, list] = {}
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "MaxPool", "AveragePool"):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weights = [inits[n] for n in node.input[1:] if n]
+        relu = [c for c in consumers.get(node.output[0], []) if c.op_type == "Relu"]
+        label = (f"{node.op_type} {shapes[node.input[0]]} -> {shapes[node.output[0]]} "
+                 f"k{attrs.get('kernel_shape')} s{attrs.get('strides')}{' +relu' if relu else ''}")
+        if label in layers:
+            layers[label][0] += 1
+            continue
+        nodes = [helper.make_node(node.op_type, ["x", *[w.name for w in weights]], ["c" if relu else "y"], **attrs)]
+        if relu:
+            nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+        value = lambda name, shape: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)  # noqa: E731
+        graph = helper.make_graph(nodes, "layer", [value("x", shapes[node.input[0]])],
+                                  [value("y", shapes[node.output[0]])], [numpy_helper.from_array(numpy_helper.to_array(w), w.name) for w in weights])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        layers[label] = [1, from_proto(model)]
+    return [(label, count, model) for label, (count, model) in layers.items()]
+
+
+def layer_table(onnx_path: Path, work: Path, threads: int, rounds: int) -> str:
+    """Every distinct conv/pool layer compiled alone and timed against ONNX Runtime on the same layer,
+    interleaved (bench.turns, steady-state medians): a per-kernel comparison that the shared machine's
+    noise does not swamp, as one instrumented whole-model run does."""
+    import numpy as np
+
+    from effc.codegen.bench import ORT_CONFIG, turns
+    from effc.codegen.build import compile_model
+    from effc.codegen.runtime import configure_threads, load_compiled
+    from effc.verify import OrtRunner, deviation, make_inputs
+
+    configure_threads(threads)
+    lines = [f"{'layer':78s} {'x':>2s} {'effc ms':>8s} {'ORT ms':>8s} {'ratio':>6s}  rules"]
+    for i, (label, count, model) in enumerate(layer_models(onnx_path)):
+        out = work / f"layer{i}"
+        result = compile_model(model, "llvm", out)
+        compiled = load_compiled(out, threads)
+        feed = make_inputs(model, 1, seed=0)[0]
+        ort = OrtRunner(model, threads=threads, config=ORT_CONFIG)
+        err = deviation([compiled(feed)], [ort(feed)]).max_rel
+        args, main, params = compiled.args(feed), compiled.vm["main"], compiled.params
+        steady, _ = turns({"effc": lambda: main(*args, *params), "ort": lambda: ort(feed)}, rounds, 3, 0.05, 5)
+        effc_ms, ort_ms = (float(np.median(steady[k])) * 1e3 for k in ("effc", "ort"))
+        rules = ",".join(sorted(set(result.kernels.values())))
+        lines.append(f"{label[:78]:78s} {count:2d} {effc_ms:8.3f} {ort_ms:8.3f} {effc_ms / ort_ms:6.2f}  {rules}"
+                     f"{'' if err < 1e-4 else f'  MAX REL ERR {err:.1e}'}")
+    return "\n".join(lines)
+
+
 def effc(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "effc.cli", *args], capture_output=True, text=True, check=False)
 
@@ -95,8 +170,9 @@ def main() -> int:
             print(f"run {i}: effc {r['effc']['median_ms']:.2f} ms, ORT {r['ort']['median_ms']:.2f} ms, "
                   f"effc/ORT {r['ratio_vs_ort']:.3f} (after idle {r['ratio_vs_ort_after_idle']:.3f}), "
                   f"max rel err {r['max_rel_err']:.2e}", flush=True)
-            if "profile" in proc.stdout or args.profile and i == args.repeat - 1:
+            if args.profile and i == args.repeat - 1:
                 print(proc.stdout)
+                print(layer_table(onnx_path, work / f"{name}-layers", args.threads, args.runs))
     return 0
 
 

@@ -68,7 +68,7 @@ def layer_models(onnx_path: Path) -> list[tuple[str, int, object]]:
     """(label, count, single-layer model) for every distinct Conv (+ its Relu) and pool of the model,
     with the shapes and attributes it has there."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     from effc.frontend.onnx import from_proto
 
@@ -97,7 +97,7 @@ def layer_models(onnx_path: Path) -> list[tuple[str, int, object]]:
             nodes.append(helper.make_node("Relu", ["c"], ["y"]))
         value = lambda name, shape: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)  # noqa: E731
         graph = helper.make_graph(nodes, "layer", [value("x", shapes[node.input[0]])],
-                                  [value("y", shapes[node.output[0]])], [numpy_helper.from_array(numpy_helper.to_array(w), w.name) for w in weights])
+                                  [value("y", shapes[node.output[0]])], weights)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         layers[label] = [1, from_proto(model)]

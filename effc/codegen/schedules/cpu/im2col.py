@@ -30,8 +30,11 @@ class Im2col(CPURule):
         if gather is None or IM2COL not in sch.get(gather).annotations:
             return None
         geometry = [int(v) for v in sch.get(gather).annotations[IM2COL]]  # channels per group, *kernel, *out
-        for block in blocks[:-1]:
-            sch.compute_inline(block)
+        for block in blocks[:-1]:  # what the fused kernel computes before the gather (a ReLU)
+            try:
+                sch.compute_inline(block)
+            except Exception:  # not elementwise: left to the fallback
+                return None
         dims = (len(geometry) - 1) // 2
         cg, kernel, out = geometry[0], geometry[1:1 + dims], geometry[1 + dims:]
         *lead, k, p = sch.get_loops(gather)

@@ -38,10 +38,11 @@ class Window(CPURule):
         taps = [lp for lp, k in zip(loops, kinds) if k == "R"]
         dtype = str(sch.get(main).writes[0].source.dtype)
         sizes = [extent(sch, lp) for lp in loops]
-        if (dtype not in FLOAT_DTYPES or len(spatial) not in (2, 3, 4) or "".join(kinds) != "S" * len(spatial) + "R" * len(taps)
-                or None in sizes or not 1 <= _product(sch, taps) <= MAX_TAPS or not _windowed(sch.get(main))):
+        ordered = "".join(kinds) == "S" * len(spatial) + "R" * len(taps)
+        if (dtype not in FLOAT_DTYPES or len(spatial) not in (2, 3, 4) or not ordered or None in sizes
+                or not 1 <= _product(sch, taps) <= MAX_TAPS or not _windowed(sch.get(main))):
             return None
-        pads = [b for b in sch.get_producers(main)]
+        pads = list(sch.get_producers(main))
         for block in pads:  # the padded plane, and what produced the input (inlined into it)
             for producer in sch.get_producers(block):
                 sch.compute_inline(producer)
@@ -59,16 +60,15 @@ class Window(CPURule):
             _deinterleave(sch, main, block)
             sch.compute_at(block, plane, preserve_unit_loops=True)
             _vectorize_inner(sch, block, lanes)
-        if vec is not None and vec != width:
-            outer, inner = sch.split(cols, [None, vec])
-            sch.reorder(*rows, outer, *taps, inner)
-        elif vec is not None:
+        if vec != width:
+            cols, inner = sch.split(cols, [None, vec])
+            sch.reorder(*rows, cols, *taps, inner)
+        else:
             inner = cols
             sch.reorder(*rows, *taps, inner)
-        for tap in taps:
+        for tap in taps:  # each output vector accumulates in a register
             sch.unroll(tap)
-        if vec is not None:
-            sch.vectorize(inner)
+        sch.vectorize(inner)
         for block in epilogue:
             sch.reverse_compute_at(block, plane, preserve_unit_loops=True)
             _vectorize_inner(sch, block, lanes)

@@ -24,6 +24,7 @@ import math
 from effc.codegen.relax_rewrite import mutator_pass
 
 CONV_OPS = ("relax.nn.conv1d", "relax.nn.conv2d")
+GEMM_PREFIX = "conv_gemm"  # the GEMM kernels' name (sink_reshape looks for it)
 IM2COL = "effc.im2col"  # the gather block's annotation: [channels per group, *kernel, *out] (its rule reads it)
 LAYOUTS = {"relax.nn.conv1d": ("NCW", "OIW", "NCW"), "relax.nn.conv2d": ("NCHW", "OIHW", "NCHW")}
 
@@ -49,7 +50,7 @@ def conv_gemm_pass():
                 col = emit(op.reshape(call.args[0], [conv.n, conv.c, conv.pixels]))
             else:
                 col = self.builder_.emit_te(lambda x: _im2col(x, conv), call.args[0], primfunc_name_hint="im2col")
-            out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint="conv_gemm")
+            out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint=GEMM_PREFIX)
             if conv.groups == 1 and len(conv.out) == 1:
                 return out  # a conv1d's [n, o, pixels] already is its NCW output
             return op.reshape(out, [conv.n, conv.o, *conv.out])

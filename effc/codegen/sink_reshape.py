@@ -1,4 +1,4 @@
-"""Elementwise ops after a reshape that splits the last axis run before it, on the unsplit tensor.
+"""Elementwise ops after a conv GEMM's reshape to NCHW run before it, on the [n, o, pixels] product.
 
 conv_gemm computes a conv as out[n, o, pixels] and reshapes it to NCHW. FuseOps fuses a GEMM only
 with elementwise ops right after it, and a reshape is not elementwise, so the bias, ReLU and
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from effc.codegen.conv_gemm import GEMM_PREFIX
 from effc.codegen.relax_rewrite import mutator_pass
 
 UNARY = ("relax.nn.relu", "relax.nn.gelu", "relax.nn.silu", "relax.sigmoid", "relax.tanh", "relax.erf",
@@ -36,6 +37,10 @@ def sink_reshape_pass():
 
     @expr_functor.mutator
     class SinkReshape(PyExprMutator):
+        def __init__(self, mod=None):
+            super().__init__(mod)
+            self.sunk = set()
+
         def visit_call_(self, call):
             call = super().visit_call_(call)
             name = getattr(call.op, "name", None)
@@ -50,6 +55,7 @@ def sink_reshape_pass():
             if any(a is None for a in args):
                 return call
             inner = self.builder_.emit(relax.Call(call.op, args, call.attrs, call.ty_args))
+            self.sunk.add(inner)
             return relax.op.reshape(inner, full)
 
         def _split(self, arg):
@@ -60,6 +66,8 @@ def sink_reshape_pass():
             if not isinstance(bound, relax.Call) or getattr(bound.op, "name", None) != "relax.reshape":
                 return None
             source, full = bound.args[0], _static(arg)
+            if not self._from_gemm(source):
+                return None
             merged = _static(source)
             if merged is None or full is None or len(merged) < 1 or len(full) <= len(merged):
                 return None
@@ -67,6 +75,16 @@ def sink_reshape_pass():
             if full[:lead] != merged[:lead] or math.prod(full[lead:]) != merged[-1]:
                 return None
             return source, full
+
+        def _from_gemm(self, var) -> bool:
+            """``var`` is a conv GEMM's output, or an op already moved above its reshape: other
+            reshapes (a transformer's head split) are left alone."""
+            if var in self.sunk:
+                return True
+            bound = self.lookup_binding(var) if isinstance(var, relax.Var) else None
+            if not isinstance(bound, relax.Call) or getattr(bound.op, "name", None) != "relax.call_tir":
+                return False
+            return getattr(bound.args[0], "name_hint", "").startswith(GEMM_PREFIX)
 
         def _in_merged(self, arg, merged, full):
             """``arg`` (broadcast against ``full``) in the merged layout, or None if it has none."""

@@ -132,3 +132,20 @@ def test_pooling_on_window_rule(tmp_path, kind, n, size, k, stride, pad, dims):
 def test_global_average_pool(tmp_path, n, size):
     kernels = _compile_and_compare(_pool_model("GlobalAveragePool", n, 32, size), tmp_path)
     assert kernels and not set(kernels.values()) & {"unscheduled"}, kernels
+
+
+def test_conv_batchnorm_relu_unfolded(tmp_path):
+    """A BatchNormalization the exporter left after a conv (no fold-batchnorm pass): still right, and
+    the conv is still a GEMM."""
+    rng = np.random.default_rng(1)
+    c, o = 8, 16
+    inits = [numpy_helper.from_array((rng.standard_normal((o, c, 3, 3)) / 8).astype(np.float32), "W")]
+    for name, value in [("scale", rng.uniform(0.5, 2, o)), ("bias", rng.standard_normal(o)),
+                        ("mean", rng.standard_normal(o)), ("var", rng.uniform(0.5, 2, o))]:
+        inits.append(numpy_helper.from_array(value.astype(np.float32), name))
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"]),
+             helper.make_node("Relu", ["b"], ["y"])]
+    model = model_from_nodes(nodes, [("x", [2, c, 13, 13])], [("y", [2, o, 13, 13])], inits)
+    kernels = _compile_and_compare(model, tmp_path)
+    _assert_scheduled(kernels, "conv_gemm", "im2col")

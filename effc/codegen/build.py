@@ -111,13 +111,16 @@ def build_rules(bt: BuildTarget, records=SHIPPED) -> tuple[list, str | None]:
 
 
 def prepare(imported, bt: BuildTarget):
-    """(module, params) of an imported model, ready to fuse: on CPU, patch-embedding convolutions
-    become matmuls and weight-only computations are evaluated once, here."""
+    """(module, params) of an imported model, ready to fuse: on CPU, convolutions become matmuls
+    (patch embeddings) or im2col + GEMM with their epilogues ahead of the NCHW reshape, and
+    weight-only computations are evaluated once, here."""
     mod, params = imported.mod, imported.params
     if bt.kind == "llvm":
+        from effc.codegen.conv_gemm import conv_gemm_pass
         from effc.codegen.patchify import patchify_conv
         from effc.codegen.prefold import fold_weight_transforms
+        from effc.codegen.sink_reshape import sink_reshape_pass
 
-        mod = patchify_conv()(mod)
+        mod = sink_reshape_pass()(conv_gemm_pass()(patchify_conv()(mod)))
         mod, params = fold_weight_transforms(mod, params, bt.tvm())
     return mod, params

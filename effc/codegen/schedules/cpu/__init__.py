@@ -8,8 +8,10 @@ def default_rules(records: dict | None = None) -> list:
     """``records``: tuned knobs (effc.codegen.records); rules fall back to their defaults."""
     from effc.codegen.schedules.cpu.fallback import Elementwise, Fallback
     from effc.codegen.schedules.cpu.gemv import Gemv
+    from effc.codegen.schedules.cpu.im2col import Im2col
     from effc.codegen.schedules.cpu.matmul import Matmul
     from effc.codegen.schedules.cpu.reduction import RowReduction
     from effc.codegen.schedules.cpu.softmax import Softmax
+    from effc.codegen.schedules.cpu.window import Window
 
-    return [Matmul(records=records), Gemv(), Softmax(), RowReduction(), Elementwise(), Fallback()]
+    return [Matmul(records=records), Gemv(), Im2col(), Window(), Softmax(), RowReduction(), Elementwise(), Fallback()]

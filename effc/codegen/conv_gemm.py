@@ -1,0 +1,151 @@
+"""Convolutions as matrix products: im2col plus a GEMM the matmul rule schedules (a Relax rewrite).
+
+An NCHW conv (1-D or 2-D, any stride, padding, dilation, groups) computes, per image and group,
+``out[o, p] = sum_k W[o, k] * col[k, p]``, where ``col`` gathers for every output pixel p the
+(channel, kernel tap) inputs it reads: im2col. This rewrite emits that form as two TE kernels:
+
+- ``col[n, (g,) k, *out]``: the gather, zero where a tap falls on padding (skipped when the conv is
+  pointwise with stride 1 and no padding: then the input already is col);
+- ``out[n, (g,) o, *out] = sum_k W2[(g,) o, k] * col[n, (g,) k, *out]``: every access a bare loop
+  variable, the matmul rule's S/I/J/K form (o is I, the pixels and images are J). The output keeps
+  NCHW's order, so a 1-group conv's bias, ReLU and residual add are elementwise on it and FuseOps
+  puts them in the GEMM's tile write-back, as for a linear.
+
+W2 is the weight reshaped to [(g,) o, k]: weight-only, so prefold evaluates it at compile time.
+The matmul rule reads W2 in place (one broadcast per row and k step) and packs col into j-panels
+per call (k * pixels, against the GEMM's o * k * pixels). A depthwise conv (one input channel per
+group) is no GEMM (k = the taps alone): it stays a conv, for the window rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+from effc.codegen.relax_rewrite import mutator_pass
+
+CONV_OPS = ("relax.nn.conv1d", "relax.nn.conv2d")
+GEMM_PREFIX = "conv_gemm"  # the GEMM kernels' name (sink_reshape looks for it)
+IM2COL = "effc.im2col"  # the gather block's annotation: [channels per group, *kernel, *out] (its rule reads it)
+LAYOUTS = {"relax.nn.conv1d": ("NCW", "OIW", "NCW"), "relax.nn.conv2d": ("NCHW", "OIHW", "NCHW")}
+
+
+def conv_gemm_pass():
+    from tvm import relax
+    from tvm.relax import PyExprMutator, expr_functor
+
+    @expr_functor.mutator
+    class ConvGemm(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            conv = conv_shape(call)
+            if conv is None or conv.depthwise:
+                return call
+            emit, op = self.builder_.emit, relax.op
+            lead = [conv.n] if conv.n > 1 else []
+            lead += [conv.groups] if conv.groups > 1 else []
+            w2 = emit(op.reshape(call.args[1], lead[len(lead) - (conv.groups > 1):] + [conv.o // conv.groups, conv.k]))
+            if conv.n > 1:  # the images as the batch axis S of every operand (see the module doc)
+                w2 = emit(op.broadcast_to(w2, lead + [conv.o // conv.groups, conv.k]))
+            if conv.pointwise and conv.groups == 1:
+                col = emit(op.reshape(call.args[0], [conv.n, conv.c, conv.pixels]))
+            else:
+                col = self.builder_.emit_te(lambda x: _im2col(x, conv), call.args[0], primfunc_name_hint="im2col")
+            out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint=GEMM_PREFIX)
+            if conv.groups == 1 and len(conv.out) == 1:
+                return out  # a conv1d's [n, o, pixels] already is its NCW output
+            return op.reshape(out, [conv.n, conv.o, *conv.out])
+
+    return mutator_pass(ConvGemm, "EffcConvGemm")
+
+
+class ConvShape:
+    """A static conv's geometry: n, c, o images/channels; kernel, out, stride, pad, dilation per
+    spatial axis; k = taps per output channel (c / groups * prod(kernel))."""
+
+    def __init__(self, x_shape, w_shape, attrs):
+        self.n, self.c, *self.spatial = x_shape
+        self.o, cg, *self.kernel = w_shape
+        dims = len(self.kernel)
+        self.groups = int(attrs.groups)
+        self.stride = [int(v) for v in attrs.strides]
+        self.dilation = [int(v) for v in attrs.dilation]
+        self.pad_before = [int(v) for v in attrs.padding[:dims]]
+        pad_after = [int(v) for v in attrs.padding[dims:]]
+        self.out = [(size + pb + pa - d * (kk - 1) - 1) // s + 1 for size, pb, pa, d, kk, s in
+                    zip(self.spatial, self.pad_before, pad_after, self.dilation, self.kernel, self.stride)]
+        self.cg = cg
+        self.pixels = math.prod(self.out)
+        self.k = cg * math.prod(self.kernel)
+        self.depthwise = cg == 1 and self.groups > 1
+        self.pointwise = (all(kk == 1 for kk in self.kernel) and all(s == 1 for s in self.stride)
+                          and not any(self.pad_before) and not any(pad_after))
+
+
+def conv_shape(call) -> ConvShape | None:
+    """The geometry of ``call`` when it is a float NCHW/NCW conv with static shapes, else None."""
+    name = getattr(call.op, "name", None)
+    if name not in CONV_OPS:
+        return None
+    a = call.attrs
+    if (a.data_layout, a.kernel_layout, a.out_layout) != LAYOUTS[name]:
+        return None
+    try:
+        x_shape = [int(d) for d in call.args[0].ty.shape]
+        w_shape = [int(d) for d in call.args[1].ty.shape]
+    except (TypeError, AttributeError):  # symbolic or unknown shapes
+        return None
+    dtype = str(call.args[0].ty.dtype)
+    out_dtype = str(a.out_dtype) if a.out_dtype is not None else ""
+    if not dtype.startswith("float") or out_dtype not in ("", "void", dtype) or str(call.args[1].ty.dtype) != dtype:
+        return None
+    return ConvShape(x_shape, w_shape, a)
+
+
+def _im2col(x, conv: ConvShape):
+    """col[n, (g,) k, p]: k = (channel in group, *kernel taps) and p = output pixel, row-major."""
+    from tvm import te, tirx
+
+    grouped = conv.groups > 1
+
+    def gather(n, *idx):
+        g, k, p = idx if grouped else (0, *idx)
+        taps, out = [], []  # peel the row-major indices apart, last axis first
+        for size in reversed(conv.kernel):
+            taps.insert(0, k % size)
+            k = k // size
+        for size in reversed(conv.out):
+            out.insert(0, p % size)
+            p = p // size
+        c = g * conv.cg + k
+        pos = [o * s + t * d - b for o, s, t, d, b in zip(out, conv.stride, taps, conv.dilation, conv.pad_before)]
+        if not any(conv.pad_before) and _no_pad_after(conv):
+            return x[(n, c, *pos)]
+        inside = tirx.all(*[tirx.all(q >= 0, q < size) for q, size in zip(pos, conv.spatial)])
+        # the load is clamped into the input too: a vectorised select may evaluate both sides
+        safe = [tirx.max(tirx.min(q, size - 1), 0) for q, size in zip(pos, conv.spatial)]
+        return tirx.if_then_else(inside, x[(n, c, *safe)], tirx.const(0, x.dtype))
+
+    shape = [conv.n] + ([conv.groups] if grouped else []) + [conv.k, conv.pixels]
+    return te.compute(shape, gather, name="im2col", attrs={IM2COL: [conv.cg, *conv.kernel, *conv.out]})
+
+
+def _no_pad_after(conv: ConvShape) -> bool:
+    """True when no output tap reads past the input's end (only the padding after can cause it)."""
+    return all((o - 1) * s + (kk - 1) * d < size for o, s, kk, d, size in
+               zip(conv.out, conv.stride, conv.kernel, conv.dilation, conv.spatial))
+
+
+def _gemm(w2, col, conv: ConvShape):
+    """out[n, (g,) o, p] = sum_k w2[(n,) (g,) o, k] * col[n, (g,) k, p]: w2 carries the image axis
+    when there are several images (broadcast at compile time), so that every operand has it."""
+    from tvm import te
+
+    r = te.reduce_axis((0, conv.k), name="k")
+    lead = int(conv.n > 1)
+
+    def product(n, *idx):
+        *g, o, p = idx
+        return te.sum(w2[(*([n] * lead), *g, o, r)] * col[(n, *g, r, p)], axis=r)
+
+    shape = [conv.n] + ([conv.groups] if conv.groups > 1 else []) + [conv.o // conv.groups, conv.pixels]
+    return te.compute(shape, product, name="conv_gemm")

@@ -1,0 +1,160 @@
+"""Sliding-window kernels: depthwise convolution, max and average pooling (1-D or 2-D, NCHW).
+
+Each output pixel reduces a small window (kernel taps, times one input channel) of one input plane,
+so there is no GEMM to form (conv_gemm leaves depthwise convs here). One parallel loop over
+(image, channel) planes; under it the padded input plane is built in L1 (the pad block computed at
+the plane: one copy, no per-tap bound checks), then every output row runs its taps over vectors of
+output pixels (unrolled taps: each vector accumulates in a register), and the epilogue (bias,
+ReLU, the average's divide) is applied to the plane while it is in cache.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+from effc.codegen.schedules.cpu.base import FLOAT_DTYPES, CPURule, extent, vector_lanes
+
+MAX_TAPS = 64  # a window of at most this many taps per output (7x7 pooling is 49)
+
+
+class Window(CPURule):
+    name = "window"
+
+    def apply(self, func, target, tunable):
+        if not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [b for b in infos if b.is_reduction()]
+        if len(reductions) != 1 or not all(b.is_injective() for b in infos if not b.is_reduction()):
+            return None
+        main = reductions[0].block_rv
+        kinds = reductions[0].dom_kind()
+        loops = sch.get_loops(main)
+        spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
+        taps = [lp for lp, k in zip(loops, kinds) if k == "R"]
+        dtype = str(sch.get(main).writes[0].source.dtype)
+        sizes = [extent(sch, lp) for lp in loops]
+        ordered = "".join(kinds) == "S" * len(spatial) + "R" * len(taps)
+        if (dtype not in FLOAT_DTYPES or len(spatial) not in (2, 3, 4) or not ordered or None in sizes
+                or not 1 <= _product(sch, taps) <= MAX_TAPS or not _windowed(sch.get(main))):
+            return None
+        pads = list(sch.get_producers(main))
+        for block in pads:  # the padded plane, and what produced the input (inlined into it)
+            for producer in sch.get_producers(block):
+                sch.compute_inline(producer)
+        epilogue = _fold_epilogue(sch, main)
+        dims = len(sch.get(main).writes[0].source.shape) - 2  # window axes: the last loops
+        if len(spatial) <= dims:
+            return None
+        *planes, cols = spatial
+        planes, rows = planes[: len(planes) - dims + 1], planes[len(planes) - dims + 1:]
+        plane = sch.fuse(*planes) if len(planes) > 1 else planes[0]
+        lanes = vector_lanes(dtype)
+        width = extent(sch, cols)
+        vec = _vector_width(width, lanes)
+        for block in pads:
+            _deinterleave(sch, main, block)
+            sch.compute_at(block, plane, preserve_unit_loops=True)
+            _vectorize_inner(sch, block, lanes)
+        if vec != width:
+            cols, inner = sch.split(cols, [None, vec])
+            sch.reorder(*rows, cols, *taps, inner)
+        else:
+            inner = cols
+            sch.reorder(*rows, *taps, inner)
+        for tap in taps:  # each output vector accumulates in a register
+            sch.unroll(tap)
+        sch.vectorize(inner)
+        for block in epilogue:
+            sch.reverse_compute_at(block, plane, preserve_unit_loops=True)
+            _vectorize_inner(sch, block, lanes)
+        sch.parallel(plane)
+        sch.decompose_reduction(main, taps[0])
+        return sch
+
+
+def _vector_width(width: int, lanes: int) -> int:
+    """Output pixels per vector: a whole vector when it divides the row; else the whole row when it
+    is at most a few vectors (LLVM splits it into full vectors and one masked one); else half or a
+    quarter vector when it divides the row; else full vectors with a masked last one."""
+    if width % lanes == 0:
+        return lanes
+    if width <= 8 * lanes:
+        return width
+    for vec in (lanes // 2, lanes // 4):
+        if vec >= 4 and width % vec == 0:
+            return vec
+    return lanes
+
+
+def _deinterleave(sch, main, pad) -> None:
+    """A strided window reads every s-th column of the padded plane: store the plane as s phases
+    (column w at [w % s, w // s]) so that a vector of outputs reads contiguous columns, not a
+    gather."""
+    from tvm.sym.pattern import detect_linear_equation
+
+    buffer = sch.get(pad).writes[0].source
+    width = buffer.shape[-1]
+    col_var = sch.get(main).writes[0].region[-1].min  # the output column's block variable
+    reads = [r for r in sch.get(main).reads if r.source.same_as(buffer)]
+    if not reads or not isinstance(col_var, tirx.Var) or not isinstance(width, tirx.IntImm):
+        return
+    coeff = detect_linear_equation(reads[0].region[-1].min, [col_var])
+    stride = int(coeff[0]) if len(coeff) == 2 and isinstance(coeff[0], tirx.IntImm) else 1
+    if stride <= 1 or int(width) % stride:
+        return
+    sch.transform_layout(pad, ("write", 0), lambda *idx: (*idx[:-1], idx[-1] % stride, idx[-1] // stride))
+
+
+def _product(sch, loops) -> int:
+    out = 1
+    for lp in loops:
+        out *= extent(sch, lp)
+    return out
+
+
+def _windowed(block) -> bool:
+    """Some read index combines an output position with a tap (stride * y + tap): a window, not a
+    plain reduction over an axis (a mean over the last axis has bare indices: the reduction rule's)."""
+    return any(not isinstance(r.min, (tirx.Var, tirx.IntImm)) for region in block.reads for r in region.region)
+
+
+def _vectorize_inner(sch, block, lanes: int) -> None:
+    """Vectorise the innermost loop of ``block`` (a row) as _vector_width says."""
+    inner = sch.get_loops(block)[-1]
+    width = extent(sch, inner)
+    if width is None or width < 2:
+        return
+    vec = _vector_width(width, lanes)
+    if vec != width:
+        _, inner = sch.split(inner, [None, vec])
+    sch.vectorize(inner)
+
+
+def _fold_epilogue(sch, main) -> list:
+    """Inline the elementwise blocks after ``main`` into their consumers; the blocks left reading
+    its result (the output writers)."""
+    changed = True
+    while changed:
+        changed = False
+        for block in _descendants(sch, main):
+            try:
+                sch.compute_inline(block)
+            except Exception:  # an output block: it stays
+                continue
+            changed = True
+            break
+    return list(sch.get_consumers(main))
+
+
+def _descendants(sch, block) -> list:
+    out, todo = [], list(sch.get_consumers(block))
+    while todo:
+        b = todo.pop()
+        out.append(b)
+        todo.extend(sch.get_consumers(b))
+    return out

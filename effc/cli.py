@@ -91,10 +91,8 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
                 bits: int | None, group: int | None, layers: str | None, avg_bits: float | None,
                 records: str | None) -> None:
     """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx and OUT/report.json."""
-    from effc.ir import save
+    from effc.outdir import StagedOut
     from effc.passes import parse_pass_list
-    from effc.pipeline import run_pipeline
-    from effc.report import render_table, write_report
 
     pass_list = parse_pass_list(passes)  # validate names before any expensive work
     if target:
@@ -103,7 +101,37 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
         check_target_args(target, arch)
     if records not in ("shipped", "none") and not Path(records).is_file():
         raise EffcError(f"--records: no such file '{records}' (or say `shipped` or `none`)")
+    options = {"untie": not no_untie, "bits": bits, "group": group, "layers": layers, "avg_bits": avg_bits}
     console = _console()
+    with StagedOut(out, protect=_input_files(model)) as stage:  # OUT is replaced as a whole, or not at all
+        built = _compile_into(stage.path, console, model, pass_list, opset, inputs, calib, keep_intermediate,
+                              options, target, arch, records)
+        # A check of the built module against ONNX Runtime belongs here: it runs on stage.path, and
+        # raising leaves the previous OUT as it was.
+        out_dir = stage.commit()
+    console.print(f"wrote {out_dir / 'model.onnx'} and {out_dir / 'report.json'}")
+    if built is not None:
+        console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s"
+                      + (f" (TVM's messages: {out_dir / 'build.log'})" if (out_dir / "build.log").exists() else ""))
+        if built.custom_summary:
+            console.print(built.custom_summary)
+
+
+def _input_files(model: str) -> list[Path]:
+    if model.startswith("zoo:"):
+        return []
+    from effc.frontend.onnx import source_files
+
+    return source_files(model)
+
+
+def _compile_into(stage: Path, console, model: str, pass_list, opset, inputs, calib, keep_intermediate: bool,
+                  options: dict, target: str | None, arch: str | None, records: str):
+    """Load, run the passes and (with ``target``) build, writing everything into ``stage``."""
+    from effc.ir import save
+    from effc.pipeline import run_pipeline
+    from effc.report import load_report, render_table, write_report
+
     with console.status(f"loading {model}"):
         ir_model, zoo_name = _load_model(model, opset)
     feeds = _read_feeds(inputs) if inputs else pass_feeds(zoo_name)
@@ -112,30 +140,24 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
         from effc.calib import load_npz, zoo_calibration
 
         calibration = zoo_calibration(calib[4:]) if calib.startswith("zoo:") else load_npz(calib)
-    options = {"untie": not no_untie, "bits": bits, "group": group, "layers": layers, "avg_bits": avg_bits}
     with console.status("running passes") as status:
         result = run_pipeline(ir_model, pass_list, feeds=feeds, options=options, calibration=calibration,
                               keep_intermediate=keep_intermediate,
                               progress=lambda name: status.update(f"pass {name}"))
-    out_dir = Path(out)
-    save(result.model, out_dir / "model.onnx")
+    save(result.model, stage / "model.onnx")
     if keep_intermediate:
         applied = [r for r in result.records if r.status == "applied"]
         for i, (rec, m) in enumerate(zip(applied, result.intermediates), 1):
-            save(m, out_dir / "intermediate" / f"{i:02d}-{rec.name}.onnx")
-    write_report(out_dir / "report.json", model, result.records)
-    from effc.report import load_report
+            save(m, stage / "intermediate" / f"{i:02d}-{rec.name}.onnx")
+    write_report(stage / "report.json", model, result.records)
+    console.print(render_table(load_report(stage / "report.json")))
+    if not target:
+        return None
+    from effc.codegen.build import BUILD_LOG_NAME, compile_model
+    from effc.native_log import native_stderr_to
 
-    console.print(render_table(load_report(out_dir / "report.json")))
-    console.print(f"wrote {out_dir / 'model.onnx'} and {out_dir / 'report.json'}")
-    if target:
-        from effc.codegen.build import compile_model
-
-        with console.status(f"building for {target}"):
-            built = compile_model(result.model, target, out_dir, arch=arch, records=records, source=model)
-        console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s")
-        if built.custom_summary:
-            console.print(built.custom_summary)
+    with console.status(f"building for {target}"), native_stderr_to(stage / BUILD_LOG_NAME):
+        return compile_model(result.model, target, stage, arch=arch, records=records, source=model)
 
 
 @cli.command("inspect")
@@ -264,6 +286,12 @@ def main() -> None:
     except click.ClickException as exc:
         click.echo(f"effc: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # the user's file system said no: full disk, no permission, read-only, ...
+        if os.environ.get("EFFC_DEBUG"):
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        click.echo(f"effc: error: {exc.strerror or type(exc).__name__}{where}", err=True)
+        sys.exit(2)
     except Exception as exc:  # never a traceback for the user; EFFC_DEBUG=1 shows it
         if os.environ.get("EFFC_DEBUG"):
             raise

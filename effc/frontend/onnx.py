@@ -37,6 +37,39 @@ def load(path: str | os.PathLike, opset: int | None = None) -> ir.Model:
     return from_proto(_read_proto(path), opset=opset, origin=str(path))
 
 
+def source_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model path reads: the model and, for .onnx, its external-data files (best effort:
+    an unreadable file yields just itself and `load` reports why)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    files = [path]
+    if path.suffix == ".onnx" and path.is_file():
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception:
+            return files
+        for tensor in _tensors(proto.graph):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    files.append(path.parent / entry.value)
+    return list(dict.fromkeys(files))
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every TensorProto of a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g] if attr.HasField("g") else []:
+                yield from _tensors(sub)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
 def _read_proto(path: Path) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path), load_external_data=False)

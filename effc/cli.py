@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -109,6 +110,9 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
         # A check of the built module against ONNX Runtime belongs here: it runs on stage.path, and
         # raising leaves the previous OUT as it was.
         out_dir = stage.commit()
+    from effc.report import load_report, render_table
+
+    console.print(render_table(load_report(out_dir / "report.json")))  # after the swap: refusals stay one line
     console.print(f"wrote {out_dir / 'model.onnx'} and {out_dir / 'report.json'}")
     if built is not None:
         console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s"
@@ -130,7 +134,7 @@ def _compile_into(stage: Path, console, model: str, pass_list, opset, inputs, ca
     """Load, run the passes and (with ``target``) build, writing everything into ``stage``."""
     from effc.ir import save
     from effc.pipeline import run_pipeline
-    from effc.report import load_report, render_table, write_report
+    from effc.report import write_report
 
     with console.status(f"loading {model}"):
         ir_model, zoo_name = _load_model(model, opset)
@@ -150,14 +154,26 @@ def _compile_into(stage: Path, console, model: str, pass_list, opset, inputs, ca
         for i, (rec, m) in enumerate(zip(applied, result.intermediates), 1):
             save(m, stage / "intermediate" / f"{i:02d}-{rec.name}.onnx")
     write_report(stage / "report.json", model, result.records)
-    console.print(render_table(load_report(stage / "report.json")))
     if not target:
         return None
     from effc.codegen.build import BUILD_LOG_NAME, compile_model
     from effc.native_log import native_stderr_to
 
-    with console.status(f"building for {target}"), native_stderr_to(stage / BUILD_LOG_NAME):
-        return compile_model(result.model, target, stage, arch=arch, records=records, source=model)
+    try:
+        with console.status(f"building for {target}"), native_stderr_to(stage / BUILD_LOG_NAME):
+            return compile_model(result.model, target, stage, arch=arch, records=records, source=model)
+    except Exception:
+        if _disk_full(stage):  # TVM reports a short write as its own InternalError
+            raise OSError(errno.ENOSPC, "No space left on device", str(stage.parent)) from None
+        raise
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 @cli.command("inspect")

@@ -117,6 +117,56 @@ def make_inputs(model: ir.Model, count: int = 2, seed: int = 0, dims: dict[str, 
     return feeds
 
 
+# An exact rewrite of the whole model (an opset upgrade) may differ from the original by this much.
+EQUIVALENCE_TOLERANCE = 1e-4
+
+
+def interface(model: ir.Model) -> tuple[list, list]:
+    """(inputs, outputs) as (name, dtype, shape) with symbolic dims as None; initializers excluded."""
+    def spec(v: ir.Value):
+        shape = None if v.shape is None else tuple(d if isinstance(d, int) else None for d in v.shape)
+        return v.name, v.dtype, shape
+    return ([spec(v) for v in model.graph.inputs if not v.is_initializer()], [spec(v) for v in model.graph.outputs])
+
+
+def interface_change(before: ir.Model, after: ir.Model) -> str | None:
+    """Why ``after`` does not take and give what ``before`` does (names, dtypes, known dims), or None."""
+    for kind, old, new in zip(("input", "output"), interface(before), interface(after)):
+        if [n for n, _, _ in old] != [n for n, _, _ in new]:
+            return f"{kind}s {[n for n, _, _ in old]} became {[n for n, _, _ in new]}"
+        for (name, dt0, sh0), (_, dt1, sh1) in zip(old, new):
+            if dt0 is not None and dt1 is not None and dt0 != dt1:
+                return f"{kind} '{name}' changed dtype {dt0} -> {dt1}"
+            if sh0 is not None and sh1 is not None and (
+                    len(sh0) != len(sh1) or any(a is not None and b is not None and a != b for a, b in zip(sh0, sh1))):
+                return f"{kind} '{name}' changed shape {list(sh0)} -> {list(sh1)}"
+    return None
+
+
+def check_equivalent(original: ir.Model, rewritten: ir.Model, what: str,
+                     tolerance: float = EQUIVALENCE_TOLERANCE) -> None:
+    """Refuse (EffcError naming ``what``) a rewritten model whose interface or outputs on seeded
+    inputs differ from the original's."""
+    change = interface_change(original, rewritten)
+    if change:
+        raise EffcError(f"{what} changes the model: {change}")
+    feeds = make_inputs(original)
+    reference = OrtRunner(original).run_all(feeds)
+    try:
+        err = deviation(OrtRunner(rewritten).run_all(feeds), reference)
+    except EffcError as exc:
+        raise EffcError(f"{what} changes the model: {exc}") from None
+    except Exception as exc:
+        raise EffcError(f"{what} gives a model ONNX Runtime cannot run ({_first_line(exc)})") from None
+    if not err.max_rel <= tolerance:
+        raise EffcError(f"{what} changes the model's outputs (max rel err {err.max_rel:.3g} > {tolerance:g})")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
 class OrtRunner:
     """An ONNX Runtime session over an onnx_ir model (optimisations on, CPU)."""
 

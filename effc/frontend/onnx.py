@@ -94,16 +94,26 @@ def from_proto(proto: onnx.ModelProto, opset: int | None = None, origin: str = "
     target = opset if opset is not None else max(current, MIN_OPSET)
     if not MIN_OPSET <= target <= MAX_OPSET:
         raise EffcError(f"{origin}: opset {target} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
+    original = proto
     if target != current:
         try:
             proto = version_converter.convert_version(proto, target)
         except Exception as exc:
             raise EffcError(f"{origin}: cannot convert opset {current} to {target} ({_first_line(exc)})") from None
+    model = ir.serde.deserialize_model(_inferred(proto))
+    if target != current:  # every compile is measured against the model as the user gave it
+        from effc.verify import check_equivalent
+
+        check_equivalent(ir.serde.deserialize_model(_inferred(original)), model,
+                         f"{origin}: the opset {current} -> {target} upgrade")
+    return model
+
+
+def _inferred(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:
-        pass  # shapes are a convenience for the passes; a model without them still loads
-    return ir.serde.deserialize_model(proto)
+        return proto  # shapes are a convenience for the passes; a model without them still loads
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:

@@ -289,31 +289,50 @@ for _command in _CODEGEN_COMMANDS:
 
 
 def main() -> None:
+    sys.exit(run())
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` and return the exit code: 0, 2 (bad input, one line),
+    1 (effc's own fault, one line) or 130 (interrupted); never a traceback unless EFFC_DEBUG=1."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = bool(os.environ.get("EFFC_DEBUG"))
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(args=argv, standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except EffcError as exc:
-        click.echo(f"effc: error: {exc}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("effc: aborted", err=True)
-        sys.exit(130)
+        _error(str(exc))
+        return 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _error("aborted", prefix="effc: ")
+        return 130
     except click.ClickException as exc:
-        click.echo(f"effc: error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
+        _error(exc.format_message())
+        return exc.exit_code
     except OSError as exc:  # the user's file system said no: full disk, no permission, read-only, ...
-        if os.environ.get("EFFC_DEBUG"):
+        if debug:
             raise
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        click.echo(f"effc: error: {exc.strerror or type(exc).__name__}{where}", err=True)
-        sys.exit(2)
-    except Exception as exc:  # never a traceback for the user; EFFC_DEBUG=1 shows it
-        if os.environ.get("EFFC_DEBUG"):
+        _error(f"{exc.strerror or type(exc).__name__}{where}")
+        return 2
+    except MemoryError:
+        if debug:
             raise
-        click.echo(f"effc: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                   "(set EFFC_DEBUG=1 for the traceback)", err=True)
-        sys.exit(1)
+        _error("out of memory (the model's tensors do not fit; see --max-memory)")
+        return 2
+    except Exception as exc:  # never a traceback for the user; EFFC_DEBUG=1 shows it
+        if debug:
+            raise
+        text = str(exc).strip().splitlines()
+        _error(f"{type(exc).__name__}: {text[0][:300] if text else ''} (set EFFC_DEBUG=1 for the traceback)",
+               prefix="effc: internal error: ")
+        return 1
+
+
+def _error(text: str, prefix: str = "effc: error: ") -> None:
+    line = " ".join(text.split())  # one line, whatever the message held
+    click.echo(f"{prefix}{line}", err=True)
 
 
 if __name__ == "__main__":

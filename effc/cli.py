@@ -87,15 +87,22 @@ def cli() -> None:
 @click.option("--group", type=click.IntRange(1), default=None, help="shift-add: input columns per scale (default 8).")
 @click.option("--layers", default=None, help="shift-add: glob on node names of the linears to rewrite.")
 @click.option("--avg-bits", "avg_bits", type=float, default=None, help="shift-add: allocate bits per layer under this average.")
+@click.option("--max-memory", "max_memory", default=None, help="Refuse a model whose tensors need more than this "
+              "(512M, 8G, ...; default: EFFC_MAX_MEMORY, else the lesser of a quarter of the physical memory and half "
+              "the available memory).")
 def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inputs: str | None,
                 keep_intermediate: bool, no_untie: bool, target: str | None, arch: str | None, calib: str | None,
                 bits: int | None, group: int | None, layers: str | None, avg_bits: float | None,
-                records: str | None) -> None:
+                records: str | None, max_memory: str | None) -> None:
     """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx and OUT/report.json."""
     from effc.outdir import StagedOut
     from effc.passes import parse_pass_list
 
     pass_list = parse_pass_list(passes)  # validate names before any expensive work
+    if max_memory:
+        from effc import memory_guard
+
+        memory_guard.set_limit(memory_guard.parse_size(max_memory))
     if target:
         from effc.codegen.target import check_target_args
 
@@ -153,7 +160,7 @@ def _compile_into(stage: Path, console, model: str, pass_list, opset, inputs, ca
         applied = [r for r in result.records if r.status == "applied"]
         for i, (rec, m) in enumerate(zip(applied, result.intermediates), 1):
             save(m, stage / "intermediate" / f"{i:02d}-{rec.name}.onnx")
-    write_report(stage / "report.json", model, result.records)
+    write_report(stage / "report.json", model if model.startswith("zoo:") else os.path.abspath(model), result.records)
     if not target:
         return None
     from effc.codegen.build import BUILD_LOG_NAME, compile_model
@@ -219,25 +226,80 @@ def passes_cmd() -> None:
 
 
 @cli.command("eval")
-@click.argument("model", type=click.Path())
-@click.option("--zoo", "zoo_name", required=True, help="Zoo model whose held-out data and metric to use.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write {metric, value}.")
-def eval_cmd(model: str, zoo_name: str, json_path: str | None) -> None:
-    """Compute a zoo model's task metric for MODEL (original or optimized)."""
+@click.argument("model")
+@click.option("--zoo", "zoo_name", default=None, help="Zoo model whose held-out data and metric to use "
+              "(default: the zoo model MODEL is, or was compiled from).")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also evaluate the model an `effc compile` OUT was made from (its report.json says which).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write {metric, value, zoo} (+ baseline).")
+def eval_cmd(model: str, zoo_name: str | None, baseline: bool, json_path: str | None) -> None:
+    """Compute a zoo model's task metric for MODEL (.onnx, an `effc compile` OUT, or zoo:NAME); for an OUT,
+    the model it was compiled from is evaluated too and both are printed side by side."""
     import json
 
     from effc import zoo
-    from effc.frontend.onnx import load
     from effc.ir import atomic_write_text
-    from effc.verify import OrtRunner
 
+    source = _compiled_from(model) if baseline else None
+    zoo_name = zoo_name or _zoo_of(model) or _zoo_of(source or "")
+    if not zoo_name:
+        raise EffcError("--zoo NAME: say which zoo model's data and metric to use (`effc zoo list`)")
     module = zoo.get(zoo_name)
-    runner = OrtRunner(load(model))
-    with _console().status(f"evaluating {model} on {zoo_name}"):
-        metric, value = module.evaluate(runner)
-    click.echo(f"{metric}: {value:.6g}")
+    if not hasattr(module, "evaluate"):
+        raise EffcError(f"zoo model '{zoo_name}' has no task metric (random weights); try one with held-out data")
+    value_of = {}
+    with _console().status(f"evaluating {model} on {zoo_name}") as status:
+        for label, spec in (("baseline", source), ("optimized" if source else "value", model)):
+            if spec is not None:
+                status.update(f"evaluating {spec} on {zoo_name}")
+                metric, value_of[label] = _evaluate(module, zoo_name, spec)
+    if source:
+        base, opt = value_of["baseline"], value_of["optimized"]
+        click.echo(f"{metric}: baseline {base:.6g}   optimized {opt:.6g}   ({opt - base:+.3g})")
+        click.echo(f"  baseline: {source}")
+    else:
+        click.echo(f"{metric}: {value_of['value']:.6g}")
     if json_path:
-        atomic_write_text(Path(json_path), json.dumps({"metric": metric, "value": value, "zoo": zoo_name}) + "\n")
+        body = {"metric": metric, "value": value_of.get("optimized", value_of.get("value")), "zoo": zoo_name}
+        if source:
+            body.update(baseline=value_of["baseline"], baseline_model=source)
+        atomic_write_text(Path(json_path), json.dumps(body) + "\n")
+
+
+def _zoo_of(spec: str) -> str | None:
+    return spec[4:] if spec.startswith("zoo:") else None
+
+
+def _compiled_from(model: str) -> str | None:
+    """What an `effc compile` OUT (or its model.onnx) was compiled from, when that is still there."""
+    import json
+
+    path = Path(model)
+    report = (path if path.is_dir() else path.parent) / "report.json"
+    if model.startswith("zoo:") or not report.is_file() or (path.is_file() and path.name != "model.onnx"):
+        return None
+    try:
+        source = str(json.loads(report.read_text()).get("model", ""))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if source.startswith("zoo:") or (source and Path(source).exists()):
+        return source
+    return None
+
+
+def _evaluate(module, zoo_name: str, spec: str) -> tuple[str, float]:
+    from effc.verify import OrtRunError, OrtRunner
+
+    runner = OrtRunner(_load_model(spec)[0])
+    wanted = set(module.sample_inputs(1, 0)[0])
+    if not set(runner.input_names) <= wanted:
+        raise EffcError(f"{spec} takes inputs {sorted(runner.input_names)}; zoo model '{zoo_name}' gives "
+                        f"{sorted(wanted)}: its data does not fit this model (--zoo NAME)")
+    try:
+        return module.evaluate(runner)
+    except OrtRunError as exc:
+        raise EffcError(f"{spec} does not run on zoo model '{zoo_name}''s data ({exc.reason})") from None
 
 
 @cli.group("zoo")

@@ -52,6 +52,10 @@ def load_report(path: str | Path) -> dict[str, Any]:
         raise EffcError(f"{path}: no such report") from None
     except json.JSONDecodeError as exc:
         raise EffcError(f"{path}: not a JSON report ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise EffcError(f"{path}: not a JSON report (binary data)") from None
+    except IsADirectoryError:
+        raise EffcError(f"{path}: is a directory without report.json") from None
 
 
 def op_delta(before: dict[str, int], after: dict[str, int]) -> str:

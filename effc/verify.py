@@ -252,6 +252,9 @@ class OrtRunner:
         if isinstance(model, (str, Path)):
             source: bytes | str = str(model)
         else:
+            from effc import memory_guard
+
+            memory_guard.check(model)  # before anything runs: a memory bomb is refused, not run
             proto = to_proto(model)
             if proto.ByteSize() < 1_800_000_000:
                 source = proto.SerializeToString()

@@ -90,6 +90,7 @@ def from_proto(proto: onnx.ModelProto, opset: int | None = None, origin: str = "
         onnx.checker.check_model(proto, full_check=False)
     except Exception as exc:
         raise EffcError(f"{origin}: fails the ONNX checker ({_first_line(exc)})") from None
+    _check_names(proto.graph, origin)
     current = _default_opset(proto)
     target = opset if opset is not None else max(current, MIN_OPSET)
     if not MIN_OPSET <= target <= MAX_OPSET:
@@ -100,13 +101,37 @@ def from_proto(proto: onnx.ModelProto, opset: int | None = None, origin: str = "
             proto = version_converter.convert_version(proto, target)
         except Exception as exc:
             raise EffcError(f"{origin}: cannot convert opset {current} to {target} ({_first_line(exc)})") from None
-    model = ir.serde.deserialize_model(_inferred(proto))
+    model = _deserialize(_inferred(proto), origin)
     if target != current:  # every compile is measured against the model as the user gave it
         from effc.verify import check_equivalent
 
-        check_equivalent(ir.serde.deserialize_model(_inferred(original)), model,
+        check_equivalent(_deserialize(_inferred(original), origin), model,
                          f"{origin}: the opset {current} -> {target} upgrade")
     return model
+
+
+def _deserialize(proto: onnx.ModelProto, origin: str) -> ir.Model:
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise EffcError(f"{origin}: cannot read the model's graph ({type(cause).__name__}: "
+                        f"{_first_line(cause)})") from None
+
+
+def _check_names(graph: onnx.GraphProto, origin: str) -> None:
+    """ONNX names are UTF-8; protobuf hands back bytes for any that are not, which nothing downstream takes."""
+    named = [("graph", graph.name), *(("node", n.name) for n in graph.node),
+             *(("value", v) for n in graph.node for v in (*n.input, *n.output)),
+             *(("initializer", t.name) for t in graph.initializer),
+             *(("value", v.name) for v in (*graph.input, *graph.output, *graph.value_info))]
+    for kind, name in named:
+        if isinstance(name, bytes):
+            raise EffcError(f"{origin}: {kind} name {name!r} is not UTF-8 (ONNX names must be)")
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _check_names(sub, origin)
 
 
 def _inferred(proto: onnx.ModelProto) -> onnx.ModelProto:

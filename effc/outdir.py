@@ -91,8 +91,9 @@ class StagedOut:
 
     def _check_out(self) -> None:
         out = self.out
-        if out.exists() and not out.is_dir():
-            raise EffcError(f"{out}: exists and is not a directory")
+        for path in (out, *out.parents):
+            if path.exists() and not path.is_dir():
+                raise EffcError(f"-o {out}: {path} is a file, not a directory")
         real = Path(os.path.realpath(out))
         for p in self.protect:
             if p == real or real in p.parents:

@@ -195,7 +195,11 @@ def check_equivalent(original: ir.Model, rewritten: ir.Model, what: str,
     if change:
         raise EffcError(f"{what} changes the model: {change}")
     feeds = make_inputs(original)
-    reference = OrtRunner(original).run_all(feeds)
+    try:
+        reference = OrtRunner(original).run_all(feeds)
+    except OrtRunError as exc:
+        raise EffcError(f"{what} cannot be checked: ONNX Runtime cannot run the original model on effc's "
+                        f"generated inputs ({exc.reason})") from None
     try:
         err = deviation(OrtRunner(rewritten).run_all(feeds), reference)
     except EffcError as exc:

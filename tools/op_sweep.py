@@ -142,13 +142,13 @@ class Outcome:
     matches: bool | None = None  # exit 0: OUT/model.onnx agrees with ONNX Runtime on the original
 
 
-def compile_one(proto: onnx.ModelProto, op: str, opset: int, workdir: Path) -> Outcome:
+def compile_one(proto: onnx.ModelProto, op: str, opset: int, workdir: Path, extra: list[str] = ()) -> Outcome:
     from effc.cli import run
 
     src, out = workdir / f"{op}_{opset}.onnx", workdir / f"{op}_{opset}_out"
     onnx.save(proto, src)
     with _captured_stderr() as err:
-        code = run(["compile", str(src), "-o", str(out)])
+        code = run(["compile", str(src), "-o", str(out), *extra])
     text = err.getvalue().strip().splitlines()
     outcome = Outcome(op, opset, code, text[-1] if text else "", len(text) if code else 0)
     if code == 0:
@@ -186,7 +186,7 @@ def _captured_stderr():
             buffer.write(tmp.read().decode(errors="replace"))
 
 
-def sweep(pairs, verbose: bool = False) -> list[Outcome]:
+def sweep(pairs, verbose: bool = False, extra: list[str] = ()) -> list[Outcome]:
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="effc-sweep-") as tmp:
         for op, opset in pairs:
@@ -194,7 +194,7 @@ def sweep(pairs, verbose: bool = False) -> list[Outcome]:
             if proto is None:
                 outcomes.append(Outcome(op, opset, -1, "not generated", 0))
                 continue
-            outcome = compile_one(proto, op, opset, Path(tmp))
+            outcome = compile_one(proto, op, opset, Path(tmp), extra)
             outcomes.append(outcome)
             if verbose:
                 print(f"{op:28s} {opset:3d} exit {outcome.code} {outcome.message[:150]}", flush=True)
@@ -211,6 +211,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default=None, help="comma-separated operators (default: all)")
     parser.add_argument("--opsets", default="13,23", help="first,last opset")
+    parser.add_argument("--upgrade", type=int, default=None, help="compile with --opset N (upgrade every model)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     first, last = (int(x) for x in args.opsets.split(","))
@@ -218,7 +219,7 @@ def main() -> int:
     if args.ops:
         wanted = set(args.ops.split(","))
         pairs = [p for p in pairs if p[0] in wanted]
-    outcomes = sweep(pairs, args.verbose)
+    outcomes = sweep(pairs, args.verbose, ["--opset", str(args.upgrade)] if args.upgrade else [])
     counts = collections.Counter("not generated" if o.code == -1 else f"exit {o.code}" for o in outcomes)
     print(f"{len(outcomes)} (op, opset) pairs: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     reasons = collections.Counter(o.message.split("(")[0][:90] for o in outcomes if o.code == 2)

@@ -117,9 +117,12 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
         # A check of the built module against ONNX Runtime belongs here: it runs on stage.path, and
         # raising leaves the previous OUT as it was.
         out_dir = stage.commit()
-    from effc.report import load_report, render_table
+    from effc.report import load_report, reason_lines, render_table
 
-    console.print(render_table(load_report(out_dir / "report.json")))  # after the swap: refusals stay one line
+    report = load_report(out_dir / "report.json")
+    console.print(render_table(report))  # after the swap: refusals stay one line
+    for line in reason_lines(report):
+        console.print(line, markup=False)
     console.print(f"wrote {out_dir / 'model.onnx'} and {out_dir / 'report.json'}")
     if built is not None:
         console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s"
@@ -197,22 +200,23 @@ def inspect_cmd(out: str) -> None:
     console.print(render_table(report))
     for p in report.get("passes", []):
         for text in p.get("rewrites", []):
-            console.print(f"  [{p['name']}] {text}")
+            console.print(f"  [{p['name']}] {text}", markup=False)
         for skip in p.get("skipped", []):
-            console.print(f"  [{p['name']}] skipped {skip['node']}: {skip['reason']}")
+            console.print(f"  [{p['name']}] skipped {skip['node']}: {skip['reason']}", markup=False)
         if p.get("note"):
-            console.print(f"  [{p['name']}] note: {p['note']}")
+            console.print(f"  [{p['name']}] note: {p['note']}", markup=False)
 
 
 @cli.command("diff")
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
-def diff_cmd(a: str, b: str) -> None:
+@click.option("--all", "show_all", is_flag=True, help="List every changed initializer (default: the first 8).")
+def diff_cmd(a: str, b: str, show_all: bool) -> None:
     """Op-level differences between two ONNX models."""
     from effc.diff import diff_models, render_diff
     from effc.frontend.onnx import load
 
-    click.echo(render_diff(diff_models(load(a), load(b))))
+    click.echo(render_diff(diff_models(load(a), load(b)), show_all=show_all))
 
 
 @cli.command("passes")
@@ -318,9 +322,10 @@ def zoo_list() -> None:
 
 @zoo_group.command("build")
 @click.argument("name")
-@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Output .onnx file (large weights go to FILE.data beside it).")
 def zoo_build(name: str, out: str) -> None:
-    """Build zoo model NAME deterministically into OUT."""
+    """Build zoo model NAME deterministically and write it to the .onnx file given by -o."""
     from effc import zoo
     from effc.ir import save
 

@@ -78,6 +78,8 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
         record.rewrites, record.skipped = outcome.rewrites, outcome.skipped
         if not outcome.changed:
             model = backup  # a pass that did nothing must leave no trace
+            if not outcome.skipped:
+                record.note = f"nothing to do: no candidate in this model ({p.summary[:1].lower()}{p.summary[1:]})"
         else:
             cleanup(model)
             try:

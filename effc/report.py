@@ -67,6 +67,22 @@ def op_delta(before: dict[str, int], after: dict[str, int]) -> str:
     return ", ".join(parts) if parts else "-"
 
 
+def reason_lines(report: dict[str, Any], examples: int = 3) -> list[str]:
+    """Why each pass skipped what it skipped, one line per distinct reason (with a few node names), and
+    each pass's note (rolled back, nothing to do)."""
+    lines = []
+    for p in report.get("passes", []):
+        by_reason: dict[str, list[str]] = {}
+        for skip in p.get("skipped", []):
+            by_reason.setdefault(skip["reason"], []).append(skip["node"])
+        for reason, nodes in by_reason.items():
+            shown = ", ".join(nodes[:examples]) + (f", +{len(nodes) - examples}" if len(nodes) > examples else "")
+            lines.append(f"  [{p['name']}] skipped {len(nodes)} ({shown}): {reason}")
+        if p.get("note"):
+            lines.append(f"  [{p['name']}] {p['status']}: {p['note']}")
+    return lines
+
+
 def render_table(report: dict[str, Any]) -> Any:
     """A rich Table of the per-pass records."""
     from rich.table import Table

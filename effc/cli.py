@@ -112,10 +112,10 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
     options = {"untie": not no_untie, "bits": bits, "group": group, "layers": layers, "avg_bits": avg_bits}
     console = _console()
     with StagedOut(out, protect=_input_files(model)) as stage:  # OUT is replaced as a whole, or not at all
-        built = _compile_into(stage.path, console, model, pass_list, opset, inputs, calib, keep_intermediate,
-                              options, target, arch, records)
-        # A check of the built module against ONNX Runtime belongs here: it runs on stage.path, and
-        # raising leaves the previous OUT as it was.
+        result, feeds, built = _compile_into(stage.path, console, model, pass_list, opset, inputs, calib,
+                                             keep_intermediate, options, target, arch, records)
+        # Checks of the built module (against ONNX Runtime on result.model and feeds) go here: they run
+        # on stage.path, and raising leaves the previous OUT as it was and removes the staging directory.
         out_dir = stage.commit()
     from effc.report import load_report, reason_lines, render_table
 
@@ -141,7 +141,8 @@ def _input_files(model: str) -> list[Path]:
 
 def _compile_into(stage: Path, console, model: str, pass_list, opset, inputs, calib, keep_intermediate: bool,
                   options: dict, target: str | None, arch: str | None, records: str):
-    """Load, run the passes and (with ``target``) build, writing everything into ``stage``."""
+    """Load, run the passes and (with ``target``) build, writing everything into ``stage``:
+    (the pipeline's result, the feeds it was measured on or None, the BuildResult or None)."""
     from effc.ir import save
     from effc.pipeline import run_pipeline
     from effc.report import write_report
@@ -163,15 +164,17 @@ def _compile_into(stage: Path, console, model: str, pass_list, opset, inputs, ca
         applied = [r for r in result.records if r.status == "applied"]
         for i, (rec, m) in enumerate(zip(applied, result.intermediates), 1):
             save(m, stage / "intermediate" / f"{i:02d}-{rec.name}.onnx")
-    write_report(stage / "report.json", model if model.startswith("zoo:") else os.path.abspath(model), result.records)
+    source = model if model.startswith("zoo:") else os.path.abspath(model)  # found again from any cwd
+    write_report(stage / "report.json", source, result.records)
     if not target:
-        return None
+        return result, feeds, None
     from effc.codegen.build import BUILD_LOG_NAME, compile_model
     from effc.native_log import native_stderr_to
 
     try:
         with console.status(f"building for {target}"), native_stderr_to(stage / BUILD_LOG_NAME):
-            return compile_model(result.model, target, stage, arch=arch, records=records, source=model)
+            built = compile_model(result.model, target, stage, arch=arch, records=records, source=source)
+        return result, feeds, built
     except Exception:
         if _disk_full(stage):  # TVM reports a short write as its own InternalError
             raise OSError(errno.ENOSPC, "No space left on device", str(stage.parent)) from None

@@ -138,3 +138,11 @@ def test_out_under_a_file_refused(tmp_path):
     src = save_proto(tiny_mlp_proto(), tmp_path / "tiny.onnx")
     line = one_line_refusal(effc("compile", src, "-o", tmp_path / "tiny.onnx" / "out"))
     assert "tiny.onnx is a file, not a directory" in line
+
+
+@pytest.mark.parametrize("dtype", [T.BFLOAT16, T.FLOAT8E4M3FN, T.INT4])
+def test_inputs_numpy_cannot_feed_are_refused(tmp_path, dtype):
+    model = _model([helper.make_node("Cast", ["x"], ["y"], to=T.FLOAT)], [helper.make_tensor_value_info("x", dtype, [2, 4])],
+                   [helper.make_tensor_value_info("y", T.FLOAT, [2, 4])], opset=21)
+    line = one_line_refusal(effc("compile", save_proto(model, tmp_path / "m.onnx"), "-o", tmp_path / "out"))
+    assert "input 'x' is " in line and "cannot run this model to check it" in line

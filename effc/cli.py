@@ -359,7 +359,14 @@ for _command in _CODEGEN_COMMANDS:
 
 
 def main() -> None:
-    sys.exit(run())
+    code = run()
+    if code == 130:
+        # Interrupted: exit now, with 130. A Ctrl-C that landed inside an extension module's own Python
+        # code (pybind11 runs some at import) makes CPython kill itself with SIGINT at exit instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -49,17 +49,17 @@ class StagedOut:
             self._lock()
             _recover(self.out)
             self._check_existing()
+            # SIGTERM becomes an exception like Ctrl-C, so the staging directory is cleaned up.
+            for sig in (signal.SIGTERM,):
+                try:
+                    self._old_handlers[sig] = signal.signal(sig, _raise_interrupt)
+                except ValueError:  # not the main thread: leave signals alone
+                    pass
             self.path = Path(tempfile.mkdtemp(prefix=_hidden(self.out, "staging-"), dir=self.parent))
             os.chmod(self.path, 0o777 & ~_umask())
-        except BaseException:
-            self._unlock()
+        except BaseException:  # an interrupt here too: __exit__ will not run
+            self.__exit__()
             raise
-        # SIGTERM becomes an exception like Ctrl-C, so the staging directory is cleaned up.
-        for sig in (signal.SIGTERM,):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, _raise_interrupt)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
         return self
 
     def __exit__(self, *exc) -> None:

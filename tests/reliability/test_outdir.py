@@ -60,8 +60,8 @@ def _copy_out(previous: Path, dest: Path) -> Path:
 
 
 # moment: the staged file whose appearance triggers the signal ("" = the staging dir itself, i.e. loading)
-@pytest.mark.parametrize("moment,sig", [("", signal.SIGINT), ("model.onnx", signal.SIGINT),
-                                        ("model.onnx", signal.SIGTERM), ("model.so", signal.SIGINT)])
+@pytest.mark.parametrize("moment,sig", [("", signal.SIGINT), ("model.onnx", signal.SIGTERM),
+                                        ("model.so", signal.SIGINT)])
 def test_interrupted_build_keeps_previous_out(models, previous_out, tmp_path, moment, sig):
     out = _copy_out(previous_out, tmp_path / "out")
     before = tree_digest(out)

@@ -149,6 +149,9 @@ def _compile_into(stage: Path, console, model: str, pass_list, opset, inputs, ca
 
     with console.status(f"loading {model}"):
         ir_model, zoo_name = _load_model(model, opset)
+    from effc import memory_guard
+
+    memory_guard.check(ir_model)  # first thing after loading: a memory bomb costs no further import
     feeds = _read_feeds(inputs) if inputs else pass_feeds(zoo_name)
     calibration = None
     if calib:

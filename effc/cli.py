@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -89,61 +90,112 @@ def cli() -> None:
 @click.option("--group", type=click.IntRange(1), default=None, help="shift-add: input columns per scale (default 8).")
 @click.option("--layers", default=None, help="shift-add: glob on node names of the linears to rewrite.")
 @click.option("--avg-bits", "avg_bits", type=float, default=None, help="shift-add: allocate bits per layer under this average.")
+@click.option("--max-memory", "max_memory", default=None, help="Refuse a model whose tensors need more than this "
+              "(512M, 8G, ...; default: EFFC_MAX_MEMORY, else the lesser of a quarter of the physical memory and half "
+              "the available memory).")
 def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inputs: str | None,
                 keep_intermediate: bool, no_untie: bool, target: str | None, arch: str | None, calib: str | None,
                 bits: int | None, group: int | None, layers: str | None, avg_bits: float | None,
-                records: str | None, verify: bool) -> None:
+                records: str | None, max_memory: str | None, verify: bool) -> None:
     """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx and OUT/report.json."""
-    from effc.ir import save
+    from effc.outdir import StagedOut
     from effc.passes import parse_pass_list
-    from effc.pipeline import run_pipeline
-    from effc.report import render_table, write_report
 
     pass_list = parse_pass_list(passes)  # validate names before any expensive work
+    if max_memory:
+        from effc import memory_guard
+
+        memory_guard.set_limit(memory_guard.parse_size(max_memory))
     if target:
         from effc.codegen.target import check_target_args
 
         check_target_args(target, arch)
     if records not in ("shipped", "none") and not Path(records).is_file():
         raise EffcError(f"--records: no such file '{records}' (or say `shipped` or `none`)")
+    options = {"untie": not no_untie, "bits": bits, "group": group, "layers": layers, "avg_bits": avg_bits}
     console = _console()
+    with StagedOut(out, protect=_input_files(model)) as stage:  # OUT is replaced as a whole, or not at all
+        result, feeds, built = _compile_into(stage.path, console, model, pass_list, opset, inputs, calib,
+                                             keep_intermediate, options, target, arch, records)
+        # The built module is checked in the staging directory: a disagreement raises, which leaves the
+        # previous OUT as it was and removes the staged module with everything else.
+        verdict = _verify_build(console, stage.path, result.model, feeds, target, arch, records) if built and verify else None
+        out_dir = stage.commit()
+    from effc.report import load_report, reason_lines, render_table
+
+    report = load_report(out_dir / "report.json")
+    console.print(render_table(report))  # after the swap: refusals stay one line
+    for line in reason_lines(report):
+        console.print(line, markup=False)
+    console.print(f"wrote {out_dir / 'model.onnx'} and {out_dir / 'report.json'}")
+    if built is not None:
+        console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s"
+                      + (f" (TVM's messages: {out_dir / 'build.log'})" if (out_dir / "build.log").exists() else ""))
+        if built.custom_summary:
+            console.print(built.custom_summary)
+        _print_rule_problems(console, built)
+        console.print(verdict if verify else "not verified against ONNX Runtime (--no-verify)")
+
+
+def _input_files(model: str) -> list[Path]:
+    if model.startswith("zoo:"):
+        return []
+    from effc.frontend.onnx import source_files
+
+    return source_files(model)
+
+
+def _compile_into(stage: Path, console, model: str, pass_list, opset, inputs, calib, keep_intermediate: bool,
+                  options: dict, target: str | None, arch: str | None, records: str):
+    """Load, run the passes and (with ``target``) build, writing everything into ``stage``:
+    (the pipeline's result, the feeds it was measured on or None, the BuildResult or None)."""
+    from effc.ir import save
+    from effc.pipeline import run_pipeline
+    from effc.report import write_report
+
     with console.status(f"loading {model}"):
         ir_model, zoo_name = _load_model(model, opset)
+    from effc import memory_guard
+
+    memory_guard.check(ir_model)  # first thing after loading: a memory bomb costs no further import
     feeds = _read_feeds(inputs) if inputs else pass_feeds(zoo_name)
     calibration = None
     if calib:
         from effc.calib import load_npz, zoo_calibration
 
         calibration = zoo_calibration(calib[4:]) if calib.startswith("zoo:") else load_npz(calib)
-    options = {"untie": not no_untie, "bits": bits, "group": group, "layers": layers, "avg_bits": avg_bits}
     with console.status("running passes") as status:
         result = run_pipeline(ir_model, pass_list, feeds=feeds, options=options, calibration=calibration,
                               keep_intermediate=keep_intermediate,
                               progress=lambda name: status.update(f"pass {name}"))
-    out_dir = Path(out)
-    save(result.model, out_dir / "model.onnx")
+    save(result.model, stage / "model.onnx")
     if keep_intermediate:
         applied = [r for r in result.records if r.status == "applied"]
         for i, (rec, m) in enumerate(zip(applied, result.intermediates), 1):
-            save(m, out_dir / "intermediate" / f"{i:02d}-{rec.name}.onnx")
-    write_report(out_dir / "report.json", model, result.records)
-    from effc.report import load_report
+            save(m, stage / "intermediate" / f"{i:02d}-{rec.name}.onnx")
+    source = model if model.startswith("zoo:") else os.path.abspath(model)  # found again from any cwd
+    write_report(stage / "report.json", source, result.records)
+    if not target:
+        return result, feeds, None
+    from effc.codegen.build import BUILD_LOG_NAME, compile_model
+    from effc.native_log import native_stderr_to
 
-    console.print(render_table(load_report(out_dir / "report.json")))
-    console.print(f"wrote {out_dir / 'model.onnx'} and {out_dir / 'report.json'}")
-    if target:
-        from effc.codegen.build import compile_model
+    try:
+        with console.status(f"building for {target}"), native_stderr_to(stage / BUILD_LOG_NAME):
+            built = compile_model(result.model, target, stage, arch=arch, records=records, source=source)
+        return result, feeds, built
+    except Exception:
+        if _disk_full(stage):  # TVM reports a short write as its own InternalError
+            raise OSError(errno.ENOSPC, "No space left on device", str(stage.parent)) from None
+        raise
 
-        with console.status(f"building for {target}"):
-            built = compile_model(result.model, target, out_dir, arch=arch, records=records, source=model)
-        console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s")
-        if built.custom_summary:
-            console.print(built.custom_summary)
-        _print_rule_problems(console, built)
-        if verify:
-            _verify_build(console, out_dir, result.model, feeds, target, arch, records)
-        else:
-            console.print("not verified against ONNX Runtime (--no-verify)")
+
+def _disk_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 def _print_rule_problems(console, built) -> None:
@@ -155,27 +207,19 @@ def _print_rule_problems(console, built) -> None:
             console.print(f"kernel {kernel} is on the {rule} rule (no specific rule took it)")
 
 
-def _verify_build(console, out_dir: Path, model, feeds, target: str, arch: str | None, records: str) -> None:
-    """The built module against ONNX Runtime; a disagreement removes the module and exits 1."""
-    from effc.codegen.build import discard_module
+def _verify_build(console, out_dir: Path, model, feeds, target: str, arch: str | None, records: str) -> str:
+    """The built module against ONNX Runtime: the line to print, or EffcFault (exit 1) on a disagreement."""
     from effc.codegen.check import verify_build
     from effc.codegen.target import gpu_present, make_target
-    from effc.errors import EffcFault
     from effc.verify import make_inputs
 
     bt = make_target(target, arch)
     if bt.kind == "cuda" and not gpu_present():
-        console.print("not verified against ONNX Runtime: no GPU here (`effc run` on a GPU machine can check it)")
-        return
+        return "not verified against ONNX Runtime: no GPU here (`effc run` on a GPU machine can check it)"
     feeds = feeds or make_inputs(model, 2, seed=0)
-    try:
-        with console.status("verifying against ONNX Runtime"):
-            dev = verify_build(out_dir, model, feeds, bt, records)
-    except EffcFault:
-        if not os.environ.get("EFFC_DEBUG"):
-            discard_module(out_dir)
-        raise
-    console.print(f"verified against ONNX Runtime on {len(feeds)} input(s): max rel err {dev.max_rel:.1e}")
+    with console.status("verifying against ONNX Runtime"):
+        dev = verify_build(out_dir, model, feeds, bt, records)
+    return f"verified against ONNX Runtime on {len(feeds)} input(s): max rel err {dev.max_rel:.1e}"
 
 
 @cli.command("inspect")
@@ -192,22 +236,23 @@ def inspect_cmd(out: str) -> None:
     console.print(render_table(report))
     for p in report.get("passes", []):
         for text in p.get("rewrites", []):
-            console.print(f"  [{p['name']}] {text}")
+            console.print(f"  [{p['name']}] {text}", markup=False)
         for skip in p.get("skipped", []):
-            console.print(f"  [{p['name']}] skipped {skip['node']}: {skip['reason']}")
+            console.print(f"  [{p['name']}] skipped {skip['node']}: {skip['reason']}", markup=False)
         if p.get("note"):
-            console.print(f"  [{p['name']}] note: {p['note']}")
+            console.print(f"  [{p['name']}] note: {p['note']}", markup=False)
 
 
 @cli.command("diff")
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
-def diff_cmd(a: str, b: str) -> None:
+@click.option("--all", "show_all", is_flag=True, help="List every changed initializer (default: the first 8).")
+def diff_cmd(a: str, b: str, show_all: bool) -> None:
     """Op-level differences between two ONNX models."""
     from effc.diff import diff_models, render_diff
     from effc.frontend.onnx import load
 
-    click.echo(render_diff(diff_models(load(a), load(b))))
+    click.echo(render_diff(diff_models(load(a), load(b)), show_all=show_all))
 
 
 @cli.command("passes")
@@ -221,25 +266,80 @@ def passes_cmd() -> None:
 
 
 @cli.command("eval")
-@click.argument("model", type=click.Path())
-@click.option("--zoo", "zoo_name", required=True, help="Zoo model whose held-out data and metric to use.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write {metric, value}.")
-def eval_cmd(model: str, zoo_name: str, json_path: str | None) -> None:
-    """Compute a zoo model's task metric for MODEL (original or optimized)."""
+@click.argument("model")
+@click.option("--zoo", "zoo_name", default=None, help="Zoo model whose held-out data and metric to use "
+              "(default: the zoo model MODEL is, or was compiled from).")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also evaluate the model an `effc compile` OUT was made from (its report.json says which).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write {metric, value, zoo} (+ baseline).")
+def eval_cmd(model: str, zoo_name: str | None, baseline: bool, json_path: str | None) -> None:
+    """Compute a zoo model's task metric for MODEL (.onnx, an `effc compile` OUT, or zoo:NAME); for an OUT,
+    the model it was compiled from is evaluated too and both are printed side by side."""
     import json
 
     from effc import zoo
-    from effc.frontend.onnx import load
     from effc.ir import atomic_write_text
-    from effc.verify import OrtRunner
 
+    source = _compiled_from(model) if baseline else None
+    zoo_name = zoo_name or _zoo_of(model) or _zoo_of(source or "")
+    if not zoo_name:
+        raise EffcError("--zoo NAME: say which zoo model's data and metric to use (`effc zoo list`)")
     module = zoo.get(zoo_name)
-    runner = OrtRunner(load(model))
-    with _console().status(f"evaluating {model} on {zoo_name}"):
-        metric, value = module.evaluate(runner)
-    click.echo(f"{metric}: {value:.6g}")
+    if not hasattr(module, "evaluate"):
+        raise EffcError(f"zoo model '{zoo_name}' has no task metric (random weights); try one with held-out data")
+    value_of = {}
+    with _console().status(f"evaluating {model} on {zoo_name}") as status:
+        for label, spec in (("baseline", source), ("optimized" if source else "value", model)):
+            if spec is not None:
+                status.update(f"evaluating {spec} on {zoo_name}")
+                metric, value_of[label] = _evaluate(module, zoo_name, spec)
+    if source:
+        base, opt = value_of["baseline"], value_of["optimized"]
+        click.echo(f"{metric}: baseline {base:.6g}   optimized {opt:.6g}   ({opt - base:+.3g})")
+        click.echo(f"  baseline: {source}")
+    else:
+        click.echo(f"{metric}: {value_of['value']:.6g}")
     if json_path:
-        atomic_write_text(Path(json_path), json.dumps({"metric": metric, "value": value, "zoo": zoo_name}) + "\n")
+        body = {"metric": metric, "value": value_of.get("optimized", value_of.get("value")), "zoo": zoo_name}
+        if source:
+            body.update(baseline=value_of["baseline"], baseline_model=source)
+        atomic_write_text(Path(json_path), json.dumps(body) + "\n")
+
+
+def _zoo_of(spec: str) -> str | None:
+    return spec[4:] if spec.startswith("zoo:") else None
+
+
+def _compiled_from(model: str) -> str | None:
+    """What an `effc compile` OUT (or its model.onnx) was compiled from, when that is still there."""
+    import json
+
+    path = Path(model)
+    report = (path if path.is_dir() else path.parent) / "report.json"
+    if model.startswith("zoo:") or not report.is_file() or (path.is_file() and path.name != "model.onnx"):
+        return None
+    try:
+        source = str(json.loads(report.read_text()).get("model", ""))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if source.startswith("zoo:") or (source and Path(source).exists()):
+        return source
+    return None
+
+
+def _evaluate(module, zoo_name: str, spec: str) -> tuple[str, float]:
+    from effc.verify import OrtRunError, OrtRunner
+
+    runner = OrtRunner(_load_model(spec)[0])
+    wanted = set(module.sample_inputs(1, 0)[0])
+    if not set(runner.input_names) <= wanted:
+        raise EffcError(f"{spec} takes inputs {sorted(runner.input_names)}; zoo model '{zoo_name}' gives "
+                        f"{sorted(wanted)}: its data does not fit this model (--zoo NAME)")
+    try:
+        return module.evaluate(runner)
+    except OrtRunError as exc:
+        raise EffcError(f"{spec} does not run on zoo model '{zoo_name}''s data ({exc.reason})") from None
 
 
 @cli.group("zoo")
@@ -258,9 +358,10 @@ def zoo_list() -> None:
 
 @zoo_group.command("build")
 @click.argument("name")
-@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Output .onnx file (large weights go to FILE.data beside it).")
 def zoo_build(name: str, out: str) -> None:
-    """Build zoo model NAME deterministically into OUT."""
+    """Build zoo model NAME deterministically and write it to the .onnx file given by -o."""
     from effc import zoo
     from effc.ir import save
 
@@ -291,28 +392,60 @@ for _command in _CODEGEN_COMMANDS:
 
 
 def main() -> None:
+    code = run()
+    if code == 130:
+        # Interrupted: exit now, with 130. A Ctrl-C that landed inside an extension module's own Python
+        # code (pybind11 runs some at import) makes CPython kill itself with SIGINT at exit instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` and return the exit code: 0, 2 (bad input, one line),
+    1 (effc's own fault, one line) or 130 (interrupted); never a traceback unless EFFC_DEBUG=1."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = bool(os.environ.get("EFFC_DEBUG"))
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(args=argv, standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except EffcError as exc:
-        click.echo(f"effc: error: {exc}", err=True)
-        sys.exit(2)
+        _error(str(exc))
+        return 2
     except EffcFault as exc:
-        click.echo(f"effc: error: {exc}", err=True)
-        sys.exit(1)
-    except click.exceptions.Abort:
-        click.echo("effc: aborted", err=True)
-        sys.exit(130)
+        _error(str(exc))
+        return 1
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _error("aborted", prefix="effc: ")
+        return 130
     except click.ClickException as exc:
-        click.echo(f"effc: error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # never a traceback for the user; EFFC_DEBUG=1 shows it
-        if os.environ.get("EFFC_DEBUG"):
+        _error(exc.format_message())
+        return exc.exit_code
+    except OSError as exc:  # the user's file system said no: full disk, no permission, read-only, ...
+        if debug:
             raise
-        click.echo(f"effc: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                   "(set EFFC_DEBUG=1 for the traceback)", err=True)
-        sys.exit(1)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        _error(f"{exc.strerror or type(exc).__name__}{where}")
+        return 2
+    except MemoryError:
+        if debug:
+            raise
+        _error("out of memory (the model's tensors do not fit; see --max-memory)")
+        return 2
+    except Exception as exc:  # never a traceback for the user; EFFC_DEBUG=1 shows it
+        if debug:
+            raise
+        text = str(exc).strip().splitlines()
+        _error(f"{type(exc).__name__}: {text[0][:300] if text else ''} (set EFFC_DEBUG=1 for the traceback)",
+               prefix="effc: internal error: ")
+        return 1
+
+
+def _error(text: str, prefix: str = "effc: error: ") -> None:
+    line = " ".join(text.split())  # one line, whatever the message held
+    click.echo(f"{prefix}{line}", err=True)
 
 
 if __name__ == "__main__":

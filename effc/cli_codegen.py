@@ -124,7 +124,11 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
         raise EffcError("--runs must be >= 1 and --warmup >= 0")
     feeds = _feeds_for(load_compiled(out, threads), inputs) if inputs else None
     engines = tuple(e.strip() for e in vs.split(",") if e.strip())
-    result = bench(out, engines, feeds=feeds, warmup=warmup, runs=runs, threads=threads)
+    from effc.cli import _console
+
+    with _console().status(f"benchmarking {out}") as status:  # a zoo model takes minutes: say where it is
+        result = bench(out, engines, feeds=feeds, warmup=warmup, runs=runs, threads=threads,
+                       progress=lambda text: status.update(f"benchmarking {out}: {text}"))
     for name, stats in result.items():
         if isinstance(stats, dict) and "median_ms" in stats:  # an engine (not "method")
             click.echo(f"{name:14s} median {stats['median_ms']:9.3f} ms   p90 {stats['p90_ms']:9.3f} ms   "

@@ -42,7 +42,8 @@ def diff_models(a: ir.Model, b: ir.Model) -> ModelDiff:
                      initializers_changed=changed, nodes=(len(list(a.graph)), len(list(b.graph))))
 
 
-def render_diff(d: ModelDiff) -> str:
+def render_diff(d: ModelDiff, show_all: bool = False) -> str:
+    """The differences as text; lists longer than 8 are cut unless ``show_all``."""
     if d.identical:
         return f"identical graphs ({d.nodes[0]} nodes, {d.params[0]:,} parameters)"
     lines = [f"nodes: {d.nodes[0]} -> {d.nodes[1]}    parameters: {d.params[0]:,} -> {d.params[1]:,}"]
@@ -51,6 +52,8 @@ def render_diff(d: ModelDiff) -> str:
     for label, names in (("added", d.initializers_added), ("removed", d.initializers_removed),
                          ("changed", d.initializers_changed)):
         if names:
-            shown = ", ".join(names[:8]) + (f", ... (+{len(names) - 8})" if len(names) > 8 else "")
+            cut = not show_all and len(names) > 8
+            shown = ", ".join(names if not cut else names[:8]) + (f", ... (+{len(names) - 8}; --all lists them)"
+                                                                 if cut else "")
             lines.append(f"  initializers {label} ({len(names)}): {shown}")
     return "\n".join(lines)

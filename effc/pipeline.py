@@ -15,7 +15,7 @@ from effc.passes.base import Pass, PassContext
 from effc.passes.cleanup import cleanup
 from effc.report import PassRecord
 from effc.stats import flops, param_stats
-from effc.verify import OrtRunner, deviation, make_inputs
+from effc.verify import OrtRunError, OrtRunner, deviation, make_inputs
 
 Feeds = list[dict[str, np.ndarray]]
 
@@ -43,9 +43,16 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
     compared with the original model's outputs. An exact pass that deviates beyond its tolerance,
     or any pass whose output ONNX Runtime cannot run, is rolled back.
     """
+    given = bool(feeds)
     feeds = feeds or make_inputs(model)
     shapes = {name: list(arr.shape) for name, arr in feeds[0].items()}
-    reference = OrtRunner(model).run_all(feeds)
+    try:
+        reference = OrtRunner(model).run_all(feeds)
+    except OrtRunError as exc:
+        if given:
+            raise EffcError(f"ONNX Runtime cannot run the model on the given inputs ({exc.reason})") from None
+        raise EffcError(f"ONNX Runtime cannot run the model on effc's generated inputs ({exc.reason}); give "
+                        "inputs it accepts with --inputs FILE.npz (one array per input, first axis = samples)") from None
     ctx = PassContext(options=dict(options or {}), calibration=calibration)
     records: list[PassRecord] = []
     intermediates: list[ir.Model] = []
@@ -71,6 +78,8 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
         record.rewrites, record.skipped = outcome.rewrites, outcome.skipped
         if not outcome.changed:
             model = backup  # a pass that did nothing must leave no trace
+            if not outcome.skipped:
+                record.note = f"nothing to do: no candidate in this model ({p.summary[:1].lower()}{p.summary[1:]})"
         else:
             cleanup(model)
             try:

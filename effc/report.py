@@ -52,6 +52,10 @@ def load_report(path: str | Path) -> dict[str, Any]:
         raise EffcError(f"{path}: no such report") from None
     except json.JSONDecodeError as exc:
         raise EffcError(f"{path}: not a JSON report ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise EffcError(f"{path}: not a JSON report (binary data)") from None
+    except IsADirectoryError:
+        raise EffcError(f"{path}: is a directory without report.json") from None
 
 
 def op_delta(before: dict[str, int], after: dict[str, int]) -> str:
@@ -61,6 +65,22 @@ def op_delta(before: dict[str, int], after: dict[str, int]) -> str:
         if d:
             parts.append(f"{op} {d:+d}")
     return ", ".join(parts) if parts else "-"
+
+
+def reason_lines(report: dict[str, Any], examples: int = 3) -> list[str]:
+    """Why each pass skipped what it skipped, one line per distinct reason (with a few node names), and
+    each pass's note (rolled back, nothing to do)."""
+    lines = []
+    for p in report.get("passes", []):
+        by_reason: dict[str, list[str]] = {}
+        for skip in p.get("skipped", []):
+            by_reason.setdefault(skip["reason"], []).append(skip["node"])
+        for reason, nodes in by_reason.items():
+            shown = ", ".join(nodes[:examples]) + (f", +{len(nodes) - examples}" if len(nodes) > examples else "")
+            lines.append(f"  [{p['name']}] skipped {len(nodes)} ({shown}): {reason}")
+        if p.get("note"):
+            lines.append(f"  [{p['name']}] {p['status']}: {p['note']}")
+    return lines
 
 
 def render_table(report: dict[str, Any]) -> Any:

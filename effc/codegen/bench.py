@@ -58,8 +58,9 @@ def _original_model(out: Path, manifest: dict | None = None):
 
 def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict] | None = None,
           warmup: int = 3, runs: int = 15, threads: int | None = None, settle_s: float = SETTLE_S,
-          burst: int = BURST) -> dict:
-    """Benchmark OUT against the engines in ``vs``; returns the `effc bench --json` dictionary."""
+          burst: int = BURST, progress=None) -> dict:
+    """Benchmark OUT against the engines in ``vs``; returns the `effc bench --json` dictionary.
+    ``progress(text)``, when given, hears what is being done (loading, round i of n)."""
     from effc.codegen.runtime import configure_threads, load_compiled
     from effc.codegen.target import host_threads
     from effc.verify import OrtRunner, deviation
@@ -97,7 +98,7 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
 
         engines["torch"] = TorchEngine(zoo_name, [s["name"] for s in compiled.inputs], feed, nthreads,
                                        "cuda" if compiled.is_cuda else "cpu")
-    steady, after_idle = turns(engines, warmup + runs, warmup, settle_s, burst)
+    steady, after_idle = turns(engines, warmup + runs, warmup, settle_s, burst, progress=progress)
     result = {}
     for name in engines:
         result[name] = _stats(steady[name] or after_idle[name])
@@ -130,7 +131,7 @@ def _wall_seconds(fn) -> float:
 
 
 def turns(engines: dict, rounds: int, warmup: int = 0, settle_s: float = SETTLE_S, burst: int = BURST,
-          measure=_wall_seconds) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+          measure=_wall_seconds, progress=None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """The interleaved timing loop: each round, each engine in turn idles ``settle_s``, is measured
     once (after idle), then ``burst`` times back to back (steady); the first ``warmup`` rounds are
     dropped. ``measure(fn)`` gives one sample (default: wall-clock seconds of ``fn()``).
@@ -138,6 +139,8 @@ def turns(engines: dict, rounds: int, warmup: int = 0, settle_s: float = SETTLE_
     steady: dict[str, list[float]] = {name: [] for name in engines}
     after_idle: dict[str, list[float]] = {name: [] for name in engines}
     for round_ in range(rounds):
+        if progress:
+            progress(f"{'warm-up' if round_ < warmup else 'timed'} round {round_ + 1}/{rounds}")
         for name, fn in engines.items():
             time.sleep(settle_s)
             for call in range(1 + burst):

@@ -4,6 +4,7 @@ OUT/model.so      the Relax VM executable (plain TVM: tvm.runtime.load_module + 
                   call vm["main"](*inputs, *params))
 OUT/params.bin    main's trailing parameters, already pre-packed, in tvm.runtime.save_param_dict
                   format, keyed p0000, p0001, ... in call order
+OUT/build.log     what TVM's C++ side printed during `effc compile`'s build (absent when nothing)
 OUT/codegen.json  manifest: target, inputs (name, shape, dtype), outputs, rule hits, the rule of
                   each kernel, how each effc op was lowered (custom_ops), build time
 """
@@ -25,6 +26,7 @@ from effc.errors import EffcError
 
 LIBRARY = "model.so"
 PARAMS = "params.bin"
+BUILD_LOG_NAME = "build.log"  # written by `effc compile` around compile_model (effc/native_log.py)
 
 
 @dataclass
@@ -42,6 +44,7 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                   arch: str | None = None, rules: list | None = None,
                   records: str | Path | None = SHIPPED, source: str | None = None) -> BuildResult:
     """Compile ``model`` for ``target`` ("llvm", "cuda" or a BuildTarget) into ``out_dir``;
+    ``out_dir`` is written in place (`effc compile` passes its staging directory, see effc/outdir.py);
     ``records``: a tuning record file (`effc tune`) whose knobs override the rules' defaults,
     SHIPPED (effc's records for the host CPU family, when it has some) or None; ``source``: what
     the model was loaded from (a path or zoo:NAME), kept in the manifest for `effc bench`."""
@@ -91,12 +94,6 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                 "build_seconds": seconds}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return BuildResult(out, seconds, log.hits, log.kernels, imported.custom_ops, imported.custom_summary, log.errors)
-
-
-def discard_module(out_dir: str | Path) -> None:
-    """Remove the compiled module from ``out_dir`` (after a failed check: nothing that would run it stays)."""
-    for name in (MANIFEST, LIBRARY, PARAMS):
-        (Path(out_dir) / name).unlink(missing_ok=True)
 
 
 def build_rules(bt: BuildTarget, records=SHIPPED) -> tuple[list, str | None]:

@@ -37,6 +37,39 @@ def load(path: str | os.PathLike, opset: int | None = None) -> ir.Model:
     return from_proto(_read_proto(path), opset=opset, origin=str(path))
 
 
+def source_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model path reads: the model and, for .onnx, its external-data files (best effort:
+    an unreadable file yields just itself and `load` reports why)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    files = [path]
+    if path.suffix == ".onnx" and path.is_file():
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception:
+            return files
+        for tensor in _tensors(proto.graph):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    files.append(path.parent / entry.value)
+    return list(dict.fromkeys(files))
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every TensorProto of a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g] if attr.HasField("g") else []:
+                yield from _tensors(sub)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
 def _read_proto(path: Path) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -57,20 +90,55 @@ def from_proto(proto: onnx.ModelProto, opset: int | None = None, origin: str = "
         onnx.checker.check_model(proto, full_check=False)
     except Exception as exc:
         raise EffcError(f"{origin}: fails the ONNX checker ({_first_line(exc)})") from None
+    _check_names(proto.graph, origin)
     current = _default_opset(proto)
     target = opset if opset is not None else max(current, MIN_OPSET)
     if not MIN_OPSET <= target <= MAX_OPSET:
         raise EffcError(f"{origin}: opset {target} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
+    original = proto
     if target != current:
         try:
             proto = version_converter.convert_version(proto, target)
         except Exception as exc:
             raise EffcError(f"{origin}: cannot convert opset {current} to {target} ({_first_line(exc)})") from None
+    model = _deserialize(_inferred(proto), origin)
+    if target != current:  # every compile is measured against the model as the user gave it
+        from effc.verify import check_equivalent
+
+        check_equivalent(_deserialize(_inferred(original), origin), model,
+                         f"{origin}: the opset {current} -> {target} upgrade")
+    return model
+
+
+def _deserialize(proto: onnx.ModelProto, origin: str) -> ir.Model:
     try:
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        return ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise EffcError(f"{origin}: cannot read the model's graph ({type(cause).__name__}: "
+                        f"{_first_line(cause)})") from None
+
+
+def _check_names(graph: onnx.GraphProto, origin: str) -> None:
+    """ONNX names are UTF-8; protobuf hands back bytes for any that are not, which nothing downstream takes."""
+    named = [("graph", graph.name), *(("node", n.name) for n in graph.node),
+             *(("value", v) for n in graph.node for v in (*n.input, *n.output)),
+             *(("initializer", t.name) for t in graph.initializer),
+             *(("value", v.name) for v in (*graph.input, *graph.output, *graph.value_info))]
+    for kind, name in named:
+        if isinstance(name, bytes):
+            raise EffcError(f"{origin}: {kind} name {name!r} is not UTF-8 (ONNX names must be)")
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _check_names(sub, origin)
+
+
+def _inferred(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:
-        pass  # shapes are a convenience for the passes; a model without them still loads
-    return ir.serde.deserialize_model(proto)
+        return proto  # shapes are a convenience for the passes; a model without them still loads
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:

@@ -4,8 +4,6 @@ kernel and its rule, and leaves no module behind; a right build says how close i
 
 from __future__ import annotations
 
-import sys
-
 import onnx
 import pytest
 
@@ -39,12 +37,10 @@ class OffByOneMatmul:
 
 
 def _run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from effc.cli import main
+    from effc.cli import run
 
-    monkeypatch.setattr(sys, "argv", ["effc", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr().err
+    code = run(list(args))
+    return code, capsys.readouterr().err
 
 
 @pytest.fixture
@@ -55,13 +51,10 @@ def block_path(tmp_path):
 
 
 def test_a_right_build_is_verified(tmp_path, block_path, monkeypatch, capsys):
-    from effc.cli import main
-
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["effc", "compile", str(block_path), "-o", str(out), "--target", "llvm",
-                                      "--passes", "none"])
-    main()
-    err = capsys.readouterr().err
+    code, err = _run_cli(monkeypatch, capsys, "compile", str(block_path), "-o", str(out), "--target", "llvm",
+                         "--passes", "none")
+    assert code == 0, err
     assert "verified against ONNX Runtime on 2 input(s): max rel err" in err
     assert (out / "model.so").exists() and (out / "codegen.json").exists()
 
@@ -79,7 +72,7 @@ def test_a_wrong_kernel_fails_compile_and_is_named(tmp_path, block_path, monkeyp
     assert last.startswith("effc: error: the compiled module disagrees with ONNX Runtime"), err
     assert "first wrong kernel: " in last and "(rule broken-matmul" in last, last
     assert not out.exists(), "a failed check must leave no OUT (there was none before)"
-    assert [p.name for p in tmp_path.iterdir()] == ["block.onnx"], "staging directory left behind"
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()], "staging directory left behind"
 
 
 def test_localiser_names_only_the_broken_kernels():
@@ -109,12 +102,9 @@ def test_run_and_bench_exit_1_when_the_module_disagrees(tmp_path, block_path, mo
     """A module whose model.onnx was swapped for other weights: outputs are written, exit status 1."""
     import numpy as np
 
-    from effc.cli import main
-
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["effc", "compile", str(block_path), "-o", str(out), "--target", "llvm",
-                                      "--passes", "none"])
-    main()
+    assert _run_cli(monkeypatch, capsys, "compile", str(block_path), "-o", str(out), "--target", "llvm",
+                    "--passes", "none")[0] == 0
     onnx.save(transformer_block_proto(seed=1), out / "model.onnx")
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((1, 16, 64)).astype(np.float32))
     args = (["run", str(out), "--inputs", str(tmp_path / "x.npz"), "-o", str(tmp_path / "y.npz")] if command == "run"

@@ -1,14 +1,15 @@
 """Compile conv networks with effc for llvm and time them against ONNX Runtime side by side.
 
     python tools/bench_convnets.py [--models resnet18,audio-stem] [--work DIR] [--runs 15] [--repeat 2]
-                                   [--threads 2] [--profile]
+                                   [--threads 2] [--profile] [--cpu-time]
 
 resnet18: transformers' ResNetModel with a ResNet-18 configuration (basic blocks, depths 2-2-2-2),
 random init, exported by torch.onnx.export with its default settings at [1, 3, 224, 224].
 audio-stem: Whisper's encoder stem (Conv1d k3 s1 + GELU, Conv1d k3 s2 + GELU) on 80 x 3000 mel frames.
 Each model is exported and compiled once per work directory (`effc compile --passes none --target
 llvm`); `effc bench` (effc/codegen/bench.py: interleaved engines, ORT not spinning between runs) is
-run --repeat times, since the machine may be shared; --profile adds `effc bench --profile`'s table.
+run --repeat times, since the machine may be shared; --profile adds `effc bench --profile`'s table
+and a per-layer table (layer_table); --cpu-time a one-thread CPU-time comparison (cpu_time_table).
 """
 
 from __future__ import annotations
@@ -136,6 +137,34 @@ def layer_table(onnx_path: Path, work: Path, threads: int, rounds: int) -> str:
     return "\n".join(lines)
 
 
+def cpu_time_table(onnx_path: Path, out: Path, rounds: int) -> str:
+    """effc and ONNX Runtime on one thread each, interleaved, timed by the process's CPU time: what
+    other load on a shared machine barely moves (wall time under contention swung 5x here)."""
+    import time
+
+    import numpy as np
+
+    from effc.codegen.bench import ORT_CONFIG, turns
+    from effc.codegen.runtime import configure_threads, load_compiled
+    from effc.frontend.onnx import load
+    from effc.verify import OrtRunner, make_inputs
+
+    def cpu_seconds(fn) -> float:
+        start = time.process_time()
+        fn()
+        return time.process_time() - start
+
+    configure_threads(1)  # this process's TVM pool (bench_convnets runs `effc bench` in subprocesses)
+    feed = make_inputs(load(onnx_path), 1)[0]
+    compiled = load_compiled(out, 1)
+    args, main, params = compiled.args(feed), compiled.vm["main"], compiled.params
+    ort = OrtRunner(onnx_path, threads=1, config=ORT_CONFIG)
+    steady, _ = turns({"effc": lambda: main(*args, *params), "ort": lambda: ort(feed)}, rounds, 2, 0.05, 3,
+                      measure=cpu_seconds)
+    effc_ms, ort_ms = (float(np.median(steady[k])) * 1e3 for k in ("effc", "ort"))
+    return f"1 thread, CPU time: effc {effc_ms:.2f} ms, ORT {ort_ms:.2f} ms, effc/ORT {effc_ms / ort_ms:.3f}"
+
+
 def effc(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "effc.cli", *args], capture_output=True, text=True, check=False)
 
@@ -148,6 +177,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--cpu-time", action="store_true", help="also compare 1-thread CPU time (see cpu_time_table)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -176,6 +206,8 @@ def main() -> int:
             if args.profile and i == args.repeat - 1:
                 print(proc.stdout)
                 print(layer_table(onnx_path, work / f"{name}-layers", args.threads, args.runs))
+        if args.cpu_time:
+            print(cpu_time_table(onnx_path, out, args.runs), flush=True)
     return 0
 
 

@@ -1,14 +1,16 @@
 """Compile conv networks with effc for llvm and time them against ONNX Runtime side by side.
 
     python tools/bench_convnets.py [--models resnet18,audio-stem] [--work DIR] [--runs 15] [--repeat 2]
-                                   [--threads 2] [--profile]
+                                   [--threads 2] [--profile] [--cpu-time]
 
 resnet18: transformers' ResNetModel with a ResNet-18 configuration (basic blocks, depths 2-2-2-2),
 random init, exported by torch.onnx.export with its default settings at [1, 3, 224, 224].
 audio-stem: Whisper's encoder stem (Conv1d k3 s1 + GELU, Conv1d k3 s2 + GELU) on 80 x 3000 mel frames.
 Each model is exported and compiled once per work directory (`effc compile --passes none --target
 llvm`); `effc bench` (effc/codegen/bench.py: interleaved engines, ORT not spinning between runs) is
-run --repeat times, since the machine may be shared; --profile adds `effc bench --profile`'s table.
+run --repeat times, since the machine may be shared; --profile adds `effc bench --profile`'s table
+and a per-layer table (layer_table); --cpu-time compares one-thread CPU time instead (cpu_time_table,
+and per layer with --profile), which other load on a shared machine barely moves.
 """
 
 from __future__ import annotations
@@ -104,7 +106,16 @@ def layer_models(onnx_path: Path) -> list[tuple[str, int, object]]:
     return [(label, count, model) for label, (count, model) in layers.items()]
 
 
-def layer_table(onnx_path: Path, work: Path, threads: int, rounds: int) -> str:
+def cpu_seconds(fn) -> float:
+    """CPU time of ``fn()`` over all of this process's threads (other processes' load barely moves it)."""
+    import time
+
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def layer_table(onnx_path: Path, work: Path, threads: int, rounds: int, cpu_time: bool = False) -> str:
     """Every distinct conv/pool layer compiled alone and timed against ONNX Runtime on the same layer,
     interleaved (bench.turns, steady-state medians, and the ratio of the fastest runs): a per-kernel
     comparison that the shared machine's noise does not swamp, as one instrumented whole-model run
@@ -126,7 +137,8 @@ def layer_table(onnx_path: Path, work: Path, threads: int, rounds: int) -> str:
         ort = OrtRunner(model, threads=threads, config=ORT_CONFIG)
         err = deviation([compiled(feed)], [ort(feed)]).max_rel
         args, main, params = compiled.args(feed), compiled.vm["main"], compiled.params
-        steady, _ = turns({"effc": lambda: main(*args, *params), "ort": lambda: ort(feed)}, rounds, 3, 0.05, 5)
+        steady, _ = turns({"effc": lambda: main(*args, *params), "ort": lambda: ort(feed)}, rounds, 3, 0.05, 5,
+                          **({"measure": cpu_seconds} if cpu_time else {}))
         effc_ms, ort_ms = (float(np.median(steady[k])) * 1e3 for k in ("effc", "ort"))
         fastest = float(np.min(steady["effc"]) / np.min(steady["ort"]))  # least disturbed by other load
         rules = ",".join(sorted(set(result.kernels.values())))
@@ -134,6 +146,27 @@ def layer_table(onnx_path: Path, work: Path, threads: int, rounds: int) -> str:
                      f"{fastest:9.2f}  {rules}"
                      f"{'' if err < 1e-4 else f'  MAX REL ERR {err:.1e}'}")
     return "\n".join(lines)
+
+
+def cpu_time_table(onnx_path: Path, out: Path, rounds: int) -> str:
+    """effc and ONNX Runtime on one thread each, interleaved, timed by the process's CPU time: what
+    other load on a shared machine barely moves (wall time under contention swung 5x here)."""
+    import numpy as np
+
+    from effc.codegen.bench import ORT_CONFIG, turns
+    from effc.codegen.runtime import configure_threads, load_compiled
+    from effc.frontend.onnx import load
+    from effc.verify import OrtRunner, make_inputs
+
+    configure_threads(1)  # this process's TVM pool (bench_convnets runs `effc bench` in subprocesses)
+    feed = make_inputs(load(onnx_path), 1)[0]
+    compiled = load_compiled(out, 1)
+    args, main, params = compiled.args(feed), compiled.vm["main"], compiled.params
+    ort = OrtRunner(onnx_path, threads=1, config=ORT_CONFIG)
+    steady, _ = turns({"effc": lambda: main(*args, *params), "ort": lambda: ort(feed)}, rounds, 2, 0.05, 3,
+                      measure=cpu_seconds)
+    effc_ms, ort_ms = (float(np.median(steady[k])) * 1e3 for k in ("effc", "ort"))
+    return f"1 thread, CPU time: effc {effc_ms:.2f} ms, ORT {ort_ms:.2f} ms, effc/ORT {effc_ms / ort_ms:.3f}"
 
 
 def effc(*args: str) -> subprocess.CompletedProcess:
@@ -148,6 +181,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--cpu-time", action="store_true", help="instead of `effc bench`: 1-thread CPU time (cpu_time_table; "
+                        "with --profile, per layer too)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -162,6 +197,11 @@ def main() -> int:
                 continue
         rules = json.loads((out / "codegen.json").read_text())["rule_hits"]
         print(f"## {name}  (kernels by rule: {rules})")
+        if args.cpu_time:  # one thread throughout: configure_threads sizes TVM's pool once per process
+            print(cpu_time_table(onnx_path, out, args.runs), flush=True)
+            if args.profile:
+                print(layer_table(onnx_path, work / f"{name}-layers", 1, args.runs, cpu_time=True), flush=True)
+            continue
         for i in range(args.repeat):
             bench = ["bench", str(out), "--runs", str(args.runs), "--threads", str(args.threads),
                      "--json", str(out / f"bench{i}.json")]
@@ -176,6 +216,7 @@ def main() -> int:
             if args.profile and i == args.repeat - 1:
                 print(proc.stdout)
                 print(layer_table(onnx_path, work / f"{name}-layers", args.threads, args.runs))
+
     return 0
 
 

@@ -2,18 +2,22 @@
 
 An NCHW conv (1-D or 2-D, any stride, padding, dilation, groups) computes, per image and group,
 ``out[o, p] = sum_k W[o, k] * col[k, p]``, where ``col`` gathers for every output pixel p the
-(channel, kernel tap) inputs it reads: im2col. This rewrite emits that form as two TE kernels:
+(channel, kernel tap) inputs it reads: im2col. This rewrite emits that form with TE:
 
-- ``col[n, (g,) k, *out]``: the gather, zero where a tap falls on padding (skipped when the conv is
-  pointwise with stride 1 and no padding: then the input already is col);
-- ``out[n, (g,) o, *out] = sum_k W2[(g,) o, k] * col[n, (g,) k, *out]``: every access a bare loop
-  variable, the matmul rule's S/I/J/K form (o is I, the pixels and images are J). The output keeps
-  NCHW's order, so a 1-group conv's bias, ReLU and residual add are elementwise on it and FuseOps
-  puts them in the GEMM's tile write-back, as for a linear.
+- ``col[n, (g,) k, p]``: the gather, zero where a tap falls on padding. A pointwise stride-1 conv
+  needs none (the input is col); a stride-1 conv computes it inside the GEMM kernel, where the
+  matmul rule packs col into panels per call anyway (one pass over col instead of three); a strided
+  conv gets a kernel of its own (the im2col rule: inside the packing, its index arithmetic and
+  strided loads made the stem conv 1.8x slower);
+- ``out[n, (g,) o, p] = sum_k W2[(n,) (g,) o, k] * col[n, (g,) k, p]``: every access a bare loop
+  variable, the matmul rule's S/I/J/K form with one loop per group (S = images and groups, I = o,
+  J = pixels). W2 is the weight reshaped (and for several images broadcast: a loop fused from two
+  in a group is what that rule gets wrong when it pads, so each image is a batch entry): weight-only,
+  so prefold evaluates it at compile time. The result is reshaped to NCHW; sink_reshape moves the
+  bias, activation and residual add above that reshape, into the GEMM's tile write-back.
 
-W2 is the weight reshaped to [(g,) o, k]: weight-only, so prefold evaluates it at compile time.
-The matmul rule reads W2 in place (one broadcast per row and k step) and packs col into j-panels
-per call (k * pixels, against the GEMM's o * k * pixels). A depthwise conv (one input channel per
+The matmul rule reads W2 in place (one broadcast per row and k step) and packs col into j-panels per
+call (k * pixels, against the GEMM's o * k * pixels). A depthwise conv (one input channel per
 group) is no GEMM (k = the taps alone): it stays a conv, for the window rule.
 """
 
@@ -48,9 +52,13 @@ def conv_gemm_pass():
                 w2 = emit(op.broadcast_to(w2, lead + [conv.o // conv.groups, conv.k]))
             if conv.pointwise and conv.groups == 1:
                 col = emit(op.reshape(call.args[0], [conv.n, conv.c, conv.pixels]))
+                out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint=GEMM_PREFIX)
+            elif all(s == 1 for s in conv.stride):  # the gather runs in the GEMM's packing of col
+                out = self.builder_.emit_te(lambda w, x: _gemm(w, _im2col(x, conv), conv), w2, call.args[0],
+                                            primfunc_name_hint=GEMM_PREFIX)
             else:
                 col = self.builder_.emit_te(lambda x: _im2col(x, conv), call.args[0], primfunc_name_hint="im2col")
-            out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint=GEMM_PREFIX)
+                out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint=GEMM_PREFIX)
             if conv.groups == 1 and len(conv.out) == 1:
                 return out  # a conv1d's [n, o, pixels] already is its NCW output
             return op.reshape(out, [conv.n, conv.o, *conv.out])

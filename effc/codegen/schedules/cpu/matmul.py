@@ -123,6 +123,8 @@ def _b_panel(sch, main, b_copy, padded: bool):
     for block in sch.get_producers(main):
         if not _same_block(sch, block, panel):
             sch.compute_inline(block)
+    for block in sch.get_producers(panel):  # a gather fused before the GEMM (conv_gemm's im2col)
+        sch.compute_inline(block)
     return panel
 
 

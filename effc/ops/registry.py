@@ -29,7 +29,8 @@ class Kernel:
     weights its packed constants."""
 
     name: str  # the kernel's family ("shift_add_prefill"): what the manifest's entry starts with
-    symbol: str  # the PrimFunc's name, one per distinct shape (nodes of one shape share the kernel)
+    symbol: str  # the PrimFunc's name, one per distinct shape (nodes of one shape share the kernel);
+    #   the built module may append digits to it, so end it with "_" to keep it readable
     func: object  # the hand-written tvm PrimFunc
     weights: tuple[np.ndarray, ...]  # the node's constant inputs, packed into the kernel's layout
 

@@ -33,7 +33,7 @@ class BuildResult:
     seconds: float
     rule_hits: dict = field(default_factory=dict)
     kernels: dict = field(default_factory=dict)  # kernel name -> rule ("unscheduled" when none took it)
-    custom_ops: list = field(default_factory=list)  # per effc op node: its lowering (shift_add_lowering)
+    custom_ops: list = field(default_factory=list)  # per effc op node: its lowering (custom_ops.Lowering)
     custom_summary: str = ""
     rule_errors: list = field(default_factory=list)  # "kernel: rule: error" for each rule that raised
 

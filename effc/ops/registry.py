@@ -64,7 +64,7 @@ class CustomOp:
     #   "module:attribute" naming them (imported only when a model uses the op on that target)
     rule: str = ""  # label of the kernels in the manifest and in profiles ("shift-add-lut")
     fallback: str = "function"  # label of a node that runs its function body instead
-    check: Callable | None = None  # (node, constants) -> None; EffcError for a malformed node
+    check: Callable | None = None  # (name, node, constants) -> None; EffcError for a malformed node
 
     def kernels(self, kind: str) -> TargetKernels | None:
         entry = self.targets.get(kind)

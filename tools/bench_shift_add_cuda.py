@@ -71,7 +71,7 @@ def main() -> None:
         lib = tvm.compile(tvm.IRModule({choice.symbol: choice.func.with_attr("global_symbol", choice.symbol)}),
                           target=cuda_target(args.arch).tvm()).jit()
         x = rng.standard_normal((m, k)).astype(np.float32)
-        operands = [tvm.runtime.tensor(a, dev) for a in (x, choice.bits, choice.exps, bias)]
+        operands = [tvm.runtime.tensor(a, dev) for a in (x, *choice.weights, bias)]
         y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32), dev)  # poisoned: every element must be written
         lib[choice.symbol](*operands, y)
         dev.sync()

@@ -2,8 +2,8 @@
 
 TVM 0.27's importer converts every op named Attention as com.microsoft's contrib Attention (a
 packed-QKV op with a ``num_heads`` attribute), so the op torch's exporter writes for
-scaled_dot_product_attention failed with KeyError 'num_heads'. While importing, the convert map
-is wrapped (as shift_add_lowering does) so that a standard Attention node becomes what an eager
+scaled_dot_product_attention failed with KeyError 'num_heads'. While importing, :data:`OVERRIDE`
+(effc.codegen.custom_ops' importer hook) converts a standard Attention node to what an eager
 export spells out: ``softmax(matmul(Q, K^T) * scale + bias) @ V``. The CPU matmul and softmax
 rules then schedule it exactly as they schedule the eager form, and the scale multiply and the
 bias add fuse into the first matmul's write-back.
@@ -19,11 +19,10 @@ output qk_matmul_output is served in mode 0 without softcap; anything else is re
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import onnx_ir as ir
 
+from effc.codegen.custom_ops import Override
 from effc.errors import EffcError
 
 OP = "Attention"
@@ -105,30 +104,6 @@ def _head_misfit(node: ir.Node, q: ir.Value, k: ir.Value, v: ir.Value) -> str | 
     if heads_kv <= 0 or heads_q % heads_kv:
         return f"{heads_q} query heads are not a multiple of {heads_kv} key/value heads"
     return None
-
-
-@contextlib.contextmanager
-def attention_converter():
-    """Make TVM's importer convert standard Attention nodes with ``convert`` while in the block."""
-    from tvm.relax.frontend.onnx import onnx_frontend as frontend
-
-    original = frontend._get_convert_map
-
-    class Converter(frontend.OnnxOpConverter):
-        @classmethod
-        def _impl_v23(cls, bb, inputs, attr, params):
-            return convert(bb, inputs, attr)
-
-    def extended():
-        table = original()
-        table[OP] = Converter
-        return table
-
-    frontend._get_convert_map = extended
-    try:
-        yield
-    finally:
-        frontend._get_convert_map = original
 
 
 def _dims(expr) -> list[int]:
@@ -269,3 +244,6 @@ def _bias(bb, mask, nonpad, causal: bool, len_q: int, len_kv: int, offset: int, 
         bias = padding if bias is None else bb.emit(op.add(bias, padding))
         maybe_dead = True
     return bias, visible, maybe_dead
+
+
+OVERRIDE = Override(OP, SINCE, convert, check_attention)  # listed in custom_ops.OVERRIDES

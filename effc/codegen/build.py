@@ -35,7 +35,7 @@ class BuildResult:
     seconds: float
     rule_hits: dict = field(default_factory=dict)
     kernels: dict = field(default_factory=dict)  # kernel name -> rule ("unscheduled" when none took it)
-    custom_ops: list = field(default_factory=list)  # per effc op node: its lowering (shift_add_lowering)
+    custom_ops: list = field(default_factory=list)  # per effc op node: its lowering (custom_ops.Lowering)
     custom_summary: str = ""
     rule_errors: list = field(default_factory=list)  # "kernel: rule: error" for each rule that raised
 
@@ -52,19 +52,17 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
 
     from effc.codegen import lower
     from effc.codegen.apply import RuleLog
-    from effc.codegen.relax_import import import_model
     from effc.ir import atomic_write_text
 
     start = time.perf_counter()
     bt = target if isinstance(target, BuildTarget) else make_target(target, arch)
     tvm_target = bt.tvm()
-    imported = import_model(model, tvm_target)
     log = RuleLog()
     default_rules, records_from = build_rules(bt, records)
     rules = rules if rules is not None else default_rules
     try:
-        mod, params = prepare(imported, bt)
-        mod = lower.schedule(mod, tvm_target, rules, log)
+        imported, fused, params = front_half(model, bt, tvm_target)
+        mod = lower.schedule_kernels(fused, tvm_target, rules, log)
         main, prep = lower.split_transform(mod)
         params = lower.run_transform(prep, tvm_target, params) if prep is not None else params
         with tvm.transform.PassContext(config=lower.build_config(tvm_target)):
@@ -105,6 +103,19 @@ def build_rules(bt: BuildTarget, records=SHIPPED) -> tuple[list, str | None]:
     tvm_target = bt.tvm()
     recorded, records_from = resolve_records(records, tvm_target) if bt.kind == "llvm" else ({}, None)
     return rules_for(tvm_target, recorded), records_from
+
+
+def front_half(model: ir.Model, bt: BuildTarget, tvm_target=None):
+    """(imported model, its kernels fused but not yet scheduled, main's params): the build up to the
+    schedule rules, import -> prepare -> fuse. `effc tune` and the tests take the kernels that a
+    build schedules from here. ``tvm_target``: ``bt.tvm()``, when the caller has it already."""
+    from effc.codegen import lower
+    from effc.codegen.relax_import import import_model
+
+    tvm_target = tvm_target or bt.tvm()
+    imported = import_model(model, tvm_target)
+    mod, params = prepare(imported, bt)
+    return imported, lower.fuse(mod, tvm_target), params
 
 
 def prepare(imported, bt: BuildTarget):

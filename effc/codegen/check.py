@@ -105,9 +105,7 @@ def verify_build(out_dir, model, feeds: list[dict], bt, records, tol: float = TO
     """Run the module in ``out_dir`` (built from ``model`` for ``bt``) against ONNX Runtime on
     ``feeds``; its Deviation when within ``tol``. Otherwise raise EffcFault naming the first wrong
     kernel (CPU builds: each kernel against its unscheduled form, with the rules the build used)."""
-    from effc.codegen import lower
-    from effc.codegen.build import build_rules, prepare
-    from effc.codegen.relax_import import import_model
+    from effc.codegen.build import build_rules, front_half
     from effc.errors import EffcFault
 
     dev = compare_with_ort(out_dir, model, feeds)
@@ -116,8 +114,8 @@ def verify_build(out_dir, model, feeds: list[dict], bt, records, tol: float = TO
     where = "no single kernel was found to disagree with its unscheduled form"
     if bt.kind == "llvm":
         tvm_target = bt.tvm()
-        mod, _ = prepare(import_model(model, tvm_target), bt)
-        faults = find_wrong_kernels(lower.fuse(mod, tvm_target), build_rules(bt, records)[0], tvm_target, tol)
+        _, fused, _ = front_half(model, bt, tvm_target)
+        faults = find_wrong_kernels(fused, build_rules(bt, records)[0], tvm_target, tol)
         if faults:
             where = f"first wrong kernel: {faults[0].describe()}"
             if len(faults) > 1:

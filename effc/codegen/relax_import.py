@@ -23,7 +23,7 @@ class Imported:
     input_shapes: list[tuple[int, ...]]
     input_dtypes: list[str]
     output_names: list[str]
-    custom_ops: list[dict] = field(default_factory=list)  # how each effc op was lowered
+    custom_ops: list[dict] = field(default_factory=list)  # how each effc op node was lowered (custom_ops)
     custom_summary: str = ""
 
 
@@ -47,18 +47,18 @@ def unsupported_ops(model: ir.Model) -> list[str]:
     """Ops of ``model`` that TVM's importer has no converter for, or that it would silently misread.
 
     The importer ignores op domains, so a custom-domain op would be looked up by its bare name; such
-    ops are reported here unless effc lowers them itself (effc.ShiftAddMatMul: shift_add_lowering).
-    The standard Attention op is lowered by effc (attention_lowering), not by the importer's entry of
-    that name, which is com.microsoft's contrib Attention.
+    ops are reported here unless effc lowers them itself (the ops of effc.ops.registry: custom_ops).
+    Standard ops that effc converts itself (custom_ops.OVERRIDES, e.g. Attention) are known to the
+    importer by name already.
     """
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    from effc.codegen.shift_add_lowering import is_shift_add
+    from effc.codegen.custom_ops import custom_op
 
     known = _get_convert_map()
     bad = set()
     for node in model.graph:
-        if is_shift_add(node):
+        if custom_op(node) is not None:
             continue
         if node.domain not in ("", "ai.onnx"):
             bad.add(f"{node.domain}.{node.op_type}")
@@ -73,23 +73,21 @@ def import_model(model: ir.Model, target=None) -> Imported:
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from effc.codegen.attention_lowering import attention_converter, check_attention
+    from effc.codegen.custom_ops import CustomOpLowering
     from effc.codegen.layernorm_stats import expose_layernorm_stats
-    from effc.codegen.shift_add_lowering import ShiftAddLowering
 
     bad = unsupported_ops(model)
     if bad:
         raise EffcError(f"TVM's ONNX importer cannot handle: {', '.join(bad)}")
-    check_attention(model)
     names, shapes, dtypes = _static_inputs(model)
     if target is None:
         from effc.codegen.target import llvm_target
 
         target = llvm_target().tvm()
-    lowering = ShiftAddLowering(model, target)
+    lowering = CustomOpLowering(model, target)
     proto = _integer_initializers_as_constants(expose_layernorm_stats(lowering.rewrite(to_proto(model))))
     try:
-        with lowering.converter(), attention_converter():
+        with lowering.converters():
             mod = from_onnx(proto, shape_dict=dict(zip(names, shapes)), dtype_dict=dict(zip(names, dtypes)),
                             keep_params_in_input=True, sanitize_input_names=False)
     except EffcError:

@@ -29,18 +29,14 @@ class TuneResult:
 
 def tune_model(model, trials: int, record_path: str | Path, progress=print, repeat: int = 5) -> TuneResult:
     """Tune every matmul workload of ``model`` for the host CPU with up to ``trials`` knob sets each."""
-    from effc.codegen import lower
-    from effc.codegen.patchify import patchify_conv
-    from effc.codegen.prefold import fold_weight_transforms
-    from effc.codegen.relax_import import import_model
+    from effc.codegen.build import front_half
     from effc.codegen.schedules.cpu.matmul import Matmul
     from effc.codegen.target import llvm_target
 
     start = time.perf_counter()
-    target = llvm_target().tvm()
-    imported = import_model(model, target)
-    mod, _ = fold_weight_transforms(patchify_conv()(imported.mod), imported.params, target)
-    kernels = lower.fuse(mod, target)
+    bt = llvm_target()
+    target = bt.tvm()
+    _, kernels, _ = front_half(model, bt, target)  # the kernels exactly as compile_model schedules them
     rule = Matmul()
     records = load_records(record_path)
     workloads = {}

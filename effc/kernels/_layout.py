@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
+from effc.errors import EffcError
 from effc.ops.shift_add_matmul import EXPONENT_BIAS
 
 FLOAT_EXP_BIAS = 127
@@ -50,3 +52,37 @@ def table_entry(x, row, first, k: int, u):
         term = tirx.Select((u & (1 << t)) == (1 << t), value, -value)
         total = term if total is None else total + term
     return total
+
+
+def dtype_misfit(node: ir.Node) -> str | None:
+    """Why a node's X and bias do not suit the kernels (they take float32), or None."""
+    x, bias = node.inputs[0], node.inputs[3]
+    if x.dtype != ir.DataType.FLOAT or bias.dtype != ir.DataType.FLOAT:
+        return f"kernels take float32 X and bias (got {x.dtype}, {bias.dtype})"
+    return None
+
+
+def rows_of_x(shapes: list) -> int:
+    """M: the rows of X [..., K] (the node's first input) that the kernel sees as [M, K]."""
+    return int(np.prod(shapes[0][:-1]))
+
+
+def call_rows(bb, gv, kernel, inputs: list, weights: list):
+    """Emit the kernel call for X [..., K] and bias: X reshaped to [M, K] and padded with zero rows
+    to the kernel's row count, Y [rows, N] sliced back to [..., N]."""
+    from tvm import relax
+
+    x, bias = inputs
+    shape = [int(d) for d in x.ty.shape]
+    rows, k = (int(d) for d in kernel.func.params[0].shape)  # TVM 0.27: a parameter is its buffer
+    n = int(kernel.func.params[-1].shape[1])
+    if shape[-1] != k:
+        raise EffcError(f"X has K={shape[-1]}, the weight {k}")
+    m = int(np.prod(shape[:-1]))
+    x = bb.emit(relax.op.reshape(x, [m, k])) if len(shape) != 2 else x
+    if rows > m:
+        x = bb.emit(relax.op.nn.pad(x, [0, rows - m, 0, 0]))
+    y = bb.emit(relax.call_tir(gv, [x, *weights, bias], relax.TensorType([rows, n], "float32")))
+    if rows > m:
+        y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[m]))
+    return relax.op.reshape(y, [*shape[:-1], n]) if len(shape) != 2 else y

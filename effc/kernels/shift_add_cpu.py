@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from effc.kernels._layout import fold_signs, table_entry
+from effc.kernels._layout import call_rows, dtype_misfit, fold_signs, rows_of_x, table_entry
 from effc.kernels._layout import misfit as layout_misfit
+from effc.ops.registry import Kernel, TargetKernels
 
 LANES = 16  # float32 lanes of a zmm register: output rows per vector, entries per table
 BLOCK = 4   # vectors of output rows per parallel task (accumulators kept in registers)
@@ -153,21 +154,9 @@ def misfit(planes_shape: tuple, codes_shape: tuple) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Choice:
-    """The kernel for one weight at M rows of X: ``func(x [rows, K], bits, exps, bias, y [rows, N])``,
-    X padded from M to ``rows`` rows; ``symbol`` names the shape (one PrimFunc per distinct shape)."""
-
-    name: str
-    symbol: str
-    rows: int
-    func: object
-    bits: np.ndarray
-    exps: np.ndarray
-
-
-def choose(planes: np.ndarray, codes: np.ndarray, m: int) -> Choice:
-    """m < PREFILL_MIN_ROWS: the decode kernel here (vectorised over output rows); otherwise the
+def choose(planes: np.ndarray, codes: np.ndarray, m: int) -> Kernel:
+    """The kernel for one weight at M rows of X, ``func(x [rows, K], bits, exps, bias, y [rows, N])``
+    with X padded from M to rows, and the weight packed for it: m < PREFILL_MIN_ROWS: the decode kernel here (vectorised over output rows); otherwise the
     prefill kernel (shift_add_prefill: vectorised over rows of X, X padded to whole row blocks)."""
     if m < PREFILL_MIN_ROWS:
         packed = pack(planes, codes)
@@ -183,7 +172,30 @@ def choose(planes: np.ndarray, codes: np.ndarray, m: int) -> Choice:
         name, rows = "shift_add_prefill", -(-m // block) * block
         func = prefill.prim_func_prefill(rows, n, k, q, packed.group, packed.k_block, rows=block)
     symbol = f"{name}_m{rows}_n{n}_k{k}_q{q}_g{packed.group}_"  # TVM may append digits to a kernel name
-    return Choice(name, symbol, rows, func, packed.bits, packed.exps)
+    return Kernel(name, symbol, func, (packed.bits, packed.exps))
+
+
+def has_avx512(target) -> bool:
+    from tvm.target.codegen import target_has_features
+
+    return bool(target_has_features("avx512f", target))
+
+
+def fit(node, constants: list, target) -> str | None:
+    """Why an effc.ShiftAddMatMul node cannot take these kernels on ``target`` (planes and codes
+    given as ``constants``), or None."""
+    if not has_avx512(target):
+        return "the CPU kernels need AVX-512"
+    planes, codes = constants
+    return dtype_misfit(node) or misfit(planes.shape, codes.shape)
+
+
+def build(shapes: list, constants: list) -> Kernel:
+    """The kernel for X of ``shapes[0]`` (bias ``shapes[1]``), planes and codes packed for it."""
+    return choose(*constants, rows_of_x(shapes))
+
+
+KERNELS = TargetKernels(fit=fit, build=build, call=call_rows)  # effc.ShiftAddMatMul's registration names it
 
 
 class ShiftAddKernel:
@@ -198,12 +210,12 @@ class ShiftAddKernel:
         target = target or host_target()
         self.m = m
         choice = choose(planes, codes, m)
-        self.name, self.rows, self.n = choice.name, choice.rows, planes.shape[1]
+        self.name, self.rows, self.n = choice.name, int(choice.func.params[0].shape[0]), planes.shape[1]
         lib = tvm.compile(tvm.IRModule({self.name: choice.func}), target=target)
         self.module = lib.jit() if hasattr(lib, "jit") else lib
         self.device = tvm.cpu()
         self._weights = [tvm.runtime.tensor(a, self.device) for a in
-                         (choice.bits, choice.exps, np.asarray(bias, dtype=np.float32))]
+                         (*choice.weights, np.asarray(bias, dtype=np.float32))]
         self._out = tvm.runtime.tensor(np.zeros((self.rows, self.n), dtype=np.float32), self.device)
 
     def arguments(self, x: np.ndarray) -> list:

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from effc.kernels._layout import fold_signs, table_entry
+from effc.kernels._layout import call_rows, dtype_misfit, fold_signs, rows_of_x, table_entry
 from effc.kernels._layout import misfit as layout_misfit
+from effc.ops.registry import Kernel, TargetKernels
 
 THREADS = 128  # output columns per thread block
 CHUNK = 32     # weight bytes (256 activations) per shared table: 64 tables x 16 floats = 4 KiB
@@ -115,11 +116,23 @@ def prim_func(m: int, n: int, k: int, q: int, group: int, gpu: bool = True):
     return shift_add_lut_cuda
 
 
-def choose(planes: np.ndarray, codes: np.ndarray, m: int):
-    """The kernel for one weight at M rows of X (effc.kernels.shift_add_cpu.Choice; no padding of X)."""
-    from effc.kernels.shift_add_cpu import Choice
-
+def choose(planes: np.ndarray, codes: np.ndarray, m: int) -> Kernel:
+    """The kernel for one weight at M rows of X (no padding of X), and the weight packed for it."""
     packed = pack(planes, codes)
     q, n, k = packed.shape
     symbol = f"shift_add_lut_cuda_m{m}_n{n}_k{k}_q{q}_g{packed.group}_"
-    return Choice("shift_add_lut_cuda", symbol, m, prim_func(m, n, k, q, packed.group), packed.bits, packed.exps)
+    return Kernel("shift_add_lut_cuda", symbol, prim_func(m, n, k, q, packed.group), (packed.bits, packed.exps))
+
+
+def fit(node, constants: list, target) -> str | None:
+    """Why an effc.ShiftAddMatMul node cannot take this kernel (planes and codes given as ``constants``), or None."""
+    planes, codes = constants
+    return dtype_misfit(node) or misfit(planes.shape, codes.shape)
+
+
+def build(shapes: list, constants: list) -> Kernel:
+    """The kernel for X of ``shapes[0]`` (bias ``shapes[1]``), planes and codes packed for it."""
+    return choose(*constants, rows_of_x(shapes))
+
+
+KERNELS = TargetKernels(fit=fit, build=build, call=call_rows)  # effc.ShiftAddMatMul's registration names it

@@ -20,7 +20,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from effc.errors import EffcError
 from effc.ops import DOMAIN
+from effc.ops.registry import CustomOp, register
 
 NAME = "ShiftAddMatMul"
 EXPONENT_BIAS = 64
@@ -127,3 +129,32 @@ def reference(x: np.ndarray, planes: np.ndarray, codes: np.ndarray, bias: np.nda
 def storage_bits(planes: np.ndarray, codes: np.ndarray) -> int:
     """Every stored bit of the quantized weight: planes plus scale codes (bias excluded)."""
     return int(planes.size * 8 + codes.size * 8)
+
+
+# --- codegen: checks and the registration ---------------------------------------------------
+
+def check_node(name: str, node: ir.Node, constants: list) -> None:
+    """One-line EffcError for a node that is not the op (arity, or planes/codes that do not follow
+    the layout above, given as ``constants``: their values, None where not constant)."""
+    if len(node.inputs) != 4 or any(v is None for v in node.inputs):
+        raise EffcError(f"{name}: {NAME} needs 4 inputs (X, planes, codes, bias), got {len(node.inputs)}")
+    planes, codes = constants
+    if planes is None or codes is None:
+        return
+    if planes.dtype != np.uint8 or codes.dtype != np.int8 or planes.ndim != 3 or codes.ndim != 4:
+        raise EffcError(f"{name}: {NAME} needs uint8 planes [q, N, K/8] and int8 codes [q, N, K/g, T] "
+                        f"(got {planes.dtype}{list(planes.shape)}, {codes.dtype}{list(codes.shape)})")
+    k = planes.shape[2] * 8
+    if codes.shape[:2] != planes.shape[:2] or k % codes.shape[2]:
+        raise EffcError(f"{name}: codes {list(codes.shape)} do not match planes {list(planes.shape)}")
+    dims = list(node.inputs[0].shape or [])
+    if dims and isinstance(dims[-1], int) and dims[-1] != k:
+        raise EffcError(f"{name}: X has K={dims[-1]} but the packed weight has K={k}")
+
+
+# Lookup-table kernels (effc/kernels/shift_add_*): each node that fits is a call of one of them with
+# its planes/codes packed at compile time; any other node runs its function body, whose weight TVM
+# folds into a dense matrix at compile time.
+register(CustomOp(DOMAIN, NAME, function, packed=(1, 2), rule="shift-add-lut", fallback="dense", check=check_node,
+                  targets={"llvm": "effc.kernels.shift_add_cpu:KERNELS",
+                           "cuda": "effc.kernels.shift_add_cuda:KERNELS"}))

@@ -32,14 +32,10 @@ def test_shipped_files_are_valid_records():
 
 def _records_for_every_matmul(model, target) -> dict:
     """Records whose knobs differ from the rule defaults, one per matmul workload of ``model``."""
-    from effc.codegen import lower
-    from effc.codegen.patchify import patchify_conv
-    from effc.codegen.prefold import fold_weight_transforms
-    from effc.codegen.relax_import import import_model
+    from effc.codegen.build import front_half
+    from effc.codegen.target import llvm_target
 
-    imported = import_model(model)  # the kernels as compile_model schedules them (as tune_model does)
-    mod, _ = fold_weight_transforms(patchify_conv()(imported.mod), imported.params, target)
-    kernels = lower.fuse(mod, target)
+    _, kernels, _ = front_half(model, llvm_target(), target)  # the kernels as compile_model schedules them
     return {rec.workload_key(f, target): {"rule": "matmul", "knobs": {"mr": 4, "nr_vectors": 1}, "ms": 1.0,
                                           "kernel": gv.name_hint, "trials": 1}
             for gv, f in kernels.functions_items() if "matmul" in gv.name_hint}

@@ -135,17 +135,17 @@ def test_malformed_node_is_a_one_line_error(tmp_path):
 def test_importer_converter_map_is_restored(monkeypatch):
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    from effc.codegen import shift_add_lowering
+    from effc.codegen import custom_ops
     from effc.codegen.relax_import import import_model
 
     imported = import_model(shift_add_model([1, 1]))
     assert len(imported.mod["main"].params) == 1 + 2 + 4  # x, biases, packed bits and exps per node
-    assert shift_add_lowering.PRIVATE_OP not in onnx_frontend._get_convert_map()
+    assert custom_ops.PRIVATE_OP not in onnx_frontend._get_convert_map()
 
     def broken(self, bb, inputs, attr):
         raise RuntimeError("converter failed")
 
-    monkeypatch.setattr(shift_add_lowering.ShiftAddLowering, "_convert", broken)
+    monkeypatch.setattr(custom_ops.CustomOpLowering, "_convert", broken)
     with pytest.raises(EffcError, match="converter failed"):
         import_model(shift_add_model([1, 1]))
-    assert shift_add_lowering.PRIVATE_OP not in onnx_frontend._get_convert_map()
+    assert custom_ops.PRIVATE_OP not in onnx_frontend._get_convert_map()

@@ -77,9 +77,7 @@ def test_a_wrong_kernel_fails_compile_and_is_named(tmp_path, block_path, monkeyp
 
 def test_localiser_names_only_the_broken_kernels():
     """Against their unscheduled forms, the effc rules' kernels all agree; the injected one does not."""
-    from effc.codegen import lower
-    from effc.codegen.build import prepare
-    from effc.codegen.relax_import import import_model
+    from effc.codegen.build import front_half
     from effc.codegen.schedules.cpu import default_rules
     from effc.codegen.target import make_target
     from effc.frontend.onnx import from_proto
@@ -88,8 +86,7 @@ def test_localiser_names_only_the_broken_kernels():
     model = from_proto(transformer_block_proto())
 
     def fused():
-        mod, _ = prepare(import_model(model, bt.tvm()), bt)
-        return lower.fuse(mod, bt.tvm())
+        return front_half(model, bt)[1]
 
     assert find_wrong_kernels(fused(), default_rules(), bt.tvm()) == []
     faults = find_wrong_kernels(fused(), [OffByOneMatmul(), *default_rules()], bt.tvm())

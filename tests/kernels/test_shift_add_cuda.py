@@ -67,6 +67,6 @@ def test_kernel_on_gpu_equals_reference(m, n, k, q):
     dev = tvm.cuda(0)
     x = rng.standard_normal((m, k)).astype(np.float32)
     y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32), dev)  # poisoned: every element must be written
-    lib[choice.symbol](*(tvm.runtime.tensor(a, dev) for a in (x, choice.bits, choice.exps, bias)), y)
+    lib[choice.symbol](*(tvm.runtime.tensor(a, dev) for a in (x, *choice.weights, bias)), y)
     want = op.reference(x.astype(np.float64), planes, codes, bias)
     np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

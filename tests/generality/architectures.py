@@ -25,7 +25,10 @@ class Arch:
     name: str
     build: Callable[[str, int], tuple[Any, dict[str, np.ndarray]]]
     sdpa: bool  # transformers offers sdpa attention for it (exported with sdpa, its default, and eager)
-    norms: str  # what layernorm-to-rmsnorm should find: "pre-ln", "post-ln", "rms", "stem-ln", "none", ...
+    # where its norms sit, for layernorm-to-rmsnorm: "pre-ln", "post-ln", "stem-ln" (pre-LN whose
+    # residual stream starts at a LayerNorm: a patch-embedding or stem norm), "rms" (RMSNorm already)
+    # or "none"
+    norms: str
 
 
 def _wrap(model, input_names: tuple[str, ...], field: str):
@@ -233,8 +236,8 @@ ARCHITECTURES: dict[str, Arch] = {a.name: a for a in (
     Arch("gpt2", gpt2, True, "pre-ln"),
     Arch("llama", llama, True, "rms"),
     Arch("qwen2", qwen2, True, "rms"),
-    Arch("swin", swin, True, "pre-ln"),
-    Arch("convnext", convnext, False, "pre-ln"),
+    Arch("swin", swin, True, "stem-ln"),
+    Arch("convnext", convnext, False, "stem-ln"),
     Arch("levit", levit, False, "none"),
     Arch("whisper-encoder", whisper_encoder, True, "pre-ln"),
     Arch("resnet", resnet, False, "none"),

@@ -70,7 +70,9 @@ class ResidualStream:
         self.sites = sites
         self.untie = untie
         self._norm_nodes = {id(n) for site in sites for n in site.nodes}
+        self._site_of = {id(n): i for i, site in enumerate(sites) for n in site.nodes}
         self._steps: dict[tuple[int, int], Step] = {}
+        self._stem_errors: dict[str, str] = {}  # stem-norm error -> its post-LN wording
 
     def plan(self) -> StreamPlan:
         closures = [self._closure(site.x, -1) for site in self.sites]
@@ -97,6 +99,9 @@ class ResidualStream:
                            for name, readers in tied.items() if name in c.constants]
             post_ln = [e for e in errors if "post-LN" in e]
             failures.append((post_ln or errors or [None])[0])
+        if any(f and "post-LN" in f for f in failures):
+            # a stem norm in a post-LN model (BERT's embedding LN) is where its post-LN stream starts
+            failures = [self._stem_errors.get(f, f) if f else f for f in failures]
         bypass = {id(m): (m, i) for c in closures for step in c.steps for m, i in step.bypass}
         return StreamPlan(failures, replacements, list(bypass.values()))
 
@@ -137,12 +142,35 @@ class ResidualStream:
         if rank is not None and rank < -axis:
             return f"stream value '{value.name}' has no axis {axis}"
         if id(node) in self._norm_nodes or node.op_type in NORM_OPS:
-            return (f"post-LN: stream value '{value.name}' is written by {node.op_type} '{node.name}' "
-                    "(a LayerNorm output is not zero-mean)")
+            post_ln = (f"post-LN: stream value '{value.name}' is written by {node.op_type} '{node.name}' "
+                       "(a LayerNorm output is not zero-mean)")
+            if self._normalises_a_norm(node):
+                return post_ln
+            # no norm upstream: a patch-embedding or stem norm starts the stream (CLIP, Swin, ConvNeXt)
+            stem = (f"the stream starts at {node.op_type} '{node.name}' (a stem or embedding norm: "
+                    f"its output '{value.name}' is not zero-mean)")
+            self._stem_errors[stem] = post_ln
+            return stem
         handler = _HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if handler is None:
             return _cannot(node)
         return handler(self, step, node, value, axis)
+
+    def _normalises_a_norm(self, norm: ir.Node) -> bool:
+        """Whether another norm lies upstream of ``norm`` (post-LN: it normalises a residual sum
+        of an earlier norm's output) rather than ``norm`` being the first on its path."""
+        own = self._site_of.get(id(norm))  # a decomposed norm's own Sub / ReduceMean / Mul nodes
+        seen, stack = {id(norm)}, [v for v in norm.inputs if v is not None]
+        while stack:
+            producer = stack.pop().producer()
+            if producer is None or id(producer) in seen:
+                continue
+            seen.add(id(producer))
+            site = self._site_of.get(id(producer))
+            if (site is not None and site != own) or (site is None and producer.op_type in NORM_OPS):
+                return True
+            stack.extend(v for v in producer.inputs if v is not None)
+        return False
 
     def _operand(self, step: Step, node: ir.Node, index: int, axis: int) -> str | None:
         """Input ``index`` of ``node`` must be zero-mean along ``axis`` (relative to that input)."""

@@ -83,9 +83,10 @@ class TinyGPT(nn.Module):
 class TinyViT(nn.Module):
     """Pre-LN ViT: Conv patch embed -> flatten -> transpose, cls token, position embedding, LayerScale."""
 
-    def __init__(self, d: int = 16, patch: int = 4, image: int = 8, classes: int = 5):
+    def __init__(self, d: int = 16, patch: int = 4, image: int = 8, classes: int = 5, stem_ln: bool = False):
         super().__init__()
         self.patch = nn.Conv2d(3, d, patch, stride=patch)
+        self.ln_pre = nn.LayerNorm(d) if stem_ln else None  # CLIP's pre_layrnorm: the stream starts at it
         self.cls = nn.Parameter(torch.randn(1, 1, d))
         self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, d))
         self.blocks = nn.ModuleList([PreLNBlock(d, layer_scale=True, causal=False), PreLNBlock(d, causal=False)])
@@ -94,6 +95,8 @@ class TinyViT(nn.Module):
     def forward(self, img):
         x = self.patch(img).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x)[:, 0])
@@ -258,6 +261,12 @@ def test_post_ln_is_refused_whole():
     outcome = assert_refused(model, "post-LN")
     assert len(outcome.skipped) == 3 and all("post-LN" in s.reason for s in outcome.skipped)
     assert any("held back" in s.reason for s in outcome.skipped)  # the embedding LN alone would convert
+
+
+def test_stream_starting_at_a_stem_layernorm_is_refused_as_such():
+    model = export(TinyViT(stem_ln=True), torch.randn(2, 3, 8, 8))
+    outcome = assert_refused(model, "the stream starts at LayerNormalization", "stem or embedding norm")
+    assert not any("post-LN" in s.reason for s in outcome.skipped)  # pre-LN blocks: not a post-LN model
 
 
 def test_stream_read_without_a_layernorm_is_refused():

@@ -133,9 +133,16 @@ def compile_case(exported: Exported, out_dir: Path) -> Outcome:
     except EffcError as exc:
         outcome.error = str(exc)
         return outcome
+    except Exception as exc:  # effc's own fault: reported as such, the other cases still run
+        outcome.error = f"crashed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+        return outcome
     outcome.out_dir, outcome.kernels = built.out_dir, dict(built.kernels)
     outcome.rule_errors = json.loads((built.out_dir / "codegen.json").read_text()).get("rule_errors", [])
-    got = [load_compiled(built.out_dir)(feed) for feed in feeds]
+    try:
+        got = [load_compiled(built.out_dir)(feed) for feed in feeds]
+    except Exception as exc:
+        outcome.error = f"the built module failed to run: {type(exc).__name__}: {str(exc).strip()[:200]}"
+        return outcome
     outcome.max_rel = deviation(got, OrtRunner(exported.path).run_all(feeds)).max_rel
     return outcome
 

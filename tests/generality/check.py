@@ -159,10 +159,13 @@ def pass_summary(record) -> str:
 
 
 def off_rule_summary(outcome: Outcome) -> str:
-    """"conv2d x5 (fallback), ..." for the kernels not on a real rule."""
-    counts: dict[str, int] = {}
+    """"conv2d x5 (fallback), ...; injective x12 (fallback)": the kernels not on a real rule, then
+    the count of data-movement / elementwise kernels the fallback rule scheduled."""
+    counts: dict[tuple[str, str], int] = {}
     for where in outcome.off_rule().values():
         rule, ops = where.split(": ", 1)
         for op in ops.split(","):
-            counts[f"{op} ({rule})"] = counts.get(f"{op} ({rule})", 0) + 1
-    return ", ".join(f"{k.split(' ')[0]} x{n} {k.split(' ')[1]}" for k, n in sorted(counts.items())) or "-"
+            counts[op, rule] = counts.get((op, rule), 0) + 1
+    text = ", ".join(f"{op} x{n} ({rule})" for (op, rule), n in sorted(counts.items())) or "-"
+    injective = sum(rule == "fallback" and not compute_ops(k) for k, rule in outcome.kernels.items())
+    return f"{text}; injective x{injective} (fallback)" if injective else text

@@ -155,7 +155,7 @@ def check_layernorm_to_rmsnorm(case, ops, record):
 
 
 def test_compute_ops_are_read_from_kernel_names():
-    from tests.generality.check import Outcome, compute_ops
+    from tests.generality.check import Outcome, compute_ops, off_rule_summary
 
     assert compute_ops("fused_conv2d1_add1_relu11") == ["conv2d"]
     assert compute_ops("max_pool2d1") == ["max_pool2d"]
@@ -165,6 +165,7 @@ def test_compute_ops_are_read_from_kernel_names():
     outcome = Outcome(kernels={"matmul3": "matmul", "take1": "fallback", "conv1d1": "fallback",
                                "add2": "unscheduled"})
     assert outcome.off_rule() == {"conv1d1": "fallback: conv1d", "add2": "unscheduled: injective"}
+    assert off_rule_summary(outcome) == "conv1d x1 (fallback), injective x1 (unscheduled); injective x1 (fallback)"
 
 
 def test_the_suite_covers_what_issue_10_asks():

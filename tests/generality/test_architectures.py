@@ -34,15 +34,17 @@ _CONV_KERNELS = {"convnext": CONV_FALLBACK, "resnet": CONV_FALLBACK, "whisper-en
 
 
 def compile_failure(case: Case) -> str | None:
-    if case.impl == "sdpa":
-        return ATTENTION_OP
+    """Every known cause, in the order a fix will meet them (one fixed, the next still fails)."""
+    causes = [ATTENTION_OP] if case.impl == "sdpa" else []
     if case.arch not in _NO_LINEAR and (case.batch > 1 or case.arch in _BATCHED_AT_ONE):
-        return MATMUL
-    return None
+        causes.append(MATMUL)
+    return "; then ".join(causes) or None
 
 
 def rule_failure(case: Case) -> str | None:
-    return ATTENTION_OP if case.impl == "sdpa" else _CONV_KERNELS.get(case.arch)
+    causes = ([ATTENTION_OP] if case.impl == "sdpa" else []) + ([_CONV_KERNELS[case.arch]]
+                                                               if case.arch in _CONV_KERNELS else [])
+    return "; then ".join(causes) or None
 
 
 def pass_failure(case: Case) -> str | None:

@@ -166,6 +166,7 @@ def off_rule_summary(outcome: Outcome) -> str:
         rule, ops = where.split(": ", 1)
         for op in ops.split(","):
             counts[op, rule] = counts.get((op, rule), 0) + 1
-    text = ", ".join(f"{op} x{n} ({rule})" for (op, rule), n in sorted(counts.items())) or "-"
+    parts = [", ".join(f"{op} x{n} ({rule})" for (op, rule), n in sorted(counts.items()))]
     injective = sum(rule == "fallback" and not compute_ops(k) for k, rule in outcome.kernels.items())
-    return f"{text}; injective x{injective} (fallback)" if injective else text
+    parts.append(f"injective x{injective} (fallback)" if injective else "")
+    return "; ".join(p for p in parts if p) or "-"

@@ -11,7 +11,6 @@ table with latencies.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from tests.generality.architectures import ARCHITECTURES
@@ -175,4 +174,4 @@ def test_the_suite_covers_what_issue_10_asks():
     assert len(arches) >= 13
     assert {c.batch for c in CASES} == {1, 2}
     assert {c.impl for c in CASES} == {"sdpa", "eager", "default"}
-    assert np.all([case in CASES for case in (Case("qwen2", "sdpa", 2), Case("swin", "eager", 1))])
+    assert Case("qwen2", "sdpa", 2) in CASES and Case("swin", "eager", 1) in CASES  # GQA; windows at batch 1

@@ -59,7 +59,7 @@ class FoldBatchNorm(Pass):
                 folded = into_producer.apply()
                 for y in site.outputs:
                     rescale.redirect(y, folded)
-                outcome.rewrites.append(f"{site.label} -> {_describe(into_producer.linear)} (after)")
+                _record(outcome, site, into_producer.linear, "fold-after")
             else:
                 into_readers = _reader_folds(site)
                 if isinstance(into_readers, str):
@@ -67,13 +67,18 @@ class FoldBatchNorm(Pass):
                     continue
                 for fold in into_readers:
                     fold.apply()
-                    outcome.rewrites.append(f"{site.label} -> {_describe(fold.linear)} (before)")
+                    _record(outcome, site, fold.linear, "fold-before")
                 for y in site.outputs:
                     y.replace_all_uses_with(site.source)
             graph.remove(site.nodes, safe=True)
         if outcome.rewrites:
             ir.passes.common.RemoveUnusedNodesPass()(model)
         return outcome
+
+
+def _record(outcome: PassOutcome, site: AffineSite, linear: ir.Node, action: str) -> None:
+    """fold-after: into the linear producing the BN's input; fold-before: into a linear reading its output."""
+    outcome.rewrite(site.bn, action, site=site.label, repbn=site.repbn, into=linear.name, into_op=linear.op_type)
 
 
 # --- BN after a linear: fold into the producer of the site's input --------------------------

@@ -188,8 +188,8 @@ def convert(site: NormSite, graph: ir.Graph, opset: int) -> Rewrite:
         sub = site.centring
         sub.outputs[0].replace_all_uses_with(sub.inputs[0])  # not site.x: a centring may now stand between
         graph.remove([sub, site.nodes[0]], safe=True)
-        return Rewrite(site.name, "to-rms", {"site": site.label, "target": "RMS form (mean subtraction removed)",
-                                             "beta": False})
+        return Rewrite(site.name, "to-rms", {"site": site.label, "decomposed": True,
+                                             "target": "RMS form (mean subtraction removed)", "beta": False})
     ln = site.node
     x, scale = ln.inputs[0], ln.inputs[1]
     bias = ln.inputs[2] if len(ln.inputs) > 2 else None
@@ -211,7 +211,8 @@ def convert(site: NormSite, graph: ir.Graph, opset: int) -> Rewrite:
         new_nodes.append(add)
         out = add.outputs[0]
     ir.convenience.replace_nodes_and_values(graph, ln, [ln], new_nodes, [ln.outputs[0]], [out])
-    return Rewrite(site.name, "to-rms", {"site": site.label, "target": target, "beta": bias is not None})
+    return Rewrite(site.name, "to-rms", {"site": site.label, "decomposed": False, "target": target,
+                                         "beta": bias is not None})
 
 
 def centre_output(site: NormSite, graph: ir.Graph, opset: int) -> Rewrite:

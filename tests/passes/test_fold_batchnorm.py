@@ -99,7 +99,7 @@ def test_conv_then_bn(bias):
     model = export_unoptimized(nn.Sequential(nn.Conv2d(3, 5, 3, bias=bias), nn.BatchNorm2d(5)), torch.randn(1, 3, 8, 8))
     assert op_counts(model) == {"BatchNormalization": 1, "Conv": 1}
     folded, outcome = fold(model, 1)
-    assert "-> Conv '" in outcome.rewrites[0] and outcome.rewrites[0].endswith("(after)")
+    assert outcome.rewrites[0].details["into_op"] == "Conv" and outcome.rewrites[0].action == "fold-after"
     assert op_counts(folded) == {"Conv": 1}
     conv = next(iter(folded.graph))
     assert const_value(conv.inputs[2]).shape == (5,)
@@ -120,14 +120,14 @@ def test_token_linear_then_bn(bias):
     folded, outcome = fold(model, 1)
     # The Transpose pair goes with the BN; a bias-free linear gets the BN shift as a new Add.
     assert op_counts(folded) == {"Add": 1, "MatMul": 1}
-    assert outcome.rewrites[0].endswith("(after)")
+    assert outcome.rewrites[0].action == "fold-after"
 
 
 def test_token_linear_then_repbn():
     model = export(nn.Sequential(nn.Linear(8, 6), TokenBN(6, repbn=True)), torch.randn(2, 5, 8))
     folded, outcome = fold(model, 1)
     assert op_counts(folded) == {"Add": 1, "MatMul": 1}
-    assert "(RepBN)" in outcome.rewrites[0]
+    assert outcome.rewrites[0].details["repbn"]
 
 
 # --- BN before a linear -----------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_token_bn_before_linear():
     model = export(nn.Sequential(TokenBN(8), nn.Linear(8, 6)), torch.randn(2, 5, 8))
     folded, outcome = fold(model, 1)
     assert op_counts(folded) == {"Add": 1, "MatMul": 1}
-    assert outcome.rewrites[0].endswith("(before)")
+    assert outcome.rewrites[0].action == "fold-before"
 
 
 class RepBNBeforeQKV(nn.Module):
@@ -153,7 +153,7 @@ class RepBNBeforeQKV(nn.Module):
 def test_repbn_before_separate_qkv():
     model = export(RepBNBeforeQKV(), torch.randn(2, 5, 8))
     folded, outcome = fold(model, 3)
-    assert all("(RepBN)" in r and r.endswith("(before)") for r in outcome.rewrites)
+    assert all(r.details["repbn"] and r.action == "fold-before" for r in outcome.rewrites)
     assert op_counts(folded) == {"Add": 3, "MatMul": 3}
 
 
@@ -173,7 +173,7 @@ class FinalRepBNHead(nn.Module):
 def test_final_repbn_then_class_token_head():
     model = export(FinalRepBNHead(), torch.randn(2, 5, 8))
     folded, outcome = fold(model, 1)
-    assert "(RepBN) -> Gemm" in outcome.rewrites[0]
+    assert outcome.rewrites[0].details["repbn"] and outcome.rewrites[0].details["into_op"] == "Gemm"
     assert "Mul" not in op_counts(folded) and "Transpose" not in op_counts(folded)
     assert op_counts(folded)["Gather"] == 1
 
@@ -194,7 +194,7 @@ def test_bn_before_unpadded_conv():
     model = export(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 7, 7))
     folded, outcome = fold(model, 1)
     assert op_counts(folded) == {"Conv": 1}
-    assert outcome.rewrites[0].endswith("(before)")
+    assert outcome.rewrites[0].action == "fold-before"
 
 
 # --- refusals ---------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def test_gemm_alpha_beta_trans_b(trans_b, bn_first):
     proto = _model(nodes[::-1] if bn_first else nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, c_in])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, c_out])], inits)
     folded, outcome = fold(from_proto(proto), 1)
-    assert outcome.rewrites[0].endswith("(before)" if bn_first else "(after)")
+    assert outcome.rewrites[0].action == ("fold-before" if bn_first else "fold-after")
     assert next(iter(folded.graph)).attributes.get_float("beta") == 1.0
 
 

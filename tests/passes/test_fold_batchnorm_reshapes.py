@@ -41,7 +41,7 @@ def _reshape_sandwich(x_shape: list[int], to: list[int], back: list[int] | None,
 @pytest.mark.parametrize("bias", [False, True])
 def test_flatten_bn_reshape_back_folds_and_drops_the_round_trip(bias):
     folded, outcome = fold(from_proto(_reshape_sandwich([2, 5, 6], [10, 4], [2, 5, 4], bias)), 1)
-    assert outcome.rewrites == ["BatchNormalization 'bn' -> MatMul 'fc' (after)"]
+    assert [(r.node, r.action, r.details["into"]) for r in outcome.rewrites] == [("bn", "fold-after", "fc")]
     # Both reshapes undo each other once the BN is gone.
     assert op_counts(folded) == {"Add": 1, "MatMul": 1}
 
@@ -116,6 +116,6 @@ def test_levit_every_batchnorm_folds(tmp_path):
     assert bns == 14  # Linear + BatchNorm1d in attention, MLP and subsampling, and the head's BN
     folded, outcome = fold(from_proto(proto), bns)
     # All but the head's BN follow a linear (through flatten(0, 1)); the head's precedes one.
-    before = [r for r in outcome.rewrites if not r.endswith("(after)")]
-    assert len(before) == 1 and "-> Gemm" in before[0], outcome.rewrites
+    before = [r for r in outcome.rewrites if r.action != "fold-after"]
+    assert len(before) == 1 and before[0].details["into_op"] == "Gemm", outcome.rewrites
     assert op_counts(folded)["Reshape"] < op_counts(from_proto(proto))["Reshape"]

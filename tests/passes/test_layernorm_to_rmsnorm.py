@@ -185,8 +185,8 @@ def test_gpt_converts_every_layernorm(gpt):
         assert "RMSNormalization" not in counts and counts["Sqrt"] == 5 and counts["Pow"] == 5
     # 5 norms + writers: wte table, wpe constant, and per block out/fc2 weight + bias.
     assert len(outcome.rewrites) == 5 + 10, outcome.rewrites
-    assert sum(r.startswith("recentred MatMul") for r in outcome.rewrites) == 4
-    assert sum(r.startswith("recentred Gather") for r in outcome.rewrites) == 1
+    assert sum((r.action == "recentre" and r.details["op"] == "MatMul") for r in outcome.rewrites) == 4
+    assert sum((r.action == "recentre" and r.details["op"] == "Gather") for r in outcome.rewrites) == 1
     assert outcome.skipped == []
     onnx.checker.check_model(to_proto(converted), full_check=True)
     assert max_rel(original, converted) <= TOLERANCE
@@ -218,9 +218,10 @@ def test_converted_model_is_a_fixed_point(gpt):
 def test_vit_with_layer_scale_converts(vit):
     original, converted, outcome = convert_copy(vit)
     assert ln_count(converted) == 0 and outcome.skipped == []
-    assert any(r.startswith("recentred Conv") and "weight and bias" in r for r in outcome.rewrites)
-    assert any(r.startswith("recentred Concat") for r in outcome.rewrites)  # the cls token
-    assert sum(r.startswith("folded LayerScale Mul") for r in outcome.rewrites) == 1
+    assert any((r.action == "recentre" and r.details["op"] == "Conv") and [x["role"] for x in r.details["roles"]] == ["weight", "bias"]
+               for r in outcome.rewrites)
+    assert any((r.action == "recentre" and r.details["op"] == "Concat") for r in outcome.rewrites)  # the cls token
+    assert sum(r.action == "fold-layerscale" for r in outcome.rewrites) == 1
     reads_gamma = [n for n in converted.graph for v in n.inputs if v is not None and v.name == "blocks.0.gamma"]
     assert reads_gamma == [] and "blocks.0.gamma" not in converted.graph.initializers  # folded and dropped
     assert max_rel(original, converted) <= TOLERANCE
@@ -247,7 +248,7 @@ def test_huggingface_gpt2_converts():
     model = from_torch(Logits(), (torch.randint(0, 100, (1, 8)),))
     original, converted, outcome = convert_copy(model)
     assert ln_count(original) == 5 and ln_count(converted) == 0 and outcome.skipped == []
-    assert sum(r.startswith("recentred Gemm") for r in outcome.rewrites) == 4  # c_proj of attn and mlp
+    assert sum((r.action == "recentre" and r.details["op"] == "Gemm") for r in outcome.rewrites) == 4  # c_proj of attn and mlp
     assert max_rel(original, converted) <= TOLERANCE
 
 
@@ -370,8 +371,8 @@ def test_decomposed_layernorm_converts(style):
     original, converted, outcome = convert_copy(model)
     counts = op_counts(converted)
     assert counts["ReduceMean"] == 3 and "Sub" not in counts  # only the mean subtractions went
-    assert sum(r.startswith("decomposed LayerNorm") for r in outcome.rewrites) == 3
-    assert any("zeroed" in r for r in outcome.rewrites)  # the per-token offset c
+    assert sum(r.action == "to-rms" and r.details["decomposed"] for r in outcome.rewrites) == 3
+    assert any(x["zeroed"] for r in outcome.rewrites if r.action == "recentre" for x in r.details["roles"])  # the per-token offset c
     assert max_rel(original, converted) <= TOLERANCE
 
 
@@ -409,7 +410,7 @@ def test_tied_lm_head_stays_tied_with_a_correction():
     model = Graph(d=8).stream_model(tied=True)
     original, converted, outcome = convert_copy(model)
     assert ln_count(converted) == 0
-    assert sum(r.startswith("kept 'E' tied") for r in outcome.rewrites) == 1, outcome.rewrites
+    assert sum((r.action, r.node) == ("keep-tied", "E") for r in outcome.rewrites) == 1, outcome.rewrites
     transpose = next(n for n in converted.graph if n.op_type == "Transpose")
     gather = next(n for n in converted.graph if n.op_type == "Gather")
     assert transpose.inputs[0] is gather.inputs[0]  # one table for both readers
@@ -425,7 +426,7 @@ def test_tied_table_with_another_reader_is_untied():
     model = Graph(d=8).stream_model(tied=True, table_output=True)
     original, converted, outcome = convert_copy(model)
     assert ln_count(converted) == 0
-    assert sum(r.startswith("untied 'E'") for r in outcome.rewrites) == 1, outcome.rewrites
+    assert sum((r.action, r.node) == ("untie", "E") for r in outcome.rewrites) == 1, outcome.rewrites
     transpose = next(n for n in converted.graph if n.op_type == "Transpose")
     gather = next(n for n in converted.graph if n.op_type == "Gather")
     assert transpose.inputs[0].name == "E" and gather.inputs[0].name != "E"  # the other readers keep the original
@@ -440,7 +441,7 @@ def test_tied_embedding_is_refused_without_untie():
 
 def test_tied_lm_head_needs_no_untie():
     _, converted, outcome = convert_copy(Graph(d=8).stream_model(tied=True), untie=False)
-    assert ln_count(converted) == 0 and any(r.startswith("kept 'E' tied") for r in outcome.rewrites)
+    assert ln_count(converted) == 0 and any((r.action, r.node) == ("keep-tied", "E") for r in outcome.rewrites)
 
 
 def test_stream_graph_output_is_refused():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from tests.codegen.blocks import transformer_block_proto
 from tests.conftest import tiny_mlp_proto
 
 pytest.importorskip("tvm")
+from tests.devices import gpu_arch, gpu_present, requires_gpu, requires_nvcc  # noqa: E402  (imports TVM)
 
 TOL = 1e-4  # scale-relative, as verify.deviation measures it
 
@@ -125,20 +125,40 @@ def test_symbolic_input_shape_is_refused():
         import_model(from_proto(proto))
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA builds need it")
-def test_block_cuda_sm90_builds(block_model, tmp_path):
-    import tvm
+@pytest.fixture(scope="module")
+def block_cuda_sm90(block_model, tmp_path_factory):
+    from effc.codegen.build import compile_model
 
-    from effc.codegen.build import compile_model, load_compiled
+    out = tmp_path_factory.mktemp("block_cuda")
+    return out, compile_model(block_model, "cuda", out, arch="sm_90")
 
-    result = compile_model(block_model, "cuda", tmp_path, arch="sm_90")
-    manifest = json.loads((tmp_path / "codegen.json").read_text())
+
+@requires_nvcc
+def test_block_cuda_sm90_builds(block_cuda_sm90):
+    out, result = block_cuda_sm90
+    manifest = json.loads((out / "codegen.json").read_text())
     assert manifest["target"] == "cuda" and manifest["arch"] == "sm_90"
     assert result.rule_hits.get("Matmul", 0) >= 1, result.rule_hits  # dlight's GPU matmul rule
-    assert b"_kernel" in (tmp_path / "model.so").read_bytes()  # device kernels are embedded
-    if not tvm.cuda(0).exist:
-        with pytest.raises(EffcError, match="no GPU"):
-            load_compiled(tmp_path)
+    assert b"_kernel" in (out / "model.so").read_bytes()  # device kernels are embedded
+
+
+@requires_nvcc
+@pytest.mark.skipif(gpu_present(), reason="a GPU is present: the module loads (see the on-GPU test)")
+def test_cuda_module_without_a_gpu_is_a_one_line_error(block_cuda_sm90):
+    from effc.codegen.build import load_compiled
+
+    with pytest.raises(EffcError, match="no GPU"):
+        load_compiled(block_cuda_sm90[0])
+
+
+@requires_nvcc
+@requires_gpu
+def test_block_cuda_matches_ort_on_the_gpu(block_model, tmp_path):
+    from effc.codegen.build import compile_model, run_compiled
+
+    compile_model(block_model, "cuda", tmp_path, arch=gpu_arch())
+    feeds = make_inputs(block_model, 2, seed=0)
+    assert deviation(run_compiled(tmp_path, feeds), OrtRunner(block_model).run_all(feeds)).max_rel < TOL
 
 
 def test_unknown_arch_is_refused():

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from effc.frontend.onnx import from_proto
 from effc.ir import op_counts
-from tests.passes.test_fold_batchnorm import _bn_params, _model, fold, randomise_bn, refuse
+from tests.passes.batchnorm_models import bn_params, fold, onnx_model, randomise_bn, refuse
 
 
 def _reshape_sandwich(x_shape: list[int], to: list[int], back: list[int] | None, bias: bool,
@@ -28,14 +28,14 @@ def _reshape_sandwich(x_shape: list[int], to: list[int], back: list[int] | None,
     nodes += [helper.make_node("Reshape", [h, "to"], ["flat"], name="flatten"),
               helper.make_node("BatchNormalization", ["flat", "gamma", "beta", "mean", "var"],
                                ["n" if back else "y"], name="bn")]
-    inits += [numpy_helper.from_array(np.array(to, np.int64), "to"), *_bn_params(c, rng, np.float32)]
+    inits += [numpy_helper.from_array(np.array(to, np.int64), "to"), *bn_params(c, rng, np.float32)]
     if back:
         nodes.append(helper.make_node("Reshape", ["n", "back"], ["y"], name="unflatten"))
         inits.append(numpy_helper.from_array(np.array(back, np.int64), "back"))
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, back or to)]
     if graph_output_h:
         outputs.append(helper.make_tensor_value_info(h, TensorProto.FLOAT, x_shape[:-1] + [c]))
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], outputs, inits)
+    return onnx_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], outputs, inits)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -61,8 +61,8 @@ def test_channel_axis_not_last_through_conv_output():
              helper.make_node("Reshape", ["n", "back"], ["y"], name="unflatten")]
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
              numpy_helper.from_array(np.array([2, 4, 15], np.int64), "to"),
-             numpy_helper.from_array(np.array([2, 4, 3, 5], np.int64), "back"), *_bn_params(4, rng, np.float32)]
-    proto = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3, 5])],
+             numpy_helper.from_array(np.array([2, 4, 3, 5], np.int64), "back"), *bn_params(4, rng, np.float32)]
+    proto = onnx_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3, 5])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3, 5])], inits)
     folded, _ = fold(from_proto(proto), 1)
     assert op_counts(folded) == {"Conv": 1}

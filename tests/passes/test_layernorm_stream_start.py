@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from effc.ir import op_counts
-from tests.passes.test_layernorm_to_rmsnorm import (
+from tests.passes.layernorm_models import (
     TOKENS,
     TOLERANCE,
     Graph,

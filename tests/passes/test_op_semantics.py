@@ -4,7 +4,6 @@ pass does when a Neg, Cast or Dropout stands in its path (rewrite, or refuse wit
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -20,11 +19,10 @@ from effc.passes._op_semantics import (
     ops_with,
     refusal,
 )
-from effc.passes.base import PassContext
+from effc.passes.base import PassContext, PassOutcome
 from effc.passes.fold_batchnorm import FoldBatchNorm
 from effc.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
 from effc.passes.shift_add import Options, ShiftAdd
-from effc.passes.base import PassOutcome
 from effc.verify import OrtRunner, deviation, make_inputs
 
 FLOAT = TensorProto.FLOAT

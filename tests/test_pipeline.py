@@ -10,7 +10,7 @@ from effc.frontend.onnx import from_proto
 from effc.ir import const_value, op_counts, replace_input
 from effc.passes.base import Pass, PassOutcome, Rewrite
 from effc.pipeline import run_pipeline
-from tests.conftest import tiny_mlp_proto
+from tests.helpers import tiny_mlp_proto
 
 
 class ScaleWeight(Pass):

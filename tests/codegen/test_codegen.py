@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -14,7 +12,7 @@ from effc.errors import EffcError
 from effc.frontend.onnx import from_proto
 from effc.verify import OrtRunner, deviation, make_inputs
 from tests.codegen.blocks import transformer_block_proto
-from tests.conftest import tiny_mlp_proto
+from tests.helpers import effc, tiny_mlp_proto
 
 pytest.importorskip("tvm")
 from tests.devices import gpu_arch, gpu_present, requires_gpu, requires_nvcc  # noqa: E402  (imports TVM)
@@ -170,30 +168,25 @@ def test_unknown_arch_is_refused():
         make_target("llvm", "sm_90")
 
 
-def _effc(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effc.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
-
-
 def test_cli_compile_run_bench_round_trip(tmp_path):
     model_path = tmp_path / "block.onnx"
     onnx.save(transformer_block_proto(), model_path)
     out = tmp_path / "out"
-    proc = _effc("compile", model_path, "-o", out, "--target", "llvm")
+    proc = effc("compile", model_path, "-o", out, "--target", "llvm")
     assert proc.returncode == 0, proc.stderr
     assert (out / "model.so").exists() and (out / "model.onnx").exists()
 
     model = from_proto(transformer_block_proto())
     feeds = make_inputs(model, 3, seed=3)
     np.savez(tmp_path / "x.npz", x=np.concatenate([f["x"] for f in feeds]))  # 3 samples on axis 0
-    proc = _effc("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    proc = effc("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
     assert proc.returncode == 0, proc.stderr
     y = np.load(tmp_path / "y.npz")["y"]
     ref = np.concatenate([r["y"] for r in OrtRunner(model).run_all(feeds)])
     assert y.shape == ref.shape == (3, 16, 64)
     assert np.max(np.abs(y - ref)) / np.max(np.abs(ref)) < TOL
 
-    proc = _effc("bench", out, "--vs", "ort", "--runs", "2", "--warmup", "1", "--json", tmp_path / "b.json")
+    proc = effc("bench", out, "--vs", "ort", "--runs", "2", "--warmup", "1", "--json", tmp_path / "b.json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "b.json").read_text())
     for engine in ("effc", "ort"):
@@ -201,13 +194,13 @@ def test_cli_compile_run_bench_round_trip(tmp_path):
     assert report["ratio_vs_ort"] > 0 and report["max_rel_err"] < TOL
 
     np.savez(tmp_path / "bad.npz", x=np.zeros((1, 7, 64), np.float32))
-    proc = _effc("run", out, "--inputs", tmp_path / "bad.npz", "-o", tmp_path / "z.npz")
+    proc = effc("run", out, "--inputs", tmp_path / "bad.npz", "-o", tmp_path / "z.npz")
     assert proc.returncode == 2 and "compiled for [1, 16, 64]" in proc.stderr, proc.stderr
 
 
 def test_cli_arch_without_cuda_exits_2(tmp_path):
     model_path = tmp_path / "tiny.onnx"
     onnx.save(tiny_mlp_proto(), model_path)
-    proc = _effc("compile", model_path, "-o", tmp_path / "out", "--target", "llvm", "--arch", "sm_90")
+    proc = effc("compile", model_path, "-o", tmp_path / "out", "--target", "llvm", "--arch", "sm_90")
     assert proc.returncode == 2 and "--arch applies" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()

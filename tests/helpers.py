@@ -1,5 +1,6 @@
-"""Helpers shared by test modules across folders: the effc command line as a user runs it, and the
-tiny MLP the CLI and pipeline tests compile (test modules import from here, never from each other)."""
+"""Helpers shared by test modules across folders: the effc command line as a user runs it, the tiny
+MLP the CLI and pipeline tests compile, and the slow mark for large zoo models (test modules import
+from here, never from each other)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,18 @@ import sys
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+# Zoo models whose first build (an export of ~110-125M parameters) takes minutes on 2 cores, and
+# whose passes and ORT runs take a minute more: every test that loads one is marked ``slow``, so
+# ``-m "not slow"`` leaves out exactly those and ``-m slow`` runs them.
+SLOW_ZOO = frozenset({"bert-base", "gpt2"})
+
+
+def zoo_params(*names: str) -> list:
+    """Parametrize values for zoo model names, the large ones marked slow."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_ZOO else name for name in names]
 
 
 def effc(*args, cwd=None) -> subprocess.CompletedProcess:

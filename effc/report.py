@@ -98,11 +98,13 @@ _REWRITE_TEXT = {
     "fold-after": lambda n, d: f"{d['site']} -> {d['into_op']} '{d['into']}' (after)",
     "fold-before": lambda n, d: f"{d['site']} -> {d['into_op']} '{d['into']}' (before)",
     "recentre": lambda n, d: f"recentred {d['op']} '{n}' {_roles(d['roles'])}",
-    "untie": lambda n, d: f"untied '{n}': the stream gets a recentred copy, {', '.join(d['readers'])} keeps the original",
+    "untie": lambda n, d: (f"untied '{n}': the stream gets a recentred copy, {', '.join(d['readers'])} keeps "
+                           "the original"),
     "keep-tied": lambda n, d: (f"kept '{n}' tied: {', '.join(repr(h) for h in d['heads'])} corrected by ReduceSum(x) "
                                f"* row means (+{d['parameters']} parameters, not an untied copy)"),
     "fold-layerscale": lambda n, d: f"folded LayerScale Mul '{n}' into its writers",
-    "centre-stream-start": lambda n, d: f"centred the stream where it starts: {d['site']} output '{d['output']}' minus its mean",
+    "centre-stream-start": lambda n, d: (f"centred the stream where it starts: {d['site']} output '{d['output']}' "
+                                         "minus its mean"),
     "to-rms": lambda n, d: f"{d['site']} -> {d['target']}" + (" + Add(beta)" if d.get("beta") else ""),
     "shift-add": lambda n, d: (f"{n} [{d['k']}x{d['n']}] -> {d['op']}: {d['bits']} planes, group {d['group']}, "
                                f"{d['bits_per_weight']:.2f} bits/weight, output error {d['weight_error']:.3g}"

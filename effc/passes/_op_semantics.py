@@ -92,7 +92,8 @@ TABLE: dict[str, OpSemantics] = {
     "Identity": OpSemantics(_MOVES),
     "Dropout": OpSemantics(_MOVES, condition=_inference_dropout),
     "Cast": OpSemantics(_MOVES, condition=_to_float, exact=False,
-                        inexact_why="it rounds to its target type, so moving a fold across it changes the result"),
+                        inexact_why="it changes the float type, so a fold across it computes the affine in another "
+                                    "precision (it rounds differently)"),
     "Neg": OpSemantics(frozenset({SCALE, ZERO_MEAN}),
                        why_not={AFFINE: "it flips the sign of the affine's offset",
                                 MOVES_DATA: "it computes a new value"}),

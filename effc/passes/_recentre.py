@@ -103,7 +103,8 @@ def install(graph: ir.Graph, replacements: list[Replacement]) -> list[Rewrite]:
                                                                   "parameters": int(r.array.shape[0])}))
         elif r.outside:
             untied[r.value.name] = r.outside
-    rewrites = [Rewrite(node.name, "recentre", {"op": node.op_type, "roles": roles}) for node, roles in changed.values()]
+    rewrites = [Rewrite(node.name, "recentre", {"op": node.op_type, "roles": roles})
+                for node, roles in changed.values()]
     rewrites += [Rewrite(name, "untie", {"readers": readers}) for name, readers in untied.items()]
     return rewrites + kept_tied
 

@@ -149,6 +149,16 @@ def assert_refused(model, *reason_parts, **options):
     return outcome
 
 
+def recentred(outcome, op: str) -> list:
+    """The rewrites that recentred a constant of an ``op`` node."""
+    return [r for r in outcome.rewrites if r.action == "recentre" and r.details["op"] == op]
+
+
+def zeroed_roles(outcome) -> list[str]:
+    """The recentred constants that were the same for every channel (recentring zeroed them)."""
+    return [x["role"] for r in outcome.rewrites if r.action == "recentre" for x in r.details["roles"] if x["zeroed"]]
+
+
 def ln_count(model) -> int:
     return op_counts(model).get("LayerNormalization", 0)
 

@@ -29,6 +29,8 @@ from tests.passes.layernorm_models import (
     export,
     ln_count,
     max_rel,
+    recentred,
+    zeroed_roles,
 )
 
 
@@ -57,8 +59,8 @@ def test_gpt_converts_every_layernorm(gpt):
         assert "RMSNormalization" not in counts and counts["Sqrt"] == 5 and counts["Pow"] == 5
     # 5 norms + writers: wte table, wpe constant, and per block out/fc2 weight + bias.
     assert len(outcome.rewrites) == 5 + 10, outcome.rewrites
-    assert sum((r.action == "recentre" and r.details["op"] == "MatMul") for r in outcome.rewrites) == 4
-    assert sum((r.action == "recentre" and r.details["op"] == "Gather") for r in outcome.rewrites) == 1
+    assert len(recentred(outcome, "MatMul")) == 4
+    assert len(recentred(outcome, "Gather")) == 1
     assert outcome.skipped == []
     onnx.checker.check_model(to_proto(converted), full_check=True)
     assert max_rel(original, converted) <= TOLERANCE
@@ -90,9 +92,8 @@ def test_converted_model_is_a_fixed_point(gpt):
 def test_vit_with_layer_scale_converts(vit):
     original, converted, outcome = convert_copy(vit)
     assert ln_count(converted) == 0 and outcome.skipped == []
-    assert any((r.action == "recentre" and r.details["op"] == "Conv") and [x["role"] for x in r.details["roles"]] == ["weight", "bias"]
-               for r in outcome.rewrites)
-    assert any((r.action == "recentre" and r.details["op"] == "Concat") for r in outcome.rewrites)  # the cls token
+    assert any([x["role"] for x in r.details["roles"]] == ["weight", "bias"] for r in recentred(outcome, "Conv"))
+    assert any(recentred(outcome, "Concat"))  # the cls token
     assert sum(r.action == "fold-layerscale" for r in outcome.rewrites) == 1
     reads_gamma = [n for n in converted.graph for v in n.inputs if v is not None and v.name == "blocks.0.gamma"]
     assert reads_gamma == [] and "blocks.0.gamma" not in converted.graph.initializers  # folded and dropped
@@ -120,7 +121,7 @@ def test_huggingface_gpt2_converts():
     model = from_torch(Logits(), (torch.randint(0, 100, (1, 8)),))
     original, converted, outcome = convert_copy(model)
     assert ln_count(original) == 5 and ln_count(converted) == 0 and outcome.skipped == []
-    assert sum((r.action == "recentre" and r.details["op"] == "Gemm") for r in outcome.rewrites) == 4  # c_proj of attn and mlp
+    assert len(recentred(outcome, "Gemm")) == 4  # c_proj of attn and mlp
     assert max_rel(original, converted) <= TOLERANCE
 
 
@@ -149,7 +150,7 @@ def test_decomposed_layernorm_converts(style):
     counts = op_counts(converted)
     assert counts["ReduceMean"] == 3 and "Sub" not in counts  # only the mean subtractions went
     assert sum(r.action == "to-rms" and r.details["decomposed"] for r in outcome.rewrites) == 3
-    assert any(x["zeroed"] for r in outcome.rewrites if r.action == "recentre" for x in r.details["roles"])  # the per-token offset c
+    assert zeroed_roles(outcome)  # the per-token offset c
     assert max_rel(original, converted) <= TOLERANCE
 
 

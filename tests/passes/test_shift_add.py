@@ -300,6 +300,7 @@ def test_gram_chunks_add_up_to_one_product():
     rows = np.concatenate([f["x"][0][f["attention_mask"][0] != 0] for f in feeds])
     assert grams["x"].rows == len(rows)
     np.testing.assert_allclose(grams["x"].xtx, rows.T @ rows, rtol=1e-12)
+    np.testing.assert_allclose(grams["x"].xsum, rows.sum(axis=0), rtol=1e-12)  # what layer records use
 
 
 def test_encoder_calibration_is_single_sentences_disjoint_from_evaluation():

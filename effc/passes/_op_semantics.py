@@ -84,9 +84,9 @@ def _slice_axes(node: ir.Node, rank: int) -> set[int] | str:
     return {int(a) % rank for a in axes.reshape(-1)}
 
 
-_ALL = frozenset(PROPERTIES)
-_MOVES = _ALL  # a pure data movement commutes with everything per-channel and keeps the mean
-_SELECTION = frozenset({MOVES_DATA, SCALE, AFFINE})
+# A pure data movement commutes with everything per-channel and keeps the mean (a selection: while
+# it keeps the channel axis whole, see ``indexes_axis``).
+_MOVES = frozenset(PROPERTIES)
 
 TABLE: dict[str, OpSemantics] = {
     "Identity": OpSemantics(_MOVES),
@@ -99,12 +99,8 @@ TABLE: dict[str, OpSemantics] = {
                                 MOVES_DATA: "it computes a new value"}),
     "Transpose": OpSemantics(_MOVES, axis=PERMUTE),
     **{op: OpSemantics(_MOVES, axis=RESHAPE) for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze")},
-    # A selection keeps each kept element's channel; zero mean over the channel axis survives only
-    # while the channel axis is whole, which the stream walk checks in its own Slice/Gather steps.
-    "Gather": OpSemantics(_SELECTION, axis=SELECT, indexed_axes=_gather_axes,
-                          why_not={ZERO_MEAN: "the stream walk reads Gather as a writer (a table lookup)"}),
-    "Slice": OpSemantics(_SELECTION, axis=SELECT, indexed_axes=_slice_axes,
-                         why_not={ZERO_MEAN: "the stream walk checks slices in its own step"}),
+    "Gather": OpSemantics(_MOVES, axis=SELECT, indexed_axes=_gather_axes),
+    "Slice": OpSemantics(_MOVES, axis=SELECT, indexed_axes=_slice_axes),
 }
 
 

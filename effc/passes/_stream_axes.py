@@ -14,7 +14,9 @@ from effc.ir import const_value
 from effc.passes._op_semantics import ELEMENTWISE, PERMUTE, RESHAPE, SCALE, ZERO_MEAN, ops_with, refusal
 
 WRITERS = ("MatMul", "Gemm", "Conv", "Gather")
-_UNSELECTING = (ELEMENTWISE, PERMUTE, RESHAPE)  # selections (Slice, Gather) have their own steps
+# Selections have their own steps in the stream walk: Slice and Split along the hidden axis or not,
+# Gather as a writer (a lookup in a constant table).
+_UNSELECTING = (ELEMENTWISE, PERMUTE, RESHAPE)
 # Ops a zero-mean stream passes through unchanged in mean, following the hidden axis.
 PLUMBING = ops_with(ZERO_MEAN, axes=_UNSELECTING)
 # Ops a per-channel scale (LayerScale) moves across on its way into the stream's writers.

@@ -19,6 +19,7 @@ from effc.passes._op_semantics import (
     ops_with,
     refusal,
 )
+from effc.passes._stream_axes import PLUMBING
 from effc.passes.base import PassContext, PassOutcome
 from effc.passes.fold_batchnorm import FoldBatchNorm
 from effc.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
@@ -64,8 +65,7 @@ def test_dropout_is_the_identity_only_in_inference_mode():
 def test_gather_and_slice_commute_only_off_the_channel_axis():
     gather, sliced = _node("Gather", ("x", "idx"), axis=1), _node("Slice", ("x", "starts", "ends", "axes"))
     for node in (gather, sliced):
-        assert refusal(node, AFFINE, exact=True) is None and refusal(node, MOVES_DATA) is None
-        assert refusal(node, ZERO_MEAN) is not None  # the stream walk has its own steps for them
+        assert all(refusal(node, p, exact=True) is None for p in (MOVES_DATA, SCALE, AFFINE, ZERO_MEAN))
         assert "indexes the channel axis" in indexes_axis(node, 1, 3)
         assert indexes_axis(node, 2, 3) is None and indexes_axis(node, -1, 3) is None
 
@@ -77,7 +77,7 @@ def test_unknown_ops_have_no_property():
 def test_each_analysis_gets_its_own_set():
     assert ops_with(AFFINE, exact=True) >= {"Identity", "Dropout", "Transpose", "Gather", "Slice"}
     assert not ops_with(AFFINE, exact=True) & {"Neg", "Cast"}
-    assert ops_with(ZERO_MEAN) >= {"Neg", "Cast", "Dropout"} and not ops_with(ZERO_MEAN) & {"Gather", "Slice"}
+    assert PLUMBING >= {"Neg", "Cast", "Dropout"} and not PLUMBING & {"Gather", "Slice"}  # own steps there
     assert ops_with(MOVES_DATA) >= {"Cast", "Dropout", "Gather", "Slice"} and "Neg" not in ops_with(MOVES_DATA)
 
 

@@ -123,14 +123,21 @@ def documentation_sentences(min_len: int = 40, max_len: int = 200) -> list[str]:
 
 @dataclass
 class Gram:
-    """Sum of x x^T over every row x (last axis = features) seen for one value, and the row count."""
+    """Sum of x x^T and of x over every row x (last axis = features) seen for one value, and the row count."""
 
     xtx: np.ndarray
     rows: int
+    xsum: np.ndarray | None = None
 
     def hessian(self) -> np.ndarray:
         """GPTQ's H = 2 X^T X / n."""
         return 2.0 * self.xtx / max(self.rows, 1)
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' second moment X^T X / n and mean: enough for any linear map's output error."""
+        n = max(self.rows, 1)
+        xsum = self.xsum if self.xsum is not None else np.zeros(self.xtx.shape[0])
+        return self.xtx / n, xsum / n
 
 
 def gram_matrices(model: ir.Model, feeds: Feeds, names: list[str], progress: bool = True) -> dict[str, Gram]:
@@ -167,6 +174,7 @@ def _accumulate(runner, feeds: Feeds, names: list[str], from_inputs: set[str], g
     def flush(n: str) -> None:
         x = np.concatenate(pending[n]).astype(np.float64)
         grams[n].xtx += x.T @ x
+        grams[n].xsum += x.sum(axis=0)
         grams[n].rows += x.shape[0]
         pending[n], sizes[n] = [], 0
 
@@ -179,7 +187,7 @@ def _accumulate(runner, feeds: Feeds, names: list[str], from_inputs: set[str], g
             if mask is not None and mask.size == x.shape[0]:  # token rows (not e.g. per-sample rows)
                 x = x[mask]
             if n not in grams:
-                grams[n] = Gram(np.zeros((x.shape[1], x.shape[1])), 0)
+                grams[n] = Gram(np.zeros((x.shape[1], x.shape[1])), 0, np.zeros(x.shape[1]))
             pending[n].append(x)
             sizes[n] += x.size
             if sizes[n] >= chunk:

@@ -224,19 +224,26 @@ def _verify_build(console, out_dir: Path, model, feeds, target: str, arch: str |
 
 @cli.command("inspect")
 @click.argument("out", type=click.Path())
-def inspect_cmd(out: str) -> None:
+@click.option("--layers", is_flag=True, help="Per-layer error and size of the lossy passes' rewrites, worst first.")
+def inspect_cmd(out: str, layers: bool) -> None:
     """Print the per-pass table (and skip reasons) of a compile output directory or report.json."""
     from rich.console import Console
 
-    from effc.report import load_report, render_table
+    from effc.report import layer_rows, load_report, render_layers, render_rewrite, render_table
 
     path = Path(out)
     report = load_report(path / "report.json" if path.is_dir() else path)
     console = Console(highlight=False, width=_width())
+    if layers:
+        if not layer_rows(report):
+            console.print("no per-layer records: no lossy pass rewrote a layer")
+            return
+        console.print(render_layers(report))
+        return
     console.print(render_table(report))
     for p in report.get("passes", []):
-        for text in p.get("rewrites", []):
-            console.print(f"  [{p['name']}] {text}", markup=False)
+        for rewrite in p.get("rewrites", []):
+            console.print(f"  [{p['name']}] {render_rewrite(rewrite)}", markup=False)
         for skip in p.get("skipped", []):
             console.print(f"  [{p['name']}] skipped {skip['node']}: {skip['reason']}", markup=False)
         if p.get("note"):

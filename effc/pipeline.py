@@ -75,7 +75,7 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
             record.seconds = time.perf_counter() - start
             records.append(record)
             continue
-        record.rewrites, record.skipped = outcome.rewrites, outcome.skipped
+        record.rewrites, record.skipped, record.layers = outcome.rewrites, outcome.skipped, outcome.layers
         if not outcome.changed:
             model = backup  # a pass that did nothing must leave no trace
             if not outcome.skipped:

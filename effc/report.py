@@ -1,4 +1,8 @@
-"""PassRecord: what the runner measured around one pass; JSON and terminal rendering."""
+"""PassRecord: what the runner measured around one pass; JSON and terminal rendering.
+
+Passes record rewrites and per-layer errors as data (``effc.passes.base.Rewrite`` and
+``LayerRecord``); this module is the only place they become text.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from effc.passes.base import Skip
+from effc.passes.base import LayerRecord, Rewrite, Skip
 
 
 @dataclass
@@ -15,8 +19,9 @@ class PassRecord:
     name: str
     exact: bool
     status: str  # applied | skipped | rolled-back
-    rewrites: list[str] = field(default_factory=list)
+    rewrites: list[Rewrite] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    layers: list[LayerRecord] = field(default_factory=list)  # lossy passes: per rewritten layer
     ops_before: dict[str, int] = field(default_factory=dict)
     ops_after: dict[str, int] = field(default_factory=dict)
     params_before: int = 0
@@ -31,9 +36,7 @@ class PassRecord:
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["skipped"] = [asdict(s) for s in self.skipped]
-        return data
+        return asdict(self)
 
 
 def write_report(path: str | Path, model_name: str, records: list[PassRecord], extra: dict[str, Any] | None = None) -> None:
@@ -103,4 +106,72 @@ def render_table(report: dict[str, Any]) -> Any:
             f"{err['cosine']:.6f}" if "cosine" in err else "-",
             f"{p.get('seconds', 0):.2f}",
         )
+    return table
+
+
+def _roles(roles: list) -> str:
+    return " and ".join(r["role"] + (" (zeroed: the same for every channel)" if r.get("zeroed") else "")
+                        for r in roles)
+
+
+_REWRITE_TEXT = {
+    "fold-after": lambda n, d: f"{d['site']} -> {d['into_op']} '{d['into']}' (after)",
+    "fold-before": lambda n, d: f"{d['site']} -> {d['into_op']} '{d['into']}' (before)",
+    "recentre": lambda n, d: f"recentred {d['op']} '{n}' {_roles(d['roles'])}",
+    "untie": lambda n, d: (f"untied '{n}': the stream gets a recentred copy, {', '.join(d['readers'])} keeps "
+                           "the original"),
+    "keep-tied": lambda n, d: (f"kept '{n}' tied: {', '.join(repr(h) for h in d['heads'])} corrected by ReduceSum(x) "
+                               f"* row means (+{d['parameters']} parameters, not an untied copy)"),
+    "fold-layerscale": lambda n, d: f"folded LayerScale Mul '{n}' into its writers",
+    "centre-stream-start": lambda n, d: (f"centred the stream where it starts: {d['site']} output '{d['output']}' "
+                                         "minus its mean"),
+    "to-rms": lambda n, d: f"{d['site']} -> {d['target']}" + (" + Add(beta)" if d.get("beta") else ""),
+    "shift-add": lambda n, d: (f"{n} [{d['k']}x{d['n']}] -> {d['op']}: {d['bits']} planes, group {d['group']}, "
+                               f"{d['bits_per_weight']:.2f} bits/weight, output error {d['weight_error']:.3g}"
+                               + ("" if d.get("compensated") else ", rounded without compensation")),
+}
+
+
+def render_rewrite(rewrite: Rewrite | dict[str, Any] | str) -> str:
+    """One line for a rewrite: a Rewrite, its JSON dict, or an old report's string as it was."""
+    if isinstance(rewrite, str):
+        return rewrite
+    if isinstance(rewrite, Rewrite):
+        rewrite = asdict(rewrite)
+    node, action, details = rewrite.get("node", "?"), rewrite.get("action", "?"), rewrite.get("details") or {}
+    text = _REWRITE_TEXT.get(action)
+    if text is not None:
+        try:
+            return text(node, details)
+        except (KeyError, TypeError, ValueError):
+            pass  # a record from another version: fall back to the generic form
+    extra = ", ".join(f"{k}={v}" for k, v in details.items())
+    return f"{node}: {action}" + (f" ({extra})" if extra else "")
+
+
+def layer_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every pass's per-layer records, worst first: lowest cosine, then highest relative error
+    (layers measured on nothing go last)."""
+    rows = [{"pass": p["name"], **layer} for p in report.get("passes", []) for layer in p.get("layers") or []]
+
+    def badness(row: dict[str, Any]) -> tuple:
+        cosine, rel = row.get("cosine"), row.get("rel_error")
+        return (cosine is None, cosine if cosine is not None else 0.0, -(rel or 0.0))
+
+    return sorted(rows, key=badness)
+
+
+def render_layers(report: dict[str, Any]) -> Any:
+    """A rich Table of the per-layer errors and sizes, worst layer first."""
+    from rich.table import Table
+
+    table = Table(title="per-layer error of lossy passes (worst first)")
+    for col in ("pass", "layer", "rel err", "cosine", "bytes", "ratio", "measured on"):
+        table.add_column(col, justify="left" if col in ("pass", "layer", "measured on") else "right", no_wrap=True)
+    for row in layer_rows(report):
+        rel, cosine = row.get("rel_error"), row.get("cosine")
+        before, after = row.get("bytes_before", 0), row.get("bytes_after", 0)
+        table.add_row(row["pass"], row["node"], "-" if rel is None else f"{rel:.3e}",
+                      "-" if cosine is None else f"{cosine:.6f}", f"{before:,} -> {after:,}",
+                      f"{before / after:.2f}x" if after else "-", row.get("data", ""))
     return table

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import onnx
 import pytest
 
-from tests.conftest import tiny_mlp_proto
-
-
-def effc(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effc.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+from tests.helpers import effc, tiny_mlp_proto
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:

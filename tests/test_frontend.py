@@ -10,7 +10,7 @@ import torch
 from effc import EffcError, from_torch, load, save
 from effc.ir import opset
 from effc.verify import OrtRunner, deviation, make_inputs
-from tests.conftest import tiny_mlp_proto
+from tests.helpers import tiny_mlp_proto
 
 
 def test_old_opset_is_upgraded(tmp_path):

@@ -8,9 +8,9 @@ from onnx import numpy_helper
 
 from effc.frontend.onnx import from_proto
 from effc.ir import const_value, op_counts, replace_input
-from effc.passes.base import Pass, PassOutcome
+from effc.passes.base import Pass, PassOutcome, Rewrite
 from effc.pipeline import run_pipeline
-from tests.conftest import tiny_mlp_proto
+from tests.helpers import tiny_mlp_proto
 
 
 class ScaleWeight(Pass):
@@ -24,7 +24,7 @@ class ScaleWeight(Pass):
     def run(self, model, ctx):
         node = next(n for n in model.graph if n.name == "fc2")
         replace_input(node, 1, const_value(node.inputs[1]) * self.factor, "W2_scaled")
-        return PassOutcome(rewrites=["scaled fc2"])
+        return PassOutcome(rewrites=[Rewrite("fc2", "scale", {"factor": self.factor})])
 
 
 class Refuses(Pass):
@@ -52,7 +52,7 @@ def _model() -> ir.Model:
 def test_exact_pass_within_tolerance_is_applied():
     result = run_pipeline(_model(), [ScaleWeight(1.0)])
     rec = result.records[0]
-    assert rec.status == "applied" and rec.rewrites == ["scaled fc2"]
+    assert rec.status == "applied" and rec.rewrites == [Rewrite("fc2", "scale", {"factor": 1.0})]
     assert rec.error["max_rel"] == 0.0 and rec.error["cosine"] > 0.999999
     assert rec.flops_before == rec.flops_after > 0
 

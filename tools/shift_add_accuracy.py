@@ -45,9 +45,8 @@ def quantized_model(base, hessians, method: str, bits: int, group: int):
     selected = ShiftAdd.select(model, opts, PassOutcome())
     size = sum(lin.weight.size for lin in selected)
     if method != "gptq-uniform":
-        lines = rewrite_linears(model, selected, hessians, {lin.name: bits for lin in selected}, opts)
-        stored = sum(float(line.split(" bits/weight")[0].rsplit(", ", 1)[1]) * lin.weight.size
-                     for line, lin in zip(lines, selected))
+        rewrites, _ = rewrite_linears(model, selected, hessians, {lin.name: bits for lin in selected}, opts)
+        stored = sum(r.details["bits_per_weight"] * lin.weight.size for r, lin in zip(rewrites, selected))
         return model, stored / size
     bits_per_weight = 0.0
     for lin in selected:

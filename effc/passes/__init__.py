@@ -1,4 +1,19 @@
-"""Pass registry: kebab-case name -> Pass class."""
+"""Pass registry: kebab-case name -> Pass class.
+
+Which pass owns which helper module (underscored modules are private to the passes):
+
+- fold-batchnorm (``fold_batchnorm``): ``_affine`` (BN / RepBN sites read as a per-channel
+  affine), ``_rescale`` (scaling a linear's input or output channels).
+- layernorm-to-rmsnorm (``layernorm_to_rmsnorm``): ``_norm_sites`` (finding and rewriting
+  LayerNorms), ``_residual_stream`` (the zero-mean proof), ``_stream_axes`` (how ops move the
+  hidden axis), ``_recentre`` (recentring constants), ``_tied_correction`` (tied embeddings).
+- shift-add (``shift_add``): ``_linears`` (candidate linears and protected layers), ``_bcq``
+  (binary-coded quantizer), ``_gptq`` (error compensation), ``_uniform`` (uniform baseline,
+  used by tools/shift_add_accuracy.py).
+- shared: ``_op_semantics`` (what each op does to a per-channel quantity, asked by property by
+  all three analyses), ``base`` (the pass contract and its records), ``cleanup`` (run after
+  every pass by the pipeline).
+"""
 
 from __future__ import annotations
 

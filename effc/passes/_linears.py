@@ -15,9 +15,12 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.ir import const_value, consumers
+from effc.passes._op_semantics import MOVES_DATA, refusal
 
-# Ops that only move or relabel data: a linear behind them still reads the model's input.
-_PLUMBING = {"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast", "Gather", "Slice"}
+
+def _moves_data(node: ir.Node) -> bool:
+    """A linear behind an op that only moves data still reads the model's input (writes its output)."""
+    return refusal(node, MOVES_DATA) is None
 
 
 @dataclass
@@ -102,7 +105,7 @@ def _protection(lin: Linear) -> str | None:
 
 
 def _reaches(value: ir.Value, downstream: bool) -> bool:
-    """Whether ``value`` is a graph output (input) up to plumbing ops (and a bias Add downstream)."""
+    """Whether ``value`` is a graph output (input) up to ops that only move data (and a bias Add downstream)."""
     seen: set[int] = set()
     stack = [value]
     while stack:
@@ -113,9 +116,9 @@ def _reaches(value: ir.Value, downstream: bool) -> bool:
         if (v.is_graph_output() if downstream else v.is_graph_input()):
             return True
         if downstream:
-            stack += [o for n in consumers(v) if n.op_type in _PLUMBING | {"Add"} for o in n.outputs]
+            stack += [o for n in consumers(v) if n.op_type == "Add" or _moves_data(n) for o in n.outputs]
         else:
             producer = v.producer()
-            if producer is not None and producer.op_type in _PLUMBING and producer.inputs:
+            if producer is not None and _moves_data(producer) and producer.inputs:
                 stack.append(producer.inputs[0])
     return False

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.ir import const_value, new_initializer
+from effc.passes.base import Rewrite
 
 # Ops that normalise a vector; a stream written by one of them is a post-LN stream.
 NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
@@ -180,14 +181,15 @@ def _rank(value: ir.Value) -> int | None:
 # --- rewriting a site -------------------------------------------------------------------------
 
 
-def convert(site: NormSite, graph: ir.Graph, opset: int) -> str:
-    """Rewrite ``site`` into its RMS form (valid once its input is zero-mean); returns the rewrite text."""
+def convert(site: NormSite, graph: ir.Graph, opset: int) -> Rewrite:
+    """Rewrite ``site`` into its RMS form (valid once its input is zero-mean); returns the rewrite."""
     if site.node is None:
         # The decomposition already computes the RMS of d = x - mean; with mean == 0, d is x.
         sub = site.centring
         sub.outputs[0].replace_all_uses_with(sub.inputs[0])  # not site.x: a centring may now stand between
         graph.remove([sub, site.nodes[0]], safe=True)
-        return f"{site.label} -> RMS form (mean subtraction removed)"
+        return Rewrite(site.name, "to-rms", {"site": site.label, "decomposed": True,
+                                             "target": "RMS form (mean subtraction removed)", "beta": False})
     ln = site.node
     x, scale = ln.inputs[0], ln.inputs[1]
     bias = ln.inputs[2] if len(ln.inputs) > 2 else None
@@ -209,10 +211,11 @@ def convert(site: NormSite, graph: ir.Graph, opset: int) -> str:
         new_nodes.append(add)
         out = add.outputs[0]
     ir.convenience.replace_nodes_and_values(graph, ln, [ln], new_nodes, [ln.outputs[0]], [out])
-    return f"{site.label} -> {target}" + (" + Add(beta)" if bias is not None else "")
+    return Rewrite(site.name, "to-rms", {"site": site.label, "decomposed": False, "target": target,
+                                         "beta": bias is not None})
 
 
-def centre_output(site: NormSite, graph: ir.Graph, opset: int) -> str:
+def centre_output(site: NormSite, graph: ir.Graph, opset: int) -> Rewrite:
     """Make every reader of ``site``'s output read it minus its mean over the last axis.
 
     Used where the residual stream starts at this norm: a per-token shift, invisible to the
@@ -230,7 +233,7 @@ def centre_output(site: NormSite, graph: ir.Graph, opset: int) -> str:
     graph.insert_after(y.producer(), [mean, sub])
     for node, index in uses:
         node.replace_input_with(index, sub.outputs[0])
-    return f"centred the stream where it starts: {site.label} output '{y.name}' minus its mean"
+    return Rewrite(site.name, "centre-stream-start", {"site": site.label, "output": y.name})
 
 
 def _rms_decomposition(graph: ir.Graph, name: str, x: ir.Value, scale: ir.Value, epsilon: float,

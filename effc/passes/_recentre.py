@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.ir import const_value, new_initializer
+from effc.passes.base import Rewrite
 from effc.passes._tied_correction import correct_heads, correctable_heads
 
 # How a writer's constant input is called in the rewrite text.
@@ -81,31 +82,30 @@ def plan_replacements(edits: list[Edit]) -> list[Replacement]:
     return replacements
 
 
-def install(graph: ir.Graph, replacements: list[Replacement]) -> list[str]:
+def install(graph: ir.Graph, replacements: list[Replacement]) -> list[Rewrite]:
     """Point the edited slots at their new constants; one rewrite per changed node and per untying."""
-    changed: dict[int, tuple[ir.Node, list[str]]] = {}
+    changed: dict[int, tuple[ir.Node, list[dict]]] = {}
     untied: dict[str, list[str]] = {}
-    kept_tied: list[str] = []
+    kept_tied: list[Rewrite] = []
     for r in replacements:
         new_value = new_initializer(graph, np.ascontiguousarray(r.array), f"{r.value.name}_centred")
         for edit in r.edits:
             edit.node.replace_input_with(edit.index, new_value)
             role = _ROLES.get((edit.node.op_type, edit.index), f"constant '{r.value.name}'")
-            if not np.any(r.array):
-                role += " (zeroed: the same for every channel)"
-            changed.setdefault(id(edit.node), (edit.node, []))[1].append(role)
+            # zeroed: the constant was the same for every channel, so recentring left nothing
+            changed.setdefault(id(edit.node), (edit.node, []))[1].append({"role": role, "zeroed": not np.any(r.array)})
         heads = correctable_heads(r) if r.outside else None
         if heads:
             correct_heads(graph, r.value, heads)
             for node, i in list(r.value.uses()):
                 node.replace_input_with(i, new_value)
-            kept_tied.append(f"kept '{r.value.name}' tied: {', '.join(repr(h.name) for h in heads)} corrected by "
-                             f"ReduceSum(x) * row means (+{r.array.shape[0]} parameters, not an untied copy)")
+            kept_tied.append(Rewrite(r.value.name, "keep-tied", {"heads": [h.name for h in heads],
+                                                                  "parameters": int(r.array.shape[0])}))
         elif r.outside:
             untied[r.value.name] = r.outside
-    rewrites = [f"recentred {node.op_type} '{node.name}' {' and '.join(roles)}" for node, roles in changed.values()]
-    rewrites += [f"untied '{name}': the stream gets a recentred copy, {', '.join(readers)} keeps the original"
-                 for name, readers in untied.items()]
+    rewrites = [Rewrite(node.name, "recentre", {"op": node.op_type, "roles": roles})
+                for node, roles in changed.values()]
+    rewrites += [Rewrite(name, "untie", {"readers": readers}) for name, readers in untied.items()]
     return rewrites + kept_tied
 
 

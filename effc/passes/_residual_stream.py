@@ -25,9 +25,11 @@ import onnx_ir as ir
 
 from effc.ir import const_value
 from effc.passes._norm_sites import NORM_OPS, NormSite
+from effc.passes._op_semantics import SCALE
 from effc.passes._recentre import Edit, Replacement, plan_replacements
 from effc.passes._stream_axes import (
     PLUMBING,
+    SCALE_CARRIERS,
     WRITERS,
     extent_along,
     gather_source_axis,
@@ -288,8 +290,8 @@ class ResidualStream:
             return f"'{value.name}' is a graph input"
         if node.op_type in ("Add", "Sub"):
             slots: list[tuple[int, int]] | str = [(0, axis), (1, axis)]
-        elif node.op_type in PLUMBING:
-            mapped = plumbing_axis(node, value, axis)
+        elif node.op_type in SCALE_CARRIERS:
+            mapped = plumbing_axis(node, value, axis, SCALE)
             slots = mapped if isinstance(mapped, str) else [(0, mapped)]
         elif node.op_type in WRITERS and not (node.op_type == "Gather" and const_value(node.inputs[0]) is None):
             slots = writer_slots(node, axis)

@@ -11,10 +11,16 @@ import math
 import onnx_ir as ir
 
 from effc.ir import const_value
+from effc.passes._op_semantics import ELEMENTWISE, PERMUTE, RESHAPE, SCALE, ZERO_MEAN, ops_with, refusal
 
 WRITERS = ("MatMul", "Gemm", "Conv", "Gather")
-# Ops that move values around without mixing channels.
-PLUMBING = ("Identity", "Neg", "Dropout", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+# Selections have their own steps in the stream walk: Slice and Split along the hidden axis or not,
+# Gather as a writer (a lookup in a constant table).
+_UNSELECTING = (ELEMENTWISE, PERMUTE, RESHAPE)
+# Ops a zero-mean stream passes through unchanged in mean, following the hidden axis.
+PLUMBING = ops_with(ZERO_MEAN, axes=_UNSELECTING)
+# Ops a per-channel scale (LayerScale) moves across on its way into the stream's writers.
+SCALE_CARRIERS = ops_with(SCALE, axes=_UNSELECTING)
 
 
 def writer_slots(node: ir.Node, axis: int) -> list[tuple[int, int]] | str:
@@ -48,18 +54,15 @@ def writer_slots(node: ir.Node, axis: int) -> list[tuple[int, int]] | str:
     return "it indexes along the hidden axis" if table_axis is None else [(0, table_axis)]
 
 
-def plumbing_axis(node: ir.Node, value: ir.Value, axis: int) -> int | str:
-    """For ops that move values without mixing channels: the axis of input 0 that output ``axis``
+def plumbing_axis(node: ir.Node, value: ir.Value, axis: int, prop: str = ZERO_MEAN) -> int | str:
+    """For ops that have ``prop`` (see ``_op_semantics``): the axis of input 0 that output ``axis``
     comes from (relative to that input's rank), or why there is none."""
     op = node.op_type
     if value is not node.outputs[0]:
         return f"'{value.name}' is not its data output"
-    if op == "Cast" and not ir.DataType(node.attributes.get_int("to", 0)).is_floating_point():
-        return "it casts to a non-float type"
-    if op == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        training = const_value(node.inputs[2])
-        if training is None or bool(training):
-            return "it may run in training mode"
+    reason = refusal(node, prop)
+    if reason:
+        return reason
     if op == "Transpose":
         rank = rank_of(value)
         attr = node.attributes.get("perm")

@@ -17,14 +17,44 @@ class Skip:
 
 
 @dataclass
+class Rewrite:
+    """One change a pass made, as data: the node (or site) it is about, what was done, and the
+    figures behind it. ``effc.report`` turns it into text; nothing else should."""
+
+    node: str
+    action: str  # kebab-case verb phrase, e.g. "fold-after", "recentre", "shift-add"
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerRecord:
+    """What a lossy pass measured for one layer it rewrote: the layer's output against the float
+    layer's on the same inputs (the float model's activations on ``data``), and its constants' size."""
+
+    node: str
+    rel_error: float | None  # ||y_new - y|| / ||y|| over every row of ``data``
+    cosine: float | None     # cosine of y_new and y, flattened
+    bytes_before: int
+    bytes_after: int
+    data: str                # what the error was measured on: "calibration (N samples)", ...
+
+
+@dataclass
 class PassOutcome:
-    """What a pass reports about itself: the rewrites it made and the candidates it skipped.
+    """What a pass reports about itself: the rewrites it made, the candidates it skipped and (lossy
+    passes) what each rewritten layer lost.
 
     The runner, not the pass, measures op counts, sizes and numerical error afterwards.
     """
 
-    rewrites: list[str] = field(default_factory=list)
+    rewrites: list[Rewrite] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    layers: list[LayerRecord] = field(default_factory=list)  # lossy passes: one per layer rewritten
+
+    def rewrite(self, node: ir.Node | str, action: str, **details: Any) -> Rewrite:
+        name = node if isinstance(node, str) else (node.name or node.op_type)
+        self.rewrites.append(Rewrite(name, action, details))
+        return self.rewrites[-1]
 
     def skip(self, node: ir.Node | str, reason: str) -> None:
         name = node if isinstance(node, str) else (node.name or node.op_type)

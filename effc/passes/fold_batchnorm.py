@@ -23,16 +23,16 @@ import onnx_ir as ir
 from effc.ir import const_value, consumers
 from effc.passes import _rescale as rescale
 from effc.passes._affine import AffineSite, affine_site
+from effc.passes._op_semantics import AFFINE, ELEMENTWISE, PERMUTE, RESHAPE, TABLE, indexes_axis, ops_with, refusal
 from effc.passes._stream_axes import reshaped_axis, shape_of
 from effc.passes.base import Pass, PassContext, PassOutcome
 
-# Ops that keep every element's channel (for reshapes: when the channel axis survives, see
-# _reshaped), so a per-channel affine moves across them unchanged.
-_RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
-_CHANNEL_KEEPING = {"Identity", "Dropout", "Transpose"} | _RESHAPES
-# Ops between the site and a following linear that commute with the affine: the above, and
-# selections that leave the channel axis whole (see _through).
-_COMMUTING = _CHANNEL_KEEPING | {"Gather", "Slice"}
+# Ops a per-channel affine moves across bit for bit (see _op_semantics). Walking back to the
+# producer: only those that keep every element (a selection would leave linear outputs the BN
+# never saw); walking on to the readers also selections that leave the channel axis whole.
+_RESHAPES = ops_with(axes=(RESHAPE,))
+_CHANNEL_KEEPING = ops_with(AFFINE, exact=True, axes=(ELEMENTWISE, PERMUTE, RESHAPE))
+_LINEARS = ("MatMul", "Gemm", "Conv")
 
 
 @dataclass
@@ -59,7 +59,7 @@ class FoldBatchNorm(Pass):
                 folded = into_producer.apply()
                 for y in site.outputs:
                     rescale.redirect(y, folded)
-                outcome.rewrites.append(f"{site.label} -> {_describe(into_producer.linear)} (after)")
+                _record(outcome, site, into_producer.linear, "fold-after")
             else:
                 into_readers = _reader_folds(site)
                 if isinstance(into_readers, str):
@@ -67,13 +67,18 @@ class FoldBatchNorm(Pass):
                     continue
                 for fold in into_readers:
                     fold.apply()
-                    outcome.rewrites.append(f"{site.label} -> {_describe(fold.linear)} (before)")
+                    _record(outcome, site, fold.linear, "fold-before")
                 for y in site.outputs:
                     y.replace_all_uses_with(site.source)
             graph.remove(site.nodes, safe=True)
         if outcome.rewrites:
             ir.passes.common.RemoveUnusedNodesPass()(model)
         return outcome
+
+
+def _record(outcome: PassOutcome, site: AffineSite, linear: ir.Node, action: str) -> None:
+    """fold-after: into the linear producing the BN's input; fold-before: into a linear reading its output."""
+    outcome.rewrite(site.bn, action, site=site.label, repbn=site.repbn, into=linear.name, into_op=linear.op_type)
 
 
 # --- BN after a linear: fold into the producer of the site's input --------------------------
@@ -133,6 +138,9 @@ def _producing_linear(site: AffineSite) -> tuple[ir.Node, int, int | None, list[
         node = value.producer()
     if node is None:
         return "input is a graph input" if not chain else f"{_describe(chain[-1])} reads a graph input"
+    if node.op_type in TABLE:
+        reason = refusal(node, AFFINE, exact=True) or "a selection is not followed back to its producer"
+        return f"input comes from {_describe(node)}, which the affine cannot cross: {reason}"
     return node, axis, rank, chain
 
 
@@ -141,9 +149,10 @@ def _back_through(node: ir.Node, value: ir.Value, axis: int, rank: int | None) -
     name = _describe(node)
     if value is not node.outputs[0] or len(node.inputs) == 0 or node.inputs[0] is None:
         return f"input comes from a side output of {name}"
-    if node.op_type == "Dropout" and _in_training(node):
-        return f"{name} may be in training mode"
-    if node.op_type in ("Identity", "Dropout"):
+    reason = refusal(node, AFFINE, exact=True)
+    if reason:
+        return f"{name}: {reason}"
+    if TABLE[node.op_type].axis == ELEMENTWISE:
         return axis, rank
     if rank is None:
         return f"unknown rank after {name}"
@@ -235,12 +244,11 @@ def _collect(value: ir.Value, axis: int, rank: int | None, site: AffineSite, fol
     if value.is_graph_output():
         return f"'{value.name}' is a graph output"
     uses = list(value.uses())
-    others = sorted({node.op_type for node, _ in uses
-                     if node.op_type not in _COMMUTING and node.op_type not in ("MatMul", "Gemm", "Conv")})
+    others = sorted({node.op_type for node, _ in uses if node.op_type not in TABLE and node.op_type not in _LINEARS})
     if others:
         return f"other consumers: {', '.join(others)}"
     for node, index in uses:
-        if node.op_type in _COMMUTING:
+        if node.op_type in TABLE:
             step = _through(node, index, axis, rank)
             if isinstance(step, str):
                 return step
@@ -257,50 +265,29 @@ def _through(node: ir.Node, index: int, axis: int, rank: int | None) -> tuple[in
     op, name = node.op_type, _describe(node)
     if index != 0:
         return f"{name} reads it as a parameter"
-    if op == "Identity":
-        return axis, rank
-    if op == "Dropout":
-        if _in_training(node):
-            return f"{name} may be in training mode"
+    reason = refusal(node, AFFINE, exact=True)
+    if reason:
+        return f"{name} between the BN and its readers: {reason}"
+    kind = TABLE[op].axis
+    if kind == ELEMENTWISE:
         return axis, rank
     if rank is None:
         return f"unknown rank before {name}"
-    if op == "Transpose":
+    if kind == PERMUTE:
         perm = node.attributes.get_ints("perm", None) or list(reversed(range(rank)))
         return list(perm).index(axis), rank
+    if kind == RESHAPE:
+        return _reshaped(node, node.inputs[0], node.outputs[0], axis, rank)
+    reason = indexes_axis(node, axis, rank)
+    if reason:
+        return f"{name}: {reason}"
     if op == "Gather":
-        gathered = node.attributes.get_int("axis", 0) % rank
         indices = node.inputs[1]
-        if gathered == axis:
-            return f"{name} indexes the channel axis"
         if indices.shape is None:
             return f"unknown indices rank in {name}"
-        kept = rank - 1 + len(indices.shape)
-        return (axis if axis < gathered else axis - 1 + len(indices.shape)), kept
-    if op == "Slice":
-        return _through_slice(node, axis, rank)
-    return _reshaped(node, node.inputs[0], node.outputs[0], axis, rank)
-
-
-def _in_training(dropout: ir.Node) -> bool:
-    """Whether a Dropout may drop (training mode) or its mask is read."""
-    inputs = dropout.inputs
-    training = const_value(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else False
-    mask_read = any(o.uses() or o.is_graph_output() for o in dropout.outputs[1:])
-    return training is None or bool(np.any(training)) or mask_read
-
-
-def _through_slice(node: ir.Node, axis: int, rank: int) -> tuple[int, int] | str:
-    name = _describe(node)
-    axes = const_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-    if axes is None:
-        starts = node.inputs[1]
-        if (len(node.inputs) > 3 and node.inputs[3] is not None) or starts.shape is None:
-            return f"unknown axes in {name}"
-        axes = np.arange(starts.shape[0])
-    if axis in {int(a) % rank for a in axes.reshape(-1)}:
-        return f"{name} slices the channel axis"
-    return axis, rank
+        gathered = node.attributes.get_int("axis", 0) % rank
+        return (axis if axis < gathered else axis - 1 + len(indices.shape)), rank - 1 + len(indices.shape)
+    return axis, rank  # Slice
 
 
 def _reader_fold(node: ir.Node, index: int, axis: int, rank: int | None, site: AffineSite,

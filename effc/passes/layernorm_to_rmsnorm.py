@@ -51,7 +51,7 @@ class LayerNormToRMSNorm(Pass):
         for mul, index in plan.bypass:
             mul.outputs[0].replace_all_uses_with(mul.inputs[index])
             graph.remove(mul, safe=True)
-            outcome.rewrites.append(f"folded LayerScale Mul '{mul.name}' into its writers")
+            outcome.rewrite(mul, "fold-layerscale")
         version = opset(model)
         outcome.rewrites += [centre_output(site, graph, version) for site in plan.starts]
         outcome.rewrites += [convert(site, graph, version) for site in sites]

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
-from effc.calib import gram_matrices, single_threaded_blas
+from effc.calib import Gram, gram_matrices, single_threaded_blas
 from effc.errors import EffcError
 from effc.ir import new_initializer, opset
 from effc.ops import DOMAIN, use
@@ -37,7 +37,8 @@ from effc.ops import shift_add_matmul as op
 from effc.passes._bcq import BCQQuantizer, refine_codes, refit_exponents
 from effc.passes._gptq import gptq, output_error
 from effc.passes._linears import Linear, find_linears
-from effc.passes.base import Pass, PassContext, PassOutcome
+from effc.passes.base import LayerRecord, Pass, PassContext, PassOutcome, Rewrite
+from effc.verify import make_inputs
 
 BITS = (2, 3, 4)
 
@@ -141,13 +142,21 @@ class ShiftAdd(Pass):
         selected = self.select(model, opts, outcome)
         if not selected:
             return outcome
-        hessians: dict[str, np.ndarray] = {}
+        # The float layers' inputs: calibration data when given (it also drives compensation), else
+        # the seeded random inputs the pipeline checks with, so every rewritten layer still gets its error.
         if ctx.calibration:
+            data = f"calibration ({len(ctx.calibration)} samples)"
             grams = gram_matrices(model, ctx.calibration, [lin.x.name for lin in selected])
             hessians = {name: g.hessian() for name, g in grams.items()}
+        else:
+            data = "seeded random inputs (no calibration)"
+            grams = gram_matrices(model, make_inputs(model), [lin.x.name for lin in selected], progress=False)
+            hessians = {}
         bits = (allocate_bits(selected, hessians, opts.avg_bits, opts) if opts.avg_bits is not None
                 else {lin.name: opts.bits for lin in selected})
-        outcome.rewrites += rewrite_linears(model, selected, hessians, bits, opts)
+        rewrites, layers = rewrite_linears(model, selected, hessians, bits, opts, grams, data)
+        outcome.rewrites += rewrites
+        outcome.layers += layers
         return outcome
 
     @staticmethod
@@ -170,19 +179,46 @@ class ShiftAdd(Pass):
 
 
 def rewrite_linears(model: ir.Model, selected: list[Linear], hessians: dict[str, np.ndarray], bits: dict[str, int],
-                    opts: Options) -> list[str]:
-    """Quantize and replace each selected linear; one line per rewrite for the report."""
-    note = "" if hessians else ", no calibration: rounded without compensation"
-    lines = []
+                    opts: Options, grams: dict[str, Gram] | None = None,
+                    data: str = "") -> tuple[list[Rewrite], list[LayerRecord]]:
+    """Quantize and replace each selected linear: a rewrite per linear, and a layer record per
+    linear whose float inputs ``grams`` holds (measured on ``data``)."""
+    rewrites, layers = [], []
     for lin in selected:
         result = quantize_weight(lin.weight, hessians.get(lin.x.name), bits[lin.name], opts)
-        _rewrite(model.graph, lin, result)
         n, k = lin.weight.shape
-        lines.append(f"{lin.name} [{k}x{n}] -> {DOMAIN}.{op.NAME}: {bits[lin.name]} planes, group {opts.group}, "
-                     f"{result.bits_per_weight:.2f} bits/weight, output error {result.error:.3g}{note}")
+        rewrites.append(Rewrite(lin.name, "shift-add", {
+            "k": k, "n": n, "op": f"{DOMAIN}.{op.NAME}", "bits": bits[lin.name], "group": opts.group,
+            "terms": opts.terms, "bits_per_weight": result.bits_per_weight, "weight_error": result.error,
+            "compensated": bool(opts.compensate and lin.x.name in hessians)}))
+        if grams is not None and lin.x.name in grams:
+            layers.append(layer_record(lin, result, grams[lin.x.name], data))
+        _rewrite(model.graph, lin, result)
     use(model, op.function(opset(model)))
     ir_passes.RemoveUnusedNodesPass()(model)
-    return lines
+    return rewrites, layers
+
+
+def layer_record(lin: Linear, result: Quantized, gram: Gram, data: str) -> LayerRecord:
+    """The layer's output y = x W^T + b against y' = x Q^T + b over the rows x that ``gram``
+    summarises, from their second moment C and mean m alone (no activations kept):
+    mean y.y' = tr(W C Q^T) + b.(W m) + b.(Q m) + b.b, and the error's tr(dW C dW^T)."""
+    w, q = lin.weight.astype(np.float64), result.dense
+    n = w.shape[0]
+    b = np.zeros(n) if lin.bias is None else lin.bias.astype(np.float64)
+    c, m = gram.moments()
+
+    def dot(a: np.ndarray, z: np.ndarray) -> float:
+        return float(np.sum((a @ c) * z) + b @ (a @ m) + b @ (z @ m) + b @ b)
+
+    d = w - q
+    yy, qq, yq, dd = dot(w, w), dot(q, q), dot(w, q), float(np.sum((d @ c) * d))
+    rel = float(np.sqrt(max(dd, 0.0) / yy)) if gram.rows and yy > 0 else None
+    cosine = float(np.clip(yq / np.sqrt(yy * qq), -1.0, 1.0)) if gram.rows and yy > 0 and qq > 0 else None
+    bias_bytes = n * lin.weight.dtype.itemsize  # the rewritten op always takes a bias
+    before = lin.weight.nbytes + (0 if lin.bias is None else lin.bias.nbytes)
+    after = result.planes.nbytes + result.codes.nbytes + bias_bytes
+    return LayerRecord(lin.name, rel, cosine, int(before), int(after), data)
 
 
 def allocate_bits(linears: list[Linear], hessians: dict[str, np.ndarray], avg_bits: float,

@@ -8,7 +8,7 @@ import pytest
 from effc.errors import EffcError
 from effc.frontend.onnx import from_proto, load
 from effc.ir import save
-from tests.conftest import tiny_mlp_proto
+from tests.helpers import tiny_mlp_proto
 
 pytest.importorskip("tvm")
 

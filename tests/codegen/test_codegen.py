@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -15,9 +12,10 @@ from effc.errors import EffcError
 from effc.frontend.onnx import from_proto
 from effc.verify import OrtRunner, deviation, make_inputs
 from tests.codegen.blocks import transformer_block_proto
-from tests.conftest import tiny_mlp_proto
+from tests.helpers import effc, tiny_mlp_proto
 
 pytest.importorskip("tvm")
+from tests.devices import gpu_arch, gpu_present, requires_gpu, requires_nvcc  # noqa: E402  (imports TVM)
 
 TOL = 1e-4  # scale-relative, as verify.deviation measures it
 
@@ -125,20 +123,40 @@ def test_symbolic_input_shape_is_refused():
         import_model(from_proto(proto))
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA builds need it")
-def test_block_cuda_sm90_builds(block_model, tmp_path):
-    import tvm
+@pytest.fixture(scope="module")
+def block_cuda_sm90(block_model, tmp_path_factory):
+    from effc.codegen.build import compile_model
 
-    from effc.codegen.build import compile_model, load_compiled
+    out = tmp_path_factory.mktemp("block_cuda")
+    return out, compile_model(block_model, "cuda", out, arch="sm_90")
 
-    result = compile_model(block_model, "cuda", tmp_path, arch="sm_90")
-    manifest = json.loads((tmp_path / "codegen.json").read_text())
+
+@requires_nvcc
+def test_block_cuda_sm90_builds(block_cuda_sm90):
+    out, result = block_cuda_sm90
+    manifest = json.loads((out / "codegen.json").read_text())
     assert manifest["target"] == "cuda" and manifest["arch"] == "sm_90"
     assert result.rule_hits.get("Matmul", 0) >= 1, result.rule_hits  # dlight's GPU matmul rule
-    assert b"_kernel" in (tmp_path / "model.so").read_bytes()  # device kernels are embedded
-    if not tvm.cuda(0).exist:
-        with pytest.raises(EffcError, match="no GPU"):
-            load_compiled(tmp_path)
+    assert b"_kernel" in (out / "model.so").read_bytes()  # device kernels are embedded
+
+
+@requires_nvcc
+@pytest.mark.skipif(gpu_present(), reason="a GPU is present: the module loads (see the on-GPU test)")
+def test_cuda_module_without_a_gpu_is_a_one_line_error(block_cuda_sm90):
+    from effc.codegen.build import load_compiled
+
+    with pytest.raises(EffcError, match="no GPU"):
+        load_compiled(block_cuda_sm90[0])
+
+
+@requires_nvcc
+@requires_gpu
+def test_block_cuda_matches_ort_on_the_gpu(block_model, tmp_path):
+    from effc.codegen.build import compile_model, run_compiled
+
+    compile_model(block_model, "cuda", tmp_path, arch=gpu_arch())
+    feeds = make_inputs(block_model, 2, seed=0)
+    assert deviation(run_compiled(tmp_path, feeds), OrtRunner(block_model).run_all(feeds)).max_rel < TOL
 
 
 def test_unknown_arch_is_refused():
@@ -150,30 +168,25 @@ def test_unknown_arch_is_refused():
         make_target("llvm", "sm_90")
 
 
-def _effc(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effc.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
-
-
 def test_cli_compile_run_bench_round_trip(tmp_path):
     model_path = tmp_path / "block.onnx"
     onnx.save(transformer_block_proto(), model_path)
     out = tmp_path / "out"
-    proc = _effc("compile", model_path, "-o", out, "--target", "llvm")
+    proc = effc("compile", model_path, "-o", out, "--target", "llvm")
     assert proc.returncode == 0, proc.stderr
     assert (out / "model.so").exists() and (out / "model.onnx").exists()
 
     model = from_proto(transformer_block_proto())
     feeds = make_inputs(model, 3, seed=3)
     np.savez(tmp_path / "x.npz", x=np.concatenate([f["x"] for f in feeds]))  # 3 samples on axis 0
-    proc = _effc("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    proc = effc("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
     assert proc.returncode == 0, proc.stderr
     y = np.load(tmp_path / "y.npz")["y"]
     ref = np.concatenate([r["y"] for r in OrtRunner(model).run_all(feeds)])
     assert y.shape == ref.shape == (3, 16, 64)
     assert np.max(np.abs(y - ref)) / np.max(np.abs(ref)) < TOL
 
-    proc = _effc("bench", out, "--vs", "ort", "--runs", "2", "--warmup", "1", "--json", tmp_path / "b.json")
+    proc = effc("bench", out, "--vs", "ort", "--runs", "2", "--warmup", "1", "--json", tmp_path / "b.json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "b.json").read_text())
     for engine in ("effc", "ort"):
@@ -181,13 +194,13 @@ def test_cli_compile_run_bench_round_trip(tmp_path):
     assert report["ratio_vs_ort"] > 0 and report["max_rel_err"] < TOL
 
     np.savez(tmp_path / "bad.npz", x=np.zeros((1, 7, 64), np.float32))
-    proc = _effc("run", out, "--inputs", tmp_path / "bad.npz", "-o", tmp_path / "z.npz")
+    proc = effc("run", out, "--inputs", tmp_path / "bad.npz", "-o", tmp_path / "z.npz")
     assert proc.returncode == 2 and "compiled for [1, 16, 64]" in proc.stderr, proc.stderr
 
 
 def test_cli_arch_without_cuda_exits_2(tmp_path):
     model_path = tmp_path / "tiny.onnx"
     onnx.save(tiny_mlp_proto(), model_path)
-    proc = _effc("compile", model_path, "-o", tmp_path / "out", "--target", "llvm", "--arch", "sm_90")
+    proc = effc("compile", model_path, "-o", tmp_path / "out", "--target", "llvm", "--arch", "sm_90")
     assert proc.returncode == 2 and "--arch applies" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from tests.codegen.blocks import model_from_nodes
-from tests.codegen.test_matmul_rule import _compile_and_compare
+from tests.codegen.checks import compile_and_compare
 
 pytest.importorskip("tvm")
 
@@ -16,7 +16,7 @@ pytest.importorskip("tvm")
 def test_gelu_op(tmp_path, approximate):
     model = model_from_nodes([helper.make_node("Gelu", ["x"], ["y"], approximate=approximate)],
                    [("x", [1, 37, 96])], [("y", [1, 37, 96])], opset=20)
-    _compile_and_compare(model, tmp_path)
+    compile_and_compare(model, tmp_path)
 
 
 def test_gpt2_tanh_gelu_with_pow3_and_softmax(tmp_path):
@@ -30,5 +30,5 @@ def test_gpt2_tanh_gelu_with_pow3_and_softmax(tmp_path):
              helper.make_node("Tanh", ["us"], ["t"]), helper.make_node("Add", ["t", "one"], ["t1"]),
              helper.make_node("Mul", ["x", "t1"], ["xt"]), helper.make_node("Mul", ["xt", "half"], ["g"]),
              helper.make_node("Softmax", ["g"], ["y"], axis=-1)]
-    result = _compile_and_compare(model_from_nodes(nodes, [("x", [1, 37, 100])], [("y", [1, 37, 100])], inits), tmp_path)
+    result = compile_and_compare(model_from_nodes(nodes, [("x", [1, 37, 100])], [("y", [1, 37, 100])], inits), tmp_path)
     assert not any("pow" in k for k in result.kernels), result.kernels  # x ** 3 became multiplies

@@ -9,22 +9,10 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from effc.verify import OrtRunner, deviation, make_inputs
 from tests.codegen.blocks import model_from_nodes
+from tests.codegen.checks import compile_and_compare
 
 pytest.importorskip("tvm")
-
-TOL = 1e-4
-
-
-def _compile_and_compare(model, tmp_path):
-    from effc.codegen.build import compile_model, run_compiled
-
-    result = compile_model(model, "llvm", tmp_path)
-    feeds = make_inputs(model, 2, seed=4)
-    dev = deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds))
-    assert dev.max_rel < TOL, dev
-    return result
 
 
 def test_ragged_lm_head_with_side_input_epilogue(tmp_path):
@@ -40,7 +28,7 @@ def test_ragged_lm_head_with_side_input_epilogue(tmp_path):
              helper.make_node("ReduceMean", ["x"], ["rowscale"], axes=[-1], keepdims=1),
              helper.make_node("Mul", ["rowscale", "colmean"], ["side"]),
              helper.make_node("Add", ["mm", "side"], ["y"])]
-    result = _compile_and_compare(model_from_nodes(nodes, [("x", [1, m, k])], [("y", [1, m, n])], inits), tmp_path)
+    result = compile_and_compare(model_from_nodes(nodes, [("x", [1, m, k])], [("y", [1, m, n])], inits), tmp_path)
     matmul_kernels = [name for name, rule in result.kernels.items() if "matmul" in name]
     assert matmul_kernels and all(result.kernels[name] == "matmul" for name in matmul_kernels), result.kernels
     shapes = [tuple(p.shape) for p in tvm.runtime.load_param_dict_from_file(str(tmp_path / "params.bin")).values()]
@@ -54,7 +42,7 @@ def test_attention_batched_matmul_two_computed_operands(tmp_path, m, k, n):
     """QK^T (n = tokens, ragged) and AV (k = tokens) over 3 heads: both operands are inputs."""
     model = model_from_nodes([helper.make_node("MatMul", ["a", "b"], ["y"])], [("a", [1, 3, m, k]), ("b", [1, 3, k, n])],
                    [("y", [1, 3, m, n])])
-    result = _compile_and_compare(model, tmp_path)
+    result = compile_and_compare(model, tmp_path)
     assert result.rule_hits.get("matmul") == 1, result.kernels
 
 
@@ -64,7 +52,7 @@ def test_patch_embedding_conv_becomes_a_matmul(tmp_path):
     inits = [numpy_helper.from_array(rng.standard_normal((14, 3, 8, 8)).astype(np.float32), "W"),
              numpy_helper.from_array(rng.standard_normal(14).astype(np.float32), "B")]
     nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], strides=[8, 8], kernel_shape=[8, 8])]
-    result = _compile_and_compare(model_from_nodes(nodes, [("x", [1, 3, 24, 24])], [("y", [1, 14, 3, 3])], inits), tmp_path)
+    result = compile_and_compare(model_from_nodes(nodes, [("x", [1, 3, 24, 24])], [("y", [1, 14, 3, 3])], inits), tmp_path)
     assert result.rule_hits.get("matmul") == 1 and not any("conv" in k for k in result.kernels), result.kernels
 
 
@@ -73,7 +61,7 @@ def test_padded_conv_is_not_patchified(tmp_path):
     rng = np.random.default_rng(2)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W")]
     nodes = [helper.make_node("Conv", ["x", "W"], ["y"], strides=[1, 1], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
-    result = _compile_and_compare(model_from_nodes(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], inits), tmp_path)
+    result = compile_and_compare(model_from_nodes(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], inits), tmp_path)
     assert any("conv" in k for k in result.kernels), result.kernels
 
 
@@ -109,7 +97,7 @@ def test_single_row_head_is_a_gemv_with_a_packed_weight(tmp_path, transposed):
     w = rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
     inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")]
     nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=int(transposed))]
-    result = _compile_and_compare(model_from_nodes(nodes, [("x", [1, k])], [("y", [1, n])], inits), tmp_path)
+    result = compile_and_compare(model_from_nodes(nodes, [("x", [1, k])], [("y", [1, n])], inits), tmp_path)
     assert "gemv" in result.kernels.values() and "fallback" not in result.kernels.values(), result.kernels
     shapes = [tuple(p.shape) for p in tvm.runtime.load_param_dict_from_file(str(tmp_path / "params.bin")).values()]
     assert (n, k) not in shapes and (k, n) not in shapes, "the unpacked weight should not be shipped"

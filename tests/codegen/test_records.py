@@ -11,7 +11,7 @@ import pytest
 
 from effc.codegen import records as rec
 from effc.frontend.onnx import from_proto
-from tests.conftest import tiny_mlp_proto
+from tests.helpers import tiny_mlp_proto
 
 pytest.importorskip("tvm")
 

@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from tests.codegen.blocks import model_from_nodes
-from tests.codegen.test_matmul_rule import _compile_and_compare
+from tests.codegen.checks import compile_and_compare
 
 pytest.importorskip("tvm")
 
@@ -19,13 +19,13 @@ pytest.importorskip("tvm")
 def test_softmax(tmp_path, cols):
     model = model_from_nodes([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [("x", [1, 3, 21, cols])],
                    [("y", [1, 3, 21, cols])])
-    result = _compile_and_compare(model, tmp_path)
+    result = compile_and_compare(model, tmp_path)
     assert set(result.kernels.values()) == {"softmax"}, result.kernels
 
 
 def test_softmax_rows_shorter_than_a_vector_go_to_the_row_reduction(tmp_path):
     model = model_from_nodes([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [("x", [1, 5, 7])], [("y", [1, 5, 7])])
-    result = _compile_and_compare(model, tmp_path)
+    result = compile_and_compare(model, tmp_path)
     assert set(result.kernels.values()) == {"reduction"}, result.kernels
 
 
@@ -60,5 +60,5 @@ def test_norms(tmp_path, op, cols):
     inputs = ["x", "g", "b"] if op == "LayerNormalization" else ["x", "g"]
     model = model_from_nodes([helper.make_node(op, inputs, ["y"], axis=-1, epsilon=1e-5)], [("x", [1, 21, cols])],
                    [("y", [1, 21, cols])], inits, opset=23 if op == "RMSNormalization" else 17)
-    result = _compile_and_compare(model, tmp_path)
+    result = compile_and_compare(model, tmp_path)
     assert set(result.kernels.values()) == {"reduction"}, result.kernels

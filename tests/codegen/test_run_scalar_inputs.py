@@ -3,8 +3,6 @@ per sample on a new first axis; the compiled module is checked against ONNX Runt
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -13,6 +11,7 @@ from onnx import TensorProto, helper
 
 from effc.errors import EffcError
 from effc.verify import OrtRunner
+from tests.helpers import effc
 
 pytest.importorskip("tvm")
 
@@ -30,17 +29,12 @@ def _clip_proto(batch: int) -> onnx.ModelProto:
     return proto
 
 
-def _effc(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effc.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
-
-
 @pytest.fixture(scope="module")
 def clip_out(tmp_path_factory):
     """(model path, OUT) for Clip compiled at batch 1 with the CLI."""
     root = tmp_path_factory.mktemp("clip")
     onnx.save(_clip_proto(1), root / "clip.onnx")
-    proc = _effc("compile", root / "clip.onnx", "-o", root / "out", "--target", "llvm", "--passes", "none")
+    proc = effc("compile", root / "clip.onnx", "-o", root / "out", "--target", "llvm", "--passes", "none")
     assert proc.returncode == 0, proc.stderr
     return root / "clip.onnx", root / "out"
 
@@ -54,7 +48,7 @@ def test_cli_run_with_0d_inputs_matches_ort(clip_out, tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 3, 5)).astype(np.float32)  # 4 samples on the batch-1 axis
     np.savez(tmp_path / "x.npz", x=x, min=np.float32(-0.4), max=np.float32(0.6))
-    proc = _effc("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    proc = effc("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
     assert proc.returncode == 0, proc.stderr
     assert "(4 samples)" in proc.stdout
     y = np.load(tmp_path / "y.npz")["y"]

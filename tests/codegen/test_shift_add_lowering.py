@@ -4,7 +4,6 @@ fallback for shapes the kernels do not tile; results equal ONNX Runtime running 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx_ir as ir
@@ -16,6 +15,7 @@ from effc.ops import shift_add_matmul as op
 from effc.verify import OrtRunner, deviation
 
 pytest.importorskip("tvm")
+from tests.devices import gpu_arch, requires_avx512, requires_gpu, requires_nvcc  # noqa: E402  (imports TVM)
 
 TOL = 1e-4  # scale-relative (verify.deviation)
 K = 64
@@ -55,6 +55,7 @@ def compiled_deviation(model, out, lead) -> float:
     return deviation([compiled(f) for f in feeds], OrtRunner(model).run_all(feeds)).max_rel
 
 
+@requires_avx512
 @pytest.mark.parametrize("lead, kernel", [([1, 1], "shift_add_lut"), ([1, 32], "shift_add_prefill"),
                                           ([2, 10], "shift_add_prefill")])  # M=20: X padded to 32 rows
 def test_llvm_uses_lut_kernels_and_matches_ort(tmp_path, lead, kernel):
@@ -79,6 +80,7 @@ def test_llvm_uses_lut_kernels_and_matches_ort(tmp_path, lead, kernel):
     assert all(p.dtype in packed or len(p.shape) == 1 for p in params)
 
 
+@requires_avx512
 def test_profile_labels_lut_kernels(tmp_path):
     from effc.codegen.build import compile_model, load_compiled
     from effc.codegen.profile import profile
@@ -88,6 +90,7 @@ def test_profile_labels_lut_kernels(tmp_path):
     assert sum(r.rule == "shift-add-lut" for r in rows) == 2, [(r.name, r.rule) for r in rows]
 
 
+@requires_avx512
 def test_untileable_node_falls_back_to_dense(tmp_path):
     from effc.codegen.build import compile_model
 
@@ -100,13 +103,7 @@ def test_untileable_node_falls_back_to_dense(tmp_path):
     assert "dense fallback" in result.custom_summary
 
 
-def gpu_present() -> bool:
-    import tvm
-
-    return bool(tvm.cuda(0).exist)
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA builds need it")
+@requires_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_builds_lut_kernels(tmp_path, arch):
     from effc.codegen.build import compile_model
@@ -120,8 +117,18 @@ def test_cuda_builds_lut_kernels(tmp_path, arch):
     assert all(c["kernel"].startswith("shift_add_lut_cuda") for c in lowered), lowered
     luts = [name for name, rule in manifest["kernels"].items() if rule == "shift-add-lut"]
     assert len(luts) == 2 and all(name.startswith("shift_add_lut_cuda") for name in luts), manifest["kernels"]
-    if gpu_present():  # the GPU check: the kernels' output against ONNX Runtime on the function form
-        assert compiled_deviation(model, tmp_path, [1, 32]) < TOL
+
+
+@requires_nvcc
+@requires_gpu
+def test_cuda_lut_kernels_match_ort_on_the_gpu(tmp_path):
+    from effc.codegen.build import compile_model
+
+    model = shift_add_model([1, 32])
+    compile_model(model, "cuda", tmp_path, arch=gpu_arch())
+    manifest = json.loads((tmp_path / "codegen.json").read_text())
+    assert [c["lowering"] for c in manifest["custom_ops"]] == ["shift-add-lut"] * 2
+    assert compiled_deviation(model, tmp_path, [1, 32]) < TOL
 
 
 def test_malformed_node_is_a_one_line_error(tmp_path):
@@ -132,6 +139,7 @@ def test_malformed_node_is_a_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@requires_avx512  # the packed parameters below are the CPU kernels'
 def test_importer_converter_map_is_restored(monkeypatch):
     from tvm.relax.frontend.onnx import onnx_frontend
 

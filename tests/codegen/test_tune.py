@@ -9,6 +9,7 @@ import pytest
 from effc.frontend.onnx import from_proto
 from effc.verify import OrtRunner, deviation, make_inputs
 from tests.codegen.blocks import transformer_block_proto
+from tests.helpers import effc
 
 pytest.importorskip("tvm")
 
@@ -65,24 +66,20 @@ def linear_then_batchnorm(path) -> None:
 def test_cli_tune_builds_what_compile_builds(tmp_path, passes, tuned):
     """`effc tune` runs compile's default passes first, so its records fit the kernels `effc compile`
     builds; with --passes none they fit the unfolded model and the compiled kernel goes untuned."""
-    from tests.codegen.test_codegen import _effc
-
     model = tmp_path / "linear_bn.onnx"
     linear_then_batchnorm(model)
     records = tmp_path / "records.json"
     tune = ["tune", model, "--trials", "1", "--records", records] + (["--passes", passes] if passes else [])
-    proc = _effc(*tune)
+    proc = effc(*tune)
     assert proc.returncode == 0, proc.stderr
-    proc = _effc("compile", model, "-o", tmp_path / "out", "--target", "llvm", "--records", records)
+    proc = effc("compile", model, "-o", tmp_path / "out", "--target", "llvm", "--records", records)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "out" / "codegen.json").read_text())
     assert manifest["rule_hits"].get("matmul") == 1 and manifest["tuned_kernels"] == tuned, manifest
 
 
 def test_cli_tune_refuses_passes_for_a_compiled_output(tmp_path):
-    from tests.codegen.test_codegen import _effc
-
     (tmp_path / "out").mkdir()
-    proc = _effc("tune", tmp_path / "out", "--records", tmp_path / "r.json", "--passes", "none")
+    proc = effc("tune", tmp_path / "out", "--records", tmp_path / "r.json", "--passes", "none")
     assert proc.returncode == 2 and "already through its passes" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

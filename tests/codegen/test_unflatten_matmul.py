@@ -9,7 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from tests.codegen.blocks import model_from_nodes
-from tests.codegen.test_matmul_rule import _compile_and_compare
+from tests.codegen.checks import compile_and_compare
 
 pytest.importorskip("tvm")
 
@@ -53,6 +53,6 @@ def test_a_product_read_elsewhere_is_kept():
 
 
 def test_epilogue_fuses_and_matches_ort(tmp_path):
-    result = _compile_and_compare(flattened_linear(), tmp_path)
+    result = compile_and_compare(flattened_linear(), tmp_path)
     fused = [k for k, rule in result.kernels.items() if rule == "matmul"]
     assert len(fused) == 1 and "tanh" in fused[0], result.kernels  # one kernel: product and its tanh

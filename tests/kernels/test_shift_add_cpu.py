@@ -9,10 +9,7 @@ from effc.ops import shift_add_matmul as op
 
 tvm = pytest.importorskip("tvm")
 from effc.kernels import shift_add_cpu as kernel  # noqa: E402  (needs TVM)
-
-
-def avx512() -> bool:
-    return "avx512" in str(kernel.host_target().export()) or "avx512f" in open("/proc/cpuinfo").read()
+from tests.devices import requires_avx512  # noqa: E402  (needs TVM)
 
 
 def packed(rng, q, n, k, group):
@@ -50,7 +47,7 @@ def test_pack_refuses_layouts_it_cannot_run():
         kernel.pack(planes[:, :48], codes[:, :48])
 
 
-@pytest.mark.skipif(not avx512(), reason="the kernel uses AVX-512 shuffles")
+@requires_avx512  # the kernel uses AVX-512 shuffles
 @pytest.mark.parametrize("m, n, k, q, group", [(1, 64, 64, 3, 8), (3, 128, 96, 2, 8), (2, 64, 128, 4, 16),
                                                 (1, 64, 40, 2, 8), (2, 64, 48, 3, 16)])  # K padded to whole words
 def test_kernel_equals_reference(m, n, k, q, group):
@@ -75,7 +72,7 @@ def test_prefill_pack_keeps_the_weight():
     np.testing.assert_array_equal(rebuilt, op.dense_weight(planes, codes))
 
 
-@pytest.mark.skipif(not avx512(), reason="the kernel uses AVX-512")
+@requires_avx512
 @pytest.mark.parametrize("m, n, k, q, group", [(16, 64, 64, 3, 8), (37, 128, 72, 2, 8), (64, 64, 256, 4, 16), (32, 64, 48, 3, 16)])
 def test_prefill_kernel_equals_reference(m, n, k, q, group):
     """M >= 16 picks the prefill kernel (rows of X as lanes, X padded to whole row blocks)."""

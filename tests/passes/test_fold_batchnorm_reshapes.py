@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from effc.frontend.onnx import from_proto
 from effc.ir import op_counts
-from tests.passes.test_fold_batchnorm import _bn_params, _model, fold, randomise_bn, refuse
+from tests.passes.batchnorm_models import bn_params, fold, onnx_model, randomise_bn, refuse
 
 
 def _reshape_sandwich(x_shape: list[int], to: list[int], back: list[int] | None, bias: bool,
@@ -28,20 +28,20 @@ def _reshape_sandwich(x_shape: list[int], to: list[int], back: list[int] | None,
     nodes += [helper.make_node("Reshape", [h, "to"], ["flat"], name="flatten"),
               helper.make_node("BatchNormalization", ["flat", "gamma", "beta", "mean", "var"],
                                ["n" if back else "y"], name="bn")]
-    inits += [numpy_helper.from_array(np.array(to, np.int64), "to"), *_bn_params(c, rng, np.float32)]
+    inits += [numpy_helper.from_array(np.array(to, np.int64), "to"), *bn_params(c, rng, np.float32)]
     if back:
         nodes.append(helper.make_node("Reshape", ["n", "back"], ["y"], name="unflatten"))
         inits.append(numpy_helper.from_array(np.array(back, np.int64), "back"))
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, back or to)]
     if graph_output_h:
         outputs.append(helper.make_tensor_value_info(h, TensorProto.FLOAT, x_shape[:-1] + [c]))
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], outputs, inits)
+    return onnx_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], outputs, inits)
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_flatten_bn_reshape_back_folds_and_drops_the_round_trip(bias):
     folded, outcome = fold(from_proto(_reshape_sandwich([2, 5, 6], [10, 4], [2, 5, 4], bias)), 1)
-    assert outcome.rewrites == ["BatchNormalization 'bn' -> MatMul 'fc' (after)"]
+    assert [(r.node, r.action, r.details["into"]) for r in outcome.rewrites] == [("bn", "fold-after", "fc")]
     # Both reshapes undo each other once the BN is gone.
     assert op_counts(folded) == {"Add": 1, "MatMul": 1}
 
@@ -61,8 +61,8 @@ def test_channel_axis_not_last_through_conv_output():
              helper.make_node("Reshape", ["n", "back"], ["y"], name="unflatten")]
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
              numpy_helper.from_array(np.array([2, 4, 15], np.int64), "to"),
-             numpy_helper.from_array(np.array([2, 4, 3, 5], np.int64), "back"), *_bn_params(4, rng, np.float32)]
-    proto = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3, 5])],
+             numpy_helper.from_array(np.array([2, 4, 3, 5], np.int64), "back"), *bn_params(4, rng, np.float32)]
+    proto = onnx_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3, 5])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3, 5])], inits)
     folded, _ = fold(from_proto(proto), 1)
     assert op_counts(folded) == {"Conv": 1}
@@ -116,6 +116,6 @@ def test_levit_every_batchnorm_folds(tmp_path):
     assert bns == 14  # Linear + BatchNorm1d in attention, MLP and subsampling, and the head's BN
     folded, outcome = fold(from_proto(proto), bns)
     # All but the head's BN follow a linear (through flatten(0, 1)); the head's precedes one.
-    before = [r for r in outcome.rewrites if not r.endswith("(after)")]
-    assert len(before) == 1 and "-> Gemm" in before[0], outcome.rewrites
+    before = [r for r in outcome.rewrites if r.action != "fold-after"]
+    assert len(before) == 1 and before[0].details["into_op"] == "Gemm", outcome.rewrites
     assert op_counts(folded)["Reshape"] < op_counts(from_proto(proto))["Reshape"]

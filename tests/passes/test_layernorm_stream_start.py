@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from effc.ir import op_counts
-from tests.passes.test_layernorm_to_rmsnorm import (
+from tests.passes.layernorm_models import (
     TOKENS,
     TOLERANCE,
     Graph,
@@ -46,7 +46,7 @@ def test_stream_starting_at_a_layernorm_converts(opset):
     assert norms == 6
     original, converted, outcome = convert_copy(model)
     assert outcome.skipped == [] and ln_count(converted) == 0
-    centred = [r for r in outcome.rewrites if r.startswith("centred the stream where it starts")]
+    centred = [r for r in outcome.rewrites if r.action == "centre-stream-start"]
     assert len(centred) == 1, outcome.rewrites
     counts = op_counts(converted)
     assert counts["Sub"] == op_counts(model).get("Sub", 0) + 1
@@ -61,8 +61,8 @@ def test_hand_made_stream_start_converts_decomposed():
     model = g.stream_model(style="pow-div", opset=17, embed_norm=True)
     original, converted, outcome = convert_copy(model)
     assert outcome.skipped == []
-    assert sum(r.startswith("centred the stream") for r in outcome.rewrites) == 1
-    assert sum(r.startswith("decomposed LayerNorm") for r in outcome.rewrites) == 4
+    assert sum(r.action == "centre-stream-start" for r in outcome.rewrites) == 1
+    assert sum(r.action == "to-rms" and r.details["decomposed"] for r in outcome.rewrites) == 4
     assert max_rel(original, converted) <= TOLERANCE
 
 
@@ -82,7 +82,7 @@ def test_clip_vision_from_transformers_converts():
     model = export(Pooled(), torch.randn(2, 3, 24, 24))
     original, converted, outcome = convert_copy(model)
     assert outcome.skipped == [] and ln_count(converted) == 0 and ln_count(original) == 6
-    assert any("centred the stream where it starts" in r for r in outcome.rewrites)
+    assert any(r.action == "centre-stream-start" for r in outcome.rewrites)
     assert max_rel(original, converted) <= TOLERANCE
 
 

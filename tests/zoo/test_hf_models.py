@@ -16,6 +16,7 @@ from effc.errors import EffcError
 from effc.verify import OrtRunner, deviation
 from effc.zoo import _hf
 from effc.zoo.cache import cached_model_path
+from tests.helpers import zoo_params
 
 EXPORT_MAX_REL = 1e-4
 ORIGINAL_MIN_COSINE = 0.9999
@@ -28,8 +29,7 @@ EXPECTED = {
     "llama-tiny": ({"input_ids": [1, 128]}, [1, 128, 32000], 32000, "pre"),
     "minilm-l6": ({"input_ids": [1, 64], "attention_mask": [1, 64]}, [1, 384], 30522, "post"),
 }
-SLOW = {"bert-base", "gpt2"}  # ~1-2 minutes each on 2 cores (export of ~110-125M parameters)
-NAMES = [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in EXPECTED]
+NAMES = zoo_params(*EXPECTED)  # bert-base and gpt2 marked slow
 
 
 @pytest.fixture(scope="module", params=NAMES)

@@ -62,3 +62,12 @@ def test_norms(tmp_path, op, cols):
                    [("y", [1, 21, cols])], inits, opset=23 if op == "RMSNormalization" else 17)
     result = compile_and_compare(model, tmp_path)
     assert set(result.kernels.values()) == {"reduction"}, result.kernels
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceSum"])
+def test_bare_row_reduction_is_taken_by_the_reduction_rule(tmp_path, op):
+    """A reduction whose rows are the output (attention's fully-masked-row guard: a row max of a mask)."""
+    model = model_from_nodes([helper.make_node(op, ["x"], ["y"], keepdims=1, axes=[-1])], [("x", [2, 3, 5, 37])],
+                             [("y", [2, 3, 5, 1])], opset=13 if op == "ReduceMax" else 11)
+    result = compile_and_compare(model, tmp_path)
+    assert set(result.kernels.values()) == {"reduction"}, result.kernels

@@ -30,8 +30,8 @@ class RowReduction(CPURule):
         _inline_single_use(sch)
         blocks = sch.get_child_blocks(get_root_block(sch))
         out = blocks[-1]
-        if _is_reduction(sch, out):
-            return None  # a bare reduction with no row pass (mean): its rows are the output
+        if _is_reduction(sch, out):  # a bare reduction with no row pass (mean, a mask's row max)
+            return _bare_rows(sch, blocks, out)
         loops = sch.get_loops(out)
         rows = [extent(sch, lp) for lp in loops[:-1]]
         if not rows or None in rows or extent(sch, loops[-1]) is None:
@@ -63,6 +63,23 @@ class RowReduction(CPURule):
             else:
                 _vectorize_inner(sch, block, lanes)
         return sch
+
+
+def _bare_rows(sch, blocks, out):
+    """A reduction whose per-row results are the output: rows in parallel, each reduced in one
+    serial pass over its (contiguous, innermost) axes. None unless every producer was inlined and
+    the reduction axes are innermost."""
+    if len(blocks) != 1:
+        return None
+    loops = sch.get_loops(out)
+    kinds = [iv.iter_type for iv in sch.get(out).iter_vars]  # 0: spatial, 2: reduction
+    rows = kinds.index(2)
+    if rows == 0 or any(k != 2 for k in kinds[rows:]) or len(loops) != len(kinds):
+        return None
+    row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+    sch.parallel(row)
+    sch.decompose_reduction(out, sch.get_loops(out)[1])
+    return sch
 
 
 def _is_reduction(sch, block) -> bool:

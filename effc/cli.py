@@ -201,7 +201,7 @@ def _compile_into(stage: Path, console, model: str, plan, keep_intermediate: boo
         recipes.check_hash("calib", settings.calib, calibration, settings.calib_hash)
     options = plan.options
     with console.status("running passes") as status:
-        result = run_pipeline(ir_model, pass_list, feeds=feeds, options=options, calibration=calibration,
+        result = run_pipeline(ir_model, plan.passes, feeds=feeds, options=options, calibration=calibration,
                               keep_intermediate=keep_intermediate,
                               progress=lambda name: status.update(f"pass {name}"))
     save(result.model, stage / "model.onnx")

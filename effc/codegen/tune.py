@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,29 +25,31 @@ class TuneResult:
     workloads: int
     tuned: int  # newly measured this run (the rest came from the record file)
     seconds: float
+    kernels: dict[str, str] = field(default_factory=dict)  # every kernel the rule takes -> its workload key
 
 
 def tune_model(model, trials: int, record_path: str | Path, progress=print, repeat: int = 5) -> TuneResult:
     """Tune every matmul workload of ``model`` for the host CPU with up to ``trials`` knob sets each."""
     from effc.codegen import lower
-    from effc.codegen.patchify import patchify_conv
-    from effc.codegen.prefold import fold_weight_transforms
+    from effc.codegen.build import prepare
     from effc.codegen.relax_import import import_model
     from effc.codegen.schedules.cpu.matmul import Matmul
     from effc.codegen.target import llvm_target
 
     start = time.perf_counter()
-    target = llvm_target().tvm()
+    bt = llvm_target()
+    target = bt.tvm()
     imported = import_model(model, target)
-    mod, _ = fold_weight_transforms(patchify_conv()(imported.mod), imported.params, target)
+    mod, _ = prepare(imported, bt)  # the build's own front half: the kernels tuned are the kernels built
     kernels = lower.fuse(mod, target)
     rule = Matmul()
     records = load_records(record_path)
-    workloads = {}
+    workloads, names = {}, {}
     for gv, func in kernels.functions_items():
         key = workload_key(func, target) if _is_primfunc(func) else None
-        if key and key not in workloads and rule.schedule(func, rule.mr, rule.nr_vectors) is not None:
-            workloads[key] = (gv.name_hint, func)
+        if key and (key in workloads or rule.schedule(func, rule.mr, rule.nr_vectors) is not None):
+            names[gv.name_hint] = key
+            workloads.setdefault(key, (gv.name_hint, func))
     tuned = 0
     for index, (key, (name, func)) in enumerate(workloads.items(), 1):
         if records.get(key, {}).get("trials", 0) >= trials:
@@ -73,7 +75,7 @@ def tune_model(model, trials: int, record_path: str | Path, progress=print, repe
         save_records(record_path, records)
         tuned += 1
         progress(f"[{index}/{len(workloads)}] {name}: {best[0]:.3f} ms with {best[1]}")
-    return TuneResult(len(workloads), tuned, round(time.perf_counter() - start, 1))
+    return TuneResult(len(workloads), tuned, round(time.perf_counter() - start, 1), names)
 
 
 def _candidates(rule, trials: int) -> list[dict]:

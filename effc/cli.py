@@ -92,7 +92,8 @@ def cli() -> None:
               "for this CPU family, when it has some) or `none` (the rules' built-in knobs).")
 @click.option("--calib", "calib", default=None, help="Calibration inputs for lossy passes: an .npz "
               "(one array per input, first axis = samples) or zoo:NAME (that model's calibration set).")
-@click.option("--bits", type=int, default=None, help="= --set shift-add.bits=N: bit planes per weight (2-4, default 3).")
+@click.option("--bits", type=int, default=None,
+              help="= --set shift-add.bits=N: bit planes per weight (2-4, default 3).")
 @click.option("--group", type=int, default=None, help="= --set shift-add.group=N: input columns per scale (default 8).")
 @click.option("--layers", default=None, help="= --set shift-add.layers=GLOB: node names of the linears to rewrite.")
 @click.option("--avg-bits", "avg_bits", type=float, default=None,
@@ -299,7 +300,8 @@ def diff_cmd(a: str, b: str, show_all: bool) -> None:
 
 
 @cli.command("passes")
-@click.option("-v", "--verbose", is_flag=True, help="Also list each pass's options: type, default, accepted values, help.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also list each pass's options: type, default, accepted values, help.")
 def passes_cmd(verbose: bool) -> None:
     """List the available passes (-v: with their options, set as --set PASS.OPTION=VALUE)."""
     from effc.passes import REGISTRY

@@ -180,7 +180,8 @@ def tune_cmd(model: str, target: str, trials: int, records: str, passes: str | N
     if Path(model).is_dir():
         if passes is not None or recipe is not None:
             flag = "--passes" if passes is not None else "--recipe"
-            raise EffcError(f"{flag}: {model} is an `effc compile` output, already through its passes (those of its recipe.json)")
+            raise EffcError(f"{flag}: {model} is an `effc compile` output, already through its passes "
+                            "(those of its recipe.json)")
         ir_model = _compiled_model(Path(model))
     else:
         ir_model = _model_through_recipe(model, passes, recipe)

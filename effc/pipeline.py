@@ -40,7 +40,8 @@ def pass_options(passes: list[Pass], options: dict[str, Any] | None, calibration
     names = {p.name for p in passes}
     stray = sorted(set(options) - names)
     if stray:
-        raise EffcError(f"options given for pass '{stray[0]}', which is not run (passes: {', '.join(sorted(names)) or 'none'})")
+        run = ", ".join(sorted(names)) or "none"
+        raise EffcError(f"options given for pass '{stray[0]}', which is not run (passes run: {run})")
     chosen = {p.name: p.read_options(options.get(p.name)) for p in passes}
     have = {"calibration"} if calibration else set()
     for p in passes:

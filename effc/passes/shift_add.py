@@ -7,7 +7,7 @@ are chosen column by column with GPTQ's error compensation (``_gptq``) under H =
 calibration activations, which is what keeps 3 and 2 bits usable. Without calibration data (or
 with ``compensate=False``) every weight is rounded independently: the round-to-nearest baseline.
 
-Options (``Options`` below; ``--set shift-add.NAME=VALUE``): bits (2/3/4, default 3), group (8), terms (powers of two per scale,
+Options (ctx.options): bits (2/3/4, default 3), group (8), terms (powers of two per scale,
 1-3, default 1), layers (glob on node names; selecting a protected layer includes it),
 avg_bits (allocate 2-4 bits per layer under this average, by measured sensitivity),
 act_order (False), compensate (True), damp (0.01), clip (True: compensated weights stay

@@ -138,6 +138,8 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
     console = _console()
     if plan.overridden:
         console.print(f"recipe {recipe}: the command line overrides " + "; ".join(plan.overridden), markup=False)
+    if recipe and plan.recipe.model and _source(model) != plan.recipe.model:
+        console.print(f"recipe {recipe} was made on {plan.recipe.model}; compiling {model} with it", markup=False)
     with StagedOut(out, protect=_input_files(model)) as stage:  # OUT is replaced as a whole, or not at all
         result, feeds, built = _compile_into(stage.path, console, model, plan, keep_intermediate)
         # The built module is checked in the staging directory: a disagreement raises, which leaves the
@@ -159,6 +161,11 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
             console.print(built.custom_summary)
         _print_rule_problems(console, built)
         console.print(verdict if verify else "not verified against ONNX Runtime (--no-verify)")
+
+
+def _source(model: str) -> str:
+    """MODEL as report.json and recipe.json record it: zoo:NAME, or an absolute path (found again from any cwd)."""
+    return model if model.startswith("zoo:") else os.path.abspath(model)
 
 
 def _input_files(model: str) -> list[Path]:
@@ -210,7 +217,7 @@ def _compile_into(stage: Path, console, model: str, plan, keep_intermediate: boo
         applied = [r for r in result.records if r.status == "applied"]
         for i, (rec, m) in enumerate(zip(applied, result.intermediates), 1):
             save(m, stage / "intermediate" / f"{i:02d}-{rec.name}.onnx")
-    source = model if model.startswith("zoo:") else os.path.abspath(model)  # found again from any cwd
+    source = _source(model)
     write_report(stage / "report.json", source, result.records)
     written = recipes.Recipe(passes=settings.passes, options={n: as_dict(o) for n, o in options.items()},
                              calib=recipes.source_of(settings.calib), calib_hash=recipes.feeds_hash(calibration),

@@ -13,7 +13,7 @@ from typing import Any
 from effc.errors import EffcError
 from effc.passes import REGISTRY, get_pass, parse_pass_list
 from effc.passes.options import build, convert, parse_settings, specs
-from effc.recipe import Recipe
+from effc.recipe import Recipe, source_of
 
 # compile flag (click's parameter name) -> (pass, option, value the flag stands for; None: the flag's own)
 ALIASES: dict[str, tuple[str, str, Any]] = {
@@ -51,8 +51,11 @@ def explicit_options(sets: tuple[str, ...], flags: dict[str, Any]) -> dict[str, 
         if value is None or value is False:
             continue
         pass_name, name, stands_for = ALIASES[flag]
-        value = stands_for if stands_for is not None else value
-        typed = _typed(pass_name, name, value)
+        try:
+            typed = _typed(pass_name, name, stands_for if stands_for is not None else value)
+        except EffcError as exc:  # say it as the user typed it
+            raise EffcError(f"{FLAG_OF.get(flag, '--' + flag)} {value} (= --set {pass_name}.{name}): "
+                            f"{str(exc).split(': ', 1)[-1]}") from None
         earlier = chosen.setdefault(pass_name, {})
         if name in earlier and earlier[name] != typed:
             raise EffcError(f"{FLAG_OF.get(flag, '--' + flag)} and --set {pass_name}.{name}={earlier[name]} "
@@ -64,6 +67,13 @@ def explicit_options(sets: tuple[str, ...], flags: dict[str, Any]) -> dict[str, 
 def _typed(pass_name: str, name: str, value: Any) -> Any:
     spec = {s.name: s for s in specs(REGISTRY[pass_name].Options)}[name]
     return convert(pass_name, spec, value)
+
+
+def _as_recorded(flag: str, value: Any) -> Any:
+    """A flag's value as a recipe records it (data and record files by absolute path)."""
+    if flag in ("calib", "inputs") or (flag == "records" and value not in ("shipped", "none")):
+        return source_of(value)
+    return value
 
 
 def plan(given: dict[str, Any], on_command_line: set[str], options: dict[str, dict[str, Any]],
@@ -85,7 +95,8 @@ def plan(given: dict[str, Any], on_command_line: set[str], options: dict[str, di
     for flag in RECIPE_FLAGS:
         if flag in on_command_line:
             values[flag] = given[flag]
-            if given[flag] != getattr(recipe, flag):
+            same = _as_recorded(flag, given[flag]) == getattr(recipe, flag)
+            if not same:
                 overridden.append(f"--{flag} {given[flag]} (recipe: {getattr(recipe, flag)})")
         else:
             values[flag] = getattr(recipe, flag)
@@ -100,7 +111,8 @@ def plan(given: dict[str, Any], on_command_line: set[str], options: dict[str, di
         if base:
             merged[name] = base
     merged.update({k: v for k, v in options.items() if k not in merged})  # refused later: pass not run
-    settings = Recipe(passes=names, **values, calib_hash=recipe.calib_hash, inputs_hash=recipe.inputs_hash)
+    settings = Recipe(passes=names, **values, calib_hash=recipe.calib_hash, inputs_hash=recipe.inputs_hash,
+                      model=recipe.model)
     for name in names:
         if name not in REGISTRY:
             get_pass(name)  # a recipe naming a pass this effc lacks

@@ -114,6 +114,15 @@ def test_old_flags_are_aliases(model, tmp_path, capsys, flag, value, pass_name, 
     assert json.loads((out / "recipe.json").read_text())["options"][pass_name][name] == typed
 
 
+def test_alias_errors_name_the_flag(tiny_onnx, tmp_path, capsys):
+    line = one_line_error(capsys, "compile", tiny_onnx, "-o", tmp_path / "out", "--passes", "shift-add",
+                          "--bits", "5")
+    assert line.startswith("effc: error: --bits 5 (= --set shift-add.bits)") and "one of 2, 3, 4" in line
+    line = one_line_error(capsys, "compile", tiny_onnx, "-o", tmp_path / "out", "--passes", "shift-add",
+                          "--avg-bits", "1.5")
+    assert "--avg-bits 1.5" in line and "in [2, 4]" in line
+
+
 def test_alias_and_set_must_agree(model, tmp_path, capsys):
     path, calib = model
     line = one_line_error(capsys, "compile", path, "-o", tmp_path / "out", "--passes", "shift-add", "--calib",
@@ -171,7 +180,7 @@ def test_passes_verbose_lists_every_option(capsys):
 
 # --- recipe ----------------------------------------------------------------------------------
 
-def test_recipe_reproduces_a_compile_and_flags_override_it(model, tmp_path, capsys):
+def test_recipe_reproduces_a_compile_and_flags_override_it(model, tmp_path, capsys, monkeypatch):
     path, calib = model
     first, again, other = tmp_path / "first", tmp_path / "again", tmp_path / "other"
     code, _, err = effc(capsys, "compile", path, "-o", first, "--passes", "shift-add", "--bits", "2",
@@ -182,11 +191,13 @@ def test_recipe_reproduces_a_compile_and_flags_override_it(model, tmp_path, caps
     assert recipe["passes"] == ["shift-add"] and recipe["target"] is None and recipe["model"] == str(path)
     code, _, err = effc(capsys, "compile", path, "-o", again, "--recipe", first / "recipe.json")
     assert code == 0, err
-    assert (again / "model.onnx").read_bytes() == (first / "model.onnx").read_bytes()
+    assert (again / "model.onnx").read_bytes() == (first / "model.onnx").read_bytes() and "made on" not in err
     assert json.loads((again / "recipe.json").read_text()) == recipe
-    code, _, err = effc(capsys, "compile", path, "-o", other, "--recipe", first, "--bits", "3")
+    monkeypatch.chdir(calib.parent)
+    code, _, err = effc(capsys, "compile", path, "-o", other, "--recipe", first, "--bits", "3", "--calib", calib.name)
     assert code == 0, err
     assert "overrides shift-add.bits=3 (recipe: 2)" in err and planes_of(other) == [3]
+    assert "--calib" not in err  # the same file (a relative path to it), given again, is no override
     assert json.loads((other / "recipe.json").read_text())["options"]["shift-add"]["refine"] == 1
 
 
@@ -227,5 +238,11 @@ def test_tune_out_tunes_exactly_the_kernels_compile_built(model, tmp_path, capsy
                         tmp_path / "rec.json", "--no-verify")
     assert code == 0 and "overrides --records" in err, err
     assert json.loads((tmp_path / "tuned" / "codegen.json").read_text())["tuned_kernels"] == len(built)
+    # the model compiled, through the recipe: the same passes, options and calibration give the same kernels
+    code, text, err = effc(capsys, "tune", path, "--trials", "1", "--records", tmp_path / "again.json",
+                           "--recipe", out / "recipe.json")
+    assert code == 0, err
+    again = json.loads((tmp_path / "again.json").read_text())["records"]
+    assert sorted(r["kernel"] for r in again.values()) == built and again.keys() == records.keys()
     line = one_line_error(capsys, "tune", out, "--records", tmp_path / "rec.json", "--recipe", out)
     assert "already through its passes" in line

@@ -10,12 +10,10 @@ import onnx
 import pytest
 
 from effc import cli
-from effc.ir import op_counts
 from effc.frontend.onnx import load
 from effc.passes import REGISTRY, Pass, PassOutcome
 from effc.passes.options import option, specs
 from effc.passes.shift_add import ShiftAdd
-from tests.conftest import tiny_mlp_proto
 from tests.passes.test_shift_add import feeds, mlp
 
 

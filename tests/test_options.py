@@ -13,8 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from effc import cli
 from effc.frontend.onnx import load
 from effc.passes import REGISTRY, Pass, PassOutcome
-from effc.passes.options import option, specs
-from effc.passes.shift_add import ShiftAdd
+from effc.passes.options import as_dict, option, specs
 
 
 def effc(capsys, *args) -> tuple[int, str, str]:
@@ -105,21 +104,43 @@ def test_same_option_name_in_two_passes_set_apart(model, tmp_path, capsys, monke
     assert recipe["options"]["toy-bits"] == {"bits": 5} and recipe["options"]["shift-add"]["bits"] == 2
 
 
-def test_every_option_of_every_pass_is_settable(model, tmp_path, capsys):
-    """Each declared option, set to a value other than its default, reaches OUT/recipe.json."""
+def _another_value(spec):
+    """A valid value of an option other than its default."""
+    if spec.type is bool:
+        return not spec.default
+    if spec.choices is not None:
+        return next(c for c in spec.choices if c != spec.default)
+    if spec.type is str:
+        return "fc1"
+    if spec.default is None:
+        low = spec.low if spec.low is not None else 0
+        return spec.type((low + spec.high) / 2 if spec.high is not None else low + 1)
+    step = 1 if spec.type is int else 0.5
+    value = spec.default + step
+    return value if spec.high is None or value <= spec.high else spec.default - step
+
+
+def test_every_option_of_every_pass_is_settable(model, tmp_path, capsys, monkeypatch):
+    """Every declared option of every registered pass, set with --set to a value other than its
+    default, reaches that pass (and only it) and OUT/recipe.json."""
     path, calib = model
-    values = {"bits": 4, "group": 16, "terms": 2, "layers": "fc1", "avg_bits": 3.5, "act_order": True,
-              "compensate": False, "block": 64, "damp": 0.05, "clip": False, "refit": False, "weighted": False,
-              "refine": 1}
-    assert set(values) == {o.name for o in specs(ShiftAdd.Options)}  # a new option must be added here
-    sets = [a for k, v in values.items() for a in ("--set", f"shift-add.{k}={str(v).lower()}")]
+    handed = {}
+    for cls in REGISTRY.values():
+        def spy(self, model, ctx, run=cls.run):
+            handed[self.name] = ctx.options
+            return run(self, model, ctx)
+        monkeypatch.setattr(cls, "run", spy)
+    wanted = {name: {o.name: _another_value(o) for o in specs(p.Options)} for name, p in REGISTRY.items()}
+    sets = [a for name, values in wanted.items() for k, v in values.items()
+            for a in ("--set", f"{name}.{k}={str(v).lower()}")]
+    assert sum(map(len, wanted.values())) >= 14  # shift-add's 13 and layernorm-to-rmsnorm's untie
     out = tmp_path / "out"
-    code, _, err = effc(capsys, "compile", path, "-o", out, "--passes", "layernorm-to-rmsnorm,shift-add",
-                        "--set", "layernorm-to-rmsnorm.untie=false", *sets)
+    code, _, err = effc(capsys, "compile", path, "-o", out, "--passes", ",".join(REGISTRY), "--calib", calib, *sets)
     assert code == 0, err
     recipe = json.loads((out / "recipe.json").read_text())
-    assert recipe["options"]["shift-add"] == values
-    assert recipe["options"]["layernorm-to-rmsnorm"] == {"untie": False}
+    for name, p in REGISTRY.items():
+        assert type(handed[name]) is p.Options and as_dict(handed[name]) == wanted[name]
+        assert recipe["options"][name] == wanted[name]
 
 
 @pytest.mark.parametrize("flag, value, pass_name, name, typed", [

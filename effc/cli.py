@@ -70,11 +70,17 @@ def cli() -> None:
 @click.argument("model")
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--passes", "passes", default=None, help="Comma-separated pass names (default: the exact passes; none: no pass).")
+@click.option("--set", "sets", multiple=True, metavar="PASS.OPTION=VALUE",
+              help="Set one option of one pass (repeatable), e.g. --set shift-add.bits=2; `effc passes -v` lists them.")
+@click.option("--recipe", "recipe", type=click.Path(dir_okay=True), default=None,
+              help="Compile as the recipe says (an OUT/recipe.json, or an OUT): passes, options, calibration, "
+              "opset, inputs, target; flags given here override it.")
 @click.option("--opset", type=int, default=None, help="Convert the model to this opset first.")
 @click.option("--inputs", "inputs", type=click.Path(exists=True, dir_okay=False), default=None,
               help=".npz of inputs used to measure each pass (default: seeded random inputs).")
 @click.option("--keep-intermediate", is_flag=True, help="Also write the model after every pass.")
-@click.option("--no-untie", is_flag=True, help="layernorm-to-rmsnorm: refuse rather than untie shared weights.")
+@click.option("--no-untie", is_flag=True, help="= --set layernorm-to-rmsnorm.untie=false: refuse rather than untie "
+              "shared weights.")
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default=None,
               help="Also build OUT/model.so (+ params) with TVM for this target.")
 @click.option("--arch", default=None, help="CUDA arch for --target cuda: sm_80, sm_90, ...")
@@ -86,40 +92,60 @@ def cli() -> None:
               "for this CPU family, when it has some) or `none` (the rules' built-in knobs).")
 @click.option("--calib", "calib", default=None, help="Calibration inputs for lossy passes: an .npz "
               "(one array per input, first axis = samples) or zoo:NAME (that model's calibration set).")
-@click.option("--bits", type=click.IntRange(2, 4), default=None, help="shift-add: bit planes per weight (default 3).")
-@click.option("--group", type=click.IntRange(1), default=None, help="shift-add: input columns per scale (default 8).")
-@click.option("--layers", default=None, help="shift-add: glob on node names of the linears to rewrite.")
-@click.option("--avg-bits", "avg_bits", type=float, default=None, help="shift-add: allocate bits per layer under this average.")
+@click.option("--bits", type=int, default=None,
+              help="= --set shift-add.bits=N: bit planes per weight (2-4, default 3).")
+@click.option("--group", type=int, default=None, help="= --set shift-add.group=N: input columns per scale (default 8).")
+@click.option("--layers", default=None, help="= --set shift-add.layers=GLOB: node names of the linears to rewrite.")
+@click.option("--avg-bits", "avg_bits", type=float, default=None,
+              help="= --set shift-add.avg_bits=X: allocate bits per layer under this average.")
 @click.option("--max-memory", "max_memory", default=None, help="Refuse a model whose tensors need more than this "
               "(512M, 8G, ...; default: EFFC_MAX_MEMORY, else the lesser of a quarter of the physical memory and half "
               "the available memory).")
-def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inputs: str | None,
-                keep_intermediate: bool, no_untie: bool, target: str | None, arch: str | None, calib: str | None,
-                bits: int | None, group: int | None, layers: str | None, avg_bits: float | None,
-                records: str | None, max_memory: str | None, verify: bool) -> None:
-    """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx and OUT/report.json."""
-    from effc.outdir import StagedOut
-    from effc.passes import parse_pass_list
+def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...], recipe: str | None,
+                opset: int | None, inputs: str | None, keep_intermediate: bool, no_untie: bool, target: str | None,
+                arch: str | None, calib: str | None, bits: int | None, group: int | None, layers: str | None,
+                avg_bits: float | None, records: str | None, max_memory: str | None, verify: bool) -> None:
+    """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx, OUT/report.json and
+    OUT/recipe.json (what `--recipe` and `effc tune OUT` read)."""
+    from click.core import ParameterSource
 
-    pass_list = parse_pass_list(passes)  # validate names before any expensive work
+    from effc import cli_settings, recipe as recipes
+    from effc.outdir import StagedOut
+    from effc.pipeline import pass_options
+
+    click_ctx = click.get_current_context()
+    given = {"passes": passes, "calib": calib, "opset": opset, "inputs": inputs, "target": target, "arch": arch,
+             "records": records}
+    on_command_line = {k for k in given if click_ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    options = cli_settings.explicit_options(sets, {"bits": bits, "group": group, "layers": layers,
+                                                   "avg_bits": avg_bits, "no_untie": no_untie})
+    plan = cli_settings.plan(given, on_command_line, options, recipes.load(recipe) if recipe else None)
+    settings = plan.recipe
+    # names, options and needs (calibration) checked before any expensive work
+    plan.options = pass_options(plan.passes, plan.options, bool(settings.calib))
+    if settings.inputs and not Path(settings.inputs).is_file():
+        raise EffcError(f"--inputs: no such file '{settings.inputs}'")
     if max_memory:
         from effc import memory_guard
 
         memory_guard.set_limit(memory_guard.parse_size(max_memory))
-    if target:
+    if settings.target:
         from effc.codegen.target import check_target_args
 
-        check_target_args(target, arch)
-    if records not in ("shipped", "none") and not Path(records).is_file():
-        raise EffcError(f"--records: no such file '{records}' (or say `shipped` or `none`)")
-    options = {"untie": not no_untie, "bits": bits, "group": group, "layers": layers, "avg_bits": avg_bits}
+        check_target_args(settings.target, settings.arch)
+    if settings.records not in ("shipped", "none") and not Path(settings.records).is_file():
+        raise EffcError(f"--records: no such file '{settings.records}' (or say `shipped` or `none`)")
     console = _console()
+    if plan.overridden:
+        console.print(f"recipe {recipe}: the command line overrides " + "; ".join(plan.overridden), markup=False)
+    if recipe and plan.recipe.model and _source(model) != plan.recipe.model:
+        console.print(f"recipe {recipe} was made on {plan.recipe.model}; compiling {model} with it", markup=False)
     with StagedOut(out, protect=_input_files(model)) as stage:  # OUT is replaced as a whole, or not at all
-        result, feeds, built = _compile_into(stage.path, console, model, pass_list, opset, inputs, calib,
-                                             keep_intermediate, options, target, arch, records)
+        result, feeds, built = _compile_into(stage.path, console, model, plan, keep_intermediate)
         # The built module is checked in the staging directory: a disagreement raises, which leaves the
         # previous OUT as it was and removes the staged module with everything else.
-        verdict = _verify_build(console, stage.path, result.model, feeds, target, arch, records) if built and verify else None
+        verdict = (_verify_build(console, stage.path, result.model, feeds, settings.target, settings.arch,
+                                 settings.records) if built and verify else None)
         out_dir = stage.commit()
     from effc.report import load_report, reason_lines, render_table
 
@@ -127,14 +153,19 @@ def compile_cmd(model: str, out: str, passes: str | None, opset: int | None, inp
     console.print(render_table(report))  # after the swap: refusals stay one line
     for line in reason_lines(report):
         console.print(line, markup=False)
-    console.print(f"wrote {out_dir / 'model.onnx'} and {out_dir / 'report.json'}")
+    console.print(f"wrote {out_dir / 'model.onnx'}, {out_dir / 'report.json'} and {out_dir / recipes.NAME}")
     if built is not None:
-        console.print(f"wrote {out_dir / 'model.so'} for {target} in {built.seconds:.0f} s"
+        console.print(f"wrote {out_dir / 'model.so'} for {settings.target} in {built.seconds:.0f} s"
                       + (f" (TVM's messages: {out_dir / 'build.log'})" if (out_dir / "build.log").exists() else ""))
         if built.custom_summary:
             console.print(built.custom_summary)
         _print_rule_problems(console, built)
         console.print(verdict if verify else "not verified against ONNX Runtime (--no-verify)")
+
+
+def _source(model: str) -> str:
+    """MODEL as report.json and recipe.json record it: zoo:NAME, or an absolute path (found again from any cwd)."""
+    return model if model.startswith("zoo:") else os.path.abspath(model)
 
 
 def _input_files(model: str) -> list[Path]:
@@ -145,27 +176,40 @@ def _input_files(model: str) -> list[Path]:
     return source_files(model)
 
 
-def _compile_into(stage: Path, console, model: str, pass_list, opset, inputs, calib, keep_intermediate: bool,
-                  options: dict, target: str | None, arch: str | None, records: str):
-    """Load, run the passes and (with ``target``) build, writing everything into ``stage``:
-    (the pipeline's result, the feeds it was measured on or None, the BuildResult or None)."""
+def load_calibration(spec: str | None):
+    """Calibration inputs from an .npz or zoo:NAME, or None."""
+    if not spec:
+        return None
+    from effc.calib import load_npz, zoo_calibration
+
+    return zoo_calibration(spec[4:]) if spec.startswith("zoo:") else load_npz(spec)
+
+
+def _compile_into(stage: Path, console, model: str, plan, keep_intermediate: bool):
+    """Load, run the passes and (with a target) build as ``plan`` says, writing everything into
+    ``stage``: (the pipeline's result, the feeds it was measured on or None, the BuildResult or None)."""
+    from effc import recipe as recipes
     from effc.ir import save
+    from effc.passes.options import as_dict
     from effc.pipeline import run_pipeline
     from effc.report import write_report
 
+    settings = plan.recipe
+    target, arch, records = settings.target, settings.arch, settings.records
     with console.status(f"loading {model}"):
-        ir_model, zoo_name = _load_model(model, opset)
+        ir_model, zoo_name = _load_model(model, settings.opset)
     from effc import memory_guard
 
     memory_guard.check(ir_model)  # first thing after loading: a memory bomb costs no further import
-    feeds = _read_feeds(inputs) if inputs else pass_feeds(zoo_name)
-    calibration = None
-    if calib:
-        from effc.calib import load_npz, zoo_calibration
-
-        calibration = zoo_calibration(calib[4:]) if calib.startswith("zoo:") else load_npz(calib)
+    feeds = _read_feeds(settings.inputs) if settings.inputs else pass_feeds(zoo_name)
+    calibration = load_calibration(settings.calib)
+    if "inputs" in plan.from_recipe and settings.inputs:
+        recipes.check_hash("inputs", settings.inputs, feeds, settings.inputs_hash)
+    if "calib" in plan.from_recipe and settings.calib:
+        recipes.check_hash("calib", settings.calib, calibration, settings.calib_hash)
+    options = plan.options
     with console.status("running passes") as status:
-        result = run_pipeline(ir_model, pass_list, feeds=feeds, options=options, calibration=calibration,
+        result = run_pipeline(ir_model, plan.passes, feeds=feeds, options=options, calibration=calibration,
                               keep_intermediate=keep_intermediate,
                               progress=lambda name: status.update(f"pass {name}"))
     save(result.model, stage / "model.onnx")
@@ -173,8 +217,15 @@ def _compile_into(stage: Path, console, model: str, pass_list, opset, inputs, ca
         applied = [r for r in result.records if r.status == "applied"]
         for i, (rec, m) in enumerate(zip(applied, result.intermediates), 1):
             save(m, stage / "intermediate" / f"{i:02d}-{rec.name}.onnx")
-    source = model if model.startswith("zoo:") else os.path.abspath(model)  # found again from any cwd
+    source = _source(model)
     write_report(stage / "report.json", source, result.records)
+    written = recipes.Recipe(passes=settings.passes, options={n: as_dict(o) for n, o in options.items()},
+                             calib=recipes.source_of(settings.calib), calib_hash=recipes.feeds_hash(calibration),
+                             opset=settings.opset, inputs=recipes.source_of(settings.inputs),
+                             inputs_hash=recipes.feeds_hash(feeds) if settings.inputs else None,
+                             target=target, arch=arch, model=source,
+                             records=records if records in ("shipped", "none") else recipes.source_of(records))
+    recipes.write(stage / recipes.NAME, written)
     if not target:
         return result, feeds, None
     from effc.codegen.build import BUILD_LOG_NAME, compile_model
@@ -263,13 +314,26 @@ def diff_cmd(a: str, b: str, show_all: bool) -> None:
 
 
 @cli.command("passes")
-def passes_cmd() -> None:
-    """List the available passes."""
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also list each pass's options: type, default, accepted values, help.")
+def passes_cmd(verbose: bool) -> None:
+    """List the available passes (-v: with their options, set as --set PASS.OPTION=VALUE)."""
     from effc.passes import REGISTRY
+    from effc.passes.options import specs
 
     for name, p in sorted(REGISTRY.items()):
         kind = "exact" if p.exact else "lossy"
         click.echo(f"{name:24s} {kind:6s} {p.summary}")
+        if not verbose:
+            continue
+        options = specs(p.Options)
+        if not options:
+            click.echo("    (no options)")
+        for o in options:
+            default = str(o.default).lower() if isinstance(o.default, bool) or o.default is None else o.default
+            needs = f" (true needs {o.needs})" if o.needs else ""
+            click.echo(f"    {name + '.' + o.name:32s} {o.type_name:13s} default {str(default):6s} {o.accepts:18s} "
+                       f"{o.help}{needs}")
 
 
 @cli.command("eval")

@@ -166,29 +166,95 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
               help="Record file to extend (JSON; created if missing, resumed if present).")
 @click.option("--passes", default=None,
               help="Passes run first, as `effc compile` runs them, so that the tuned kernels are the ones it "
-                   "builds (default: its default passes; none: MODEL as it is). Not for an OUT directory, "
-                   "whose model.onnx has been through them.")
-def tune_cmd(model: str, target: str, trials: int, records: str, passes: str | None) -> None:
+                   "builds (default: its default passes, or the recipe's; none: MODEL as it is). Not for an OUT "
+                   "directory, whose model.onnx has been through them.")
+@click.option("--recipe", "recipe", type=click.Path(), default=None,
+              help="Run the passes of this recipe (an OUT/recipe.json), with its options and calibration, first.")
+def tune_cmd(model: str, target: str, trials: int, records: str, passes: str | None, recipe: str | None) -> None:
     """Search the CPU rules' knobs for each distinct kernel of MODEL and keep the best per kernel in
     RECORDS; `effc compile --records RECORDS` applies them. MODEL is what gets built: an `effc
-    compile` OUT directory (its optimized model.onnx), an .onnx file, or zoo:NAME."""
-    from effc.cli import _load_model, pass_feeds
+    compile` OUT directory (its model.onnx, which its recipe.json's passes, options and calibration
+    made: exactly the kernels of its build), an .onnx file, or zoo:NAME (with --recipe: as that compile)."""
     from effc.codegen.tune import tune_model
-    from effc.frontend.onnx import load
-    from effc.passes import parse_pass_list
-    from effc.pipeline import run_pipeline
 
     if Path(model).is_dir():
-        if passes is not None:
-            raise EffcError(f"--passes: {model} is an `effc compile` output, already through its passes")
-        ir_model, pass_list = load(Path(model) / "model.onnx"), []
+        if passes is not None or recipe is not None:
+            flag = "--passes" if passes is not None else "--recipe"
+            raise EffcError(f"{flag}: {model} is an `effc compile` output, already through its passes "
+                            "(those of its recipe.json)")
+        ir_model = _compiled_model(Path(model))
     else:
-        pass_list = parse_pass_list(passes)
-        ir_model, zoo_name = _load_model(model)
-    if pass_list:
-        ir_model = run_pipeline(ir_model, pass_list, feeds=pass_feeds(zoo_name)).model
+        ir_model = _model_through_recipe(model, passes, recipe)
     result = tune_model(ir_model, trials, records, progress=click.echo)
     click.echo(f"{result.workloads} workloads, {result.tuned} tuned now, {result.seconds} s; records in {records}")
+    if Path(model).is_dir():
+        click.echo(_compare_with_build(Path(model), result.kernels))
+
+
+def _compiled_model(out: Path):
+    """OUT/model.onnx, after saying which recipe made it."""
+    from effc import recipe as recipes
+    from effc.frontend.onnx import load
+
+    if not (out / "model.onnx").is_file():
+        raise EffcError(f"{out}: not an `effc compile` output (no model.onnx)")
+    if (out / recipes.NAME).is_file():
+        made = recipes.load(out)
+        options = "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in _non_default(name, opts).items())}"
+                            for name, opts in made.options.items() if _non_default(name, opts))
+        click.echo(f"tuning {out / 'model.onnx'}: passes {','.join(made.passes) or 'none'}"
+                   + (f" ({options})" if options else "") + (f", calibration {made.calib}" if made.calib else ""))
+    return load(out / "model.onnx")
+
+
+def _non_default(pass_name: str, options: dict) -> dict:
+    from effc.passes import REGISTRY
+    from effc.passes.options import specs
+
+    defaults = {o.name: o.default for o in specs(REGISTRY[pass_name].Options)} if pass_name in REGISTRY else {}
+    return {k: v for k, v in options.items() if k not in defaults or defaults[k] != v}
+
+
+def _model_through_recipe(model: str, passes: str | None, recipe: str | None):
+    """MODEL after the passes `effc compile` would run on it: --passes, else the recipe's (with its
+    options, calibration and measurement inputs), else the default passes."""
+    from effc import recipe as recipes
+    from effc.cli import _load_model, _read_feeds, load_calibration, pass_feeds
+    from effc.passes import get_pass, parse_pass_list
+    from effc.pipeline import run_pipeline
+
+    made = recipes.load(recipe) if recipe else None
+    if made is None or passes is not None:
+        pass_list = parse_pass_list(passes)
+    else:
+        pass_list = [get_pass(name) for name in made.passes]
+    options = {n: o for n, o in (made.options if made else {}).items() if n in {p.name for p in pass_list}}
+    ir_model, zoo_name = _load_model(model, made.opset if made else None)
+    if not pass_list:
+        return ir_model
+    calibration = load_calibration(made.calib) if made else None
+    feeds = _read_feeds(made.inputs) if made and made.inputs else pass_feeds(zoo_name)
+    if made:
+        recipes.check_hash("calib", made.calib, calibration, made.calib_hash)
+        recipes.check_hash("inputs", made.inputs, feeds if made.inputs else None, made.inputs_hash)
+    return run_pipeline(ir_model, pass_list, feeds=feeds, options=options, calibration=calibration).model
+
+
+def _compare_with_build(out: Path, tuned: dict[str, str]) -> str:
+    """One line: whether the kernels tuned are exactly the matmul-rule kernels of OUT's llvm build."""
+    from effc.codegen.runtime import MANIFEST
+
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"{out} has no llvm build ({MANIFEST}) to compare the tuned kernels with"
+    if manifest.get("target") != "llvm":
+        return f"{out} was built for {manifest.get('target')}: these records serve an llvm build of its model.onnx"
+    built = {name for name, rule in manifest.get("kernels", {}).items() if rule == "matmul"}
+    if built == set(tuned):
+        return f"tuned all {len(built)} matmul kernels of {out}'s build ({len(set(tuned.values()))} distinct workloads)"
+    return (f"warning: the tuned kernels differ from {out}'s build: {len(built - set(tuned))} built but not tuned, "
+            f"{len(set(tuned) - built)} tuned but not built (it was built by another effc version?)")
 
 
 def _default_feed(out: str, compiled) -> dict:

@@ -20,7 +20,7 @@ from effc.errors import EffcError
 
 # What `effc compile` writes into OUT; anything else there is the user's and OUT is refused.
 OUT_NAMES = frozenset({"model.onnx", "model.onnx.data", "report.json", "intermediate", "model.so", "params.bin",
-                       "codegen.json", "build.log"})
+                       "codegen.json", "build.log", "recipe.json"})
 
 
 def _hidden(out: Path, tag: str) -> str:

@@ -33,6 +33,24 @@ def _snapshot(model: ir.Model, shapes: dict[str, list[int]]) -> tuple[dict[str, 
     return op_counts(model), params, nbytes, flops(model, shapes)
 
 
+def pass_options(passes: list[Pass], options: dict[str, Any] | None, calibration: bool) -> dict[str, Any]:
+    """Pass name -> its checked options object; EffcError for options of a pass not in ``passes``,
+    a bad value, or a pass that needs what was not given (``calibration``: whether it is)."""
+    options = dict(options or {})
+    names = {p.name for p in passes}
+    stray = sorted(set(options) - names)
+    if stray:
+        run = ", ".join(sorted(names)) or "none"
+        raise EffcError(f"options given for pass '{stray[0]}', which is not run (passes run: {run})")
+    chosen = {p.name: p.read_options(options.get(p.name)) for p in passes}
+    have = {"calibration"} if calibration else set()
+    for p in passes:
+        reason = p.missing(chosen[p.name], have)
+        if reason:
+            raise EffcError(reason)
+    return chosen
+
+
 def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None,
                  options: dict[str, Any] | None = None, calibration: Feeds | None = None,
                  keep_intermediate: bool = False,
@@ -42,7 +60,12 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
     Every pass's output is run in ONNX Runtime on ``feeds`` (seeded random inputs by default) and
     compared with the original model's outputs. An exact pass that deviates beyond its tolerance,
     or any pass whose output ONNX Runtime cannot run, is rolled back.
+
+    ``options``: pass name -> that pass's options (its ``Options`` object or a dict of values);
+    each pass is handed only its own, checked. A pass whose needs are not met (calibration) is
+    refused (EffcError) before anything runs.
     """
+    chosen = pass_options(passes, options, bool(calibration))
     given = bool(feeds)
     feeds = feeds or make_inputs(model)
     shapes = {name: list(arr.shape) for name, arr in feeds[0].items()}
@@ -53,7 +76,6 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
             raise EffcError(f"ONNX Runtime cannot run the model on the given inputs ({exc.reason})") from None
         raise EffcError(f"ONNX Runtime cannot run the model on effc's generated inputs ({exc.reason}); give "
                         "inputs it accepts with --inputs FILE.npz (one array per input, first axis = samples)") from None
-    ctx = PassContext(options=dict(options or {}), calibration=calibration)
     records: list[PassRecord] = []
     intermediates: list[ir.Model] = []
     ops, params, nbytes, fl = _snapshot(model, shapes)
@@ -66,7 +88,7 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
                             params_before=params, params_after=params, bytes_before=nbytes, bytes_after=nbytes,
                             flops_before=fl, flops_after=fl, tolerance=p.tolerance if p.exact else None)
         try:
-            outcome = p.run(model, ctx)
+            outcome = p.run(model, PassContext(options=chosen[p.name], calibration=calibration))
         except EffcError:
             raise
         except Exception as exc:  # a bug in a pass must not cost the user their model

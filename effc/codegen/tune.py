@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ class TuneResult:
     workloads: int
     tuned: int  # newly measured this run (the rest came from the record file)
     seconds: float
+    kernels: dict[str, str] = field(default_factory=dict)  # every kernel the rule takes -> its workload key
 
 
 def tune_model(model, trials: int, record_path: str | Path, progress=print, repeat: int = 5) -> TuneResult:
@@ -39,11 +40,12 @@ def tune_model(model, trials: int, record_path: str | Path, progress=print, repe
     _, kernels, _ = front_half(model, bt, target)  # the kernels exactly as compile_model schedules them
     rule = Matmul()
     records = load_records(record_path)
-    workloads = {}
+    workloads, names = {}, {}
     for gv, func in kernels.functions_items():
         key = workload_key(func, target) if _is_primfunc(func) else None
-        if key and key not in workloads and rule.schedule(func, rule.mr, rule.nr_vectors) is not None:
-            workloads[key] = (gv.name_hint, func)
+        if key and (key in workloads or rule.schedule(func, rule.mr, rule.nr_vectors) is not None):
+            names[gv.name_hint] = key
+            workloads.setdefault(key, (gv.name_hint, func))
     tuned = 0
     for index, (key, (name, func)) in enumerate(workloads.items(), 1):
         if records.get(key, {}).get("trials", 0) >= trials:
@@ -69,7 +71,7 @@ def tune_model(model, trials: int, record_path: str | Path, progress=print, repe
         save_records(record_path, records)
         tuned += 1
         progress(f"[{index}/{len(workloads)}] {name}: {best[0]:.3f} ms with {best[1]}")
-    return TuneResult(len(workloads), tuned, round(time.perf_counter() - start, 1))
+    return TuneResult(len(workloads), tuned, round(time.perf_counter() - start, 1), names)
 
 
 def _candidates(rule, trials: int) -> list[dict]:

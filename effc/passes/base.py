@@ -7,6 +7,10 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from effc.passes.options import NoOptions, read, specs
+
+_NEED_FLAGS = {"calibration": "calibration data: give --calib FILE.npz or zoo:NAME"}
+
 
 @dataclass
 class Skip:
@@ -67,14 +71,19 @@ class PassOutcome:
 
 @dataclass
 class PassContext:
-    """What the runner gives a pass besides the model: options and calibration inputs."""
+    """What the runner gives a pass besides the model: its own options (an instance of the pass's
+    ``Options``; a dict of option values is accepted too, see ``Pass.read_options``) and
+    calibration inputs."""
 
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = None
     calibration: list[dict[str, Any]] | None = None
 
 
 class Pass:
-    """Base class. Subclasses set ``name`` (kebab-case), ``exact`` and ``summary`` and implement ``run``.
+    """Base class. Subclasses set ``name`` (kebab-case), ``exact`` and ``summary``, declare their
+    options as one dataclass in ``Options`` (fields made with :func:`effc.passes.options.option`)
+    and implement ``run``. ``needs``: what the pass cannot run without ("calibration"); an option
+    declared with ``needs=`` adds its need while it is true.
 
     ``run`` mutates the model in place and returns a :class:`PassOutcome`. A pass that makes no
     rewrite must leave the model untouched (the runner restores it anyway, to be safe).
@@ -84,8 +93,26 @@ class Pass:
     summary: ClassVar[str]
     exact: ClassVar[bool]
     needs: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type] = NoOptions
     # Exact passes are held to this relative deviation from the original model (fp32).
     tolerance: ClassVar[float] = 1e-4
+
+    @classmethod
+    def read_options(cls, values: Any = None) -> Any:
+        """This pass's checked options from an ``Options`` instance, a dict of values, or None."""
+        return read(cls.name, cls.Options, values)
+
+    @classmethod
+    def missing(cls, opts: Any, have: set[str]) -> str | None:
+        """Why the pass cannot run with ``opts`` given only the inputs in ``have``, or None."""
+        for need in cls.needs:
+            if need not in have:
+                return f"pass '{cls.name}' needs {_NEED_FLAGS.get(need, need)}"
+        for spec in specs(cls.Options):
+            if spec.needs and spec.needs not in have and getattr(opts, spec.name) is True:
+                return (f"{cls.name}.{spec.name}=true needs {_NEED_FLAGS.get(spec.needs, spec.needs)}, "
+                        f"or --set {cls.name}.{spec.name}=false")
+        return None
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:  # pragma: no cover - abstract
         raise NotImplementedError(f"pass {self.name} does not implement run()")

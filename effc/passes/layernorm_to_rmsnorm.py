@@ -17,6 +17,8 @@ embedding / LM head) be copied; with ``untie=False`` such a model is refused ins
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_ir as ir
 
 from effc.ir import opset
@@ -24,12 +26,20 @@ from effc.passes._norm_sites import NormSite, centre_output, convert, find_sites
 from effc.passes._recentre import install
 from effc.passes._residual_stream import ResidualStream
 from effc.passes.base import Pass, PassContext, PassOutcome
+from effc.passes.options import option
+
+
+@dataclass
+class Options:
+    untie: bool = option(True, "copy a recentred constant that other nodes also read (a tied embedding / "
+                         "LM head); false: refuse such a model")
 
 
 class LayerNormToRMSNorm(Pass):
     name = "layernorm-to-rmsnorm"
     summary = "Pre-LN LayerNorm -> RMSNorm by recentring the residual stream's writers (exact)"
     exact = True
+    Options = Options
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         outcome = PassOutcome()
@@ -39,7 +49,7 @@ class LayerNormToRMSNorm(Pass):
             outcome.skip(node, reason)
         if not sites:
             return outcome
-        plan = ResidualStream(sites, untie=bool(ctx.options.get("untie", True))).plan()
+        plan = ResidualStream(sites, untie=self.read_options(ctx.options).untie).plan()
         failing = [(site, reason) for site, reason in zip(sites, plan.failures) if reason]
         if failing or rejected:
             _refuse_all(outcome, sites, failing, rejected)

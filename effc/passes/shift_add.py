@@ -30,7 +30,6 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
 from effc.calib import Gram, gram_matrices, single_threaded_blas
-from effc.errors import EffcError
 from effc.ir import new_initializer, opset
 from effc.ops import DOMAIN, use
 from effc.ops import shift_add_matmul as op
@@ -38,6 +37,7 @@ from effc.passes._bcq import BCQQuantizer, refine_codes, refit_exponents
 from effc.passes._gptq import gptq, output_error
 from effc.passes._linears import Linear, find_linears
 from effc.passes.base import LayerRecord, Pass, PassContext, PassOutcome, Rewrite
+from effc.passes.options import option, read
 from effc.verify import make_inputs
 
 BITS = (2, 3, 4)
@@ -45,33 +45,27 @@ BITS = (2, 3, 4)
 
 @dataclass
 class Options:
-    bits: int = 3
-    group: int = 8
-    terms: int = 1
-    layers: str | None = None
-    avg_bits: float | None = None
-    act_order: bool = False
-    compensate: bool = True
-    block: int = 128
-    damp: float = 0.01
-    clip: bool = True  # keep compensated weights within their original group's magnitude
-    refit: bool = True  # after compensation, move exponents by +-1 where the output error drops
-    weighted: bool = True  # fit each group's scales to the error weighted by its inputs' GPTQ cost
-    refine: int = 2  # rounds of code-by-code descent on the exact output error after compensation
+    bits: int = option(3, "bit planes per weight", choices=BITS)
+    group: int = option(8, "input columns per scale", low=1)
+    terms: int = option(1, "powers of two per scale (the llvm/cuda kernels take 1)", choices=(1, 2, 3))
+    layers: str | None = option(None, "glob on node names of the linears to rewrite (selecting a protected "
+                                "first/last layer includes it)")
+    avg_bits: float | None = option(None, "allocate bits per layer, by measured sensitivity, under this average",
+                                    low=BITS[0], high=BITS[-1])
+    act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    compensate: bool = option(True, "GPTQ error compensation on calibration data (false: round to nearest)",
+                              needs="calibration")
+    block: int = option(128, "GPTQ: columns per lazy-update block", low=1)
+    damp: float = option(0.01, "GPTQ: Hessian dampening, as a fraction of its mean diagonal", low=0.0)
+    clip: bool = option(True, "keep compensated weights within their original group's magnitude")
+    refit: bool = option(True, "after compensation, move exponents by +-1 where the output error drops")
+    weighted: bool = option(True, "fit each group's scales to the error weighted by its inputs' GPTQ cost")
+    refine: int = option(2, "rounds of code-by-code descent on the exact output error after compensation", low=0)
 
     @classmethod
-    def parse(cls, options: dict) -> Options:
-        known = {k: options[k] for k in cls.__dataclass_fields__ if options.get(k) is not None}
-        opts = cls(**known)
-        if opts.bits not in BITS:
-            raise EffcError(f"shift-add: bits must be one of {BITS}, got {opts.bits}")
-        if opts.refine < 0:
-            raise EffcError(f"shift-add: refine must be >= 0, got {opts.refine}")
-        if opts.group < 1 or opts.terms not in (1, 2, 3):
-            raise EffcError(f"shift-add: need group >= 1 and terms in 1..3 (got {opts.group}, {opts.terms})")
-        if opts.avg_bits is not None and not BITS[0] <= opts.avg_bits <= BITS[-1]:
-            raise EffcError(f"shift-add: avg_bits must lie in [{BITS[0]}, {BITS[-1]}], got {opts.avg_bits}")
-        return opts
+    def parse(cls, options) -> Options:
+        """Checked options from an instance, a dict of values or None (see effc.passes.options)."""
+        return read("shift-add", cls, options)
 
 
 @dataclass
@@ -131,7 +125,7 @@ class ShiftAdd(Pass):
     name = "shift-add"
     summary = "Linears -> binary planes with power-of-two scales (ShiftAddLLM, GPTQ-compensated; lossy)"
     exact = False
-    needs = ("calibration",)
+    Options = Options  # compensate=true needs calibration data
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         opts = Options.parse(ctx.options)

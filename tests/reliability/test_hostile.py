@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -16,7 +17,7 @@ from effc.errors import EffcError
 from effc.frontend.onnx import from_proto
 from effc.verify import OrtRunner, make_inputs
 from tests.conftest import tiny_mlp_proto
-from tests.reliability.common import ENV, effc, effc_cmd, one_line_refusal, save_proto
+from tests.reliability.common import ENV, effc, one_line_refusal, save_proto
 
 
 def _model(nodes, inputs, outputs, opset=17, inits=()):
@@ -45,14 +46,19 @@ def test_expand_bomb_refused_fast_and_small(tmp_path, n, limit):
     start = time.perf_counter()
     args = ["compile", src, "-o", tmp_path / "out"] + (["--max-memory", limit] if limit else [])
 
-    child = subprocess.Popen(effc_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS (the output is a line: no pipe stall)
+    peak_file = tmp_path / "peak_kb"
+    # The child writes its own VmHWM at exit: it is per address space, so a fresh exec starts at zero
+    # (wait4's ru_maxrss carries over the forking pytest's peak once TVM has run in this session).
+    probe = ("import atexit, runpy, sys\n"
+             "def peak():\n"
+             "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+             f"    open({str(peak_file)!r}, 'w').write(hwm)\n"
+             "atexit.register(peak)\n"
+             "sys.argv = ['effc', *sys.argv[1:]]\n"
+             "runpy.run_module('effc.cli', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True, env=ENV)
     seconds = time.perf_counter() - start
-    peak_kb = usage.ru_maxrss
-    proc = subprocess.CompletedProcess(child.args, os.waitstatus_to_exitcode(status), child.stdout.read(),
-                                       child.stderr.read())
-    child.stdout.close(), child.stderr.close()
-    child.returncode = proc.returncode
+    peak_kb = int(peak_file.read_text())
     line = one_line_refusal(proc)
     assert "the model needs about" in line and "over the memory limit" in line and "'big'" in line
     assert seconds < 15  # < 5 s on an idle machine; this one is shared

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from effc import cli
 from effc.frontend.onnx import load
 from effc.passes import REGISTRY, Pass, PassOutcome
 from effc.passes.options import as_dict, option, specs
+from tests.passes import shift_add_models
+from tests.passes.shift_add_models import feeds
 
 
 def effc(capsys, *args) -> tuple[int, str, str]:
@@ -29,30 +30,9 @@ def one_line_error(capsys, *args) -> str:
     return lines[0]
 
 
-def mlp(dims=(32, 64, 64, 16)) -> onnx.ModelProto:
-    """x[1,16,K] -> [MatMul -> Add -> Relu] ... -> y: shift-add keeps the first and last linears dense."""
-    rng = np.random.default_rng(0)
-    nodes, inits, prev = [], [], "x"
-    for i, (k, n) in enumerate(zip(dims, dims[1:])):
-        inits += [numpy_helper.from_array((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), f"W{i}"),
-                  numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"b{i}")]
-        nodes += [helper.make_node("MatMul", [prev, f"W{i}"], [f"h{i}"], name=f"fc{i}"),
-                  helper.make_node("Add", [f"h{i}", f"b{i}"], [f"a{i}"], name=f"fc{i}_bias")]
-        prev = f"a{i}"
-        if i < len(dims) - 2:
-            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"], name=f"act{i}"))
-            prev = f"r{i}"
-    nodes[-1].output[0] = "y"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, dims[0]])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, dims[-1]])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    return proto
-
-
-def feeds(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((1, 16, 32)).astype(np.float32)} for _ in range(count)]
+def mlp() -> onnx.ModelProto:
+    """x[1,16,32] -> [MatMul -> Add -> Relu] x 3 -> y: shift-add keeps the first and last linears dense."""
+    return shift_add_models.mlp(dims=(32, 64, 64, 16))
 
 
 @pytest.fixture

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.tirx.analysis import undefined_vars
 
 from effc.codegen.schedules.cpu.base import FLOAT_DTYPES, CPURule, extent, vector_lanes
 
-MAX_TAPS = 64  # a window of at most this many taps per output (7x7 pooling is 49)
+ROW_VECTORS = 8  # a row of at most this many vectors accumulates them side by side (FMA latency)
+MAX_TAPS = 256  # a window of at most this many taps per output (7x7 pooling is 49, an RGB 7x7 stem conv 147)
 
 
 class Window(CPURule):
@@ -58,23 +60,50 @@ class Window(CPURule):
         vec = _vector_width(width, lanes)
         for block in pads:
             _deinterleave(sch, main, block)
+            if _sums_channels(sch, main, block):  # every plane reads all of it: built once, in parallel
+                pad_loops = sch.get_loops(block)
+                sch.parallel(sch.fuse(*pad_loops[:2]) if len(pad_loops) > 2 else pad_loops[0])
+                _vectorize_inner(sch, block, lanes)
+                continue
             sch.compute_at(block, plane, preserve_unit_loops=True)
             _vectorize_inner(sch, block, lanes)
-        if vec != width:
+        chunks = None
+        if vec != width and width <= ROW_VECTORS * vec:  # the row's vectors accumulate side by side
+            chunks, inner = sch.split(cols, [None, vec])
+            sch.reorder(*rows, *taps, chunks, inner)
+            sch.unroll(chunks)
+        elif vec != width:
             cols, inner = sch.split(cols, [None, vec])
             sch.reorder(*rows, cols, *taps, inner)
         else:
             inner = cols
             sch.reorder(*rows, *taps, inner)
-        for tap in taps:  # each output vector accumulates in a register
+        for tap in taps:
             sch.unroll(tap)
         sch.vectorize(inner)
+        # the accumulators in a local buffer, written out after the taps: in the output buffer
+        # LLVM cannot keep them in registers (it may alias the input), each tap a load and a store
+        acc = sch.cache_write(main, 0, "local")
+        main_loops = [sch.get(lp) for lp in sch.get_loops(main)]
+        above_taps = sch.get_loops(main)[[i for i, lp in enumerate(main_loops) if lp.same_as(sch.get(taps[0]))][0] - 1]
+        sch.reverse_compute_at(acc, above_taps, preserve_unit_loops=True)
+        _vectorize_inner(sch, acc, lanes)
         for block in epilogue:
             sch.reverse_compute_at(block, plane, preserve_unit_loops=True)
             _vectorize_inner(sch, block, lanes)
         sch.parallel(plane)
         sch.decompose_reduction(main, taps[0])
         return sch
+
+
+def _sums_channels(sch, main, pad) -> bool:
+    """A direct conv (conv_gemm's ConvShape.direct): a reduction variable indexes the channel axis of
+    the padded input, so each output plane reads every input plane."""
+    buffer = sch.get(pad).writes[0].source
+    reduce_vars = [iv.var for iv in sch.get(main).iter_vars if iv.iter_type == 2]  # 2: CommReduce
+    return any(
+        any(any(v.same_as(r) for r in reduce_vars) for v in undefined_vars(read.region[1].min))
+        for read in sch.get(main).reads if read.source.same_as(buffer))
 
 
 def _vector_width(width: int, lanes: int) -> int:

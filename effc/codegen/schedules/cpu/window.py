@@ -17,6 +17,7 @@ from tvm.tirx.analysis import undefined_vars
 from effc.codegen.schedules.cpu.base import FLOAT_DTYPES, CPURule, extent, vector_lanes
 
 ROW_VECTORS = 8  # a row of at most this many vectors accumulates them side by side (FMA latency)
+ACCUMULATORS = 24  # vector registers a direct conv's step may hold sums in
 MAX_TAPS = 256  # a window of at most this many taps per output (7x7 pooling is 49, an RGB 7x7 stem conv 147)
 
 
@@ -58,9 +59,10 @@ class Window(CPURule):
         lanes = vector_lanes(dtype)
         width = extent(sch, cols)
         vec = _vector_width(width, lanes)
-        for block in pads:
+        direct = [_sums_channels(sch, main, block) for block in pads]
+        for block, shared in zip(pads, direct):
             _deinterleave(sch, main, block)
-            if _sums_channels(sch, main, block):  # every plane reads all of it: built once, in parallel
+            if shared:  # every plane reads all of it: built once, in parallel
                 pad_loops = sch.get_loops(block)
                 sch.parallel(sch.fuse(*pad_loops[:2]) if len(pad_loops) > 2 else pad_loops[0])
                 _vectorize_inner(sch, block, lanes)
@@ -72,6 +74,11 @@ class Window(CPURule):
             chunks, inner = sch.split(cols, [None, vec])
             sch.reorder(*rows, *taps, chunks, inner)
             sch.unroll(chunks)
+            block_planes = _plane_block(extent(sch, plane), width // vec) if any(direct) else 1
+            if block_planes > 1:  # a direct conv: each input vector loaded once for several output planes
+                plane, planes_in = sch.split(plane, [None, block_planes])
+                sch.reorder(*rows, *taps, planes_in)
+                sch.unroll(planes_in)
         elif vec != width:
             cols, inner = sch.split(cols, [None, vec])
             sch.reorder(*rows, cols, *taps, inner)
@@ -94,6 +101,15 @@ class Window(CPURule):
         sch.parallel(plane)
         sch.decompose_reduction(main, taps[0])
         return sch
+
+
+def _plane_block(planes: int, vectors: int) -> int:
+    """Output planes per step of a direct conv: as many as keep the accumulators (planes x a row's
+    vectors) within the 32 vector registers, with room for the operands."""
+    for block in (4, 3, 2):
+        if planes % block == 0 and block * vectors <= ACCUMULATORS:
+            return block
+    return 1
 
 
 def _sums_channels(sch, main, pad) -> bool:

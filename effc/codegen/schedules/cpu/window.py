@@ -61,14 +61,16 @@ class Window(CPURule):
         vec = _vector_width(width, lanes)
         direct = [_sums_channels(sch, main, block) for block in pads]
         for block, shared in zip(pads, direct):
-            _deinterleave(sch, main, block)
+            stride = _deinterleave(sch, main, block)
             if shared:  # every plane reads all of it: built once, in parallel
                 pad_loops = sch.get_loops(block)
                 sch.parallel(sch.fuse(*pad_loops[:2]) if len(pad_loops) > 2 else pad_loops[0])
+            else:
+                sch.compute_at(block, plane, preserve_unit_loops=True)
+            if stride > 1:  # scalar, a step per phase: vectorised, each lane's store was its own (2x slower)
+                sch.unroll(sch.split(sch.get_loops(block)[-1], [None, stride])[1])
+            else:
                 _vectorize_inner(sch, block, lanes)
-                continue
-            sch.compute_at(block, plane, preserve_unit_loops=True)
-            _vectorize_inner(sch, block, lanes)
         chunks = None
         if vec != width and width <= ROW_VECTORS * vec:  # the row's vectors accumulate side by side
             chunks, inner = sch.split(cols, [None, vec])
@@ -136,10 +138,10 @@ def _vector_width(width: int, lanes: int) -> int:
     return lanes
 
 
-def _deinterleave(sch, main, pad) -> None:
+def _deinterleave(sch, main, pad) -> int:
     """A strided window reads every s-th column of the padded plane: store the plane as s phases
     (column w at [w % s, w // s]) so that a vector of outputs reads contiguous columns, not a
-    gather."""
+    gather. The stride s, or 1 where the plane is left as it is."""
     from tvm.sym.pattern import detect_linear_equation
 
     buffer = sch.get(pad).writes[0].source
@@ -147,12 +149,13 @@ def _deinterleave(sch, main, pad) -> None:
     col_var = sch.get(main).writes[0].region[-1].min  # the output column's block variable
     reads = [r for r in sch.get(main).reads if r.source.same_as(buffer)]
     if not reads or not isinstance(col_var, tirx.Var) or not isinstance(width, tirx.IntImm):
-        return
+        return 1
     coeff = detect_linear_equation(reads[0].region[-1].min, [col_var])
     stride = int(coeff[0]) if len(coeff) == 2 and isinstance(coeff[0], tirx.IntImm) else 1
     if stride <= 1 or int(width) % stride:
-        return
+        return 1
     sch.transform_layout(pad, ("write", 0), lambda *idx: (*idx[:-1], idx[-1] % stride, idx[-1] // stride))
+    return stride
 
 
 def _product(sch, loops) -> int:

@@ -1,11 +1,19 @@
-"""Sliding-window kernels: depthwise convolution, max and average pooling (1-D or 2-D, NCHW).
+"""Sliding-window kernels: depthwise convolution, max and average pooling, and direct convolution
+of a few input channels (1-D or 2-D, NCHW).
 
 Each output pixel reduces a small window (kernel taps, times one input channel) of one input plane,
 so there is no GEMM to form (conv_gemm leaves depthwise convs here). One parallel loop over
 (image, channel) planes; under it the padded input plane is built in L1 (the pad block computed at
 the plane: one copy, no per-tap bound checks), then every output row runs its taps over vectors of
-output pixels (unrolled taps: each vector accumulates in a register), and the epilogue (bias,
-ReLU, the average's divide) is applied to the plane while it is in cache.
+output pixels (unrolled taps), and the epilogue (bias, ReLU, the average's divide) is applied to the
+plane while it is in cache. A row's vectors (up to ROW_VECTORS) accumulate side by side in a local
+buffer that LLVM keeps in registers: independent chains hide the FMA latency, and sums kept in the
+output buffer were a load and a store per tap.
+
+A conv with a few input channels (conv_gemm's ConvShape.direct: an RGB 7x7 stem, 147 taps) sums
+over every input plane: there the padded input is built once, and output planes go in blocks that
+share each input vector load (block x row vectors accumulators), with no im2col buffer (3 x 49
+times the input: memory-bound as a GEMM).
 """
 
 from __future__ import annotations

@@ -96,6 +96,7 @@ def test_conv2d_as_gemm(tmp_path, n, c, size, o, k, stride, pad, dilation, group
 DIRECT = [  # n, c, size, o, k, stride, pad, dims: a few input channels (ConvShape.direct)
     (1, 3, 64, 8, 7, 2, 3, 2),  # an RGB stem, 7x7 stride 2: rows of two vectors, planes in blocks
     (2, 3, 29, 6, 3, 1, 1, 2),  # odd sizes, stride 1, several images
+    (1, 3, 150, 4, 3, 1, 1, 2),  # rows of 10 vectors (the last masked), 5 side by side
     (2, 1, 203, 8, 10, 5, 0, 1),  # a waveform front end (wav2vec's first conv)
     (1, 4, 67, 5, 3, 2, 1, 1),
 ]

@@ -24,7 +24,7 @@ from tvm.tirx.analysis import undefined_vars
 
 from effc.codegen.schedules.cpu.base import FLOAT_DTYPES, CPURule, extent, vector_lanes
 
-ROW_VECTORS = 8  # a row of at most this many vectors accumulates them side by side (FMA latency)
+ROW_VECTORS = 8  # at most this many vectors of a row accumulate side by side (FMA latency; registers)
 ACCUMULATORS = 24  # vector registers a direct conv's step may hold sums in
 MAX_TAPS = 256  # a window of at most this many taps per output (7x7 pooling is 49, an RGB 7x7 stem conv 147)
 
@@ -79,19 +79,18 @@ class Window(CPURule):
                 sch.unroll(sch.split(sch.get_loops(block)[-1], [None, stride])[1])
             else:
                 _vectorize_inner(sch, block, lanes)
-        chunks = None
-        if vec != width and width <= ROW_VECTORS * vec:  # the row's vectors accumulate side by side
-            chunks, inner = sch.split(cols, [None, vec])
-            sch.reorder(*rows, *taps, chunks, inner)
+        if vec != width:  # a row's vectors (up to ROW_VECTORS of them) accumulate side by side
+            cols, inner = sch.split(cols, [None, vec])
+            count = extent(sch, cols)
+            side = max(d for d in range(1, ROW_VECTORS + 1) if count % d == 0)
+            cols, chunks = sch.split(cols, [None, side])
+            sch.reorder(*rows, cols, *taps, chunks, inner)
             sch.unroll(chunks)
-            block_planes = _plane_block(extent(sch, plane), width // vec) if any(direct) else 1
+            block_planes = _plane_block(extent(sch, plane), side) if any(direct) else 1
             if block_planes > 1:  # a direct conv: each input vector loaded once for several output planes
                 plane, planes_in = sch.split(plane, [None, block_planes])
-                sch.reorder(*rows, *taps, planes_in)
+                sch.reorder(*rows, cols, *taps, planes_in)
                 sch.unroll(planes_in)
-        elif vec != width:
-            cols, inner = sch.split(cols, [None, vec])
-            sch.reorder(*rows, cols, *taps, inner)
         else:
             inner = cols
             sch.reorder(*rows, *taps, inner)

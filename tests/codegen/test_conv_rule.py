@@ -122,6 +122,7 @@ def test_conv1d_audio_front_end(tmp_path, n, c, size, stride, epilogue):
 
 
 @pytest.mark.parametrize("n,c,size,k,stride,pad,dims", [(1, 16, 13, 3, 1, 1, 2), (2, 12, 28, 3, 2, 1, 2),
+                                                        (1, 4, 24, 7, 1, 3, 2),  # rows of 3 half vectors
                                                         (2, 8, 7, 5, 1, 2, 2), (1, 16, 37, 3, 2, 1, 1)])
 def test_depthwise_conv_on_window_rule(tmp_path, n, c, size, k, stride, pad, dims):
     kernels = _compile_and_compare(_conv_model(n, c, size, c, k, stride, pad, 1, c, dims=dims), tmp_path)

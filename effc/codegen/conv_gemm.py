@@ -18,7 +18,8 @@ An NCHW conv (1-D or 2-D, any stride, padding, dilation, groups) computes, per i
 
 The matmul rule reads W2 in place (one broadcast per row and k step) and packs col into j-panels per
 call (k * pixels, against the GEMM's o * k * pixels). A depthwise conv (one input channel per
-group) is no GEMM (k = the taps alone): it stays a conv, for the window rule.
+group) is no GEMM (k = the taps alone): it stays a conv, for the window rule; so does a conv with a
+few input channels (ConvShape.direct: an image's or a waveform's stem).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from effc.codegen.relax_rewrite import mutator_pass
 CONV_OPS = ("relax.nn.conv1d", "relax.nn.conv2d")
 GEMM_PREFIX = "conv_gemm"  # the GEMM kernels' name (sink_reshape looks for it)
 IM2COL = "effc.im2col"  # the gather block's annotation: [channels per group, *kernel, *out] (its rule reads it)
+DIRECT_MAX_CHANNELS = 4  # convs with at most this many input channels ...
+DIRECT_MAX_TAPS = 256  # ... and taps per output (3 x 7 x 7 = 147) are left to the window rule
 LAYOUTS = {"relax.nn.conv1d": ("NCW", "OIW", "NCW"), "relax.nn.conv2d": ("NCHW", "OIHW", "NCHW")}
 
 
@@ -42,7 +45,7 @@ def conv_gemm_pass():
         def visit_call_(self, call):
             call = super().visit_call_(call)
             conv = conv_shape(call)
-            if conv is None or conv.depthwise:
+            if conv is None or conv.depthwise or conv.direct:
                 return call
             emit, op = self.builder_.emit, relax.op
             lead = [conv.n] if conv.n > 1 else []
@@ -85,6 +88,10 @@ class ConvShape:
         self.pixels = math.prod(self.out)
         self.k = cg * math.prod(self.kernel)
         self.depthwise = cg == 1 and self.groups > 1
+        # a few input channels (an image's RGB stem, a waveform): k is small and col, k * pixels, is
+        # as large as the input times the taps: the window rule convolves directly from the padded
+        # input in cache instead, with no col buffer to write, pack and read again
+        self.direct = self.groups == 1 and cg <= DIRECT_MAX_CHANNELS and self.k <= DIRECT_MAX_TAPS
         self.pointwise = (all(kk == 1 for kk in self.kernel) and all(s == 1 for s in self.stride)
                           and not any(self.pad_before) and not any(pad_after))
 

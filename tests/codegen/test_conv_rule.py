@@ -93,6 +93,23 @@ def test_conv2d_as_gemm(tmp_path, n, c, size, o, k, stride, pad, dilation, group
                    for k_, r in kernels.items()), kernels
 
 
+DIRECT = [  # n, c, size, o, k, stride, pad, dims: a few input channels (ConvShape.direct)
+    (1, 3, 64, 8, 7, 2, 3, 2),  # an RGB stem, 7x7 stride 2: rows of two vectors, planes in blocks
+    (2, 3, 29, 6, 3, 1, 1, 2),  # odd sizes, stride 1, several images
+    (1, 3, 150, 4, 3, 1, 1, 2),  # rows of 10 vectors (the last masked), 5 side by side
+    (2, 1, 203, 8, 10, 5, 0, 1),  # a waveform front end (wav2vec's first conv)
+    (1, 4, 67, 5, 3, 2, 1, 1),
+]
+
+
+@pytest.mark.parametrize("n,c,size,o,k,stride,pad,dims", DIRECT)
+def test_direct_conv_on_window_rule(tmp_path, n, c, size, o, k, stride, pad, dims):
+    """A conv with a few input channels is no GEMM: the window rule convolves it directly, the ReLU in
+    its epilogue; no im2col and no GEMM kernel."""
+    kernels = _compile_and_compare(_conv_model(n, c, size, o, k, stride, pad, 1, 1, dims=dims), tmp_path)
+    assert list(kernels.values()) == ["window"] and "conv" in next(iter(kernels)), kernels
+
+
 @pytest.mark.parametrize("n,c,size,stride,epilogue", [(1, 80, 37, 1, "gelu"), (2, 24, 37, 2, "gelu"),
                                                       (2, 8, 13, 2, "relu")])
 def test_conv1d_audio_front_end(tmp_path, n, c, size, stride, epilogue):
@@ -105,6 +122,7 @@ def test_conv1d_audio_front_end(tmp_path, n, c, size, stride, epilogue):
 
 
 @pytest.mark.parametrize("n,c,size,k,stride,pad,dims", [(1, 16, 13, 3, 1, 1, 2), (2, 12, 28, 3, 2, 1, 2),
+                                                        (1, 4, 24, 7, 1, 3, 2),  # rows of 3 half vectors
                                                         (2, 8, 7, 5, 1, 2, 2), (1, 16, 37, 3, 2, 1, 1)])
 def test_depthwise_conv_on_window_rule(tmp_path, n, c, size, k, stride, pad, dims):
     kernels = _compile_and_compare(_conv_model(n, c, size, c, k, stride, pad, 1, c, dims=dims), tmp_path)

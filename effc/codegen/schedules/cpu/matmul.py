@@ -102,7 +102,8 @@ class Matmul(CPURule):
 def _plain_access(stmt) -> bool:
     """Every index of every access is a bare loop variable (or a constant): a true (batched) matmul.
     A convolution also fits the S/I/J/K pattern (A[n, c, h*16 + ry, ...]) but its im2col
-    normalisation produced wrong results here, so it is left to the fallback for now."""
+    normalisation produced wrong results here: conv_gemm hands this rule convs as plain GEMMs over
+    an im2col buffer, and the window rule takes the rest (depthwise, a few input channels)."""
     from tvm import tirx
 
     for region in list(stmt.reads) + list(stmt.writes):

@@ -1,21 +1,32 @@
-"""Sliding-window kernels: depthwise convolution, max and average pooling (1-D or 2-D, NCHW).
+"""Sliding-window kernels: depthwise convolution, max and average pooling, and direct convolution
+of a few input channels (1-D or 2-D, NCHW).
 
 Each output pixel reduces a small window (kernel taps, times one input channel) of one input plane,
 so there is no GEMM to form (conv_gemm leaves depthwise convs here). One parallel loop over
 (image, channel) planes; under it the padded input plane is built in L1 (the pad block computed at
 the plane: one copy, no per-tap bound checks), then every output row runs its taps over vectors of
-output pixels (unrolled taps: each vector accumulates in a register), and the epilogue (bias,
-ReLU, the average's divide) is applied to the plane while it is in cache.
+output pixels (unrolled taps), and the epilogue (bias, ReLU, the average's divide) is applied to the
+plane while it is in cache. A row's vectors (up to ROW_VECTORS) accumulate side by side in a local
+buffer that LLVM keeps in registers: independent chains hide the FMA latency, and sums kept in the
+output buffer were a load and a store per tap.
+
+A conv with a few input channels (conv_gemm's ConvShape.direct: an RGB 7x7 stem, 147 taps) sums
+over every input plane: there the padded input is built once, and output planes go in blocks that
+share each input vector load (block x row vectors accumulators), with no im2col buffer (3 x 49
+times the input: memory-bound as a GEMM).
 """
 
 from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.tirx.analysis import undefined_vars
 
 from effc.codegen.schedules.cpu.base import FLOAT_DTYPES, CPURule, extent, vector_lanes
 
-MAX_TAPS = 64  # a window of at most this many taps per output (7x7 pooling is 49)
+ROW_VECTORS = 8  # at most this many vectors of a row accumulate side by side (FMA latency; registers)
+ACCUMULATORS = 24  # vector registers a direct conv's step may hold sums in
+MAX_TAPS = 256  # a window of at most this many taps per output (7x7 pooling is 49, an RGB 7x7 stem conv 147)
 
 
 class Window(CPURule):
@@ -56,25 +67,72 @@ class Window(CPURule):
         lanes = vector_lanes(dtype)
         width = extent(sch, cols)
         vec = _vector_width(width, lanes)
-        for block in pads:
-            _deinterleave(sch, main, block)
-            sch.compute_at(block, plane, preserve_unit_loops=True)
-            _vectorize_inner(sch, block, lanes)
-        if vec != width:
+        if width % lanes and width % (lanes // 2) == 0:
+            # half vectors side by side: a whole row of 3.5 vectors LLVM legalises poorly (a 7x7
+            # depthwise conv on 56 columns ran 2x slower)
+            vec = lanes // 2
+        direct = [_sums_channels(sch, main, block) for block in pads]
+        for block, shared in zip(pads, direct):
+            stride = _deinterleave(sch, main, block)
+            if shared:  # every plane reads all of it: built once, in parallel
+                pad_loops = sch.get_loops(block)
+                sch.parallel(sch.fuse(*pad_loops[:2]) if len(pad_loops) > 2 else pad_loops[0])
+            else:
+                sch.compute_at(block, plane, preserve_unit_loops=True)
+            if stride > 1:  # scalar, a step per phase: vectorised, each lane's store was its own (2x slower)
+                sch.unroll(sch.split(sch.get_loops(block)[-1], [None, stride])[1])
+            else:
+                _vectorize_inner(sch, block, lanes)
+        if vec != width:  # a row's vectors (up to ROW_VECTORS of them) accumulate side by side
             cols, inner = sch.split(cols, [None, vec])
-            sch.reorder(*rows, cols, *taps, inner)
+            count = extent(sch, cols)
+            side = max(d for d in range(1, ROW_VECTORS + 1) if count % d == 0)
+            cols, chunks = sch.split(cols, [None, side])
+            sch.reorder(*rows, cols, *taps, chunks, inner)
+            sch.unroll(chunks)
+            block_planes = _plane_block(extent(sch, plane), side) if any(direct) else 1
+            if block_planes > 1:  # a direct conv: each input vector loaded once for several output planes
+                plane, planes_in = sch.split(plane, [None, block_planes])
+                sch.reorder(*rows, cols, *taps, planes_in)
+                sch.unroll(planes_in)
         else:
             inner = cols
             sch.reorder(*rows, *taps, inner)
-        for tap in taps:  # each output vector accumulates in a register
+        for tap in taps:
             sch.unroll(tap)
         sch.vectorize(inner)
+        # the accumulators in a local buffer, written out after the taps: in the output buffer
+        # LLVM cannot keep them in registers (it may alias the input), each tap a load and a store
+        acc = sch.cache_write(main, 0, "local")
+        main_loops = [sch.get(lp) for lp in sch.get_loops(main)]
+        above_taps = sch.get_loops(main)[[i for i, lp in enumerate(main_loops) if lp.same_as(sch.get(taps[0]))][0] - 1]
+        sch.reverse_compute_at(acc, above_taps, preserve_unit_loops=True)
+        _vectorize_inner(sch, acc, lanes)
         for block in epilogue:
             sch.reverse_compute_at(block, plane, preserve_unit_loops=True)
             _vectorize_inner(sch, block, lanes)
         sch.parallel(plane)
         sch.decompose_reduction(main, taps[0])
         return sch
+
+
+def _plane_block(planes: int, vectors: int) -> int:
+    """Output planes per step of a direct conv: as many as keep the accumulators (planes x a row's
+    vectors) within the 32 vector registers, with room for the operands."""
+    for block in (4, 3, 2):
+        if planes % block == 0 and block * vectors <= ACCUMULATORS:
+            return block
+    return 1
+
+
+def _sums_channels(sch, main, pad) -> bool:
+    """A direct conv (conv_gemm's ConvShape.direct): a reduction variable indexes the channel axis of
+    the padded input, so each output plane reads every input plane."""
+    buffer = sch.get(pad).writes[0].source
+    reduce_vars = [iv.var for iv in sch.get(main).iter_vars if iv.iter_type == 2]  # 2: CommReduce
+    return any(
+        any(any(v.same_as(r) for r in reduce_vars) for v in undefined_vars(read.region[1].min))
+        for read in sch.get(main).reads if read.source.same_as(buffer))
 
 
 def _vector_width(width: int, lanes: int) -> int:
@@ -91,10 +149,10 @@ def _vector_width(width: int, lanes: int) -> int:
     return lanes
 
 
-def _deinterleave(sch, main, pad) -> None:
+def _deinterleave(sch, main, pad) -> int:
     """A strided window reads every s-th column of the padded plane: store the plane as s phases
     (column w at [w % s, w // s]) so that a vector of outputs reads contiguous columns, not a
-    gather."""
+    gather. The stride s, or 1 where the plane is left as it is."""
     from tvm.sym.pattern import detect_linear_equation
 
     buffer = sch.get(pad).writes[0].source
@@ -102,12 +160,13 @@ def _deinterleave(sch, main, pad) -> None:
     col_var = sch.get(main).writes[0].region[-1].min  # the output column's block variable
     reads = [r for r in sch.get(main).reads if r.source.same_as(buffer)]
     if not reads or not isinstance(col_var, tirx.Var) or not isinstance(width, tirx.IntImm):
-        return
+        return 1
     coeff = detect_linear_equation(reads[0].region[-1].min, [col_var])
     stride = int(coeff[0]) if len(coeff) == 2 and isinstance(coeff[0], tirx.IntImm) else 1
     if stride <= 1 or int(width) % stride:
-        return
+        return 1
     sch.transform_layout(pad, ("write", 0), lambda *idx: (*idx[:-1], idx[-1] % stride, idx[-1] // stride))
+    return stride
 
 
 def _product(sch, loops) -> int:

@@ -32,7 +32,7 @@ def test_every_rewrite_action_renders_and_old_strings_pass_through():
 def _shift_add_report(tmp_path):
     model = from_proto(mlp())
     result = run_pipeline(model, [get_pass("shift-add")], feeds=feeds(2, seed=9),
-                          options={"layers": "fc*", "bits": 2}, calibration=feeds())
+                          options={"shift-add": {"layers": "fc*", "bits": 2}}, calibration=feeds())
     path = tmp_path / "report.json"
     write_report(path, "mlp", result.records)
     return path

@@ -55,3 +55,42 @@ def one_reduction(sch):
         return None
     dtype = str(sch.get(reductions[0].block_rv).writes[0].source.dtype)
     return (reductions[0], vector_lanes(dtype)) if dtype in FLOAT_DTYPES else None
+
+
+def fold_epilogue(sch, main) -> list:
+    """Inline every intermediate epilogue block (C copy, bias add, GELU, ...) into its consumers and
+    return the blocks left reading the matmul result (normally one: the output writer).
+
+    compute_inline (producer into consumer) rather than reverse_compute_inline: the latter, in this
+    TVM, rewrites only one of several reads of the same buffer (GELU reads x twice) and leaves a
+    dangling buffer behind.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for block in descendants(sch, main):
+            try:
+                sch.compute_inline(block)
+            except Exception:  # an output block: it stays and becomes the write-back
+                continue
+            changed = True
+            break
+    return list(sch.get_consumers(main))
+
+
+def reachable(sch, block, step) -> list:
+    """Every block reachable from ``block`` by repeating ``step`` (get_producers or get_consumers)."""
+    out, todo = [], list(step(block))
+    while todo:
+        b = todo.pop()
+        out.append(b)
+        todo.extend(step(b))
+    return out
+
+
+def ancestors(sch, block) -> list:
+    return reachable(sch, block, sch.get_producers)
+
+
+def descendants(sch, block) -> list:
+    return reachable(sch, block, sch.get_consumers)

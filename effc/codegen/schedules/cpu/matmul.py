@@ -22,7 +22,7 @@ from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
 from effc.codegen.records import knobs_for
-from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
+from effc.codegen.schedules.cpu.base import CPURule, ancestors, descendants, extent, fold_epilogue, one_reduction
 
 PAD_WASTE = 1 / 32  # padding of n (computed, then discarded) worth a wider register tile
 MAX_MR = 16  # rows of a tile: each is one broadcast per k step
@@ -191,7 +191,7 @@ def _write_back_at(sch, main, loop, nr: int, lanes: int, c_map=None, mr: int = 1
     run over the same fused [S, I, J] rows as the tile, and the region is exact. (No ``c_map``:
     the caller's tiles hold whole rows, as gemv's one-row panels do.)"""
     fused_rows = c_map is not None and not isinstance(c_map.final_indices[1], tirx.Var)
-    for block in _fold_epilogue(sch, main):
+    for block in fold_epilogue(sch, main):
         if fused_rows and not _reindex_rows(sch, block, c_map):
             rows = [extent(sch, lp) for lp in sch.get_loops(block)][-2:-1]  # the innermost row dim
             if not rows or rows[0] is None or rows[0] % mr:
@@ -226,32 +226,11 @@ def _vectorize(sch, loop, lanes: int) -> None:
         sch.vectorize(loop)
 
 
-def _fold_epilogue(sch, main) -> list:
-    """Inline every intermediate epilogue block (C copy, bias add, GELU, ...) into its consumers and
-    return the blocks left reading the matmul result (normally one: the output writer).
-
-    compute_inline (producer into consumer) rather than reverse_compute_inline: the latter, in this
-    TVM, rewrites only one of several reads of the same buffer (GELU reads x twice) and leaves a
-    dangling buffer behind.
-    """
-    changed = True
-    while changed:
-        changed = False
-        for block in _descendants(sch, main):
-            try:
-                sch.compute_inline(block)
-            except Exception:  # an output block: it stays and becomes the write-back
-                continue
-            changed = True
-            break
-    return list(sch.get_consumers(main))
-
-
 def _inline_side_inputs(sch, main) -> None:
     """Inline blocks that feed the epilogue without coming from the matmul (a per-row scale times a
     per-column mean, added to the product): left at root, they would block moving the epilogue
     into the tile loop."""
-    related = [sch.get(b) for b in [main, *_descendants(sch, main), *_ancestors(sch, main)]]
+    related = [sch.get(b) for b in [main, *descendants(sch, main), *ancestors(sch, main)]]
     for block in sch.get_child_blocks(get_root_block(sch)):
         if any(sch.get(block).same_as(r) for r in related):
             continue
@@ -259,21 +238,3 @@ def _inline_side_inputs(sch, main) -> None:
             sch.compute_inline(block)
         except Exception:  # an output block, or one that cannot be inlined: leave it
             pass
-
-
-def _reachable(sch, block, step) -> list:
-    """Every block reachable from ``block`` by repeating ``step`` (get_producers or get_consumers)."""
-    out, todo = [], list(step(block))
-    while todo:
-        b = todo.pop()
-        out.append(b)
-        todo.extend(step(b))
-    return out
-
-
-def _ancestors(sch, block) -> list:
-    return _reachable(sch, block, sch.get_producers)
-
-
-def _descendants(sch, block) -> list:
-    return _reachable(sch, block, sch.get_consumers)

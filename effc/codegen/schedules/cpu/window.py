@@ -22,7 +22,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.tirx.analysis import undefined_vars
 
-from effc.codegen.schedules.cpu.base import FLOAT_DTYPES, CPURule, extent, vector_lanes
+from effc.codegen.schedules.cpu.base import FLOAT_DTYPES, CPURule, extent, fold_epilogue, vector_lanes
 
 ROW_VECTORS = 8  # at most this many vectors of a row accumulate side by side (FMA latency; registers)
 ACCUMULATORS = 24  # vector registers a direct conv's step may hold sums in
@@ -57,7 +57,7 @@ class Window(CPURule):
         for block in pads:  # the padded plane, and what produced the input (inlined into it)
             for producer in sch.get_producers(block):
                 sch.compute_inline(producer)
-        epilogue = _fold_epilogue(sch, main)
+        epilogue = fold_epilogue(sch, main)
         dims = len(sch.get(main).writes[0].source.shape) - 2  # window axes: the last loops
         if len(spatial) <= dims:
             return None
@@ -192,28 +192,3 @@ def _vectorize_inner(sch, block, lanes: int) -> None:
     if vec != width:
         _, inner = sch.split(inner, [None, vec])
     sch.vectorize(inner)
-
-
-def _fold_epilogue(sch, main) -> list:
-    """Inline the elementwise blocks after ``main`` into their consumers; the blocks left reading
-    its result (the output writers)."""
-    changed = True
-    while changed:
-        changed = False
-        for block in _descendants(sch, main):
-            try:
-                sch.compute_inline(block)
-            except Exception:  # an output block: it stays
-                continue
-            changed = True
-            break
-    return list(sch.get_consumers(main))
-
-
-def _descendants(sch, block) -> list:
-    out, todo = [], list(sch.get_consumers(block))
-    while todo:
-        b = todo.pop()
-        out.append(b)
-        todo.extend(sch.get_consumers(b))
-    return out

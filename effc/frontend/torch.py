@@ -26,7 +26,7 @@ def from_torch(module: Any, example_inputs: Sequence[Any], opset: int = DEFAULT_
 
     if isinstance(module, torch.nn.Module):
         module = module.eval()
-    with _quiet():
+    with quiet_exporter():
         try:
             program = torch.onnx.export(module, tuple(example_inputs), dynamo=True, opset_version=opset,
                                         input_names=list(input_names) if input_names else None,
@@ -47,7 +47,7 @@ def load_pt2(path: str | os.PathLike, opset: int | None = None) -> ir.Model:
         program = torch.export.load(str(path))
     except Exception as exc:
         raise EffcError(f"{path}: not a torch.export archive ({str(exc).strip().splitlines()[0][:200]})") from None
-    with _quiet():
+    with quiet_exporter():
         try:
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset or DEFAULT_OPSET, verbose=False)
         except Exception as exc:
@@ -65,7 +65,7 @@ def _normalise(model: ir.Model) -> ir.Model:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_exporter():
     import logging
 
     # torch's exporter and onnxscript's constant folder both narrate; users want one clean line.

@@ -4,14 +4,11 @@ the ONNX Attention op (at torch's default opset 20 it is decomposed instead)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 
+from effc.frontend.torch import quiet_exporter
 from tests.generality.architectures import build
 
 OPSET = 23
@@ -27,23 +24,8 @@ def export(name: str, attn: str, batch: int, path: Path) -> tuple[Path, dict[str
     with torch.inference_mode():
         expected = module(*args).float().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet():
+    with quiet_exporter():
         program = torch.onnx.export(module, args, opset_version=OPSET, input_names=list(feed),
                                     output_names=[OUTPUT])
     program.save(str(path))
     return path, feed, expected
-
-
-@contextlib.contextmanager
-def _quiet():
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)

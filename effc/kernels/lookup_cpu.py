@@ -35,7 +35,8 @@ from effc.ops.registry import Kernel, TargetKernels
 
 SHUFFLE = "llvm.x86.avx512.pshuf.b.512"
 ROWS = 16         # rows of X per shuffle (the bytes of one 16-byte lane)
-COLS = 4          # output columns per shuffle (the lanes of a zmm register)
+COLS = 4          # output columns per shuffle (the 16-byte lanes of a zmm register)
+GROUP = 4         # rows per shuffle (one int32 lane each in every column's lane)
 BLOCK = 4         # shuffles per chunk in one task: 16 columns, 16 float32x16 accumulators
 PLAIN_COLS = 64   # output columns per task of the plain kernel (one vector loop)
 SHUFFLE_MIN_ROWS = 16  # below this a shuffle would look up mostly padding rows
@@ -122,10 +123,11 @@ def prim_func_shuffle(m: int, n: int, c_count: int, v: int, encoder: str, soft: 
 
     if m % ROWS:
         raise ValueError(f"m={m} is not a multiple of {ROWS}")
-    k, cols = 16, COLS * BLOCK
-    blocks, kk = -(-n // cols), c_count * v
+    k, cols, lanes = 16, COLS * BLOCK, COLS * GROUP  # lanes: float32 lanes of one result (4 columns x 4 rows)
+    blocks, kk, groups = -(-n // cols), c_count * v, ROWS // GROUP
     pq = encoder == "pq"
     enc_shape = (c_count, v, k) if pq else (c_count, v)
+    encode = encoder_macro(T, encoder, soft, k, v)
 
     @T.prim_func(s_tir=True)
     def lookup_shuffle(x: T.Buffer((m, kk), "float32"), enc: T.Buffer(enc_shape, "float32"),
@@ -133,59 +135,80 @@ def prim_func_shuffle(m: int, n: int, c_count: int, v: int, encoder: str, soft: 
                        scale: T.Buffer((c_count,), "float32"), bias: T.Buffer((n,), "float32"),
                        y: T.Buffer((m, n), "float32")):
         T.func_attr({"global_symbol": "lookup_shuffle", "tirx.noalias": True})
-        codes = T.alloc_buffer((c_count, m // ROWS, COLS * ROWS), "int8")  # 16 rows' codes, 4 times
-        weight = T.alloc_buffer((c_count, m), "float32")  # scale x soft weight, rows contiguous
+        # per chunk, 16-row block and group of 4 rows: the shuffle's index (each row's code in the top
+        # byte of a 32-bit lane, -128 = "zero this byte" below it, repeated in the 4 column lanes) and
+        # the weights 2^-24 x scale x soft weight of the same lanes
+        codes = T.alloc_buffer((c_count, m // ROWS, groups, COLS * k), "int8")
+        weight = T.alloc_buffer((c_count, m // ROWS, groups, lanes), "float32")
         for r in T.parallel(m):
             for c in range(c_count):
                 code = T.alloc_buffer((1,), "int32", scope="local")
                 soft_w = T.alloc_buffer((1,), "float32", scope="local")
-                soft_w[0] = T.float32(1)
-                if pq:
-                    dist = T.alloc_buffer((k,), "float32", scope="local")
-                    best = T.alloc_buffer((1,), "float32", scope="local")
-                    for j in T.vectorized(k):
-                        dist[j] = T.float32(0)
-                    for i in range(v):
-                        for j in T.vectorized(k):
-                            dist[j] = dist[j] + (x[r, c * v + i] - enc[c, i, j]) * (x[r, c * v + i] - enc[c, i, j])
-                    code[0] = 0
-                    best[0] = dist[0]
-                    for j in range(1, k):
-                        if dist[j] < best[0]:  # strict: the first index wins a tie
-                            best[0] = dist[j]
-                            code[0] = j
-                else:
-                    code[0] = 0
-                    for i in range(v):
-                        if x[r, c * v + i] - enc[c, i] > T.float32(0):
-                            code[0] = code[0] + (1 << i)
-                        if soft:
-                            soft_w[0] = soft_w[0] * T.sigmoid(T.float32(2) * T.fabs(x[r, c * v + i] - enc[c, i]))
-                for lane in range(COLS):
-                    codes[c, r // ROWS, lane * ROWS + r % ROWS] = T.Cast("int8", code[0])
-                weight[c, r] = scale[c] * soft_w[0]
+                encode(x, enc, r, c, code, soft_w)
+                for lane in T.unroll(COLS):
+                    for byte in T.unroll(3):
+                        codes[c, r // ROWS, r % ROWS // GROUP, lane * k + r % GROUP * 4 + byte] = T.int8(-128)
+                    codes[c, r // ROWS, r % ROWS // GROUP, lane * k + r % GROUP * 4 + 3] = T.Cast("int8", code[0])
+                    weight[c, r // ROWS, r % ROWS // GROUP, lane * GROUP + r % GROUP] = \
+                        scale[c] * soft_w[0] * T.float32(2.0 ** -24)
         for t in T.parallel(blocks):
             for rb in range(m // ROWS):
-                acc = T.alloc_buffer((cols, ROWS), "float32", scope="local")
-                looked = T.alloc_buffer((COLS * ROWS,), "int8", scope="local")
-                for col in T.unroll(cols):
-                    acc[col, T.Ramp(0, 1, ROWS)] = T.Broadcast(T.float32(0), ROWS)
+                acc = T.alloc_buffer((BLOCK, groups, lanes), "float32", scope="local")
+                for b, g in T.grid(BLOCK, groups):
+                    acc[b, g, T.Ramp(0, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
                 for c in range(c_count):
                     for b in T.unroll(BLOCK):
-                        # one vpshufb: entry codes[row] of column 4b + L's table, for 16 rows x 4 columns
-                        looked[T.Ramp(0, 1, COLS * ROWS)] = T.call_llvm_pure_intrin(
-                            "int8x64", SHUFFLE, tab[t, c, b, T.Ramp(0, 1, COLS * k)],
-                            codes[c, rb, T.Ramp(0, 1, COLS * ROWS)])
-                        for lane in T.unroll(COLS):
-                            acc[b * COLS + lane, T.Ramp(0, 1, ROWS)] = acc[b * COLS + lane, T.Ramp(0, 1, ROWS)] + \
-                                T.Cast("float32x16", T.Cast("int32x16", looked[T.Ramp(lane * ROWS, 1, ROWS)])) \
-                                * weight[c, T.Ramp(rb * ROWS, 1, ROWS)]
-                for col in T.unroll(cols):
-                    if t * cols + col < n:
-                        for r in T.unroll(ROWS):
-                            y[rb * ROWS + r, t * cols + col] = acc[col, r] + bias[t * cols + col]
+                        for g in T.unroll(groups):
+                            # one vpshufb: the entries of 4 rows in 4 columns' tables, each in the top byte
+                            # of an int32 lane, so the int32 is entry x 2^24 (sign-extended for free) and
+                            # converts to float exactly; the 2^-24 is in the weight
+                            acc[b, g, T.Ramp(0, 1, lanes)] = acc[b, g, T.Ramp(0, 1, lanes)] + T.Cast(
+                                "float32x16", T.reinterpret("int32x16", T.call_llvm_pure_intrin(
+                                    "int8x64", SHUFFLE, tab[t, c, b, T.Ramp(0, 1, COLS * k)],
+                                    codes[c, rb, g, T.Ramp(0, 1, COLS * k)]))) * weight[c, rb, g, T.Ramp(0, 1, lanes)]
+                for b, g in T.grid(BLOCK, groups):
+                    for lane in T.unroll(COLS):
+                        if t * cols + b * COLS + lane < n:
+                            for i in T.unroll(GROUP):
+                                y[rb * ROWS + g * GROUP + i, t * cols + b * COLS + lane] = \
+                                    acc[b, g, lane * GROUP + i] + bias[t * cols + b * COLS + lane]
 
     return lookup_shuffle
+
+
+def encoder_macro(T, encoder: str, soft: bool, k: int, v: int):
+    """A TIR macro encoding chunk c of row r: ``code[0]`` (int32) and ``soft_w[0]`` (the soft weight, else 1)."""
+    if encoder == "pq":
+        @T.macro
+        def nearest(x, enc, r, c, code, soft_w):
+            dist = T.alloc_buffer((k,), "float32", scope="local")
+            best = T.alloc_buffer((1,), "float32", scope="local")
+            for j in T.vectorized(k):
+                dist[j] = T.float32(0)
+            for i in range(v):
+                for j in T.vectorized(k):
+                    dist[j] = dist[j] + (x[r, c * v + i] - enc[c, i, j]) * (x[r, c * v + i] - enc[c, i, j])
+            code[0] = 0
+            best[0] = dist[0]
+            for j in range(1, k):
+                if dist[j] < best[0]:  # strict: the first index wins a tie
+                    best[0] = dist[j]
+                    code[0] = j
+            soft_w[0] = T.float32(1)
+
+        return nearest
+
+    @T.macro
+    def signs(x, enc, r, c, code, soft_w):
+        code[0] = 0
+        soft_w[0] = T.float32(1)
+        for i in range(v):
+            if x[r, c * v + i] - enc[c, i] > T.float32(0):
+                code[0] = code[0] + (1 << i)
+            if soft:
+                soft_w[0] = soft_w[0] * T.sigmoid(T.float32(2) * T.fabs(x[r, c * v + i] - enc[c, i]))
+
+    return signs
 
 
 @functools.cache
@@ -196,6 +219,7 @@ def prim_func_plain(m: int, n: int, c_count: int, k: int, v: int, encoder: str, 
     blocks, kk, cols = -(-n // PLAIN_COLS), c_count * v, PLAIN_COLS
     pq = encoder == "pq"
     enc_shape = (c_count, v, k) if pq else (c_count, v)
+    encode = encoder_macro(T, encoder, soft, k, v)
 
     @T.prim_func(s_tir=True)
     def lookup_plain(x: T.Buffer((m, kk), "float32"), enc: T.Buffer(enc_shape, "float32"),
@@ -209,28 +233,7 @@ def prim_func_plain(m: int, n: int, c_count: int, k: int, v: int, encoder: str, 
             for c in range(c_count):
                 code = T.alloc_buffer((1,), "int32", scope="local")
                 soft_w = T.alloc_buffer((1,), "float32", scope="local")
-                soft_w[0] = T.float32(1)
-                if pq:
-                    dist = T.alloc_buffer((k,), "float32", scope="local")
-                    best = T.alloc_buffer((1,), "float32", scope="local")
-                    for j in T.vectorized(k):
-                        dist[j] = T.float32(0)
-                    for i in range(v):
-                        for j in T.vectorized(k):
-                            dist[j] = dist[j] + (x[r, c * v + i] - enc[c, i, j]) * (x[r, c * v + i] - enc[c, i, j])
-                    code[0] = 0
-                    best[0] = dist[0]
-                    for j in range(1, k):
-                        if dist[j] < best[0]:
-                            best[0] = dist[j]
-                            code[0] = j
-                else:
-                    code[0] = 0
-                    for i in range(v):
-                        if x[r, c * v + i] - enc[c, i] > T.float32(0):
-                            code[0] = code[0] + (1 << i)
-                        if soft:
-                            soft_w[0] = soft_w[0] * T.sigmoid(T.float32(2) * T.fabs(x[r, c * v + i] - enc[c, i]))
+                encode(x, enc, r, c, code, soft_w)
                 codes[r, c] = code[0]
                 weight[r, c] = scale[c] * soft_w[0]
         for t in T.parallel(blocks):

@@ -154,12 +154,12 @@ def reference(x: np.ndarray, encoder_const: np.ndarray, tables: np.ndarray, tabl
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     codes = encode(rows, encoder, encoder_const)
-    chunks_count = tables.shape[0]
-    picked = tables[np.arange(chunks_count)[None, :], codes].astype(np.float64)  # [M, C, N]
     weight = np.broadcast_to(table_scale.astype(np.float64)[None, :], codes.shape)
     if encoder == "hash" and soft:
         weight = weight * soft_weights(rows, encoder_const)
-    y = (picked * weight[..., None]).sum(axis=1) + bias
+    y = np.zeros((len(rows), tables.shape[2])) + bias
+    for c in range(tables.shape[0]):  # a chunk at a time: [M, C, N] would not fit for large layers
+        y += weight[:, c, None] * tables[c, codes[:, c]]
     return y.astype(x.dtype).reshape(*x.shape[:-1], tables.shape[2])
 
 

@@ -270,8 +270,10 @@ def choose(lay: Layer, m: int, target) -> Kernel:
 def fit(node, constants: list, target) -> str | None:
     """Why an effc.LookupLinear node cannot take these kernels, or None (the plain kernel takes
     every layout the op allows; which kernel runs is chosen by shape and target in :func:`build`)."""
+    import onnx_ir as ir
+
     x, bias = node.inputs[0], node.inputs[4]
-    if x.dtype != bias.dtype or str(x.dtype) != "FLOAT":
+    if any(value.dtype not in (None, ir.DataType.FLOAT) for value in (x, bias)):
         return f"kernels take float32 X and bias (got {x.dtype}, {bias.dtype})"
     return None
 

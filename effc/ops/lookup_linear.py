@@ -213,6 +213,8 @@ def layout_problem(encoder: str, v: int, encoder_const: np.ndarray | None, table
     return None
 
 
-# No kernels registered yet: every node runs its function body.
+# Lookup kernels (effc/kernels/lookup_*): each node is a call of one of them with its encoder constants
+# and tables packed at compile time (never a dense weight); a node that does not fit runs its function body.
 register(CustomOp(DOMAIN, NAME, function, packed=(1, 2, 3), rule="lookup", fallback="function",
-                  check=check_node, targets={}))
+                  check=check_node, targets={"llvm": "effc.kernels.lookup_cpu:KERNELS",
+                                             "cuda": "effc.kernels.lookup_cuda:KERNELS"}))

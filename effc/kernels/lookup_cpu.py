@@ -176,17 +176,19 @@ def prim_func_shuffle(m: int, n: int, c_count: int, v: int, encoder: str, soft: 
     return lookup_shuffle
 
 
-def encoder_macro(T, encoder: str, soft: bool, k: int, v: int):
-    """A TIR macro encoding chunk c of row r: ``code[0]`` (int32) and ``soft_w[0]`` (the soft weight, else 1)."""
+def encoder_macro(T, encoder: str, soft: bool, k: int, v: int, vectorize: bool = True):
+    """A TIR macro encoding chunk c of row r: ``code[0]`` (int32) and ``soft_w[0]`` (the soft weight,
+    else 1); ``vectorize``: distances to the k centroids as one vector (CPU), else a serial loop (GPU)."""
+    over_codes = T.vectorized if vectorize else T.serial
     if encoder == "pq":
         @T.macro
         def nearest(x, enc, r, c, code, soft_w):
             dist = T.alloc_buffer((k,), "float32", scope="local")
             best = T.alloc_buffer((1,), "float32", scope="local")
-            for j in T.vectorized(k):
+            for j in over_codes(k):
                 dist[j] = T.float32(0)
             for i in range(v):
-                for j in T.vectorized(k):
+                for j in over_codes(k):
                     dist[j] = dist[j] + (x[r, c * v + i] - enc[c, i, j]) * (x[r, c * v + i] - enc[c, i, j])
             code[0] = 0
             best[0] = dist[0]

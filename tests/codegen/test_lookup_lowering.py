@@ -126,3 +126,28 @@ def test_cuda_builds_lookup_kernels(tmp_path, arch):
     assert all(name.startswith("lookup_cuda") for name in kernels_of(manifest)), manifest["custom_ops"]
     built = [name for name, rule in manifest["kernels"].items() if rule == "lookup"]
     assert len(built) == 2, manifest["kernels"]
+
+
+@requires_avx512
+def test_effc_compile_cli_lowers_lookup_nodes(tmp_path, monkeypatch, capsys):
+    """`effc compile model.onnx --target llvm`: both nodes on the lookup kernels, said on the terminal and
+    in the manifest, and the CLI's own check against ONNX Runtime passes (exit 0)."""
+    import sys
+
+    from effc.cli import main
+    from effc.ir import save
+
+    save(lookup_model([2, 9], [PQ16, HASH16]), tmp_path / "lut.onnx")
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["effc", "compile", str(tmp_path / "lut.onnx"), "-o", str(out),
+                                      "--passes", "none", "--target", "llvm"])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    output = "".join(capsys.readouterr())
+    assert code == 0, output
+    assert "LookupLinear: 2 of 2 on the lookup kernels" in output, output
+    manifest = json.loads((out / "codegen.json").read_text())
+    assert all(name.startswith("lookup_shuffle_m32") for name in kernels_of(manifest)), manifest["custom_ops"]

@@ -1,6 +1,6 @@
 """Speed of effc's lookup kernels (effc.LookupLinear) against a dense fp32 linear of the same shape.
 
-    python tools/bench_lookup.py [--n 3072] [--k 768] [--v 16] [--m 128,1] [--threads 2] [--rounds 12]
+    python tools/bench_lookup.py [--n 3072] [--k 768] [--v 16] [--encoder pq|hash] [--m 128,1] [--threads 2]
 
 One run, side by side, same thread count, per M: a K -> N linear replaced by product-quantized
 lookups (16 codes per v-dim chunk, int8 tables with a scale per table), compiled by `effc compile`
@@ -25,23 +25,23 @@ from pathlib import Path
 import numpy as np
 
 
-def lookup_model(m: int, k: int, n: int, v: int, rng):
-    """x [m, k] -> effc.LookupLinear (pq, 16 codes per v-dim chunk, int8 tables)."""
+def lookup_model(m: int, k: int, n: int, v: int, rng, encoder: str = "pq"):
+    """x [m, k] -> effc.LookupLinear (pq: 16 codes per v-dim chunk; hash: 2^v codes), int8 tables."""
     import onnx_ir as ir
 
     from effc.ops import DOMAIN, use
     from effc.ops import lookup_linear as op
 
-    chunks = k // v
-    arrays = (rng.standard_normal((chunks, 16, v)).astype(np.float32),
-              rng.integers(-128, 128, size=(chunks, 16, n)).astype(np.int8),
+    chunks, codes = k // v, 16 if encoder == "pq" else 2 ** v
+    const = rng.standard_normal((chunks, codes, v) if encoder == "pq" else (chunks, v)).astype(np.float32)
+    arrays = (const, rng.integers(-128, 128, size=(chunks, codes, n)).astype(np.int8),
               rng.uniform(0.001, 0.01, chunks).astype(np.float32), rng.standard_normal(n).astype(np.float32))
     x = ir.Value(name="x", shape=ir.Shape([m, k]), type=ir.TensorType(ir.DataType.FLOAT))
     consts = [ir.Value(name=name, shape=ir.Shape(a.shape), type=ir.TensorType(ir.DataType.from_numpy(a.dtype)),
                        const_value=ir.tensor(a, name=name))
               for name, a in zip(("encoder_const", "tables", "table_scale", "bias"), arrays)]
     node = ir.Node(DOMAIN, op.NAME, [x, *consts], num_outputs=1, name="lookup",
-                   attributes=[ir.AttrString("encoder", "pq"), ir.AttrInt64("v", v), ir.AttrInt64("soft", 0)])
+                   attributes=[ir.AttrString("encoder", encoder), ir.AttrInt64("v", v), ir.AttrInt64("soft", 0)])
     node.outputs[0].name, node.outputs[0].dtype, node.outputs[0].shape = "y", ir.DataType.FLOAT, ir.Shape([m, n])
     graph = ir.Graph([x], node.outputs, nodes=[node], initializers=consts, opset_imports={"": 17}, name="lookup")
     model = ir.Model(graph, ir_version=10)
@@ -106,7 +106,7 @@ def bench_m(m: int, args, work: Path, rng) -> str:
 
     k, n, v = args.k, args.n, args.v
     x = rng.standard_normal((m, k)).astype(np.float32)
-    lookup, dense = lookup_model(m, k, n, v, rng), dense_model(m, k, n, rng)
+    lookup, dense = lookup_model(m, k, n, v, rng, args.encoder), dense_model(m, k, n, rng)
     lut = compiled_runner(lookup, work / f"lookup_m{m}", args.threads)
     kernel = lut.manifest["custom_ops"][0]["kernel"]
     mm = compiled_runner(dense, work / f"dense_m{m}", args.threads)
@@ -130,13 +130,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=3072)
     parser.add_argument("--k", type=int, default=768)
     parser.add_argument("--v", type=int, default=16)
+    parser.add_argument("--encoder", choices=("pq", "hash"), default="pq")
     parser.add_argument("--m", default="128,1")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=12)
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
     rng = np.random.default_rng(0)
-    print(f"{args.k} -> {args.n} linear; lookup: pq, 16 codes per {args.v}-dim chunk ({args.k // args.v} chunks), "
+    codes = 16 if args.encoder == "pq" else 2 ** args.v
+    print(f"{args.k} -> {args.n} linear; lookup: {args.encoder}, {codes} codes per {args.v}-dim chunk "
+          f"({args.k // args.v} chunks), "
           f"int8 tables; {args.threads} threads; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print("| M | effc lookup ms | ORT fp32 MatMul ms | effc fp32 matmul ms | vs ORT | vs effc fp32 | kernel | "
           "max rel dev vs ORT (op function) |")

@@ -151,16 +151,22 @@ def soft_weights(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
 def reference(x: np.ndarray, encoder_const: np.ndarray, tables: np.ndarray, table_scale: np.ndarray,
               bias: np.ndarray, encoder: str, soft: int = 0) -> np.ndarray:
     """Numpy semantics of the op (rows summed in float64)."""
-    k = x.shape[-1]
-    rows = x.reshape(-1, k)
+    rows = x.reshape(-1, x.shape[-1])
     codes = encode(rows, encoder, encoder_const)
-    weight = np.broadcast_to(table_scale.astype(np.float64)[None, :], codes.shape)
-    if encoder == "hash" and soft:
-        weight = weight * soft_weights(rows, encoder_const)
-    y = np.zeros((len(rows), tables.shape[2])) + bias
-    for c in range(tables.shape[0]):  # a chunk at a time: [M, C, N] would not fit for large layers
-        y += weight[:, c, None] * tables[c, codes[:, c]]
+    weight = soft_weights(rows, encoder_const) if encoder == "hash" and soft else None
+    y = lookup_sum(codes, weight, tables, table_scale, bias)
     return y.astype(x.dtype).reshape(*x.shape[:-1], tables.shape[2])
+
+
+def lookup_sum(codes: np.ndarray, weight: np.ndarray | None, tables: np.ndarray, table_scale: np.ndarray,
+               bias: np.ndarray) -> np.ndarray:
+    """float64 [M, N]: sum_c table_scale[c] * weight[:, c] * tables[c, codes[:, c]] + bias (weight None: 1)."""
+    scale = table_scale.astype(np.float64)
+    y = np.zeros((len(codes), tables.shape[2])) + bias
+    for c in range(tables.shape[0]):  # a chunk at a time: [M, C, N] would not fit for large layers
+        w = scale[c] if weight is None else scale[c] * weight[:, c, None]
+        y += w * tables[c, codes[:, c]]
+    return y
 
 
 def table_bytes(encoder_const: np.ndarray, tables: np.ndarray, table_scale: np.ndarray) -> int:

@@ -70,7 +70,7 @@ def kmeans(chunks: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> 
 
 def _distances(data: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Squared distances [R, C, k] of rows [R, C, v] to centroids [C, k, v]."""
-    cross = np.einsum("rcv,ckv->rck", data, centroids)
+    cross = np.matmul(data.transpose(1, 0, 2), centroids.transpose(0, 2, 1)).transpose(1, 0, 2)
     return (data ** 2).sum(-1)[..., None] - 2 * cross + (centroids ** 2).sum(-1)[None]
 
 
@@ -113,19 +113,32 @@ def design(codes: np.ndarray, weights: np.ndarray, k: int) -> scipy.sparse.csr_m
     return scipy.sparse.csr_matrix((weights.ravel().astype(np.float64), columns, starts), shape=(rows, count * k))
 
 
-def refit(codes: np.ndarray, weights: np.ndarray, target: np.ndarray, start: np.ndarray, ridge: float) -> np.ndarray:
-    """Tables [C, k, N] minimising ||sum_c w_c T[c, code_c] - y||^2 + lam ||T - start||^2 over the rows,
-    lam = ridge * (rows per code on average). Solved exactly when C*k is small, else by block
+class Refit:
+    """Tables [C, k, N] minimising ||sum_c w_c T[c, code_c] - y||^2 + lam ||T - start||^2 over the
+    rows, lam = ridge * (rows per code on average). Solved exactly when C*k is small (the normal
+    equations factored once, for every linear that reads the same rows), else by block
     Gauss-Seidel sweeps (one chunk's tables at a time, each an exact per-code solve)."""
-    count, k, n = start.shape
-    rows = len(codes)
-    lam = max(ridge * rows / k, 1e-9)
-    if count * k <= EXACT_SOLVE_MAX:
-        a = design(codes, weights, k)
-        gram = (a.T @ a).toarray() + lam * np.eye(count * k)
-        rhs = a.T @ target + lam * start.reshape(count * k, n)
-        return scipy.linalg.solve(gram, rhs, assume_a="pos").reshape(count, k, n)
-    return _gauss_seidel(codes, weights, target, start, lam)
+
+    def __init__(self, codes: np.ndarray, weights: np.ndarray, k: int, ridge: float):
+        self.codes, self.weights, self.k = codes, weights, k
+        count = codes.shape[1]
+        self.lam = max(ridge * len(codes) / k, 1e-9)
+        self.design = design(codes, weights, k) if count * k <= EXACT_SOLVE_MAX else None
+        if self.design is not None:
+            gram = (self.design.T @ self.design).toarray() + self.lam * np.eye(count * k)
+            self.factor = scipy.linalg.cho_factor(gram)
+
+    def __call__(self, target: np.ndarray, start: np.ndarray) -> np.ndarray:
+        count, k, n = start.shape
+        if self.design is None:
+            return _gauss_seidel(self.codes, self.weights, target, start, self.lam)
+        rhs = self.design.T @ target + self.lam * start.reshape(count * k, n)
+        return scipy.linalg.cho_solve(self.factor, rhs).reshape(count, k, n)
+
+
+def refit(codes: np.ndarray, weights: np.ndarray, target: np.ndarray, start: np.ndarray, ridge: float) -> np.ndarray:
+    """One solve of :class:`Refit`."""
+    return Refit(codes, weights, start.shape[1], ridge)(target, start)
 
 
 def _gauss_seidel(codes: np.ndarray, weights: np.ndarray, target: np.ndarray, start: np.ndarray,
@@ -155,34 +168,52 @@ def to_int8(tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return quantized, scale.astype(np.float32)
 
 
-def fit_linear(weight: np.ndarray, bias: np.ndarray | None, rows: np.ndarray, encoder: str, v: int, k: int,
-               table_dtype: str, soft: bool, iters: int, ridge: float, refit_tables: bool,
-               seed: int = 0) -> Fitted:
-    """The lookup constants of y = x W^T + b (W [N, K]) fitted on calibration ``rows`` [R, K]."""
-    n, width = weight.shape
-    count = width // v
-    w64 = weight.astype(np.float64)
-    b = np.zeros(n, np.float32) if bias is None else bias.astype(np.float32)
-    chunks = rows.reshape(len(rows), count, v)
-    rng = np.random.default_rng(seed)
+@dataclass
+class Encoding:
+    """How the rows of one layer input are encoded, shared by every linear that reads it."""
+
+    encoder: str
+    encoder_const: np.ndarray  # centroids [C, k, v] or centres [C, v]
+    codes: np.ndarray          # [R, C] of the sampled rows, by the op's own encode
+    weights: np.ndarray        # [R, C]: 1, or the soft weights
+    points: np.ndarray         # [C, k, v]: each code's representative (see ``representatives``)
+    refit: Refit | None
+
+
+def encode_rows(rows: np.ndarray, encoder: str, v: int, k: int, soft: bool, iters: int, ridge: float,
+                refit_tables: bool, seed: int = 0) -> Encoding:
+    """The encoder learnt on calibration ``rows`` [R, K] (K = C * v), the rows' codes, and the
+    factored refit problem they pose."""
+    chunks = rows.reshape(len(rows), rows.shape[1] // v, v)
     if encoder == "pq":
-        encoder_const = kmeans(chunks, k, iters, rng)
+        encoder_const = kmeans(chunks, k, iters, np.random.default_rng(seed))
     else:
         encoder_const, k = hash_centres(chunks), 2 ** v
     codes = op.encode(rows, encoder, encoder_const)
+    weights = (op.soft_weights(rows, encoder_const) if encoder == "hash" and soft else np.ones(codes.shape))
     points = representatives(chunks, encoder, encoder_const, codes, k)
-    start = np.einsum("ckv,ncv->ckn", points, w64.reshape(n, count, v))
-    weights = (op.soft_weights(rows, encoder_const) if encoder == "hash" and soft
-               else np.ones(codes.shape))
+    return Encoding(encoder, encoder_const, codes, weights, points,
+                    Refit(codes, weights, k, ridge) if refit_tables else None)
+
+
+def fit_linear(weight: np.ndarray, bias: np.ndarray | None, rows: np.ndarray, encoding: Encoding,
+               table_dtype: str) -> Fitted:
+    """The lookup constants of y = x W^T + b (W [N, K]) for calibration ``rows`` [R, K] encoded by ``encoding``."""
+    n, width = weight.shape
+    count, k, v = encoding.points.shape
+    w64 = weight.astype(np.float64)
+    b = np.zeros(n, np.float32) if bias is None else bias.astype(np.float32)
+    start = np.einsum("ckv,ncv->ckn", encoding.points, w64.reshape(n, count, v))
     target = rows.astype(np.float64) @ w64.T
-    tables = refit(codes, weights, target, start, ridge) if refit_tables else start
+    tables = encoding.refit(target, start) if encoding.refit is not None else start
     if table_dtype == "int8":
         stored, scale = to_int8(tables)
     else:
         stored, scale = tables.astype(np.float32), np.ones(count, np.float32)
     dense = target + b
-    got = op.reference(rows.astype(np.float32), encoder_const, stored, scale, b, encoder, int(soft)).astype(np.float64)
+    weights = None if np.all(encoding.weights == 1) else encoding.weights
+    got = op.lookup_sum(encoding.codes, weights, stored, scale, b)
     norm = float(np.linalg.norm(dense))
     rel = float(np.linalg.norm(got - dense) / norm) if norm > 0 else 0.0
     cosine = float(np.sum(got * dense) / max(norm * float(np.linalg.norm(got)), 1e-30))
-    return Fitted(encoder_const, stored, scale, b, rel, cosine)
+    return Fitted(encoding.encoder_const, stored, scale, b, rel, cosine)

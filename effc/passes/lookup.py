@@ -35,7 +35,7 @@ from effc.ir import new_initializer, opset
 from effc.ops import DOMAIN, use
 from effc.ops import lookup_linear as op
 from effc.passes._linears import Linear, find_linears
-from effc.passes._lookup_fit import Fitted, fit_linear
+from effc.passes._lookup_fit import Encoding, Fitted, encode_rows, fit_linear
 from effc.passes.base import LayerRecord, Pass, PassContext, PassOutcome, Rewrite
 from effc.passes.options import option, read
 
@@ -102,16 +102,19 @@ class Lookup(Pass):
         samples = sample_rows(model, ctx.calibration, [lin.x.name for lin in selected], opts.rows)
         data = f"calibration ({len(ctx.calibration)} samples)"
         fits: dict[str, Fitted] = {}
-        for i, lin in enumerate(selected):
+        encodings: dict[str, Encoding] = {}  # by input: q, k and v projections share one encoder
+        for lin in selected:
             rows = samples[lin.x.name].rows
             if rows is None or len(rows) < opts.codes:
                 outcome.skip(lin.node, f"{0 if rows is None else len(rows)} calibration rows, fewer than "
                              f"{opts.codes} codes")
                 continue
             with single_threaded_blas():
-                fits[lin.name] = fit_linear(lin.weight, lin.bias, rows, opts.encoder, opts.chunk, opts.k,
-                                            opts.table_dtype, opts.soft, opts.iters, opts.ridge, opts.refit, seed=i)
-        del samples
+                if lin.x.name not in encodings:
+                    encodings[lin.x.name] = encode_rows(rows, opts.encoder, opts.chunk, opts.k, opts.soft, opts.iters,
+                                                        opts.ridge, opts.refit, seed=len(encodings))
+                fits[lin.name] = fit_linear(lin.weight, lin.bias, rows, encodings[lin.x.name], opts.table_dtype)
+        del samples, encodings
         accepted = convert(model, fits, opts, getattr(ctx, "budget", None), getattr(ctx, "holdout", None), outcome)
         total = sum(lin.weight.size for lin in linears)
         by_name = {lin.name: lin for lin in selected}

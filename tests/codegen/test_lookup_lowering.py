@@ -151,3 +151,20 @@ def test_effc_compile_cli_lowers_lookup_nodes(tmp_path, monkeypatch, capsys):
     assert "LookupLinear: 2 of 2 on the lookup kernels" in output, output
     manifest = json.loads((out / "codegen.json").read_text())
     assert all(name.startswith("lookup_shuffle_m32") for name in kernels_of(manifest)), manifest["custom_ops"]
+
+
+@requires_avx512
+@pytest.mark.parametrize("options, kernel", [({"v": 8}, "lookup_shuffle"),
+                                             ({"encoder": "hash", "v": 2, "soft": True}, "lookup_plain")])  # k=4
+def test_lookup_pass_output_compiles_to_the_kernels(tmp_path, options, kernel):
+    """What the lookup pass writes (an mlp's three linears, x [1, 16, 32]: M = 16) lowers to the kernels."""
+    from effc.frontend.onnx import from_proto
+    from effc.passes import get_pass
+    from effc.pipeline import run_pipeline
+    from tests.passes.shift_add_models import feeds, mlp
+
+    result = run_pipeline(from_proto(mlp()), [get_pass("lookup")], feeds=feeds(2, seed=99),
+                          options={"lookup": {"layers": "fc*", **options}}, calibration=feeds(16))
+    manifest = compile_and_compare(result.model, tmp_path, [1, 16])
+    names = kernels_of(manifest)
+    assert len(names) == 3 and all(name.startswith(kernel) for name in names), manifest["custom_ops"]

@@ -80,8 +80,7 @@ SOFT16 = ("hash", 4, 16, 36, "int8", 1)
 
 @requires_avx512
 @pytest.mark.parametrize("lead, layers, kernel", [
-    ([2, 9], [PQ16, HASH16], "lookup_shuffle"),  # batch 2, M = 18: X padded to 32 rows; N 48 and 40
-    ([1, 16], [SOFT16, ("pq", 6, 16, 20, "int8", 0)], "lookup_shuffle"),  # soft weights; N=20 ragged
+    ([2, 9], [PQ16, SOFT16], "lookup_shuffle"),  # batch 2, M = 18: X padded to 32 rows; N=36 ragged
     ([2, 1], [PQ16, SOFT16], "lookup_plain"),  # M = 2: below the shuffle's 16 rows
 ])
 def test_llvm_uses_lookup_kernels_and_matches_ort(tmp_path, lead, layers, kernel):
@@ -154,9 +153,7 @@ def test_effc_compile_cli_lowers_lookup_nodes(tmp_path, monkeypatch, capsys):
 
 
 @requires_avx512
-@pytest.mark.parametrize("options, kernel", [({"v": 8}, "lookup_shuffle"),
-                                             ({"encoder": "hash", "v": 2, "soft": True}, "lookup_plain")])  # k=4
-def test_lookup_pass_output_compiles_to_the_kernels(tmp_path, options, kernel):
+def test_lookup_pass_output_compiles_to_the_kernels(tmp_path):
     """What the lookup pass writes (an mlp's three linears, x [1, 16, 32]: M = 16) lowers to the kernels."""
     from effc.frontend.onnx import from_proto
     from effc.passes import get_pass
@@ -164,7 +161,7 @@ def test_lookup_pass_output_compiles_to_the_kernels(tmp_path, options, kernel):
     from tests.passes.shift_add_models import feeds, mlp
 
     result = run_pipeline(from_proto(mlp()), [get_pass("lookup")], feeds=feeds(2, seed=99),
-                          options={"lookup": {"layers": "fc*", **options}}, calibration=feeds(16))
+                          options={"lookup": {"layers": "fc*", "v": 8}}, calibration=feeds(16))
     manifest = compile_and_compare(result.model, tmp_path, [1, 16])
     names = kernels_of(manifest)
-    assert len(names) == 3 and all(name.startswith(kernel) for name in names), manifest["custom_ops"]
+    assert len(names) == 3 and all(name.startswith("lookup_shuffle") for name in names), manifest["custom_ops"]

@@ -10,12 +10,14 @@ a code differs from the op's reference only where two centroids are within float
 
 - ``lookup_shuffle`` (AVX-512BW, k = 16, int8 tables, M >= 16): the 16-entry int8 tables of one
   chunk for 4 output columns fill one zmm register (one 16-byte lane a column: the Bolt/MADDNESS
-  layout), and the codes of 16 rows, repeated in each lane, are the index of ``vpshufb``: one
-  shuffle makes 64 lookups (16 rows x 4 columns). Each column's 16 bytes are sign-extended to
-  int32 and converted to float, then multiplied by the chunk's scale (times the rows' soft weights,
-  a vector over the 16 rows) into float accumulators: the scale is per table, so chunks cannot
-  share an integer accumulator without changing the op's arithmetic. Parallel over blocks of
-  output columns; each task holds 16 rows x 16 columns of accumulators in registers.
+  layout), and the index of ``vpshufb`` holds the codes of 4 rows, each in the top byte of a 32-bit
+  lane with the bytes below it zeroed (index -128), repeated in every column's lane. One shuffle so
+  gives entry x 2^24 as an exact int32 (sign included, no extract or sign extension) for 4 rows x 4
+  columns; it converts to float exactly and one FMA multiplies it by the chunk's scale x 2^-24
+  (times the rows' soft weights) into float accumulators. The scale is per table, so chunks cannot
+  share an integer accumulator without changing the op's arithmetic: per 64 lookups, 4 shuffles, 4
+  conversions, 4 FMAs. Parallel over blocks of 16 output columns; each task holds 16 rows x 16
+  columns of accumulators in registers.
 - ``lookup_plain`` (any CPU, any k, int8 or float tables, and every M < 16 on AVX-512 as well):
   each row reads its chunk's table row straight from memory, vectorised over 64 output columns:
   at M = 1 a shuffle would use 1 of its 16 rows, while this reads only the C rows of the table it
@@ -34,10 +36,10 @@ from effc.kernels._layout import call_rows, rows_of_x
 from effc.ops.registry import Kernel, TargetKernels
 
 SHUFFLE = "llvm.x86.avx512.pshuf.b.512"
-ROWS = 16         # rows of X per shuffle (the bytes of one 16-byte lane)
+ROWS = 16         # rows of X per task and row block (4 shuffles of 4 rows)
 COLS = 4          # output columns per shuffle (the 16-byte lanes of a zmm register)
-GROUP = 4         # rows per shuffle (one int32 lane each in every column's lane)
-BLOCK = 4         # shuffles per chunk in one task: 16 columns, 16 float32x16 accumulators
+GROUP = 4         # rows per shuffle (one 32-bit lane each in every column's lane)
+BLOCK = 4         # shuffles per chunk and group of rows in one task: 16 columns (16 float32x16 accumulators)
 PLAIN_COLS = 64   # output columns per task of the plain kernel (one vector loop)
 SHUFFLE_MIN_ROWS = 16  # below this a shuffle would look up mostly padding rows
 
@@ -94,6 +96,8 @@ def shuffle_misfit(lay: Layer, target) -> str | None:
         return f"k={lay.codes} (the shuffle kernel takes 16)"
     if lay.tables.dtype != np.int8:
         return "float tables (the shuffle kernel takes int8)"
+    if np.any((lay.scale != 0) & (np.abs(lay.scale) < 2.0 ** -100)):  # x 2^-24 would leave float32's normals
+        return "table scales below 2^-100"
     return None
 
 

@@ -104,6 +104,9 @@ def test_shuffle_needs_its_layout_and_avx512bw():
     assert cpu.shuffle_misfit(random_layer(rng, "pq", 2, 4, 16, 8), znver4) is None
     assert "k=8" in cpu.shuffle_misfit(random_layer(rng, "pq", 2, 4, 8, 8), znver4)
     assert "float tables" in cpu.shuffle_misfit(random_layer(rng, "pq", 2, 4, 16, 8, "float32"), znver4)
+    tiny = random_layer(rng, "pq", 2, 4, 16, 8)
+    tiny.scale[1] = 1e-32
+    assert "below 2^-100" in cpu.shuffle_misfit(tiny, znver4)
 
 
 @pytest.mark.parametrize("encoder, soft, m, n, k, dtype", [("pq", False, 10, 130, 16, "int8"),

@@ -81,7 +81,7 @@ SOFT16 = ("hash", 4, 16, 36, "int8", 1)
 @requires_avx512
 @pytest.mark.parametrize("lead, layers, kernel", [
     ([2, 9], [PQ16, SOFT16], "lookup_shuffle"),  # batch 2, M = 18: X padded to 32 rows; N=36 ragged
-    ([2, 1], [PQ16, SOFT16], "lookup_plain"),  # M = 2: below the shuffle's 16 rows
+    ([1, 3], [PQ16, SOFT16], "lookup_plain"),  # M = 3: below the shuffle's 16 rows
 ])
 def test_llvm_uses_lookup_kernels_and_matches_ort(tmp_path, lead, layers, kernel):
     import tvm
@@ -110,7 +110,7 @@ def test_cpu_without_avx512_takes_the_plain_kernel(tmp_path):
 
     spec = {**llvm_target(2).spec, "mcpu": "haswell"}
     target = BuildTarget("llvm", spec, 2)
-    manifest = compile_and_compare(lookup_model([2, 9], [PQ16, SOFT16]), tmp_path, [2, 9], target=target)
+    manifest = compile_and_compare(lookup_model([3, 7], [PQ16, SOFT16]), tmp_path, [3, 7], target=target)  # M=21
     assert all(name.startswith("lookup_plain") for name in kernels_of(manifest)), manifest["custom_ops"]
 
 

@@ -273,15 +273,20 @@ def choose(lay: Layer, m: int, target) -> Kernel:
     return Kernel("lookup_plain", f"lookup_plain_m{m}_{tag}_{dtype}_", func, (enc, pack_plain(lay.tables), lay.scale))
 
 
-def fit(node, constants: list, target) -> str | None:
-    """Why an effc.LookupLinear node cannot take these kernels, or None (the plain kernel takes
-    every layout the op allows; which kernel runs is chosen by shape and target in :func:`build`)."""
+def io_misfit(node) -> str | None:
+    """Why a node's X and bias do not suit the kernels (they take float32), or None."""
     import onnx_ir as ir
 
     x, bias = node.inputs[0], node.inputs[4]
     if any(value.dtype not in (None, ir.DataType.FLOAT) for value in (x, bias)):
         return f"kernels take float32 X and bias (got {x.dtype}, {bias.dtype})"
     return None
+
+
+def fit(node, constants: list, target) -> str | None:
+    """Why an effc.LookupLinear node cannot take these kernels, or None (the plain kernel takes
+    every layout the op allows; which kernel runs is chosen by shape and target in :func:`build`)."""
+    return io_misfit(node)
 
 
 def build(shapes: list, constants: list, attributes: dict, target) -> Kernel:

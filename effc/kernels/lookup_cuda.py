@@ -23,7 +23,7 @@ import numpy as np
 
 from effc.errors import EffcError
 from effc.kernels._layout import call_rows, rows_of_x
-from effc.kernels.lookup_cpu import Layer, encoder_macro, layer
+from effc.kernels.lookup_cpu import Layer, encoder_macro, io_misfit, layer
 from effc.ops.registry import Kernel, TargetKernels
 
 THREADS = 128        # output columns per thread block
@@ -118,10 +118,8 @@ def choose(lay: Layer, m: int, gpu: bool = True) -> Kernel:
 
 def fit(node, constants: list, target) -> str | None:
     """Why an effc.LookupLinear node cannot take this kernel, or None."""
-    from effc.kernels.lookup_cpu import fit as dtype_fit
-
     attributes = {name: attr.value for name, attr in node.attributes.items()}
-    return dtype_fit(node, constants, target) or misfit(layer(constants, attributes))
+    return io_misfit(node) or misfit(layer(constants, attributes))
 
 
 def build(shapes: list, constants: list, attributes: dict, target) -> Kernel:

@@ -37,8 +37,8 @@ def lookup_model(lead: list[int], layers: list[tuple], k_in: int = 32, seed: int
         else:
             tables, scale = 0.1 * rng.standard_normal((chunks, k, n)).astype(np.float32), np.ones(chunks, np.float32)
         arrays = (const, tables, scale, rng.standard_normal(n).astype(np.float32))
-        consts = [ir.Value(name=f"{name}{i}", shape=ir.Shape(a.shape), type=ir.TensorType(ir.DataType.from_numpy(a.dtype)),
-                           const_value=ir.tensor(a, name=f"{name}{i}"))
+        consts = [ir.Value(name=f"{name}{i}", shape=ir.Shape(a.shape),
+                           type=ir.TensorType(ir.DataType.from_numpy(a.dtype)), const_value=ir.tensor(a, name=f"{name}{i}"))
                   for name, a in zip(("encoder_const", "tables", "table_scale", "bias"), arrays)]
         node = ir.Node(DOMAIN, op.NAME, [prev, *consts], num_outputs=1, name=f"lut{i}",
                        attributes=[ir.AttrString("encoder", encoder), ir.AttrInt64("v", v),

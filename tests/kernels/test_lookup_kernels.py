@@ -129,3 +129,19 @@ def test_cuda_refuses_tables_past_a_shared_stage():
     lay = random_layer(np.random.default_rng(0), "pq", 2, 2, 256, 8, "float32")
     assert "exceed" in cuda.misfit(lay)
     assert cuda.misfit(random_layer(np.random.default_rng(0), "pq", 2, 2, 16, 8)) is None
+
+
+def test_fit_refuses_non_float32_io():
+    import onnx_ir as ir
+
+    def node(dtype):
+        inputs = [ir.Value(name=n, type=ir.TensorType(d)) for n, d in
+                  (("x", dtype), ("e", ir.DataType.FLOAT), ("t", ir.DataType.INT8), ("s", ir.DataType.FLOAT),
+                   ("b", dtype))]
+        return ir.Node("effc", op.NAME, inputs, attributes=[ir.AttrString("encoder", "pq")])
+
+    assert cpu.fit(node(ir.DataType.FLOAT), [], None) is None
+    assert "float32 X and bias" in cpu.fit(node(ir.DataType.FLOAT16), [], None)
+    layer = random_layer(np.random.default_rng(0), "pq", 2, 4, 16, 8)
+    assert "float32 X and bias" in cuda.fit(node(ir.DataType.FLOAT16), [layer.encoder_const, layer.tables, layer.scale],
+                                            None)

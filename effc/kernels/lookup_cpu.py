@@ -196,10 +196,9 @@ def encoder_macro(T, encoder: str, soft: bool, k: int, v: int, vectorize: bool =
                     dist[j] = dist[j] + (x[r, c * v + i] - enc[c, i, j]) * (x[r, c * v + i] - enc[c, i, j])
             code[0] = 0
             best[0] = dist[0]
-            for j in range(1, k):
-                if dist[j] < best[0]:  # strict: the first index wins a tie
-                    best[0] = dist[j]
-                    code[0] = j
+            for j in range(1, k):  # selects, not branches; strict <: the first index wins a tie
+                code[0] = T.Select(dist[j] < best[0], j, code[0])
+                best[0] = T.Select(dist[j] < best[0], dist[j], best[0])
             soft_w[0] = T.float32(1)
 
         return nearest

@@ -10,9 +10,9 @@ on the calibration rows (see ``_lookup_fit``); int8 tables keep one scale per ta
 
 Activations are streamed through ONNX Runtime once, each layer's input kept as a bounded uniform
 sample (``rows`` rows, reservoir sampling), so calibration memory does not grow with the data.
-Under an accuracy budget (``ctx.budget``) layers are converted least harmful first while the
-held-out metric stays within it, the rest kept dense with the measured reason; without one,
-every selected layer is converted.
+Under an accuracy budget (``ctx.budget``, see effc.budget) layers are converted least harmful
+first while the outputs on the held-out split of the calibration data stay within it, the rest
+kept dense with the measured reason; without one, every selected layer is converted.
 
 Options (ctx.options): encoder (pq), v (chunk dims; default 16 for pq, 4 for hash), k (codes,
 pq; 16), table_dtype (int8), layers (glob on node names; selecting a protected layer includes
@@ -23,12 +23,14 @@ it), soft (false; hash only), iters (k-means iterations, 25), rows (sampled rows
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
+from effc.budget import Candidate, choose_layers
 from effc.calib import sample_rows, single_threaded_blas
 from effc.errors import EffcError
 from effc.ir import new_initializer, opset
@@ -85,6 +87,7 @@ class Lookup(Pass):
     name = "lookup"
     summary = "Linears -> table lookups (product-quantized or sign-hashed chunks; calibrated; lossy)"
     exact = False
+    budgeted = True
     needs = ("calibration",)
     Options = Options
 
@@ -115,7 +118,7 @@ class Lookup(Pass):
                                                         opts.ridge, opts.refit, seed=len(encodings))
                 fits[lin.name] = fit_linear(lin.weight, lin.bias, rows, encodings[lin.x.name], opts.table_dtype)
         del samples, encodings
-        accepted = convert(model, fits, opts, getattr(ctx, "budget", None), getattr(ctx, "holdout", None), outcome)
+        accepted = convert(model, fits, opts, ctx, outcome)
         total = sum(lin.weight.size for lin in linears)
         by_name = {lin.name: lin for lin in selected}
         for name in accepted:
@@ -154,22 +157,20 @@ def select(model: ir.Model, opts: Options, outcome: PassOutcome) -> tuple[list[L
     return linears, selected
 
 
-def convert(model: ir.Model, fits: dict[str, Fitted], opts: Options, budget, holdout,
+def convert(model: ir.Model, fits: dict[str, Fitted], opts: Options, ctx: PassContext,
             outcome: PassOutcome) -> list[str]:
-    """Install the fitted layers: all of them, or under ``budget`` those choose_layers accepts
+    """Install the fitted layers: all of them, or under ``ctx.budget`` those choose_layers accepts
     (the refused ones skipped with its measured reason). Returns the names converted."""
     if not fits:
         return []
-    if budget is None:
+    if ctx.budget is None:
         for name, fit in fits.items():
             install(model, name, fit, opts)
         accepted = list(fits)
     else:
-        from effc.budget import Candidate, choose_layers
-
-        candidates = [Candidate(name, lambda m, name=name, fit=fit: install(m, name, fit, opts), cost=fit.rel_error)
+        candidates = [Candidate(name, functools.partial(install, name=name, fit=fit, opts=opts), cost=fit.rel_error)
                       for name, fit in fits.items()]
-        choice = choose_layers(model, candidates, budget, holdout)
+        choice = choose_layers(model, candidates, ctx.budget, ctx.holdout, reference=ctx.holdout_reference)
         for name, reason in choice.refused.items():
             outcome.skip(name, reason)
         accepted = list(choice.accepted)

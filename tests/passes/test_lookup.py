@@ -206,3 +206,28 @@ def test_cli_exits_2_on_bad_options_and_without_calibration(tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_under_a_budget_converts_some_layers_fitted_on_the_fit_split_only():
+    from effc.budget import Budget, output_cosine, split
+
+    calibration = feeds(32, seed=1)
+    original = OrtRunner(from_proto(mlp()))
+    holdout = split(calibration)[1]
+
+    def compile_with(budget):
+        result = run_pipeline(from_proto(mlp()), [get_pass("lookup")], feeds=feeds(2), calibration=calibration,
+                              options={"lookup": {"layers": "fc*", "v": 8}}, budget=Budget.parse(budget))
+        record = result.records[0]
+        return record, output_cosine(OrtRunner(result.model).run_all(holdout), original.run_all(holdout))
+
+    everything, all_cosine = compile_with("cosine>=0.01")
+    assert len(everything.rewrites) == 3 and all_cosine < 0.99
+    assert everything.layers[0].data == "calibration (24 samples)"  # the last quarter held out
+    bound = round((1 + all_cosine) / 2, 6)
+    record, cosine = compile_with(f"cosine>={bound}")
+    converted = [r.node for r in record.rewrites]
+    refused = {s.node: s.reason for s in record.skipped if s.reason.startswith("kept in float")}
+    assert 0 < len(converted) < 3 and len(converted) + len(refused) == 3 and cosine >= bound
+    assert {layer.node for layer in record.layers} == set(converted)
+    assert all("on the holdout (8 samples)" in reason for reason in refused.values())

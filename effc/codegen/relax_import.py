@@ -73,8 +73,9 @@ def import_model(model: ir.Model, target=None) -> Imported:
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from effc.codegen.custom_ops import CustomOpLowering
+    from effc.codegen.custom_ops import CustomOpLowering, importer_hook
     from effc.codegen.layernorm_stats import expose_layernorm_stats
+    from effc.codegen.qdq_lowering import QdqLowering
 
     bad = unsupported_ops(model)
     if bad:
@@ -85,9 +86,11 @@ def import_model(model: ir.Model, target=None) -> Imported:
 
         target = llvm_target().tvm()
     lowering = CustomOpLowering(model, target)
-    proto = _integer_initializers_as_constants(expose_layernorm_stats(lowering.rewrite(to_proto(model))))
+    qdq = QdqLowering(target)  # QDQ matmuls -> integer matmuls (effc.codegen.qdq_lowering)
+    proto = qdq.rewrite(expose_layernorm_stats(lowering.rewrite(to_proto(model))))
+    proto = _integer_initializers_as_constants(proto)
     try:
-        with lowering.converters():
+        with lowering.converters(), importer_hook(qdq.table()):
             mod = from_onnx(proto, shape_dict=dict(zip(names, shapes)), dtype_dict=dict(zip(names, dtypes)),
                             keep_params_in_input=True, sanitize_input_names=False)
     except EffcError:
@@ -98,9 +101,11 @@ def import_model(model: ir.Model, target=None) -> Imported:
             from None
     mod, params = relax.frontend.detach_params(mod)
     mod, values = lowering.attach(mod, [p.numpy() for p in params.get("main", [])])
+    mod, values = qdq.attach(mod, values)
     mod, values = bind_scalars(mod, values)
+    summary = "\n".join(s for s in (lowering.summary(), qdq.summary()) if s)
     return Imported(mod, values, names, shapes, dtypes, [v.name for v in model.graph.outputs],
-                    lowering.report(), lowering.summary())
+                    lowering.report() + qdq.report(), summary)
 
 
 def _integer_initializers_as_constants(proto):

@@ -43,12 +43,48 @@ class Plan:
 
 
 @dataclass
-class QdqLowering:
-    """Plans every MatMul/Gemm of a proto for ``target`` and converts the taken ones during import."""
+class ProtoLowering:
+    """What the proto-level lowerings share: constants lifted to parameters of main, the report."""
 
     target: object
-    plans: list[Plan] = field(default_factory=list)
+    plans: list = field(default_factory=list)  # each with .node and .reason ("" when taken)
     _lifted: list = field(default_factory=list)  # (relax Var, array) in call order
+    rule = RULE
+
+    def _lift(self, name: str, array: np.ndarray):
+        from tvm import relax
+
+        var = relax.Var(name, relax.TensorType(list(array.shape), str(array.dtype)))
+        self._lifted.append((var, np.ascontiguousarray(array)))
+        return var
+
+    def attach(self, mod, values: list[np.ndarray]):
+        """The lifted weights become trailing parameters of main: (module, values)."""
+        from tvm import relax
+
+        if not self._lifted:
+            return mod, values
+        main = mod["main"]
+        mod["main"] = relax.Function(list(main.params) + [v for v, _ in self._lifted], main.body, main.ret_ty,
+                                     main.is_pure, main.attrs)
+        return mod, list(values) + [a for _, a in self._lifted]
+
+    def report(self) -> list[dict]:
+        return [{"node": p.node, "lowering": FALLBACK if p.reason else self.rule, "reason": p.reason,
+                 "kernel": getattr(p, "kernel", None)} for p in self.plans]
+
+    def summary(self, what: str = "QDQ matmuls") -> str:
+        if not self.plans:
+            return ""
+        taken = sum(not p.reason for p in self.plans)
+        reasons = sorted({p.reason for p in self.plans if p.reason})
+        text = f"{what}: {taken} of {len(self.plans)} on the {self.rule} kernels"
+        return text + (f"; float path ({'; '.join(reasons)})" if reasons else "")
+
+
+@dataclass
+class QdqLowering(ProtoLowering):
+    """Plans every MatMul/Gemm of a proto for ``target`` and converts the taken ones during import."""
 
     def rewrite(self, proto):
         from onnx import helper
@@ -93,36 +129,6 @@ class QdqLowering:
         if plan.bias is not None:
             y = relax.op.add(y, self._lift(f"{plan.node}.bias", plan.bias))
         return y
-
-    def _lift(self, name: str, array: np.ndarray):
-        from tvm import relax
-
-        var = relax.Var(name, relax.TensorType(list(array.shape), str(array.dtype)))
-        self._lifted.append((var, np.ascontiguousarray(array)))
-        return var
-
-    def attach(self, mod, values: list[np.ndarray]):
-        """The lifted weights become trailing parameters of main: (module, values)."""
-        from tvm import relax
-
-        if not self._lifted:
-            return mod, values
-        main = mod["main"]
-        mod["main"] = relax.Function(list(main.params) + [v for v, _ in self._lifted], main.body, main.ret_ty,
-                                     main.is_pure, main.attrs)
-        return mod, list(values) + [a for _, a in self._lifted]
-
-    def report(self) -> list[dict]:
-        return [{"node": p.node, "lowering": FALLBACK if p.reason else RULE, "reason": p.reason, "kernel": None}
-                for p in self.plans]
-
-    def summary(self) -> str:
-        if not self.plans:
-            return ""
-        taken = sum(not p.reason for p in self.plans)
-        reasons = sorted({p.reason for p in self.plans if p.reason})
-        text = f"QDQ matmuls: {taken} of {len(self.plans)} on the {RULE} kernels"
-        return text + (f"; float path ({'; '.join(reasons)})" if reasons else "")
 
 
 def _has_vnni(target) -> bool:

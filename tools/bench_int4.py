@@ -1,0 +1,101 @@
+"""int4 weight-only side by side: effc vs ONNX Runtime's MatMulNBits on the same model.
+
+    python tools/bench_int4.py [--seq 1] [--block 32] [--work DIR] [--rounds 15] [--threads 2]
+
+gpt2 (the zoo's module) is exported at ``--seq`` tokens, its MatMul weights quantized by ONNX
+Runtime's MatMulNBitsQuantizer in QDQ form (blocked DequantizeLinear int4 -> MatMul, RTN, asymmetric,
+block ``--block``). ORT runs that file with ``session.qdq_matmulnbits_accuracy_level=4`` (it fuses
+each DQ -> MatMul into MatMulNBits, int8 activations on VNNI); effc compiles the same file.
+Medians of interleaved runs (effc.codegen.bench.turns) and the agreement of effc with ORT
+(max abs diff relative to the largest |logit|, cosine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def export_gpt2(seq: int, path: Path) -> Path:
+    if path.exists():
+        return path
+    from effc.frontend.torch import from_torch
+    from effc.ir import save
+    from effc.zoo import _hf, gpt2
+
+    module = gpt2._make_module()
+    ids = np.random.default_rng(0).integers(0, gpt2.VOCAB_SIZE, size=(1, seq), dtype=np.int64)
+    model = from_torch(module, _hf.to_tensors({"input_ids": ids}, ("input_ids",)), opset=_hf.OPSET,
+                       input_names=["input_ids"], output_names=["logits"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(model, path)
+    return path
+
+
+def quantize_w4(src: Path, dst: Path, block: int) -> Path:
+    if dst.exists():
+        return dst
+    import onnx
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, accuracy_level=4,
+                                          quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
+    quant = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
+    quant.process()
+    quant.model.save_model_to_file(str(dst), use_external_data_format=True)
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", type=int, default=1)
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--work", default="/tmp/effc-int4-bench")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from effc.codegen.bench import turns
+    from effc.codegen.build import compile_model
+    from effc.codegen.runtime import load_compiled
+
+    work = Path(args.work)
+    src = export_gpt2(args.seq, work / f"gpt2-s{args.seq}" / "model.onnx")
+    w4 = quantize_w4(src, work / f"gpt2-s{args.seq}-w4b{args.block}" / "model.onnx", args.block)
+    out = work / f"gpt2-s{args.seq}-w4b{args.block}-effc"
+    if not (out / "model.so").exists():
+        start = time.perf_counter()
+        res = compile_model(ir.load(str(w4)), "llvm", out)
+        print(f"compiled in {time.perf_counter() - start:.0f} s; {res.custom_summary}; rules {res.rule_hits}",
+              flush=True)
+    compiled = load_compiled(out, threads=args.threads)
+    feed = {"input_ids": np.random.default_rng(7).integers(0, 50257, size=(1, args.seq), dtype=np.int64)}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
+    sess = ort.InferenceSession(str(w4), so, providers=["CPUExecutionProvider"])
+    ref = sess.run(None, feed)[0]
+    got = compiled(feed)[compiled.output_names[0]]
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    cos = float(np.dot(got.ravel(), ref.ravel()) / (np.linalg.norm(got) * np.linalg.norm(ref)))
+    steady, _ = turns({"effc": lambda: compiled(feed), "ort_matmulnbits_acc4": lambda: sess.run(None, feed)},
+                      args.rounds, warmup=2)
+    row = {"model": f"gpt2 w4 (block {args.block}) seq {args.seq}",
+           "median_ms": {k: float(np.median(v) * 1e3) for k, v in steady.items()},
+           "min_ms": {k: float(np.min(v) * 1e3) for k, v in steady.items()},
+           "max_rel_diff_vs_ort": rel, "cosine_vs_ort": cos}
+    print(json.dumps(row), flush=True)
+    (work / f"results-s{args.seq}-b{args.block}.json").write_text(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()

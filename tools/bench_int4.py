@@ -48,6 +48,7 @@ def quantize_w4(src: Path, dst: Path, block: int) -> Path:
                                           quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
     quant = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
     quant.process()
+    dst.parent.mkdir(parents=True, exist_ok=True)
     quant.model.save_model_to_file(str(dst), use_external_data_format=True)
     return dst
 

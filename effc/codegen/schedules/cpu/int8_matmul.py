@@ -8,8 +8,9 @@ parallel, per i-tile, the k loop accumulates an mr x nr int32 tile in registers,
 runs as the tile's write-back. What differs is the inner step: one ``vpdpbusd`` multiplies 4
 consecutive bytes of a row of A (broadcast to all 16 lanes) by 16 columns x 4 k-bytes of B and adds
 the 4 products per lane into 16 int32 accumulators. B is therefore packed, once at compile time,
-as [n / nr, k / 4, nr, 4] (4 k-bytes interleaved per int32 lane). n is padded to whole panels and
-k to a multiple of 4 with zeros (padded A columns meet zero weights).
+as [n / nr, k / 4, nr, 4] (4 k-bytes interleaved per int32 lane). n is padded to whole panels, m to
+whole row tiles and k to a multiple of 4, with zeros (padded A columns meet zero weights); A's
+padded copy is made once per call.
 Knobs: mr, nr_vectors (as the float rule).
 """
 
@@ -71,12 +72,15 @@ class Int8Matmul(CPURule):
         if m is None or n is None or kk is None:
             return None
         nr = fp._pick_nr(n, LANES, nr_vectors)
+        mr = min(m, mr * max(1, nr_vectors * LANES // nr))
         padded = n % nr != 0
         pad_k = kk % K_STEP != 0
-        if padded or pad_k:
-            sch.pad_einsum(main, [1, 1, nr, K_STEP])
-        mr = min(m, mr * max(1, nr_vectors * LANES // nr))
-        a_pad = _a_padding(sch, main, a_copy) if pad_k else None
+        # m is padded too: a bound check on the tile's rows would sit in the k loop (a branch per
+        # vpdpbusd, and LLVM keeps the guarded accumulators in memory)
+        pad_m = m % mr != 0
+        if padded or pad_k or pad_m:
+            sch.pad_einsum(main, [1, mr, nr, K_STEP])
+        a_pad = _a_padding(sch, main, a_copy) if pad_k or pad_m else None
         if a_pad is None:
             sch.compute_inline(a_copy)
         panel = _b_panel(sch, main, b_copy, padded or pad_k, a_pad)
@@ -93,8 +97,9 @@ class Int8Matmul(CPURule):
         sch.unroll(jv)
         outer = sch.fuse(batch, jo)
         sch.parallel(outer)
-        if a_pad is not None:  # the zero-padded copy of A (k not a multiple of 4): once, at the top
-            sch.compute_at(a_pad, outer)
+        if a_pad is not None:  # the zero-padded copy of A: once per call, before the tiles
+            loops = sch.get_loops(a_pad)
+            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
         init = sch.decompose_reduction(main, ko)
         sch.vectorize(sch.get_loops(init)[-1])
         # tensorize segfaults in this TVM; effc.codegen.vnni_pass puts vpdpbusd in place of the mark

@@ -37,6 +37,46 @@ def export_gpt2(seq: int, path: Path) -> Path:
     return path
 
 
+def gemms_as_matmuls(model):
+    """Gemm(x, W const) (+ C) -> MatMul(x, W) (+ Add C) and MatMul(x, Transpose(W const)) ->
+    MatMul(x, W^T), in place: ORT's weight quantizer takes only MatMuls with an initializer weight
+    (the seq-1 export makes every linear a Gemm, and the tied LM head reads Transpose(wte))."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm" and node.input[1] in inits and not attrs.get("transA", 0) \
+                and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0:
+            w = node.input[1]
+            if attrs.get("transB", 0):
+                t = numpy_helper.from_array(numpy_helper.to_array(inits[w]).T.copy(), w + "_t")
+                graph.initializer.append(t)
+                w = t.name
+            out = node.output[0]
+            has_bias = len(node.input) > 2 and node.input[2]
+            mm_out = out + "_mm" if has_bias else out
+            nodes.append(helper.make_node("MatMul", [node.input[0], w], [mm_out], name=node.name + "_matmul"))
+            if has_bias:
+                nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=node.name + "_bias"))
+            continue
+        if node.op_type == "MatMul" and node.input[1] in producers:
+            tr = producers[node.input[1]]
+            if tr.op_type == "Transpose" and tr.input[0] in inits:
+                w = numpy_helper.to_array(inits[tr.input[0]])
+                perm = [a.ints for a in tr.attribute if a.name == "perm"]
+                t = numpy_helper.from_array(np.transpose(w, list(perm[0]) if perm else None).copy(), tr.output[0] + "_w")
+                graph.initializer.append(t)
+                node.input[1] = t.name
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
 def quantize_w4(src: Path, dst: Path, block: int) -> Path:
     if dst.exists():
         return dst
@@ -46,7 +86,7 @@ def quantize_w4(src: Path, dst: Path, block: int) -> Path:
 
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, accuracy_level=4,
                                           quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
-    quant = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
+    quant = MatMulNBitsQuantizer(gemms_as_matmuls(onnx.load(str(src))), algo_config=config)
     quant.process()
     dst.parent.mkdir(parents=True, exist_ok=True)
     quant.model.save_model_to_file(str(dst), use_external_data_format=True)

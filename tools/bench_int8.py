@@ -42,6 +42,10 @@ def feeds_for(model_path: str, count: int, seed: int) -> list[dict]:
     return out
 
 
+def cosine(a, b) -> float:
+    return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
 def make_qdq(src: str, dst: Path, ops: list[str]) -> Path:
     import onnxruntime.quantization as q
 
@@ -116,12 +120,20 @@ def main() -> None:
             print(f"openvino unavailable: {exc}")
         ref = sess.run(None, feed)[0]
         got = compiled(feed)[compiled.output_names[0]]
+        # ORT's own int8 rounding: its integer kernels against its plain reading of the QDQ graph
+        # (optimisations off: DequantizeLinear -> float ops, exactly as written)
+        plain = ort.SessionOptions()
+        plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        exact = ort.InferenceSession(str(qdq), plain, providers=["CPUExecutionProvider"]).run(None, feed)[0]
         diff = float(np.abs(got - ref).max())
-        cos = float(np.dot(got.ravel(), ref.ravel()) / (np.linalg.norm(got) * np.linalg.norm(ref) + 1e-30))
+        cos = cosine(got, ref)
+        own = {"ort_int8_vs_qdq_float": {"max_abs": float(np.abs(ref - exact).max()), "cosine": cosine(ref, exact)},
+               "effc_vs_qdq_float": {"max_abs": float(np.abs(got - exact).max()), "cosine": cosine(got, exact)}}
         steady, _ = turns(engines, args.rounds, warmup=2)
         med = {k: float(np.median(v) * 1e3) for k, v in steady.items()}
         row = {"model": name, "ms": med, "ov_precision": ov_precision, "max_abs_diff_vs_ort": diff,
-               "cosine_vs_ort": cos, "ort_over_effc": med["ort"] / med["effc"],
+               "cosine_vs_ort": cos, **own, "min_ms": {k: float(np.min(v) * 1e3) for k, v in steady.items()},
+               "ort_over_effc": med["ort"] / med["effc"],
                "ov_over_effc": med.get("openvino", float("nan")) / med["effc"]}
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -1,6 +1,7 @@
 """int4 weight-only side by side: effc vs ONNX Runtime's MatMulNBits on the same model.
 
     python tools/bench_int4.py [--seq 1] [--block 32] [--work DIR] [--rounds 15] [--threads 2]
+                               [--matmul M,K,N]   (one linear layer instead of gpt2)
 
 gpt2 (the zoo's module) is exported at ``--seq`` tokens, its MatMul weights quantized by ONNX
 Runtime's MatMulNBitsQuantizer in QDQ form (blocked DequantizeLinear int4 -> MatMul, RTN, asymmetric,
@@ -34,6 +35,25 @@ def export_gpt2(seq: int, path: Path) -> Path:
                        input_names=["input_ids"], output_names=["logits"])
     path.parent.mkdir(parents=True, exist_ok=True)
     save(model, path)
+    return path
+
+
+def export_matmul(m: int, k: int, n: int, path: Path) -> Path:
+    """One linear layer x[1, m, k] @ W[k, n] (random weights), as a float ONNX file."""
+    if path.exists():
+        return path
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32) / np.sqrt(k)
+    graph = helper.make_graph([helper.make_node("MatMul", ["input_ids", "W"], ["logits"])], "linear",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, [1, m, k])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, m, n])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
     return path
 
 
@@ -100,26 +120,36 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/effc-int4-bench")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--matmul", default="", help="M,K,N: one linear layer instead of gpt2")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    import onnx_ir as ir
     import onnxruntime as ort
 
     from effc.codegen.bench import turns
     from effc.codegen.build import compile_model
     from effc.codegen.runtime import load_compiled
+    from effc.frontend.onnx import load
 
     work = Path(args.work)
-    src = export_gpt2(args.seq, work / f"gpt2-s{args.seq}" / "model.onnx")
-    w4 = quantize_w4(src, work / f"gpt2-s{args.seq}-w4b{args.block}" / "model.onnx", args.block)
-    out = work / f"gpt2-s{args.seq}-w4b{args.block}-effc"
+    if args.matmul:
+        m, k, n = (int(v) for v in args.matmul.split(","))
+        name = f"linear-{m}x{k}x{n}"
+        src = export_matmul(m, k, n, work / name / "model.onnx")
+    else:
+        name = f"gpt2-s{args.seq}"
+        src = export_gpt2(args.seq, work / name / "model.onnx")
+    w4 = quantize_w4(src, work / f"{name}-w4b{args.block}" / "model.onnx", args.block)
+    out = work / f"{name}-w4b{args.block}-effc"
     if not (out / "model.so").exists():
         start = time.perf_counter()
-        res = compile_model(ir.load(str(w4)), "llvm", out)
+        res = compile_model(load(str(w4)), "llvm", out)
         print(f"compiled in {time.perf_counter() - start:.0f} s; {res.custom_summary}; rules {res.rule_hits}",
               flush=True)
     compiled = load_compiled(out, threads=args.threads)
-    feed = {"input_ids": np.random.default_rng(7).integers(0, 50257, size=(1, args.seq), dtype=np.int64)}
+    if args.matmul:
+        feed = {"input_ids": np.random.default_rng(7).standard_normal((1, m, k)).astype(np.float32)}
+    else:
+        feed = {"input_ids": np.random.default_rng(7).integers(0, 50257, size=(1, args.seq), dtype=np.int64)}
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
@@ -130,12 +160,12 @@ def main() -> None:
     cos = float(np.dot(got.ravel(), ref.ravel()) / (np.linalg.norm(got) * np.linalg.norm(ref)))
     steady, _ = turns({"effc": lambda: compiled(feed), "ort_matmulnbits_acc4": lambda: sess.run(None, feed)},
                       args.rounds, warmup=2)
-    row = {"model": f"gpt2 w4 (block {args.block}) seq {args.seq}",
+    row = {"model": f"{name} w4 (block {args.block})",
            "median_ms": {k: float(np.median(v) * 1e3) for k, v in steady.items()},
            "min_ms": {k: float(np.min(v) * 1e3) for k, v in steady.items()},
            "max_rel_diff_vs_ort": rel, "cosine_vs_ort": cos}
     print(json.dumps(row), flush=True)
-    (work / f"results-s{args.seq}-b{args.block}.json").write_text(json.dumps(row, indent=2))
+    (work / f"results-{name}-b{args.block}.json").write_text(json.dumps(row, indent=2))
 
 
 if __name__ == "__main__":

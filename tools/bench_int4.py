@@ -45,7 +45,7 @@ def export_matmul(m: int, k: int, n: int, path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32) / np.sqrt(k)
+    w = (np.random.default_rng(0).standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["input_ids", "W"], ["logits"])], "linear",
                               [helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, [1, m, k])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, m, n])],

@@ -2,8 +2,10 @@
 
 The form: ``MatMul(x, DequantizeLinear(W_q, scale, zp, axis=0, block_size=B))`` with W_q a constant
 int4/uint4 [K, N], scales (and zero points) [K / B, N], x float (the form ONNX Runtime turns into
-MatMulNBits). The MatMul becomes a call of effc's int4 kernel (effc.kernels.int4_cpu: nibbles
-unpacked in registers), the weight packed at compile time. TVM's importer cannot read blocked
+MatMulNBits). The MatMul becomes a call of effc's int4 kernel, the weight packed at compile time:
+on AVX-512 VNNI effc.kernels.int4_vnni (the activations quantized to s8 per block, nibbles times s8
+on vpdpbusd: what ONNX Runtime's MatMulNBits does at accuracy level 4, its default), on other
+AVX-512 CPUs effc.kernels.int4_cpu (nibbles unpacked to float in registers: exact). TVM's importer cannot read blocked
 DequantizeLinear at all, so every other blocked DQ of constants (a shape the kernel does not tile,
 a CPU without AVX-512, a consumer that is no MatMul) is folded here to its float weight, the
 reason recorded in the manifest's ``custom_ops``.
@@ -19,7 +21,8 @@ from effc.codegen.qdq_lowering import FALLBACK, ProtoLowering, _attr, _Graph
 
 PRIVATE_OP = "EffcInt4MatMul"
 INDEX_ATTR = "effc_int4_index"
-RULE = "int4-unpack"
+RULE = "int4-unpack"  # exact: nibbles to float (effc.kernels.int4_cpu), AVX-512 without VNNI
+VNNI_RULE = "int4-vnni"  # int8 activations per block on vpdpbusd (effc.kernels.int4_vnni), as ORT's default
 
 
 @dataclass
@@ -36,6 +39,15 @@ class Int4Plan:
 @dataclass
 class Int4Lowering(ProtoLowering):
     rule = RULE
+
+    def __post_init__(self):
+        from effc.codegen.qdq_lowering import _has_vnni
+
+        # ONNX Runtime's MatMulNBits (accuracy level 4, its default for a fused DQ -> MatMul)
+        # quantizes the activations to int8 per block as well; verification holds the module to
+        # ONNX Runtime's own rounding (effc.codegen.qdq_tolerance)
+        self.vnni = _has_vnni(self.target)
+        self.rule = VNNI_RULE if self.vnni else RULE
 
     def rewrite(self, proto):
         from onnx import helper, numpy_helper
@@ -84,6 +96,7 @@ class Int4Lowering(ProtoLowering):
 
         from effc.codegen.custom_ops import _rooted
         from effc.kernels import int4_cpu as k4
+        from effc.kernels import int4_vnni
 
         plan = self.plans[attr[INDEX_ATTR]]
         x = inputs[0]
@@ -91,11 +104,12 @@ class Int4Lowering(ProtoLowering):
         k, n = plan.q.shape
         m = int(np.prod(shape[:-1]))
         nv = k4.panel_vectors(m)
-        packed = k4.pack(plan.q, plan.scale, plan.zp, plan.block, nv * k4.LANES)
+        kernel = int4_vnni if self.vnni else k4
+        packed = kernel.pack(plan.q, plan.scale, plan.zp, plan.block, nv * k4.LANES)
         n_pad = packed.words.shape[0] * nv * k4.LANES
-        plan.kernel = f"int4_matmul_m{m}_k{k}_n{n_pad}_b{plan.block}_"
-        func = _rooted(k4.prim_func(m, k, n_pad, plan.block, nv)).without_attr("global_symbol").with_attrs(
-            {"tirx.is_scheduled": 1, "op_pattern": 8, "effc.rule": RULE})
+        plan.kernel = f"{'int4_vnni' if self.vnni else 'int4_matmul'}_m{m}_k{k}_n{n_pad}_b{plan.block}_"
+        func = _rooted(kernel.prim_func(m, k, n_pad, plan.block, nv)).without_attr("global_symbol").with_attrs(
+            {"tirx.is_scheduled": 1, "op_pattern": 8, "effc.rule": self.rule})
         gv = bb.add_func(func, plan.kernel)
         args = [relax.op.reshape(x, [m, k])] + [self._lift(f"{plan.node}.{name}", a) for name, a in
                                                   (("w4", packed.words), ("scales", packed.scales),

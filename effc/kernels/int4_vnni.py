@@ -69,6 +69,9 @@ def prim_func(m: int, k: int, n_pad: int, block: int, nv: int):
 
     mr, p = tile_rows(m), nv * LANES
     panels, kb, groups = n_pad // p, k // block, block // NIBBLES
+    # a decode step's few rows are quantized by the calling thread: a second parallel launch per
+    # matmul costs more than the work (and on a busy machine, a wait for a descheduled worker)
+    rows_loop = T.parallel if m >= 16 else T.serial
 
     @T.prim_func(s_tir=True)
     def int4_vnni(x: T.Buffer((m, k), "float32"), words: T.Buffer((panels, k // NIBBLES, p), "uint32"),
@@ -79,7 +82,7 @@ def prim_func(m: int, k: int, n_pad: int, block: int, nv: int):
         sx = T.alloc_buffer((m, kb), "float32")
         xsum = T.alloc_buffer((m, kb), "int32")
         # the activations, per row and weight block, to s8 (ONNX Runtime's accuracy level 4)
-        for r in T.parallel(m):
+        for r in rows_loop(m):
             for b in range(kb):
                 amax = T.alloc_buffer((1,), "float32", scope="local")
                 total = T.alloc_buffer((1,), "int32", scope="local")

@@ -88,7 +88,8 @@ def gemms_as_matmuls(model):
             if tr.op_type == "Transpose" and tr.input[0] in inits:
                 w = numpy_helper.to_array(inits[tr.input[0]])
                 perm = [a.ints for a in tr.attribute if a.name == "perm"]
-                t = numpy_helper.from_array(np.transpose(w, list(perm[0]) if perm else None).copy(), tr.output[0] + "_w")
+                t = numpy_helper.from_array(np.transpose(w, list(perm[0]) if perm else None).copy(),
+                                            tr.output[0] + "_w")
                 graph.initializer.append(t)
                 node.input[1] = t.name
         nodes.append(node)

@@ -224,7 +224,7 @@ def _plan(graph: _Graph, node, name: str) -> Plan | None:
     else:
         trans_b = False
     axis = _attr(dq_w, "axis", 1) % 2 if sw.size > 1 else None
-    k, n = (wq.shape[1], wq.shape[0]) if trans_b else wq.shape
+    n = wq.shape[0] if trans_b else wq.shape[1]
     out_axis = (0 if trans_b else 1)
     if axis is not None and axis != out_axis:
         return Plan(name, "the weight is quantized along K, not per output channel")
@@ -242,7 +242,6 @@ def _plan(graph: _Graph, node, name: str) -> Plan | None:
         return Plan(name, "Gemm's C is not a vector over N")
     if bias is not None:
         bias = np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float32)
-    del k
     return Plan(name, "", x, signed, np.ascontiguousarray(w.astype(np.int8)), comp, scale, bias)
 
 

@@ -93,7 +93,8 @@ def prim_func(m: int, k: int, n_pad: int, block: int, nv: int):
                     acc[r, T.Ramp(v * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
                 for b in range(kb):
                     for v in T.unroll(nv):
-                        zero[T.Ramp(v * LANES, 1, LANES)] = T.Cast("int32x16", zeros[nb, b, T.Ramp(v * LANES, 1, LANES)])
+                        lanes = T.Ramp(v * LANES, 1, LANES)
+                        zero[lanes] = T.Cast("int32x16", zeros[nb, b, lanes])
                     for r, v in T.grid(mr, nv):
                         part[r, T.Ramp(v * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
                     for g in range(groups):
@@ -102,7 +103,8 @@ def prim_func(m: int, k: int, n_pad: int, block: int, nv: int):
                                 word = words[nb, b * groups + g, T.Ramp(v * LANES, 1, LANES)]
                                 nib = T.bitwise_and(T.shift_right(word, T.Broadcast(T.uint32(4 * s), LANES)),
                                                     T.Broadcast(T.uint32(15), LANES))
-                                w = T.Cast("float32x16", T.reinterpret("int32x16", nib) - zero[T.Ramp(v * LANES, 1, LANES)])
+                                w = T.Cast("float32x16",
+                                           T.reinterpret("int32x16", nib) - zero[T.Ramp(v * LANES, 1, LANES)])
                                 for r in T.unroll(mr):
                                     part[r, T.Ramp(v * LANES, 1, LANES)] = part[r, T.Ramp(v * LANES, 1, LANES)] + \
                                         T.Broadcast(x[mo * mr + r, b * block + g * NIBBLES + s], LANES) * w

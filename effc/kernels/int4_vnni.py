@@ -126,7 +126,8 @@ def prim_func(m: int, k: int, n_pad: int, block: int, nv: int):
                     for r in T.unroll(mr):
                         for v in T.unroll(nv):
                             zero = T.Cast("int32x16", zeros[nb, b, T.Ramp(v * LANES, 1, LANES)])
-                            fixed = dot[r, T.Ramp(v * LANES, 1, LANES)] - zero * T.Broadcast(xsum[mo * mr + r, b], LANES)
+                            fixed = dot[r, T.Ramp(v * LANES, 1, LANES)] - \
+                                zero * T.Broadcast(xsum[mo * mr + r, b], LANES)
                             acc[r, T.Ramp(v * LANES, 1, LANES)] = acc[r, T.Ramp(v * LANES, 1, LANES)] + \
                                 T.Cast("float32x16", fixed) * scales[nb, b, T.Ramp(v * LANES, 1, LANES)] * \
                                 T.Broadcast(sx[mo * mr + r, b], LANES)

@@ -106,7 +106,8 @@ def test_vnni_kernel_matches_its_reference():
     packed = kv.pack(q, scale, zp, 32, 64)
     func = kv.prim_func(3, 64, 64, 32, 4)
     lib = tvm.compile(tvm.IRModule({"int4_vnni": func}), target=llvm_target().tvm())
-    args = [tvm.runtime.tensor(a) for a in (x, packed.words, packed.scales, packed.zeros, np.zeros((3, 64), np.float32))]
+    out = np.zeros((3, 64), np.float32)
+    args = [tvm.runtime.tensor(a) for a in (x, packed.words, packed.scales, packed.zeros, out)]
     lib["int4_vnni"](*args)
     got, ref = args[-1].numpy()[:, :40], kv.reference(x, q, scale, zp, 32)
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

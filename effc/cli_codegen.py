@@ -86,17 +86,32 @@ def run_cmd(out: str, inputs: str, output: str, threads: int | None, check: bool
     if check:
         from effc.verify import OrtRunner, deviation
 
-        _fail_on_disagreement(deviation(results, OrtRunner(Path(out) / "model.onnx").run_all(feeds)).max_rel)
+        max_rel = deviation(results, OrtRunner(Path(out) / "model.onnx").run_all(feeds)).max_rel
+        _fail_on_disagreement(max_rel, _tolerance(Path(out) / "model.onnx", feeds, max_rel))
 
 
-def _fail_on_disagreement(max_rel: float) -> None:
-    """EffcFault (exit 1) when the compiled module is further than TOLERANCE from ONNX Runtime."""
+def _tolerance(model_path: Path, feeds: list[dict], max_rel: float) -> float:
+    """TOLERANCE, or for a quantized model beyond it, ONNX Runtime's own rounding (qdq_tolerance)."""
+    from effc.codegen.check import TOLERANCE
+
+    if max_rel <= TOLERANCE:
+        return TOLERANCE
+    import onnx_ir as ir
+
+    from effc.codegen.qdq_tolerance import tolerance_for
+
+    return tolerance_for(ir.load(str(model_path)), feeds, TOLERANCE)
+
+
+def _fail_on_disagreement(max_rel: float, tolerance: float | None = None) -> None:
+    """EffcFault (exit 1) when the compiled module is further than ``tolerance`` (TOLERANCE) from ONNX Runtime."""
     from effc.codegen.check import TOLERANCE
     from effc.errors import EffcFault
 
-    if max_rel > TOLERANCE:
+    tolerance = TOLERANCE if tolerance is None else tolerance
+    if max_rel > tolerance:
         raise EffcFault(f"the compiled module disagrees with ONNX Runtime on its own model.onnx (max rel err "
-                        f"{max_rel:.2e} > {TOLERANCE:g}): its results are wrong; please report it with the model")
+                        f"{max_rel:.2e} > {tolerance:g}): its results are wrong; please report it with the model")
 
 
 @click.command("bench")
@@ -153,7 +168,12 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
     if json_path:
         atomic_write_text(Path(json_path), json.dumps(result, indent=2) + "\n")
     if "max_rel_err" in result:
-        _fail_on_disagreement(result["max_rel_err"])
+        from effc.codegen.check import TOLERANCE
+
+        max_rel = result["max_rel_err"]
+        tolerance = TOLERANCE if max_rel <= TOLERANCE else _tolerance(
+            Path(out) / "model.onnx", feeds or [_default_feed(out, load_compiled(out, threads))], max_rel)
+        _fail_on_disagreement(max_rel, tolerance)
 
 
 @click.command("tune")

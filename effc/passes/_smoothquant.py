@@ -29,7 +29,9 @@ class Site:
     x: ir.Value
     readers: list[Linear]
     writer: str = ""                     # what absorbs 1 / s, in words
+    shared: bool = False                 # x is read by other nodes too: the norm is copied for the linears
     undo: list[tuple[ir.Node, int, ir.Value]] = field(default_factory=list)
+    added: list[ir.Node] = field(default_factory=list)
 
 
 def find_sites(linears: list[Linear]) -> tuple[list[Site], list[tuple[str, str]]]:
@@ -44,12 +46,14 @@ def find_sites(linears: list[Linear]) -> tuple[list[Site], list[tuple[str, str]]
         x = values[name]
         mine = {id(lin.node) for lin in readers}
         others = [n for n in consumers(x) if id(n) not in mine]
-        if others:
-            refused.append((name, f"also read by {others[0].op_type} '{others[0].name}', which would see x / s"))
-        elif x.is_graph_output() or x.producer() is None:
-            refused.append((name, "a graph input or output: nothing to fold 1 / s into"))
+        writer = x.producer()
+        if writer is None:
+            refused.append((name, "a graph input: nothing to fold 1 / s into"))
+        elif (others or x.is_graph_output()) and writer.op_type not in NORMS:
+            reader = f"{others[0].op_type} '{others[0].name}'" if others else "the graph output"
+            refused.append((name, f"also read by {reader}, which would see x / s"))
         else:
-            sites.append(Site(x, readers))
+            sites.append(Site(x, readers, shared=bool(others) or x.is_graph_output()))
     return sites, refused
 
 
@@ -83,6 +87,9 @@ def _undo(site: Site) -> None:
     for node, index, old in reversed(site.undo):
         node.replace_input_with(index, old)
     site.undo.clear()
+    for node in site.added:
+        node.graph.remove(node, safe=True)
+    site.added.clear()
 
 
 def undo(site: Site) -> None:
@@ -99,6 +106,8 @@ def _per_channel(value: ir.Value | None, k: int) -> np.ndarray | None:
 def _fold_writer(site: Site, writer: ir.Node, s: np.ndarray, linears_by_output: dict[str, Linear]) -> str | None:
     k = len(s)
     if writer.op_type in NORMS:
+        if site.shared:  # post-LN: the residual reads the norm too, so the linears get their own copy
+            writer = _copy_norm(site, writer)
         axis = writer.attributes.get_int("axis", -1)
         rank = len(site.x.shape) if site.x.shape is not None else None
         if axis != -1 and (rank is None or axis != rank - 1):
@@ -112,7 +121,7 @@ def _fold_writer(site: Site, writer: ir.Node, s: np.ndarray, linears_by_output: 
             if beta is None:
                 return f"{writer.op_type}'s bias is not a constant [{k}] vector"
             _replace(site, writer, 2, beta / s, f"{writer.name}.bias_smoothed")
-        site.writer = f"{writer.op_type} '{writer.name}'"
+        site.writer = f"{writer.op_type} '{writer.name}'" + (" (a copy for the linears)" if site.shared else "")
         return None
     if site.x.name in linears_by_output:
         prev = linears_by_output[site.x.name]
@@ -146,6 +155,20 @@ def _fold_writer(site: Site, writer: ir.Node, s: np.ndarray, linears_by_output: 
                 site.writer = f"scale '{writer.name}'"
                 return None
     return f"written by {writer.op_type} '{writer.name}', which cannot absorb a per-channel 1 / s"
+
+
+def _copy_norm(site: Site, norm: ir.Node) -> ir.Node:
+    """A copy of ``norm`` (same input and attributes) whose output only the site's linears read."""
+    copy = ir.Node(norm.domain, norm.op_type, list(norm.inputs), attributes=list(norm.attributes.values()),
+                   name=f"{norm.name}.smoothed", num_outputs=1, version=norm.version)
+    out = copy.outputs[0]
+    out.name, out.shape, out.type = f"{site.x.name}_smoothed", site.x.shape, site.x.type
+    norm.graph.insert_after(norm, copy)
+    site.added.append(copy)
+    for lin in site.readers:
+        site.undo.append((lin.node, 0, lin.node.inputs[0]))
+        lin.node.replace_input_with(0, out)
+    return copy
 
 
 def _scale_reader(site: Site, lin: Linear, s: np.ndarray) -> None:

@@ -38,7 +38,7 @@ from effc.passes import _smoothquant as sq
 from effc.passes._linears import Linear, find_linears
 from effc.passes._observers import METHODS, observe, stream_values
 from effc.passes._qdq import DYNAMIC, STATIC, WEIGHT_ONLY, LayerPlan, rewrite_layer
-from effc.passes._qparams import act_params, linear_reference, quantize_weight
+from effc.passes._qparams import ActParams, act_params, linear_reference, quantize_weight
 from effc.passes.base import LayerRecord, Pass, PassContext, PassOutcome
 from effc.passes.options import option, read
 from effc.verify import OrtRunner, deviation, make_inputs
@@ -52,7 +52,9 @@ RECORD_SAMPLES = 64  # layer errors are measured on at most this many calibratio
 @dataclass
 class Options:
     mode: str = option("w8a8", "w8a8 (static activations), w8a8-dynamic, w8 or w4 (weight-only)", choices=MODES)
-    calibrate: str = option("percentile", "w8a8: activation ranges from streamed histograms", choices=METHODS)
+    calibrate: str = option("auto", "w8a8: activation ranges from streamed histograms; auto: per activation, "
+                            "whichever method's quantized layer outputs are closest to float",
+                            choices=("auto", *METHODS))
     percentile: float = option(99.99, "calibrate=percentile: the quantile kept at each end", low=90.0, high=100.0)
     activations: str = option("uint8", "w8a8: uint8 asymmetric (ONNX Runtime's u8 x s8 kernels) or int8 symmetric",
                               choices=("uint8", "int8"))
@@ -111,13 +113,14 @@ class Quantize(Pass):
         if opts.smoothquant_alpha is not None:
             smooth(model, selected, feeds, opts.smoothquant_alpha, outcome)
             selected = [lin for lin in find_linears(model)[0] if lin.name in {s.name for s in selected}]
-        acts = {}
+        candidates: dict[str, dict[str, ActParams]] = {}
         if scheme == STATIC:
             observers = observe(model, feeds, [lin.x.name for lin in selected])
             signed = opts.activations == "int8"
+            methods = METHODS if opts.calibrate == "auto" else (opts.calibrate,)
             for name, obs in observers.items():
-                lo, hi = obs.range(opts.calibrate, opts.percentile)
-                acts[name] = act_params(lo, hi, signed, (obs.lo, obs.hi))
+                candidates[name] = {m: act_params(*obs.range(m, opts.percentile), signed, (obs.lo, obs.hi))
+                                    for m in methods}
         use_gptq = bool(feeds) and (opts.gptq if opts.gptq is not None else bits == 4)
         hessians = {}
         if use_gptq:
@@ -128,15 +131,20 @@ class Quantize(Pass):
             group = block or lin.weight.shape[1]
             weight = quantize_weight(lin.weight, hessians.get(lin.x.name), bits, group, use_gptq, opts.damp,
                                      opts.act_order, opts.clip)
-            plans.append(LayerPlan(lin, weight, acts.get(lin.x.name), scheme))
+            first = next(iter(candidates[lin.x.name].values())) if lin.x.name in candidates else None
+            plans.append(LayerPlan(lin, weight, first, scheme))
         data = (f"calibration ({min(len(feeds), RECORD_SAMPLES)} samples)" if feeds
                 else "seeded random inputs (no calibration)")
-        records = measure_layers(model, plans, feeds[:RECORD_SAMPLES] if feeds else make_inputs(model))
+        records, methods_chosen = measure_layers(model, plans, feeds[:RECORD_SAMPLES] if feeds else make_inputs(model),
+                                                 candidates)
         chosen = choose(model, plans, records, ctx, outcome)
         for plan in plans:
             if plan.name not in chosen:
                 continue
-            outcome.rewrite(plan.name, "quantize", **details(plan, opts.mode, use_gptq and plan.lin.x.name in hessians))
+            info = details(plan, opts.mode, use_gptq and plan.lin.x.name in hessians)
+            if plan.lin.x.name in methods_chosen:
+                info["calibrate"] = methods_chosen[plan.lin.x.name]
+            outcome.rewrite(plan.name, "quantize", **info)
             rel, cos, before, after = records[plan.name]
             outcome.layers.append(LayerRecord(plan.name, rel, cos, before, after, data))
         ir_passes.RemoveUnusedNodesPass()(model)
@@ -209,10 +217,17 @@ def smooth(model: ir.Model, selected: list[Linear], feeds, alpha: float, outcome
                         readers=[lin.name for lin in site.readers], scale_min=float(s.min()), scale_max=float(s.max()))
 
 
-def measure_layers(model: ir.Model, plans: list[LayerPlan], feeds) -> dict[str, tuple]:
+def measure_layers(model: ir.Model, plans: list[LayerPlan], feeds,
+                   candidates: dict[str, dict[str, ActParams]] | None = None) -> tuple[dict[str, tuple], dict[str, str]]:
     """Per layer: (rel error, cosine, bytes before, bytes after) of its quantized output (effc's
-    numpy reference) against the float layer, on the float model's own inputs to the layer."""
-    sums = {p.name: np.zeros(4) for p in plans}  # |y|^2, |y'|^2, y.y', |y - y'|^2
+    numpy reference) against the float layer, on the float model's own inputs to the layer.
+
+    Static layers: each candidate activation range of ``candidates`` is measured, and each
+    activation keeps the one with the least summed squared relative error over the layers reading
+    it (the plans are updated); returns the records and {activation: chosen method}."""
+    candidates = candidates or {}
+    options = {p.name: candidates.get(p.lin.x.name) or {"": p.act} for p in plans}
+    sums = {p.name: {m: np.zeros(4) for m in options[p.name]} for p in plans}  # |y|^2, |y'|^2, y.y', |y-y'|^2
     by_x: dict[str, list[LayerPlan]] = {}
     for p in plans:
         by_x.setdefault(p.lin.x.name, []).append(p)
@@ -225,17 +240,27 @@ def measure_layers(model: ir.Model, plans: list[LayerPlan], feeds) -> dict[str, 
                 y = x2.astype(np.float64) @ p.lin.weight.T.astype(np.float64)
                 if p.lin.bias is not None:
                     y = y + p.lin.bias
-                # the dynamic scale is the whole tensor's, as DynamicQuantizeLinear sees it
-                yq = linear_reference(x2, p.weight, p.lin.bias, p.act, p.scheme == DYNAMIC).astype(np.float64)
-                y, yq = y[keep], yq[keep]
-                sums[p.name] += [np.sum(y * y), np.sum(yq * yq), np.sum(y * yq), np.sum((y - yq) ** 2)]
+                y = y[keep]
+                for method, act in options[p.name].items():
+                    # the dynamic scale is the whole tensor's, as DynamicQuantizeLinear sees it
+                    yq = linear_reference(x2, p.weight, p.lin.bias, act, p.scheme == DYNAMIC).astype(np.float64)[keep]
+                    sums[p.name][method] += [np.sum(y * y), np.sum(yq * yq), np.sum(y * yq), np.sum((y - yq) ** 2)]
+    chosen: dict[str, str] = {}
+    for name, readers in by_x.items():
+        methods = list(options[readers[0].name])
+        cost = {m: sum(sums[p.name][m][3] / max(sums[p.name][m][0], 1e-300) for p in readers) for m in methods}
+        best = min(methods, key=lambda m: cost[m])
+        if best:
+            chosen[name] = best
+        for p in readers:
+            p.act = options[p.name][best]
     out = {}
     for p in plans:
-        yy, qq, yq, dd = sums[p.name]
+        yy, qq, yq, dd = sums[p.name][chosen.get(p.lin.x.name, "")]
         rel = float(np.sqrt(dd / yy)) if yy > 0 else None
         cos = float(np.clip(yq / np.sqrt(yy * qq), -1, 1)) if yy > 0 and qq > 0 else None
         out[p.name] = (rel, cos, *layer_bytes(p))
-    return out
+    return out, chosen
 
 
 def layer_bytes(plan: LayerPlan) -> tuple[int, int]:

@@ -295,3 +295,27 @@ def test_openvino_runs_the_exported_model_like_the_reference(tmp_path):
     x = batches(1, seed=9)[0]
     got = compiled(x)[compiled.outputs[0]]
     assert rel(got, run_reference(q, x)["y"]) < 1e-2  # int8 in OpenVINO: same codes, its own rounding of x
+
+
+def test_smoothquant_copies_a_post_ln_norm_that_the_residual_also_reads():
+    from tests.passes.layernorm_models import TinyBERT
+
+    model = export(TinyBERT(d=32), torch.randint(0, 50, (2, 8)))
+    name = model.graph.inputs[0].name
+    calib = [{name: np.random.default_rng(i).integers(0, 50, (2, 8)).astype(np.int64)} for i in range(4)]
+    original = copy_model(model)
+    outcome = PassOutcome()
+    smooth(model, find_linears(model)[0], calib, 0.5, outcome)
+    smoothed = [r for r in outcome.rewrites if r.action == "smooth"]
+    assert len(smoothed) == 2 and all("a copy for the linears" in r.details["into"] for r in smoothed)
+    assert op_counts(model)["LayerNormalization"] == op_counts(original)["LayerNormalization"] + 2
+    assert deviation(OrtRunner(model).run_all(calib), OrtRunner(original).run_all(calib)).max_rel <= 1e-4
+
+
+def test_auto_calibration_picks_the_range_with_the_least_layer_error():
+    calib = batches(6)
+    errors = {}
+    for method in ("minmax", "percentile", "entropy", "auto"):
+        _, outcome = quantized(mlp_model(), calib, mode="w8a8", calibrate=method)
+        errors[method] = sum(l.rel_error ** 2 for l in outcome.layers)
+    assert errors["auto"] <= min(errors[m] for m in ("minmax", "percentile", "entropy")) * (1 + 1e-9)

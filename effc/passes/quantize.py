@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
+from effc.budget import Candidate, choose_layers
 from effc.calib import gram_matrices, row_mask
 from effc.errors import EffcError
 from effc.ir import copy_model, opset
@@ -79,6 +80,7 @@ class Quantize(Pass):
     name = "quantize"
     summary = "Linears -> int8/int4 QDQ (static or dynamic activations, or weight-only; ORT/OpenVINO fuse it; lossy)"
     exact = False
+    budgeted = True
     Options = Options
 
     @classmethod
@@ -286,15 +288,12 @@ def choose(model: ir.Model, plans: list[LayerPlan], records: dict[str, tuple], c
             rewrite_layer(target.graph, LayerPlan(lin, plan.weight, plan.act, plan.scheme))
         return run
 
-    budget = getattr(ctx, "budget", None)
-    if budget is None:
+    if ctx.budget is None:
         for p in plans:
             apply(p.name)(model)
         return set(by_name)
-    from effc.budget import Candidate, choose_layers
-
     candidates = [Candidate(p.name, apply(p.name), records[p.name][0]) for p in plans]
-    choice = choose_layers(model, candidates, budget, getattr(ctx, "holdout", None))
+    choice = choose_layers(model, candidates, ctx.budget, ctx.holdout, reference=ctx.holdout_reference)
     for name, reason in choice.refused.items():
         outcome.skip(name, reason)
     return set(choice.accepted)

@@ -319,3 +319,21 @@ def test_auto_calibration_picks_the_range_with_the_least_layer_error():
         _, outcome = quantized(mlp_model(), calib, mode="w8a8", calibrate=method)
         errors[method] = sum(l.rel_error ** 2 for l in outcome.layers)
     assert errors["auto"] <= min(errors[m] for m in ("minmax", "percentile", "entropy")) * (1 + 1e-9)
+
+
+def test_budget_keeps_the_most_harmful_layers_float_with_the_measured_reason():
+    from effc.budget import Budget, output_rel
+
+    model = mlp_model()
+    calib = batches(12)
+    result = run_pipeline(model, [get_pass("quantize")], feeds=calib[:2], calibration=calib,
+                          options={"quantize": {"mode": "w4", "block": 32, "ends": True, "gptq": False}},
+                          budget=Budget.parse("rel<=0.03"))
+    record = result.records[0]
+    assert record.status == "applied", record.note
+    kept = {s.node: s.reason for s in record.skipped}
+    assert 0 < len(record.rewrites) < 4 and kept and all("kept in float" in r for r in kept.values())
+    assert {r.node for r in record.rewrites} | set(kept) == {"fc0", "fc1", "fc2", "fc3"}
+    holdout = calib[-3:]
+    got = output_rel(OrtRunner(result.model).run_all(holdout), OrtRunner(model).run_all(holdout))
+    assert got <= 0.03

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.calib import Feeds, row_mask
+from effc.errors import EffcError
 
 BINS = 2048  # even, so the histogram is symmetric about 0
 METHODS = ("minmax", "percentile", "entropy")
@@ -55,6 +56,8 @@ class Observer:
         self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
         np.maximum(self.channel_absmax, np.abs(x).max(axis=0), out=self.channel_absmax)
         peak = max(-self.lo, self.hi)
+        if not np.isfinite(peak):
+            raise EffcError("an activation is not finite (inf or nan) on the calibration data: it cannot be quantized")
         if peak <= 0:
             self.hist[BINS // 2] += x.size  # all zeros so far
             return
@@ -137,7 +140,6 @@ def observe(model: ir.Model, feeds: Feeds, names: list[str], progress: bool = Tr
 def stream_values(model: ir.Model, feeds: Feeds, names: list[str], progress: bool = True):
     """Yield (feed, {name: array}) per feed: the named values of ``model`` run on it."""
     from effc.calib import _all_values, _progress
-    from effc.errors import EffcError
     from effc.ir import copy_model
     from effc.verify import OrtRunner
 

@@ -337,3 +337,9 @@ def test_budget_keeps_the_most_harmful_layers_float_with_the_measured_reason():
     holdout = calib[-3:]
     got = output_rel(OrtRunner(result.model).run_all(holdout), OrtRunner(model).run_all(holdout))
     assert got <= 0.03
+
+
+def test_a_non_finite_activation_is_refused_not_looped_on():
+    obs = Observer(4)
+    with pytest.raises(EffcError, match="not finite"):
+        obs.update(np.array([[1.0, np.inf, 0.0, 2.0]]))

@@ -233,13 +233,14 @@ def measure_layers(model: ir.Model, plans: list[LayerPlan], feeds,
     by_x: dict[str, list[LayerPlan]] = {}
     for p in plans:
         by_x.setdefault(p.lin.x.name, []).append(p)
+    float_t = {p.name: np.ascontiguousarray(p.lin.weight.T.astype(np.float64)) for p in plans}
     for feed, values in stream_values(model, feeds, list(by_x), progress=False):
         mask = row_mask(feed)
         for name, x in values.items():
             x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
             keep = mask if mask is not None and mask.size == x2.shape[0] else slice(None)
             for p in by_x[name]:
-                y = x2.astype(np.float64) @ p.lin.weight.T.astype(np.float64)
+                y = x2.astype(np.float64) @ float_t[p.name]
                 if p.lin.bias is not None:
                     y = y + p.lin.bias
                 y = y[keep]

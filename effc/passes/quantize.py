@@ -99,7 +99,7 @@ class Quantize(Pass):
         opts = Options.parse(ctx.options)
         if opts.smoothquant_alpha is not None and opts.mode not in ("w8a8", "w8a8-dynamic"):
             raise EffcError(f"quantize.smoothquant_alpha applies to w8a8 modes, not mode={opts.mode}")
-        if opts.block is not None and SCHEME[opts.mode] != WEIGHT_ONLY:
+        if opts.block and SCHEME[opts.mode] != WEIGHT_ONLY:
             raise EffcError(f"quantize.block applies to w8/w4, not mode={opts.mode} (per output channel)")
         outcome = PassOutcome()
         scheme, bits = SCHEME[opts.mode], 4 if opts.mode == "w4" else 8

@@ -104,13 +104,17 @@ class Quantize(Pass):
         outcome = PassOutcome()
         scheme, bits = SCHEME[opts.mode], 4 if opts.mode == "w4" else 8
         block = (128 if bits == 4 else 0) if opts.block is None else opts.block
-        if scheme == WEIGHT_ONLY and (block or bits == 4) and opset(model) < BLOCKED_OPSET:
-            outcome.skip("model", f"opset {opset(model)} < {BLOCKED_OPSET}, which "
-                         f"{'int4' if bits == 4 else 'blocked'} DequantizeLinear needs; compile with --opset 21")
-            return outcome
         selected = select(model, opts, block, outcome)
         if not selected:
             return outcome
+        if scheme == WEIGHT_ONLY and (block or bits == 4) and opset(model) < BLOCKED_OPSET:
+            reason = upgrade_opset(model, BLOCKED_OPSET)
+            if reason:
+                outcome.skip("model", f"opset {opset(model)} < {BLOCKED_OPSET}, which {'int4' if bits == 4 else 'blocked'} "
+                             f"DequantizeLinear needs, and the upgrade failed: {reason}")
+                return outcome
+            outcome.rewrite("model", "upgrade-opset", to=BLOCKED_OPSET)
+            selected = select(model, opts, block, PassOutcome())
         feeds = ctx.calibration
         if opts.smoothquant_alpha is not None:
             smooth(model, selected, feeds, opts.smoothquant_alpha, outcome)
@@ -151,6 +155,18 @@ class Quantize(Pass):
             outcome.layers.append(LayerRecord(plan.name, rel, cos, before, after, data))
         ir_passes.RemoveUnusedNodesPass()(model)
         return outcome
+
+
+def upgrade_opset(model: ir.Model, target: int) -> str | None:
+    """Convert ``model`` in place to opset ``target`` (checked equivalent in ONNX Runtime); why not, or None."""
+    from effc.frontend.onnx import from_proto
+    from effc.ir import to_proto
+
+    try:
+        model.graph = from_proto(to_proto(model), opset=target).graph
+    except EffcError as exc:
+        return str(exc)
+    return None
 
 
 def select(model: ir.Model, opts: Options, block: int, outcome: PassOutcome) -> list[Linear]:

@@ -121,8 +121,9 @@ def test_w4_is_int4_blocked_and_needs_opset_21():
     assert weight.dtype == onnx.TensorProto.INT4 or str(weight.dtype) == "INT4"
     assert q.graph.initializers["fc1.weight_scale"].shape == (2, 64)  # K/32 blocks x N
     assert all(r.details["gptq"] for r in outcome.rewrites)  # default with calibration data
-    _, outcome = quantized(mlp_model(opset=17), batches(4), mode="w4")
-    assert not outcome.changed and "opset 17 < 21" in outcome.skipped[0].reason
+    q, outcome = quantized(mlp_model(opset=17), batches(4), mode="w4", block=32)
+    assert outcome.rewrites[0].action == "upgrade-opset" and q.opset_imports[""] == 21
+    assert optimized_ops(q)["MatMulNBits"] == 2
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w4"])

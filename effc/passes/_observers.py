@@ -4,7 +4,7 @@ Each observed value keeps a fixed-size state: its running min and max, its per-c
 maximum (SmoothQuant's statistic) and a histogram of BINS bins over [-R, R]. When a sample
 exceeds R, R doubles (as often as needed) and the histogram is re-binned exactly: with an even
 number of bins symmetric about 0, doubling merges neighbouring pairs into the middle half. So
-peak memory per value is BINS counts + 2 channel vectors, whatever the number of samples
+peak memory per value is BINS counts + 3 channel vectors, whatever the number of samples
 (ONNX Runtime's histogram calibrator keeps every sample's values: issue #10503).
 
 Ranges from the state: ``minmax`` (the observed extremes), ``percentile`` (the ``percentile``
@@ -37,16 +37,19 @@ class Observer:
     lo: float = 0.0
     hi: float = 0.0
     channel_absmax: np.ndarray | None = None
+    channel_min: np.ndarray | None = None
+    channel_max: np.ndarray | None = None
     rows: int = 0
 
     def __post_init__(self):
-        if self.channel_absmax is None:
-            self.channel_absmax = np.zeros(self.channels)
+        self.channel_absmax = np.zeros(self.channels)
+        self.channel_min = np.zeros(self.channels)
+        self.channel_max = np.zeros(self.channels)
 
     @property
     def nbytes(self) -> int:
         """The state's size: what calibration keeps per value (the bound on its memory)."""
-        return int(self.hist.nbytes + self.channel_absmax.nbytes + 8 * 4)
+        return int(self.hist.nbytes + 3 * self.channel_absmax.nbytes + 8 * 4)
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
@@ -55,6 +58,8 @@ class Observer:
         self.rows += x.shape[0]
         self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
         np.maximum(self.channel_absmax, np.abs(x).max(axis=0), out=self.channel_absmax)
+        np.minimum(self.channel_min, x.min(axis=0), out=self.channel_min)
+        np.maximum(self.channel_max, x.max(axis=0), out=self.channel_max)
         peak = max(-self.lo, self.hi)
         if not np.isfinite(peak):
             raise EffcError("an activation is not finite (inf or nan) on the calibration data: it cannot be quantized")

@@ -66,16 +66,52 @@ def smoothing_scales(site: Site, channel_absmax: np.ndarray, alpha: float) -> np
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def fold(site: Site, s: np.ndarray, linears_by_output: dict[str, Linear]) -> str | None:
-    """Fold ``s`` into the site (writer / s, readers * s); the reason if it cannot be folded."""
+def repq_scales(site: Site, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RepQ-ViT: (r1, t) that turn x's per-channel uint8 ranges into one per-tensor range:
+    x' = (x + t) / r1 has channel c's quantization step s_c / r1_c = mean step and its zero point
+    shifted by t_c / step_c to the mean zero point."""
+    lo, hi = np.minimum(lo, 0.0).astype(np.float64), np.maximum(hi, 0.0).astype(np.float64)
+    step = np.maximum((hi - lo) / 255.0, 1e-8)
+    zero = np.round(-lo / step)
+    mean_step, mean_zero = float(step.mean()), float(np.round(zero.mean()))
+    return (step / mean_step).astype(np.float32), (step * (zero - mean_zero)).astype(np.float32)
+
+
+def fold(site: Site, s: np.ndarray, linears_by_output: dict[str, Linear],
+         shift: np.ndarray | None = None) -> str | None:
+    """Fold ``s`` (and ``shift`` t) into the site: the writer makes (x + t) / s instead of x, each
+    reader's weight columns are multiplied by s (and its bias loses W t). The reason if it cannot."""
     writer = site.x.producer()
-    reason = _fold_writer(site, writer, s, linears_by_output)
+    if shift is not None:
+        if writer.op_type not in NORMS:
+            return f"written by {writer.op_type} '{writer.name}': a shift folds only into a norm's bias"
+        if len(writer.inputs) < 3 or writer.inputs[2] is None:
+            return f"{writer.op_type} '{writer.name}' has no bias to absorb the shift"
+        unbiased = [lin.name for lin in site.readers if lin.bias is None]
+        if unbiased:
+            return f"linear '{unbiased[0]}' has no bias to absorb the shift"
+    reason = _fold_writer(site, writer, s, linears_by_output, shift)
     if reason:
         _undo(site)
         return reason
     for lin in site.readers:
         _scale_reader(site, lin, s)
+        if shift is not None:
+            _shift_bias(site, lin, shift)
     return None
+
+
+def _shift_bias(site: Site, lin: Linear, t: np.ndarray) -> None:
+    bias = lin.bias - lin.weight.astype(np.float64) @ t.astype(np.float64)  # [N]
+    if lin.bias_add is not None:
+        i = 1 if lin.bias_add.inputs[0] is lin.node.outputs[0] else 0
+        shape = const_value(lin.bias_add.inputs[i]).shape
+        _replace(site, lin.bias_add, i, bias.reshape(shape), f"{lin.name}.bias_shifted")
+    else:  # Gemm: C, scaled by beta
+        c = const_value(lin.node.inputs[2])
+        beta = lin.node.attributes.get_float("beta", 1.0)
+        _replace(site, lin.node, 2, np.broadcast_to(bias / beta, (len(bias),)).reshape(
+            c.shape if c.size == len(bias) else (len(bias),)), f"{lin.name}.bias_shifted")
 
 
 def _replace(site: Site, node: ir.Node, index: int, array: np.ndarray, hint: str) -> None:
@@ -103,7 +139,8 @@ def _per_channel(value: ir.Value | None, k: int) -> np.ndarray | None:
     return np.broadcast_to(c.reshape(-1), (k,)).astype(np.float32)
 
 
-def _fold_writer(site: Site, writer: ir.Node, s: np.ndarray, linears_by_output: dict[str, Linear]) -> str | None:
+def _fold_writer(site: Site, writer: ir.Node, s: np.ndarray, linears_by_output: dict[str, Linear],
+                 shift: np.ndarray | None = None) -> str | None:
     k = len(s)
     if writer.op_type in NORMS:
         if site.shared:  # post-LN: the residual reads the norm too, so the linears get their own copy
@@ -120,7 +157,7 @@ def _fold_writer(site: Site, writer: ir.Node, s: np.ndarray, linears_by_output: 
             beta = _per_channel(writer.inputs[2], k)
             if beta is None:
                 return f"{writer.op_type}'s bias is not a constant [{k}] vector"
-            _replace(site, writer, 2, beta / s, f"{writer.name}.bias_smoothed")
+            _replace(site, writer, 2, (beta if shift is None else beta + shift) / s, f"{writer.name}.bias_smoothed")
         site.writer = f"{writer.op_type} '{writer.name}'" + (" (a copy for the linears)" if site.shared else "")
         return None
     if site.x.name in linears_by_output:

@@ -68,6 +68,8 @@ class Options:
     clip: bool = option(True, "search each weight group's clip ratio (least squared error)")
     smoothquant_alpha: float | None = option(None, "SmoothQuant migration strength (0.5 typical), w8a8 modes",
                                              low=0.0, high=1.0)
+    repq: bool = option(False, "w8a8: RepQ-ViT: re-parameterise each norm-written activation's per-channel ranges "
+                        "into the per-tensor one (scale and shift folded into the norm and the linears)")
     exclude: str | None = option(None, "comma-separated op types and node-name globs of linears to keep float")
     ends: bool = option(False, "also quantize the first and last linears (and weights tied to an embedding)")
 
@@ -91,14 +93,17 @@ class Quantize(Pass):
         if opts.mode == "w8a8":
             return ("quantize.mode=w8a8 (static activation scales) needs calibration data: give --calib FILE.npz "
                     "or zoo:NAME, or --set quantize.mode=w8a8-dynamic")
-        if opts.smoothquant_alpha is not None:
-            return "quantize.smoothquant_alpha needs calibration data: give --calib FILE.npz or zoo:NAME"
+        if opts.smoothquant_alpha is not None or opts.repq:
+            which = "repq" if opts.repq else "smoothquant_alpha"
+            return f"quantize.{which} needs calibration data: give --calib FILE.npz or zoo:NAME"
         return None
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         opts = Options.parse(ctx.options)
         if opts.smoothquant_alpha is not None and opts.mode not in ("w8a8", "w8a8-dynamic"):
             raise EffcError(f"quantize.smoothquant_alpha applies to w8a8 modes, not mode={opts.mode}")
+        if opts.repq and (opts.mode != "w8a8" or opts.smoothquant_alpha is not None):
+            raise EffcError("quantize.repq applies to mode=w8a8 without quantize.smoothquant_alpha")
         if opts.block and SCHEME[opts.mode] != WEIGHT_ONLY:
             raise EffcError(f"quantize.block applies to w8/w4, not mode={opts.mode} (per output channel)")
         outcome = PassOutcome()
@@ -116,8 +121,8 @@ class Quantize(Pass):
             outcome.rewrite("model", "upgrade-opset", to=BLOCKED_OPSET)
             selected = select(model, opts, block, PassOutcome())
         feeds = ctx.calibration
-        if opts.smoothquant_alpha is not None:
-            smooth(model, selected, feeds, opts.smoothquant_alpha, outcome)
+        if opts.smoothquant_alpha is not None or opts.repq:
+            smooth(model, selected, feeds, opts.smoothquant_alpha, outcome, repq=opts.repq)
             selected = [lin for lin in find_linears(model)[0] if lin.name in {s.name for s in selected}]
         candidates: dict[str, dict[str, ActParams]] = {}
         if scheme == STATIC:
@@ -191,26 +196,30 @@ def select(model: ir.Model, opts: Options, block: int, outcome: PassOutcome) -> 
     return selected
 
 
-def smooth(model: ir.Model, selected: list[Linear], feeds, alpha: float, outcome: PassOutcome) -> None:
-    """SmoothQuant every foldable site, each fold checked in ONNX Runtime against the unsmoothed model."""
+def smooth(model: ir.Model, selected: list[Linear], feeds, alpha: float | None, outcome: PassOutcome,
+           repq: bool = False) -> None:
+    """SmoothQuant (or with ``repq``, RepQ-ViT's re-parameterisation) of every foldable site, each
+    fold checked in ONNX Runtime against the unsmoothed model."""
     sites, refused = sq.find_sites(selected)
     for name, reason in refused:
         outcome.skip(name, f"not smoothed: {reason}")
     if not sites:
         return
-    absmax = {n: o.channel_absmax for n, o in observe(model, feeds, [s.x.name for s in sites]).items()}
+    stats = observe(model, feeds, [s.x.name for s in sites])
     check = feeds[:4]
     original = copy_model(model)
     reference = OrtRunner(original).run_all(check)
     by_output = {lin.output.name: lin for lin in find_linears(model)[0]}
     folded = []
     for site in sites:
-        s = sq.smoothing_scales(site, absmax[site.x.name], alpha)
-        reason = sq.fold(site, s, by_output)
+        o = stats[site.x.name]
+        s, t = (sq.repq_scales(site, o.channel_min, o.channel_max) if repq
+                else (sq.smoothing_scales(site, o.channel_absmax, alpha), None))
+        reason = sq.fold(site, s, by_output, t)
         if reason:
             outcome.skip(site.x.name, f"not smoothed: {reason}")
         else:
-            folded.append((site, s))
+            folded.append((site, s, t))
     if not folded:
         return
 
@@ -218,21 +227,26 @@ def smooth(model: ir.Model, selected: list[Linear], feeds, alpha: float, outcome
         return deviation(OrtRunner(model).run_all(check), reference).max_rel
 
     if exact_error() > sq.EXACT:  # find the culprits one site at a time
-        for site, _ in folded:
+        for site, *_ in folded:
             sq.undo(site)
         kept = []
-        for site, s in folded:
-            sq.fold(site, s, by_output)
+        for site, s, t in folded:
+            sq.fold(site, s, by_output, t)
             err = exact_error()
             if err > sq.EXACT:
                 sq.undo(site)
                 outcome.skip(site.x.name, f"not smoothed: the fold changes the model output by {err:.2g} > {sq.EXACT:g}")
             else:
-                kept.append((site, s))
+                kept.append((site, s, t))
         folded = kept
-    for site, s in folded:
-        outcome.rewrite(site.x.name, "smooth", alpha=alpha, into=site.writer,
-                        readers=[lin.name for lin in site.readers], scale_min=float(s.min()), scale_max=float(s.max()))
+    for site, s, t in folded:
+        if repq:
+            outcome.rewrite(site.x.name, "repq", into=site.writer, readers=[lin.name for lin in site.readers],
+                            scale_min=float(s.min()), scale_max=float(s.max()), shift_absmax=float(np.abs(t).max()))
+        else:
+            outcome.rewrite(site.x.name, "smooth", alpha=alpha, into=site.writer,
+                            readers=[lin.name for lin in site.readers], scale_min=float(s.min()),
+                            scale_max=float(s.max()))
 
 
 def measure_layers(model: ir.Model, plans: list[LayerPlan], feeds,

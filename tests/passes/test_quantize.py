@@ -344,3 +344,25 @@ def test_a_non_finite_activation_is_refused_not_looped_on():
     obs = Observer(4)
     with pytest.raises(EffcError, match="not finite"):
         obs.update(np.array([[1.0, np.inf, 0.0, 2.0]]))
+
+
+def test_repq_reparameterisation_is_exact_and_evens_the_channel_ranges():
+    from effc.passes._observers import observe
+
+    model = tiny_gpt()
+    name = model.graph.inputs[0].name
+    calib = [{name: np.random.default_rng(i).integers(0, 50, (2, 8)).astype(np.int64)} for i in range(4)]
+    original = copy_model(model)
+    outcome = PassOutcome()
+    linears = [lin for lin in find_linears(model)[0] if not lin.protected]
+    smooth(model, linears, calib, None, outcome, repq=True)
+    sites = [r for r in outcome.rewrites if r.action == "repq"]
+    assert len(sites) == 4 and all(r.details["shift_absmax"] > 0 for r in sites)
+    assert deviation(OrtRunner(model).run_all(calib), OrtRunner(original).run_all(calib)).max_rel <= 1e-4
+    # after it, every channel of a norm output has (about) the same uint8 step
+    x = next(v for v in (lin.x for lin in find_linears(model)[0]) if v.producer().op_type == "LayerNormalization")
+    o = observe(model, calib, [x.name], progress=False)[x.name]
+    steps = (np.maximum(o.channel_max, 0) - np.minimum(o.channel_min, 0)) / 255
+    assert steps.std() / steps.mean() < 0.01
+    q, outcome = quantized(tiny_gpt(), calib, mode="w8a8", repq=True)
+    assert any(r.action == "repq" for r in outcome.rewrites) and len(outcome.layers) == 8

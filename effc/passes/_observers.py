@@ -145,21 +145,23 @@ def observe(model: ir.Model, feeds: Feeds, names: list[str], progress: bool = Tr
 def stream_values(model: ir.Model, feeds: Feeds, names: list[str], progress: bool = True):
     """Yield (feed, {name: array}) per feed: the named values of ``model`` run on it."""
     from effc.calib import _all_values, _progress
-    from effc.ir import copy_model
     from effc.verify import OrtRunner
 
     names = list(dict.fromkeys(names))
-    probe = copy_model(model)
-    values = {v.name: v for v in _all_values(probe.graph)}
+    values = {v.name: v for v in _all_values(model.graph)}
     missing = [n for n in names if n not in values]
     if missing:
         raise EffcError(f"cannot capture {missing[:3]}: no such values")
     from_inputs = {n for n in names if values[n].is_graph_input()}
-    present = {v.name for v in probe.graph.outputs}
-    for n in names:
-        if n not in from_inputs and n not in present:
-            probe.graph.outputs.append(values[n])
-    runner = OrtRunner(probe)
+    present = {v.name for v in model.graph.outputs}
+    # The values become extra outputs of the model itself only while the session is made (it keeps
+    # its own serialized copy): no second copy of a large model's weights in memory.
+    added = [values[n] for n in names if n not in from_inputs and n not in present]
+    model.graph.outputs.extend(added)
+    try:
+        runner = OrtRunner(model)
+    finally:
+        del model.graph.outputs[len(model.graph.outputs) - len(added):]
     for feed in _progress(feeds, "calibrating", progress):
         outputs = runner(feed)
         yield feed, {n: np.asarray(feed[n] if n in from_inputs else outputs[n]) for n in names}

@@ -86,6 +86,7 @@ def test_each_mode_fuses_in_onnx_runtime_and_matches_the_reference(mode):
     model = mlp_model()
     q, outcome = quantized(model, batches(6), mode=mode, ends=True, **({"block": 32} if mode in ("w8", "w4") else {}))
     assert [r.node for r in outcome.rewrites] == ["fc0", "fc1", "fc2", "fc3"]
+    assert [v.name for v in q.graph.outputs] == ["y"]  # calibration's extra outputs are gone again
     assert optimized_ops(q)[FUSED[mode]] == 4 and optimized_ops(q)["MatMul"] == 0 and optimized_ops(q)["Gemm"] == 0
     x = batches(1, seed=5)[0]
     ours = run_reference(q, x)["y"]

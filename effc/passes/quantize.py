@@ -12,7 +12,8 @@ Modes (``mode``):
 - ``w8``, ``w4``: weight-only, symmetric per block of ``block`` input columns (0: per output
   channel); blocked scales and int4 need opset 21.
 Accuracy: ``smoothquant_alpha`` (SmoothQuant, folded exactly into the writer of each linear's
-input and checked in ONNX Runtime, ``_smoothquant``), ``gptq`` (GPTQ rounding under H from
+input and checked in ONNX Runtime, ``_smoothquant``), ``repq`` (RepQ-ViT: a norm's per-channel
+activation ranges re-parameterised into one per-tensor range, folded the same way), ``gptq`` (GPTQ rounding under H from
 calibration; default on for w4 with calibration data), clip-ratio search for every weight group
 (``_qparams``). Placement follows ONNX Runtime's QDQ conventions (``_qdq``).
 

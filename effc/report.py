@@ -135,6 +135,8 @@ _REWRITE_TEXT = {
                                  ", activations quantized at run time" if d.get("act_scale") == "dynamic" else "")),
     "smooth": lambda n, d: (f"SmoothQuant (alpha {d['alpha']:g}) of '{n}': 1/s into {d['into']}, s into "
                             f"{', '.join(d['readers'])} (s in [{d['scale_min']:.3g}, {d['scale_max']:.3g}])"),
+    "repq": lambda n, d: (f"RepQ-ViT of '{n}': per-channel ranges -> one, (x + t) / s folded into {d['into']}, "
+                          f"s and W t into {', '.join(d['readers'])} (s in [{d['scale_min']:.3g}, {d['scale_max']:.3g}])"),
     "shift-add": lambda n, d: (f"{n} [{d['k']}x{d['n']}] -> {d['op']}: {d['bits']} planes, group {d['group']}, "
                                f"{d['bits_per_weight']:.2f} bits/weight, output error {d['weight_error']:.3g}"
                                + ("" if d.get("compensated") else ", rounded without compensation")),

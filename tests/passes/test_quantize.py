@@ -67,6 +67,7 @@ def optimized_ops(model, level=None) -> collections.Counter:
 
 @functools.lru_cache(maxsize=1)
 def _gpt():
+    torch.manual_seed(0)  # the module's initial weights, whatever ran before
     return export(TinyGPT(d=32), torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0)))
 
 
@@ -132,6 +133,7 @@ def test_tiny_transformer_keeps_norms_softmax_and_residuals_float(mode):
     model = tiny_gpt()
     calib = [{"idx": np.random.default_rng(i).integers(0, 50, (2, 8)).astype(np.int64)} for i in range(8)]
     calib = [{model.graph.inputs[0].name: f["idx"]} for f in calib]
+    original = copy_model(model)
     result = run_pipeline(model, [get_pass("quantize")], feeds=calib[:2],
                           options={"quantize": {"mode": mode, "block": 32} if mode == "w4" else {"mode": mode}},
                           calibration=calib)
@@ -149,8 +151,10 @@ def test_tiny_transformer_keeps_norms_softmax_and_residuals_float(mode):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain = ort.InferenceSession(to_proto(result.model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
     name = result.model.graph.outputs[0].name
-    # other fusions (LayerNorm, attention) round differently and flip a few activation codes
-    assert rel(literal(x)[name], plain.run([name], x)[0]) < 3e-3
+    # other fusions (LayerNorm, attention) round differently and flip a few activation codes: far
+    # below the quantization error itself
+    fused, one_by_one = literal(x)[name], plain.run([name], x)[0]
+    assert rel(fused, one_by_one) < min(1e-2, 0.2 * rel(one_by_one, OrtRunner(original)(x)[name]))
 
 
 # --- SmoothQuant ----------------------------------------------------------------------------

@@ -69,8 +69,9 @@ class Options:
     clip: bool = option(True, "search each weight group's clip ratio (least squared error)")
     smoothquant_alpha: float | None = option(None, "SmoothQuant migration strength (0.5 typical), w8a8 modes",
                                              low=0.0, high=1.0)
-    repq: bool = option(False, "w8a8: RepQ-ViT: re-parameterise each norm-written activation's per-channel ranges "
-                        "into the per-tensor one (scale and shift folded into the norm and the linears)")
+    repq: bool = option(False, "w8a8 modes: RepQ-ViT: re-parameterise each norm-written activation's per-channel "
+                        "ranges into the per-tensor one (scale and shift folded into the norm and the linears; "
+                        "with smoothquant_alpha, SmoothQuant takes the other sites)")
     exclude: str | None = option(None, "comma-separated op types and node-name globs of linears to keep float")
     ends: bool = option(False, "also quantize the first and last linears (and weights tied to an embedding)")
 
@@ -103,8 +104,8 @@ class Quantize(Pass):
         opts = Options.parse(ctx.options)
         if opts.smoothquant_alpha is not None and opts.mode not in ("w8a8", "w8a8-dynamic"):
             raise EffcError(f"quantize.smoothquant_alpha applies to w8a8 modes, not mode={opts.mode}")
-        if opts.repq and (opts.mode != "w8a8" or opts.smoothquant_alpha is not None):
-            raise EffcError("quantize.repq applies to mode=w8a8 without quantize.smoothquant_alpha")
+        if opts.repq and opts.mode not in ("w8a8", "w8a8-dynamic"):
+            raise EffcError(f"quantize.repq applies to w8a8 modes, not mode={opts.mode}")
         if opts.block and SCHEME[opts.mode] != WEIGHT_ONLY:
             raise EffcError(f"quantize.block applies to w8/w4, not mode={opts.mode} (per output channel)")
         outcome = PassOutcome()
@@ -214,7 +215,12 @@ def smooth(model: ir.Model, selected: list[Linear], feeds, alpha: float | None, 
     folded = []
     for site in sites:
         o = stats[site.x.name]
-        s, t = (sq.repq_scales(site, o.channel_min, o.channel_max) if repq
+        by_repq = repq and site.x.producer().op_type in sq.NORMS  # RepQ-ViT for norms, SmoothQuant elsewhere
+        if not by_repq and alpha is None:
+            outcome.skip(site.x.name, f"not smoothed: RepQ-ViT folds only into a norm, and this is written by "
+                         f"{site.x.producer().op_type}; set quantize.smoothquant_alpha to smooth it")
+            continue
+        s, t = (sq.repq_scales(site, o.channel_min, o.channel_max) if by_repq
                 else (sq.smoothing_scales(site, o.channel_absmax, alpha), None))
         reason = sq.fold(site, s, by_output, t)
         if reason:
@@ -241,7 +247,7 @@ def smooth(model: ir.Model, selected: list[Linear], feeds, alpha: float | None, 
                 kept.append((site, s, t))
         folded = kept
     for site, s, t in folded:
-        if repq:
+        if t is not None:
             outcome.rewrite(site.x.name, "repq", into=site.writer, readers=[lin.name for lin in site.readers],
                             scale_min=float(s.min()), scale_max=float(s.max()), shift_absmax=float(np.abs(t).max()))
         else:

@@ -117,8 +117,9 @@ class Quantize(Pass):
         if scheme == WEIGHT_ONLY and (block or bits == 4) and opset(model) < BLOCKED_OPSET:
             reason = upgrade_opset(model, BLOCKED_OPSET)
             if reason:
-                outcome.skip("model", f"opset {opset(model)} < {BLOCKED_OPSET}, which {'int4' if bits == 4 else 'blocked'} "
-                             f"DequantizeLinear needs, and the upgrade failed: {reason}")
+                kind = "int4" if bits == 4 else "blocked"
+                outcome.skip("model", f"opset {opset(model)} < {BLOCKED_OPSET}, which {kind} DequantizeLinear needs, "
+                             f"and the upgrade failed: {reason}")
                 return outcome
             outcome.rewrite("model", "upgrade-opset", to=BLOCKED_OPSET)
             selected = select(model, opts, block, PassOutcome())
@@ -242,7 +243,8 @@ def smooth(model: ir.Model, selected: list[Linear], feeds, alpha: float | None, 
             err = exact_error()
             if err > sq.EXACT:
                 sq.undo(site)
-                outcome.skip(site.x.name, f"not smoothed: the fold changes the model output by {err:.2g} > {sq.EXACT:g}")
+                outcome.skip(site.x.name,
+                             f"not smoothed: the fold changes the model output by {err:.2g} > {sq.EXACT:g}")
             else:
                 kept.append((site, s, t))
         folded = kept
@@ -256,8 +258,8 @@ def smooth(model: ir.Model, selected: list[Linear], feeds, alpha: float | None, 
                             scale_max=float(s.max()))
 
 
-def measure_layers(model: ir.Model, plans: list[LayerPlan], feeds,
-                   candidates: dict[str, dict[str, ActParams]] | None = None) -> tuple[dict[str, tuple], dict[str, str]]:
+def measure_layers(model: ir.Model, plans: list[LayerPlan], feeds, candidates: dict[str, dict[str, ActParams]]
+                   | None = None) -> tuple[dict[str, tuple], dict[str, str]]:
     """Per layer: (rel error, cosine, bytes before, bytes after) of its quantized output (effc's
     numpy reference) against the float layer, on the float model's own inputs to the layer.
 

@@ -1,0 +1,148 @@
+"""Standard-ONNX subgraphs that choose which tokens to keep (or merge) between two blocks.
+
+Every function appends nodes through an :class:`Emitter` and works on static shapes: ``n`` tokens
+in, ``m`` out, batch ``b``. Scores never see stale shape metadata; sizes are passed explicitly.
+
+- importance scores: ``attention_received`` (topk), ``pagerank`` (Zero-TPrune's I-stage);
+- ``redundancy_drop``: Zero-TPrune's S-stage on top of an importance score;
+- ``keep_top``: TopK of the scores, then the kept indices sorted ascending (token order kept);
+- ``bipartite_merge``: ToMe's matching of even to odd tokens as a merge matrix M [b, m, n].
+
+Protected tokens (CLS) get +PROTECT, padding tokens -PAD (chosen first), so neither depends on
+the score's scale: scores are probabilities or cosines, in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from effc.ir import new_initializer
+
+PROTECT = 1e8
+PAD = 1e4
+
+
+class Emitter:
+    """Appends nodes to a graph, names them under ``prefix`` and remembers them (the pass's own nodes)."""
+
+    def __init__(self, graph: ir.Graph, prefix: str):
+        self.graph, self.prefix, self.nodes = graph, prefix, []
+
+    def op(self, op_type: str, *inputs: ir.Value | None, outputs: int = 1, **attributes):
+        node = ir.node(op_type, list(inputs), attributes=attributes, num_outputs=outputs,
+                       name=f"{self.prefix}/{op_type}_{len(self.nodes)}")
+        self.graph.append(node)
+        self.nodes.append(node)
+        for i, out in enumerate(node.outputs):
+            out.name = f"{self.prefix}/{op_type}_{len(self.nodes) - 1}_{i}"
+        return node.outputs[0] if outputs == 1 else tuple(node.outputs)
+
+    def const(self, array, dtype=None) -> ir.Value:
+        return new_initializer(self.graph, np.asarray(array, dtype=dtype), f"{self.prefix}/c")
+
+    def ints(self, *values: int) -> ir.Value:
+        return self.const(list(values), np.int64)
+
+
+def head_mean_probs(e: Emitter, probs: ir.Value) -> ir.Value:
+    """[b, h, n, n] -> [b, n, n]: attention probabilities averaged over heads."""
+    return e.op("ReduceMean", probs, e.ints(1), keepdims=0)
+
+
+def attention_received(e: Emitter, probs: ir.Value) -> ir.Value:
+    """[b, n]: the attention each token receives, averaged over heads and queries."""
+    return e.op("ReduceMean", probs, e.ints(1, 2), keepdims=0)
+
+
+def pagerank(e: Emitter, probs: ir.Value, b: int, n: int, iterations: int) -> ir.Value:
+    """[b, n]: s <- A^T s from uniform, A the head-averaged probabilities (row = query)."""
+    a = head_mean_probs(e, probs)
+    s = e.const(np.full((b, 1, n), 1.0 / n), np.float32)
+    for _ in range(iterations):
+        s = e.op("MatMul", s, a)
+    return e.op("Reshape", s, e.ints(b, n))
+
+
+def unit_keys(e: Emitter, keys_t: ir.Value, b: int, n: int) -> ir.Value:
+    """[b, h, d, n] keys (QK^T's right operand) -> [b, n, d], averaged over heads, unit length."""
+    k = e.op("Transpose", e.op("ReduceMean", keys_t, e.ints(1), keepdims=0), perm=[0, 2, 1])
+    norm = e.op("ReduceL2", k, e.ints(-1), keepdims=1)
+    return e.op("Div", k, e.op("Add", norm, e.const(1e-6, np.float32)))
+
+
+def guard(e: Emitter, scores: ir.Value, n: int, protect: int, pad: ir.Value | None) -> ir.Value:
+    """Scores with the first ``protect`` tokens lifted above all and padding (``pad``: -PAD) below all."""
+    lift = np.zeros((1, n), np.float32)
+    lift[0, :protect] = PROTECT
+    scores = e.op("Add", scores, e.const(lift))
+    return scores if pad is None else e.op("Add", scores, pad)
+
+
+def redundancy_drop(e: Emitter, importance: ir.Value, unit: ir.Value, n: int, m: int) -> ir.Value:
+    """Zero-TPrune's S-stage: the ``2 (n - m)`` least important tokens are candidates; the candidates
+    most similar to an important token (redundant) go first. Returns keep scores [b, n]."""
+    candidates = min(2 * (n - m), n - 1)
+    important = n - candidates
+    top = e.op("TopK", importance, e.ints(important), outputs=2, largest=1, sorted=1)[0]
+    threshold = e.op("ReduceMin", top, e.ints(1), keepdims=1)
+    is_important = e.op("GreaterOrEqual", importance, threshold)  # [b, n]
+    sim = e.op("MatMul", unit, e.op("Transpose", unit, perm=[0, 2, 1]))  # [b, n, n]
+    not_important = e.op("Cast", e.op("Not", is_important), to=ir.DataType.FLOAT)
+    column_off = e.op("Unsqueeze", e.op("Mul", not_important, e.const(-4.0, np.float32)), e.ints(1))
+    redundancy = e.op("ReduceMax", e.op("Add", sim, column_off), e.ints(2), keepdims=0)  # best important match
+    # important tokens rank by importance above every candidate; candidates by -redundancy (in [-1, 1])
+    lifted = e.op("Add", importance, e.const(PROTECT / 10, np.float32))
+    return e.op("Where", is_important, lifted, e.op("Neg", redundancy))
+
+
+def keep_top(e: Emitter, scores: ir.Value, m: int) -> ir.Value:
+    """Indices [b, m] of the ``m`` highest scores, in ascending token order."""
+    chosen = e.op("TopK", scores, e.ints(m), outputs=2, largest=1, sorted=1)[1]
+    ascending = e.op("TopK", e.op("Cast", chosen, to=ir.DataType.FLOAT), e.ints(m), outputs=2, largest=0, sorted=1)[0]
+    return e.op("Cast", ascending, to=ir.DataType.INT64)
+
+
+def gather_tokens(e: Emitter, x: ir.Value, index: ir.Value, b: int, m: int, hidden: int) -> ir.Value:
+    """x [b, n, hidden] -> [b, m, hidden] at ``index`` [b, m]."""
+    wide = e.op("Expand", e.op("Unsqueeze", index, e.ints(2)), e.ints(b, m, hidden))
+    return e.op("GatherElements", x, wide, axis=1)
+
+
+def bipartite_merge(e: Emitter, unit: ir.Value, b: int, n: int, m: int, protect: int,
+                    pad: ir.Value | None) -> tuple[ir.Value, ir.Value]:
+    """ToMe's bipartite soft matching: even tokens (a) merge into their most similar odd token (b);
+    the ``n - m`` best-matched a-tokens go. Returns (merge matrix M [b, m, n] of 0/1, kept token
+    indices [b, m] ascending). Protected tokens neither merge away nor receive; padding a-tokens go first
+    and real tokens never merge into padding."""
+    r = n - m
+    a_pos, b_pos = np.arange(0, n, 2), np.arange(1, n, 2)
+    ka = e.op("Gather", unit, e.const(a_pos, np.int64), axis=1)
+    kb = e.op("Gather", unit, e.const(b_pos, np.int64), axis=1)
+    sim = e.op("MatMul", ka, e.op("Transpose", kb, perm=[0, 2, 1]))  # [b, na, nb]
+    off = np.zeros((1, len(a_pos), len(b_pos)), np.float32)
+    off[:, a_pos < protect, :] = -PROTECT
+    off[:, :, b_pos < protect] = -PROTECT
+    sim = e.op("Add", sim, e.const(off))
+    if pad is not None:
+        pad_b = e.op("Unsqueeze", e.op("Gather", pad, e.const(b_pos, np.int64), axis=1), e.ints(1))
+        sim = e.op("Add", sim, pad_b)
+    best = e.op("ReduceMax", sim, e.ints(2), keepdims=0)  # [b, na]
+    match = e.op("ArgMax", sim, axis=2, keepdims=0)
+    if pad is not None:
+        best = e.op("Sub", best, e.op("Gather", pad, e.const(a_pos, np.int64), axis=1))
+    merged = e.op("TopK", best, e.ints(r), outputs=2, largest=1, sorted=1)[1]  # [b, r] a-indices
+    two, one = e.const(2, np.int64), e.const(1, np.int64)
+    merged_pos = e.op("Mul", merged, two)
+    keep = e.op("ScatterElements", e.const(np.ones((b, n), np.float32)), merged_pos,
+                e.const(np.zeros((b, r), np.float32)), axis=1)
+    target = e.op("Add", e.op("Mul", e.op("GatherElements", match, merged, axis=1), two), one)
+    destination = e.op("ScatterElements", e.const(np.tile(np.arange(n, dtype=np.int64), (b, 1))), merged_pos,
+                       target, axis=1)
+    slot = e.op("Sub", e.op("Cast", e.op("CumSum", keep, e.const(1, np.int64)), to=ir.DataType.INT64), one)
+    slot_of = e.op("GatherElements", slot, destination, axis=1)  # [b, n]: the output row of each token
+    onehot = e.op("OneHot", slot_of, e.ints(m), e.const([0.0, 1.0], np.float32), axis=-1)  # [b, n, m]
+    merge = e.op("Transpose", onehot, perm=[0, 2, 1])
+    order = e.op("Sub", e.op("Mul", keep, e.const(2.0 * n, np.float32)), e.const(np.arange(n, dtype=np.float32)))
+    kept = e.op("TopK", order, e.ints(m), outputs=2, largest=1, sorted=1)[1]
+    return merge, kept

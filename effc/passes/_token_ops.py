@@ -14,6 +14,8 @@ the score's scale: scores are probabilities or cosines, in [-1, 1].
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx_ir as ir
 
@@ -21,6 +23,7 @@ from effc.ir import new_initializer
 
 PROTECT = 1e8
 PAD = 1e4
+_NAMES = itertools.count()  # node names unique however many emitters share a prefix
 
 
 class Emitter:
@@ -30,12 +33,12 @@ class Emitter:
         self.graph, self.prefix, self.nodes = graph, prefix, []
 
     def op(self, op_type: str, *inputs: ir.Value | None, outputs: int = 1, **attributes):
-        node = ir.node(op_type, list(inputs), attributes=attributes, num_outputs=outputs,
-                       name=f"{self.prefix}/{op_type}_{len(self.nodes)}")
+        name = f"{self.prefix}/{op_type}_{next(_NAMES)}"
+        node = ir.node(op_type, list(inputs), attributes=attributes, num_outputs=outputs, name=name)
         self.graph.append(node)
         self.nodes.append(node)
         for i, out in enumerate(node.outputs):
-            out.name = f"{self.prefix}/{op_type}_{len(self.nodes) - 1}_{i}"
+            out.name = f"{name}_{i}"
         return node.outputs[0] if outputs == 1 else tuple(node.outputs)
 
     def const(self, array, dtype=None) -> ir.Value:
@@ -113,8 +116,8 @@ def bipartite_merge(e: Emitter, unit: ir.Value, b: int, n: int, m: int, protect:
                     pad: ir.Value | None) -> tuple[ir.Value, ir.Value]:
     """ToMe's bipartite soft matching: even tokens (a) merge into their most similar odd token (b);
     the ``n - m`` best-matched a-tokens go. Returns (merge matrix M [b, m, n] of 0/1, kept token
-    indices [b, m] ascending). Protected tokens neither merge away nor receive; padding a-tokens go first
-    and real tokens never merge into padding."""
+    indices [b, m] ascending). Protected tokens neither merge away nor receive. With a mask, padding
+    tokens (a or b: they weigh nothing) go first, into token 0, and real tokens never merge into padding."""
     r = n - m
     a_pos, b_pos = np.arange(0, n, 2), np.arange(1, n, 2)
     ka = e.op("Gather", unit, e.const(a_pos, np.int64), axis=1)
@@ -129,16 +132,21 @@ def bipartite_merge(e: Emitter, unit: ir.Value, b: int, n: int, m: int, protect:
         sim = e.op("Add", sim, pad_b)
     best = e.op("ReduceMax", sim, e.ints(2), keepdims=0)  # [b, na]
     match = e.op("ArgMax", sim, axis=2, keepdims=0)
-    if pad is not None:
-        best = e.op("Sub", best, e.op("Gather", pad, e.const(a_pos, np.int64), axis=1))
-    merged = e.op("TopK", best, e.ints(r), outputs=2, largest=1, sorted=1)[1]  # [b, r] a-indices
+    a_index = e.const(np.tile(a_pos, (b, 1)), np.int64)
     two, one = e.const(2, np.int64), e.const(1, np.int64)
-    merged_pos = e.op("Mul", merged, two)
-    keep = e.op("ScatterElements", e.const(np.ones((b, n), np.float32)), merged_pos,
+    # over all n tokens: how much each wants to go (b-tokens never), and where it goes
+    leave = e.op("ScatterElements", e.const(np.full((b, n), -PROTECT, np.float32)), a_index, best, axis=1)
+    target = e.op("ScatterElements", e.const(np.zeros((b, n), np.int64)), a_index,
+                  e.op("Add", e.op("Mul", match, two), one), axis=1)
+    if pad is not None:
+        padding = e.op("Less", pad, e.const(-1.0, np.float32))
+        leave = e.op("Where", padding, e.const(PAD, np.float32), leave)
+        target = e.op("Where", padding, e.const(0, np.int64), target)
+    gone = e.op("TopK", leave, e.ints(r), outputs=2, largest=1, sorted=1)[1]  # [b, r] token positions
+    keep = e.op("ScatterElements", e.const(np.ones((b, n), np.float32)), gone,
                 e.const(np.zeros((b, r), np.float32)), axis=1)
-    target = e.op("Add", e.op("Mul", e.op("GatherElements", match, merged, axis=1), two), one)
-    destination = e.op("ScatterElements", e.const(np.tile(np.arange(n, dtype=np.int64), (b, 1))), merged_pos,
-                       target, axis=1)
+    destination = e.op("ScatterElements", e.const(np.tile(np.arange(n, dtype=np.int64), (b, 1))), gone,
+                       e.op("GatherElements", target, gone, axis=1), axis=1)
     slot = e.op("Sub", e.op("Cast", e.op("CumSum", keep, e.const(1, np.int64)), to=ir.DataType.INT64), one)
     slot_of = e.op("GatherElements", slot, destination, axis=1)  # [b, n]: the output row of each token
     onehot = e.op("OneHot", slot_of, e.ints(m), e.const([0.0, 1.0], np.float32), axis=-1)  # [b, n, m]

@@ -5,8 +5,14 @@ in, ``m`` out, batch ``b``. Scores never see stale shape metadata; sizes are pas
 
 - importance scores: ``attention_received`` (topk), ``pagerank`` (Zero-TPrune's I-stage);
 - ``redundancy_drop``: Zero-TPrune's S-stage on top of an importance score;
-- ``keep_top``: TopK of the scores, then the kept indices sorted ascending (token order kept);
+- ``keep_top``: the indices of the ``m`` highest scores in ascending token order;
 - ``bipartite_merge``: ToMe's matching of even to odd tokens as a merge matrix M [b, m, n].
+
+Selection is by rank, not by TopK: rank_i = #{j : s_j > s_i, or s_j = s_i and j < i} (an n x n
+comparison, ties broken by position), the kept tokens' output rows come from a running count
+(a MatMul with a triangular 0/1 matrix). Every op is elementwise, a reduction or a MatMul, which
+effc's codegen schedules and fuses; TopK, CumSum and ScatterElements lower to opaque sort and
+scan kernels on TVM (and TopK's breaks its layout pre-packing), for no gain at n <= a few hundred.
 
 Protected tokens (CLS) get +PROTECT, padding tokens -PAD (chosen first), so neither depends on
 the score's scale: scores are probabilities or cosines, in [-1, 1].
@@ -82,14 +88,11 @@ def guard(e: Emitter, scores: ir.Value, n: int, protect: int, pad: ir.Value | No
     return scores if pad is None else e.op("Add", scores, pad)
 
 
-def redundancy_drop(e: Emitter, importance: ir.Value, unit: ir.Value, n: int, m: int) -> ir.Value:
+def redundancy_drop(e: Emitter, importance: ir.Value, unit: ir.Value, b: int, n: int, m: int) -> ir.Value:
     """Zero-TPrune's S-stage: the ``2 (n - m)`` least important tokens are candidates; the candidates
     most similar to an important token (redundant) go first. Returns keep scores [b, n]."""
     candidates = min(2 * (n - m), n - 1)
-    important = n - candidates
-    top = e.op("TopK", importance, e.ints(important), outputs=2, largest=1, sorted=1)[0]
-    threshold = e.op("ReduceMin", top, e.ints(1), keepdims=1)
-    is_important = e.op("GreaterOrEqual", importance, threshold)  # [b, n]
+    is_important = e.op("Greater", keep_mask(e, importance, n, n - candidates), e.const(0.5, np.float32))
     sim = e.op("MatMul", unit, e.op("Transpose", unit, perm=[0, 2, 1]))  # [b, n, n]
     not_important = e.op("Cast", e.op("Not", is_important), to=ir.DataType.FLOAT)
     column_off = e.op("Unsqueeze", e.op("Mul", not_important, e.const(-4.0, np.float32)), e.ints(1))
@@ -99,11 +102,40 @@ def redundancy_drop(e: Emitter, importance: ir.Value, unit: ir.Value, n: int, m:
     return e.op("Where", is_important, lifted, e.op("Neg", redundancy))
 
 
-def keep_top(e: Emitter, scores: ir.Value, m: int) -> ir.Value:
+def keep_mask(e: Emitter, scores: ir.Value, n: int, k: int) -> ir.Value:
+    """[b, n] float, 1 for the ``k`` highest scores (ties: the earlier token), else 0."""
+    above = e.op("Greater", e.op("Unsqueeze", scores, e.ints(1)), e.op("Unsqueeze", scores, e.ints(2)))  # s_j > s_i
+    same = e.op("Equal", e.op("Unsqueeze", scores, e.ints(1)), e.op("Unsqueeze", scores, e.ints(2)))
+    earlier = e.const(np.tril(np.ones((n, n), bool), -1)[None])  # [1, i, j]: j < i
+    beaten = e.op("Cast", e.op("Or", above, e.op("And", same, earlier)), to=ir.DataType.FLOAT)
+    rank = e.op("ReduceSum", beaten, e.ints(2), keepdims=0)
+    return e.op("Cast", e.op("Less", rank, e.const(float(k), np.float32)), to=ir.DataType.FLOAT)
+
+
+def output_rows(e: Emitter, keep: ir.Value, n: int) -> ir.Value:
+    """[b, n] float: for a kept token, its row among the kept ones (a running count, minus one)."""
+    upper = e.const(np.triu(np.ones((n, n), np.float32)))  # [t', t]: t' <= t
+    count = e.op("MatMul", e.op("Unsqueeze", keep, e.ints(1)), upper)  # [b, 1, n]
+    return e.op("Sub", e.op("Squeeze", count, e.ints(1)), e.const(1.0, np.float32))
+
+
+def selection(e: Emitter, rows: ir.Value, keep: ir.Value | None, b: int, n: int, m: int) -> ir.Value:
+    """[b, m, n] float: 1 where token t goes to output row j (and is kept, if ``keep``)."""
+    wanted = e.const(np.arange(m, dtype=np.float32).reshape(1, m, 1))
+    sel = e.op("Cast", e.op("Equal", e.op("Unsqueeze", rows, e.ints(1)), wanted), to=ir.DataType.FLOAT)
+    return sel if keep is None else e.op("Mul", sel, e.op("Unsqueeze", keep, e.ints(1)))
+
+
+def kept_indices(e: Emitter, sel: ir.Value, b: int, n: int, m: int) -> ir.Value:
+    """[b, m] int64: the token each output row takes (``sel`` one-hot rows of kept tokens)."""
+    where = e.op("MatMul", sel, e.const(np.arange(n, dtype=np.float32).reshape(n, 1)))  # [b, m, 1]
+    return e.op("Cast", e.op("Reshape", where, e.ints(b, m)), to=ir.DataType.INT64)
+
+
+def keep_top(e: Emitter, scores: ir.Value, b: int, n: int, m: int) -> ir.Value:
     """Indices [b, m] of the ``m`` highest scores, in ascending token order."""
-    chosen = e.op("TopK", scores, e.ints(m), outputs=2, largest=1, sorted=1)[1]
-    ascending = e.op("TopK", e.op("Cast", chosen, to=ir.DataType.FLOAT), e.ints(m), outputs=2, largest=0, sorted=1)[0]
-    return e.op("Cast", ascending, to=ir.DataType.INT64)
+    keep = keep_mask(e, scores, n, m)
+    return kept_indices(e, selection(e, output_rows(e, keep, n), keep, b, n, m), b, n, m)
 
 
 def gather_tokens(e: Emitter, x: ir.Value, index: ir.Value, b: int, m: int, hidden: int) -> ir.Value:
@@ -131,26 +163,29 @@ def bipartite_merge(e: Emitter, unit: ir.Value, b: int, n: int, m: int, protect:
         pad_b = e.op("Unsqueeze", e.op("Gather", pad, e.const(b_pos, np.int64), axis=1), e.ints(1))
         sim = e.op("Add", sim, pad_b)
     best = e.op("ReduceMax", sim, e.ints(2), keepdims=0)  # [b, na]
-    match = e.op("ArgMax", sim, axis=2, keepdims=0)
-    a_index = e.const(np.tile(a_pos, (b, 1)), np.int64)
-    two, one = e.const(2, np.int64), e.const(1, np.int64)
-    # over all n tokens: how much each wants to go (b-tokens never), and where it goes
-    leave = e.op("ScatterElements", e.const(np.full((b, n), -PROTECT, np.float32)), a_index, best, axis=1)
-    target = e.op("ScatterElements", e.const(np.zeros((b, n), np.int64)), a_index,
-                  e.op("Add", e.op("Mul", match, two), one), axis=1)
+    match = e.op("Cast", e.op("ArgMax", sim, axis=2, keepdims=0), to=ir.DataType.FLOAT)
+    # over all n tokens (a placement MatMul): how much each wants to go (b-tokens never), and where to
+    place = np.zeros((len(a_pos), n), np.float32)
+    place[np.arange(len(a_pos)), a_pos] = 1.0
+    place_a = e.const(place)
+    b_never = np.zeros((1, n), np.float32)
+    b_never[0, b_pos] = -PROTECT
+    leave = e.op("Add", _placed(e, best, place_a), e.const(b_never))
+    target = _placed(e, e.op("Add", e.op("Mul", match, e.const(2.0, np.float32)), e.const(1.0, np.float32)), place_a)
     if pad is not None:
         padding = e.op("Less", pad, e.const(-1.0, np.float32))
         leave = e.op("Where", padding, e.const(PAD, np.float32), leave)
-        target = e.op("Where", padding, e.const(0, np.int64), target)
-    gone = e.op("TopK", leave, e.ints(r), outputs=2, largest=1, sorted=1)[1]  # [b, r] token positions
-    keep = e.op("ScatterElements", e.const(np.ones((b, n), np.float32)), gone,
-                e.const(np.zeros((b, r), np.float32)), axis=1)
-    destination = e.op("ScatterElements", e.const(np.tile(np.arange(n, dtype=np.int64), (b, 1))), gone,
-                       e.op("GatherElements", target, gone, axis=1), axis=1)
-    slot = e.op("Sub", e.op("Cast", e.op("CumSum", keep, e.const(1, np.int64)), to=ir.DataType.INT64), one)
-    slot_of = e.op("GatherElements", slot, destination, axis=1)  # [b, n]: the output row of each token
-    onehot = e.op("OneHot", slot_of, e.ints(m), e.const([0.0, 1.0], np.float32), axis=-1)  # [b, n, m]
-    merge = e.op("Transpose", onehot, perm=[0, 2, 1])
-    order = e.op("Sub", e.op("Mul", keep, e.const(2.0 * n, np.float32)), e.const(np.arange(n, dtype=np.float32)))
-    kept = e.op("TopK", order, e.ints(m), outputs=2, largest=1, sorted=1)[1]
+        target = e.op("Where", padding, e.const(0.0, np.float32), target)
+    keep = e.op("Sub", e.const(1.0, np.float32), keep_mask(e, leave, n, r))
+    rows = output_rows(e, keep, n)
+    destination = e.op("Where", e.op("Greater", keep, e.const(0.5, np.float32)),
+                       e.const(np.arange(n, dtype=np.float32)[None]), target)
+    rows_of = e.op("GatherElements", rows, e.op("Cast", destination, to=ir.DataType.INT64), axis=1)
+    merge = selection(e, rows_of, None, b, n, m)
+    kept = kept_indices(e, selection(e, rows, keep, b, n, m), b, n, m)
     return merge, kept
+
+
+def _placed(e: Emitter, per_a: ir.Value, place: ir.Value) -> ir.Value:
+    """[b, na] values of the a-tokens -> [b, n], zero at the b-tokens."""
+    return e.op("Squeeze", e.op("MatMul", e.op("Unsqueeze", per_a, e.ints(1)), place), e.ints(1))

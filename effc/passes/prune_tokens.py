@@ -259,9 +259,9 @@ def _reduce(e: T.Emitter, enc: Encoder, l: int, state: _State, m: int, opts: Opt
             scores = T.guard(e, T.attention_received(e, before.probs), n, opts.protect, pad)
         else:
             importance = T.guard(e, T.pagerank(e, before.probs, b, n, opts.iterations), n, opts.protect, pad)
-            scores = T.redundancy_drop(e, importance, T.unit_keys(e, before.keys, b, n), n, m)
+            scores = T.redundancy_drop(e, importance, T.unit_keys(e, before.keys, b, n), b, n, m)
             scores = scores if pad is None else e.op("Add", scores, pad)
-        kept = T.keep_top(e, scores, m)
+        kept = T.keep_top(e, scores, b, n, m)
         stream = T.gather_tokens(e, x, kept, b, m, hidden)
         new_size = None
     positions = e.op("GatherElements", state.positions, kept, axis=1)

@@ -33,6 +33,8 @@ from effc.ir import const_value
 _KEY_PLUMBING = ("Transpose", "Reshape", "Gather", "Split", "Slice", "Squeeze", "Unsqueeze", "Identity",
                  "Add", "Mul", "Div", "Cast", "Flatten")
 _SCORE_OPS = ("Add", "Sub", "Mul", "Div", "Where", "Cast")
+# per-token norms (layernorm-to-rmsnorm leaves RMSNormalization): a pre-LN block reads the stream through one
+_NORMS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 
 
 class NotAnEncoder(Exception):
@@ -216,14 +218,30 @@ def _stream_entry(block: Block) -> None:
     if value.shape is None or len(value.shape) != 3 or value.shape[1] != tokens:
         raise NotAnEncoder(f"block {block.index}'s key projection reads '{value.name}' of shape {value.shape}, "
                            f"not [batch, {tokens}, hidden]")
-    node = value.producer()
-    if node is not None and node.op_type == "LayerNormalization":
+    node = _norm_behind(value)
+    if node is not None:
         source = node.inputs[0]
         if len({id(n) for n, _ in source.uses()}) > 1 and source.shape is not None and list(source.shape) == list(value.shape):
             value = source  # pre-LN: the norm's input is the stream, also read by the residual Add
     block.stream = value
 
 
+def _norm_behind(value: ir.Value) -> ir.Node | None:
+    """The per-token norm that writes ``value``, possibly through its affine as separate Mul / Add
+    with constants (layernorm-to-rmsnorm leaves RMSNormalization + Add(beta))."""
+    for _ in range(3):
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type in _NORMS:
+            return node
+        data = [v for v in node.inputs if v is not None and const_value(v) is None]
+        if node.op_type not in ("Add", "Mul") or len(data) != 1 or len(value.uses()) > 1:
+            return None
+        value = data[0]
+    return None
+
+
 def _is_pre_ln(block: Block) -> bool:
     node = block.stream.producer()
-    return node is None or node.op_type != "LayerNormalization"
+    return node is None or node.op_type not in _NORMS

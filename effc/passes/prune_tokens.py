@@ -138,6 +138,10 @@ def _plan_side_inputs(graph: ir.Graph, enc: Encoder, counts: list[int]) -> _Side
         for i, value in enumerate(node.inputs):
             if value is None or _reached(value, stage, stage_of, enc):
                 continue
+            producer = value.producer()
+            if producer is not None and stage_of.get(id(producer)) not in (None, stage):
+                raise NotAnEncoder(f"{node.op_type} '{node.name}' after block {stage - 1} reads '{value.name}', "
+                                   "computed before an earlier reduction (a skip across blocks)")
             array = const_value(value)
             if node.op_type in ("Reshape", "Expand") and i == 1:
                 if array is None:

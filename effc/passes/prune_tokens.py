@@ -269,6 +269,7 @@ def _reduce(e: T.Emitter, enc: Encoder, l: int, state: _State, m: int, opts: Opt
         stream = T.gather_tokens(e, x, kept, b, m, hidden)
         new_size = None
     positions = e.op("GatherElements", state.positions, kept, axis=1)
+    positions.name = f"prune_tokens/block{l}/positions"  # the kept tokens' original positions [B, m]
     real = None if state.real is None else e.op("GatherElements", state.real, kept, axis=1)
     if new_size is not None and real is not None:  # a kept padding token counts 1 (its log is 0)
         new_size = e.op("Add", new_size, e.op("Sub", e.const(1.0, np.float32), real))

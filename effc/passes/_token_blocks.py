@@ -91,6 +91,10 @@ def find_encoder(graph: ir.Graph) -> Encoder:
     if not all(isinstance(d, int) for d in (batch, tokens)):
         raise NotAnEncoder(f"the attention shape {shape} is not static (token pruning keeps shapes static)")
     for block in blocks:
+        keys = block.keys.shape
+        if keys is None or len(keys) != 4 or not all(isinstance(d, int) for d in keys):
+            raise NotAnEncoder(f"block {block.index}'s keys have no static [batch, heads, head_dim, tokens] shape "
+                               f"({keys})")
         _check_causal(block)
         if list(block.probs.shape) [-1] != tokens:
             raise NotAnEncoder(f"blocks attend over different token counts ({tokens} and {block.probs.shape[-1]})")

@@ -54,28 +54,36 @@ class Emitter:
         return self.const(list(values), np.int64)
 
 
-def head_mean_probs(e: Emitter, probs: ir.Value) -> ir.Value:
+def _head_mean(e: Emitter, x: ir.Value, b: int, heads: int, rest: int) -> ir.Value:
+    """[b, heads, ...] -> [b, 1, rest]: the mean over heads as a MatMul with a constant row (effc's
+    CPU rules take a MatMul; a ReduceMean over a middle axis lands on the scalar fallback)."""
+    flat = e.op("Reshape", x, e.ints(b, heads, rest))
+    return e.op("MatMul", e.const(np.full((1, 1, heads), 1.0 / heads, np.float32)), flat)
+
+
+def head_mean_probs(e: Emitter, probs: ir.Value, b: int, heads: int, n: int) -> ir.Value:
     """[b, h, n, n] -> [b, n, n]: attention probabilities averaged over heads."""
-    return e.op("ReduceMean", probs, e.ints(1), keepdims=0)
+    return e.op("Reshape", _head_mean(e, probs, b, heads, n * n), e.ints(b, n, n))
 
 
-def attention_received(e: Emitter, probs: ir.Value) -> ir.Value:
+def attention_received(e: Emitter, probs: ir.Value, b: int, heads: int, n: int) -> ir.Value:
     """[b, n]: the attention each token receives, averaged over heads and queries."""
-    return e.op("ReduceMean", probs, e.ints(1, 2), keepdims=0)
+    return e.op("Reshape", _head_mean(e, probs, b, heads * n, n), e.ints(b, n))
 
 
-def pagerank(e: Emitter, probs: ir.Value, b: int, n: int, iterations: int) -> ir.Value:
+def pagerank(e: Emitter, probs: ir.Value, b: int, heads: int, n: int, iterations: int) -> ir.Value:
     """[b, n]: s <- A^T s from uniform, A the head-averaged probabilities (row = query)."""
-    a = head_mean_probs(e, probs)
+    a = head_mean_probs(e, probs, b, heads, n)
     s = e.const(np.full((b, 1, n), 1.0 / n), np.float32)
     for _ in range(iterations):
         s = e.op("MatMul", s, a)
     return e.op("Reshape", s, e.ints(b, n))
 
 
-def unit_keys(e: Emitter, keys_t: ir.Value, b: int, n: int) -> ir.Value:
+def unit_keys(e: Emitter, keys_t: ir.Value, b: int, heads: int, dim: int, n: int) -> ir.Value:
     """[b, h, d, n] keys (QK^T's right operand) -> [b, n, d], averaged over heads, unit length."""
-    k = e.op("Transpose", e.op("ReduceMean", keys_t, e.ints(1), keepdims=0), perm=[0, 2, 1])
+    mean = e.op("Reshape", _head_mean(e, keys_t, b, heads, dim * n), e.ints(b, dim, n))
+    k = e.op("Transpose", mean, perm=[0, 2, 1])
     norm = e.op("ReduceL2", k, e.ints(-1), keepdims=1)
     return e.op("Div", k, e.op("Add", norm, e.const(1e-6, np.float32)))
 

@@ -244,12 +244,13 @@ def _real_tokens(e: T.Emitter, bias: ir.Value, b: int, n: int) -> ir.Value:
 def _reduce(e: T.Emitter, enc: Encoder, l: int, state: _State, m: int, opts: Options) -> _State:
     b, n, hidden = enc.batch, state.n, enc.hidden
     before = enc.blocks[l - 1]
+    heads, dim = before.probs.shape[1], before.keys.shape[2]  # unchanged by earlier reductions
     x = enc.blocks[l].stream
     pad = None
     if state.real is not None:
         pad = e.op("Mul", e.op("Sub", state.real, e.const(1.0, np.float32)), e.const(T.PAD, np.float32))
     if opts.method == "tome":
-        unit = T.unit_keys(e, before.keys, b, n)
+        unit = T.unit_keys(e, before.keys, b, heads, dim, n)
         merge, kept = T.bipartite_merge(e, unit, b, n, m, opts.protect, pad)
         size = state.size if state.real is None else e.op("Mul", state.size, state.real)
         weight = e.op("Unsqueeze", size, e.ints(2))
@@ -260,10 +261,10 @@ def _reduce(e: T.Emitter, enc: Encoder, l: int, state: _State, m: int, opts: Opt
         new_size = e.op("Reshape", e.op("MatMul", merge, e.op("Unsqueeze", size, e.ints(2))), e.ints(b, m))
     else:
         if opts.method == "topk":
-            scores = T.guard(e, T.attention_received(e, before.probs), n, opts.protect, pad)
+            scores = T.guard(e, T.attention_received(e, before.probs, b, heads, n), n, opts.protect, pad)
         else:
-            importance = T.guard(e, T.pagerank(e, before.probs, b, n, opts.iterations), n, opts.protect, pad)
-            scores = T.redundancy_drop(e, importance, T.unit_keys(e, before.keys, b, n), b, n, m)
+            importance = T.guard(e, T.pagerank(e, before.probs, b, heads, n, opts.iterations), n, opts.protect, pad)
+            scores = T.redundancy_drop(e, importance, T.unit_keys(e, before.keys, b, heads, dim, n), b, n, m)
             scores = scores if pad is None else e.op("Add", scores, pad)
         kept = T.keep_top(e, scores, b, n, m)
         stream = T.gather_tokens(e, x, kept, b, m, hidden)

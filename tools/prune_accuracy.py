@@ -62,12 +62,14 @@ def vit_digits(keeps: list[float], threads: int) -> list[str]:
             _, acc = module.evaluate(OrtRunner(model, threads=threads))
             if method == "zero-tprune":
                 tokens, kept = tokens_m, model_flops(model, feed) / base_flops
-            cells.append(f"{100 * acc:.2f} ({100 * (acc - top1):+.2f})")
+            own = "" if tokens is None or tokens_m == tokens else f" [{','.join(map(str, tokens_m))}]"
+            cells.append(f"{100 * acc:.2f} ({100 * (acc - top1):+.2f}){own}")
             print(f"vit-digits keep {keep} {method}: {acc:.4f} tokens {tokens_m}", file=sys.stderr)
         lines.append(f"| {keep:g} | {kept:.3f} | {','.join(map(str, tokens))} | " + " | ".join(cells) + " |")
     return lines + ["", "Cells: top-1 % (change in points). Tokens per block and FLOPs kept (whole model, "
-                        "effc.stats) are zero-tprune's; top-k uses the same schedule, ToMe may stop short where "
-                        "it would merge more than half of the tokens at once."]
+                        "effc.stats) are zero-tprune's; top-k uses the same schedule; ToMe merges at most half "
+                        "of the unprotected tokens at once, so where it stops short its own tokens per block "
+                        "follow in brackets (it then keeps more FLOPs than the target)."]
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -117,7 +119,7 @@ def minilm(threads: int, keep: float = 0.7) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keeps", default="0.9,0.8,0.7,0.65,0.6,0.5")
+    parser.add_argument("--keeps", default="0.9,0.8,0.7,0.65,0.6,0.5,0.4,0.3")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("-o", "--output", default=None)

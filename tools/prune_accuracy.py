@@ -117,16 +117,41 @@ def minilm(threads: int, keep: float = 0.7) -> list[str]:
     return lines
 
 
+def compiled_vs_ort(out: str, threads: int) -> list[str]:
+    """A minilm-l6 OUT compiled with prune-tokens: its module against ONNX Runtime on OUT/model.onnx,
+    on the shipped (padded) sentences and the dense joins (scale-relative, effc.verify.deviation)."""
+    from pathlib import Path
+
+    from effc.codegen.runtime import load_compiled
+    from effc.verify import deviation
+
+    module = zoo.get("minilm-l6")
+    sentences = module.sentences()
+    feeds = {"shipped": module.encode(sentences),
+             "dense": module.encode([" ".join(sentences[i:i + 4]) for i in range(0, len(sentences), 4)])}
+    compiled = load_compiled(Path(out), threads)
+    ort = OrtRunner(Path(out) / "model.onnx", threads=threads)
+    lines = [f"Compiled module ({out}) against ONNX Runtime on the same pruned ONNX:", ""]
+    for name, group in feeds.items():
+        err = deviation([compiled(f) for f in group], ort.run_all(group))
+        lines.append(f"- {name} ({len(group)} inputs): max rel {err.max_rel:.2e}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keeps", default="0.9,0.8,0.7,0.65,0.6,0.5,0.4,0.3")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--compiled", default=None, help="a minilm-l6 OUT compiled with prune-tokens: check it "
+                        "against ONNX Runtime on its model.onnx")
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
-    lines = vit_digits([float(k) for k in args.keeps.split(",")], args.threads)
+    lines = vit_digits([float(k) for k in args.keeps.split(",")], args.threads) if args.keeps else []
     if not args.skip_minilm:
         lines += [""] + minilm(args.threads)
+    if args.compiled:
+        lines += [""] + compiled_vs_ort(args.compiled, args.threads)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:

@@ -10,6 +10,9 @@ Which pass owns which helper module (underscored modules are private to the pass
 - shift-add (``shift_add``): ``_linears`` (candidate linears and protected layers), ``_bcq``
   (binary-coded quantizer), ``_gptq`` (error compensation), ``_uniform`` (uniform baseline,
   used by tools/shift_add_accuracy.py).
+- quantize (``quantize``): ``_observers`` (streamed fixed-size activation histograms),
+  ``_qparams`` (quantization arithmetic and the numpy reference), ``_qdq`` (ONNX Runtime's
+  QDQ placement), ``_smoothquant`` (exact SmoothQuant folds); shares ``_linears`` and ``_gptq``.
 - shared: ``_op_semantics`` (what each op does to a per-channel quantity, asked by property by
   all three analyses), ``base`` (the pass contract and its records), ``cleanup`` (run after
   every pass by the pipeline).
@@ -21,9 +24,10 @@ from effc.errors import EffcError
 from effc.passes.base import Pass, PassContext, PassOutcome, Skip
 from effc.passes.fold_batchnorm import FoldBatchNorm  # noqa: E402
 from effc.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
+from effc.passes.quantize import Quantize
 from effc.passes.shift_add import ShiftAdd
 
-REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (FoldBatchNorm, LayerNormToRMSNorm, ShiftAdd)}
+REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (FoldBatchNorm, LayerNormToRMSNorm, ShiftAdd, Quantize)}
 
 # What `effc compile` runs when --passes is not given: the exact passes (lossy ones only on request).
 DEFAULT_PASSES = ("fold-batchnorm", "layernorm-to-rmsnorm")

@@ -54,11 +54,15 @@ MODELS: dict[str, tuple[str, int | None]] = {
     "gpt2": ("w8a8", 16),
 }
 
+# (calibration method, op types (None: the tool's default), extra_options)
 ORT_W8A8 = {
-    "ort-minmax": ("MinMax", ["MatMul", "Gemm"]),
-    "ort-entropy": ("Entropy", ["MatMul", "Gemm"]),
-    "ort-percentile": ("Percentile", ["MatMul", "Gemm"]),
-    "ort-minmax-all-ops": ("MinMax", None),
+    "ort-minmax": ("MinMax", ["MatMul", "Gemm"], {}),
+    # The tool's default Entropy histogram has 128 bins for 128 quantized bins: its KL search then has
+    # a single candidate, the full range, so it equals MinMax. 2048 bins give the search room.
+    "ort-entropy": ("Entropy", ["MatMul", "Gemm"], {}),
+    "ort-entropy-2048": ("Entropy", ["MatMul", "Gemm"], {"CalibNumBins": 2048}),
+    "ort-percentile": ("Percentile", ["MatMul", "Gemm"], {}),
+    "ort-minmax-all-ops": ("MinMax", None, {}),
 }
 # GPTQ asymmetric fails in ORT 1.32 when a weight has one block per column (K == block): its zero points
 # are packed two per byte and then reshaped to one row per column; the symmetric variant has none.
@@ -70,6 +74,8 @@ EFFC_W8A8 = {
     "effc-percentile": ["quantize.mode=w8a8", "quantize.calibrate=percentile"],
     "effc-entropy": ["quantize.mode=w8a8", "quantize.calibrate=entropy"],
     "effc-entropy-sq0.5": ["quantize.mode=w8a8", "quantize.calibrate=entropy", "quantize.smoothquant_alpha=0.5"],
+    "effc-percentile-sq0.5": ["quantize.mode=w8a8", "quantize.calibrate=percentile",
+                              "quantize.smoothquant_alpha=0.5"],
 }
 EFFC_W4 = {
     "effc-rtn": ["quantize.mode=w4", "quantize.block=128", "quantize.gptq=false"],
@@ -111,7 +117,7 @@ def model_inputs(path: Path) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
-def ort_w8a8(src: Path, dst: Path, feeds, method: str, op_types) -> None:
+def ort_w8a8(src: Path, dst: Path, feeds, method: str, op_types, extra: dict) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(str(src), str(dst), FeedReader(feeds, model_inputs(src)), quant_format=QuantFormat.QDQ,
@@ -119,7 +125,7 @@ def ort_w8a8(src: Path, dst: Path, feeds, method: str, op_types) -> None:
                     weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
                     # not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMax drops the outputs collected
                     # when that count is reached instead of merging their ranges ("No data is collected.")
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, **extra})
 
 
 def ort_w4(src: Path, dst: Path, feeds, method: str) -> None:

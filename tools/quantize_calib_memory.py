@@ -19,6 +19,7 @@ by wait4 as ru_maxrss), so it counts everything the process held, model and ONNX
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import subprocess
@@ -60,14 +61,20 @@ def child_effc_observe(model_name: str, calib: Path) -> None:
 
     model = load(cached_model_path(model_name))
     feeds = load_npz(calib)
-    print(f"loaded: rss {own('VmRSS') / GIB:.2f} GiB", flush=True)
+    gc.collect()
+    print(f"loaded: resident {own('VmRSS') / GIB:.2f} GiB, peak while loading {own('VmHWM') / GIB:.2f} GiB",
+          flush=True)
+    # Reset the high-water mark to the current resident size (Linux >= 4.0), so the next reading is the
+    # peak of calibration itself, the model in memory included.
+    Path("/proc/self/clear_refs").write_text("5")
     selected = select(model, Options(calibrate="entropy"), 0, PassOutcome())
     start = time.perf_counter()
     observers = observe(model, feeds, [lin.x.name for lin in selected], progress=False)
     ranges = {name: obs.range("entropy", 99.99) for name, obs in observers.items()}
     state = sum(obs.nbytes for obs in observers.values())
     print(f"observed {len(ranges)} values over {len(feeds)} samples in {time.perf_counter() - start:.0f} s; "
-          f"observer state {state / 1024:.0f} KiB", flush=True)
+          f"observer state {state / 1024:.0f} KiB; peak during calibration {own('VmHWM') / GIB:.2f} GiB",
+          flush=True)
 
 
 def child_ort_entropy(model_name: str, calib: Path, progress: Path) -> None:

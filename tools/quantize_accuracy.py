@@ -63,6 +63,9 @@ ORT_W8A8 = {
     "ort-entropy-2048": ("Entropy", ["MatMul", "Gemm"], {"CalibNumBins": 2048}),
     "ort-percentile": ("Percentile", ["MatMul", "Gemm"], {}),
     "ort-minmax-all-ops": ("MinMax", None, {}),
+    # only the linears (MatMul/Gemm with a constant weight), as effc: not the attention's activation x
+    # activation MatMuls, which "MatMul" op types include
+    "ort-percentile-linears": ("Percentile", "linears", {}),
 }
 # GPTQ asymmetric fails in ORT 1.32 when a weight has one block per column (K == block): its zero points
 # are packed two per byte and then reshaped to one row per column; the symmetric variant has none.
@@ -117,11 +120,22 @@ def model_inputs(path: Path) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
+def constant_weight_linears(path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+
+
 def ort_w8a8(src: Path, dst: Path, feeds, method: str, op_types, extra: dict) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    nodes = None
+    if op_types == "linears":
+        nodes, op_types = constant_weight_linears(src), ["MatMul", "Gemm"]
     quantize_static(str(src), str(dst), FeedReader(feeds, model_inputs(src)), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=op_types, per_channel=True, activation_type=QuantType.QUInt8,
+                    op_types_to_quantize=op_types, nodes_to_quantize=nodes, per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
                     # not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMax drops the outputs collected
                     # when that count is reached instead of merging their ranges ("No data is collected.")

@@ -83,6 +83,9 @@ EFFC_W8A8 = {
 EFFC_W4 = {
     "effc-rtn": ["quantize.mode=w4", "quantize.block=128", "quantize.gptq=false"],
     "effc-gptq": ["quantize.mode=w4", "quantize.block=128", "quantize.gptq=true"],
+    # also the LM head (tied to the embedding), which effc keeps float by default: ORT's tool quantizes it
+    "effc-rtn-ends": ["quantize.mode=w4", "quantize.block=128", "quantize.gptq=false", "quantize.ends=true"],
+    "effc-gptq-ends": ["quantize.mode=w4", "quantize.block=128", "quantize.gptq=true", "quantize.ends=true"],
 }
 
 

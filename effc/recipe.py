@@ -35,11 +35,12 @@ class Recipe:
     arch: str | None = None
     records: str = "shipped"  # shipped, none, or an absolute path
     model: str | None = None  # what was compiled (informational: --recipe takes MODEL anew)
+    budget: str | None = None  # --budget as given ('cosine>=0.99'); lossy passes chose their layers under it
 
     def settings(self) -> dict[str, Any]:
         """The compile settings this recipe fixes, by command-line name (for override messages)."""
         return {"passes": self.passes, "calib": self.calib, "opset": self.opset, "inputs": self.inputs,
-                "target": self.target, "arch": self.arch, "records": self.records}
+                "target": self.target, "arch": self.arch, "records": self.records, "budget": self.budget}
 
 
 def feeds_hash(feeds: list[dict[str, np.ndarray]] | None) -> str | None:

@@ -12,7 +12,8 @@ Which pass owns which helper module (underscored modules are private to the pass
   used by tools/shift_add_accuracy.py).
 - quantize (``quantize``): ``_observers`` (streamed fixed-size activation histograms),
   ``_qparams`` (quantization arithmetic and the numpy reference), ``_qdq`` (ONNX Runtime's
-  QDQ placement), ``_smoothquant`` (exact SmoothQuant folds); shares ``_linears`` and ``_gptq``.
+  QDQ placement), ``_smoothquant`` (exact SmoothQuant and RepQ-ViT folds), ``_qdq_reference``
+  (the QDQ graph in numpy); shares ``_linears`` and ``_gptq``.
 - shared: ``_op_semantics`` (what each op does to a per-channel quantity, asked by property by
   all three analyses), ``base`` (the pass contract and its records), ``cleanup`` (run after
   every pass by the pipeline).

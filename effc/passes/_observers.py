@@ -4,7 +4,7 @@ Each observed value keeps a fixed-size state: its running min and max, its per-c
 maximum (SmoothQuant's statistic) and a histogram of BINS bins over [-R, R]. When a sample
 exceeds R, R doubles (as often as needed) and the histogram is re-binned exactly: with an even
 number of bins symmetric about 0, doubling merges neighbouring pairs into the middle half. So
-peak memory per value is BINS counts + 2 channel vectors, whatever the number of samples
+peak memory per value is BINS counts + 3 channel vectors, whatever the number of samples
 (ONNX Runtime's histogram calibrator keeps every sample's values: issue #10503).
 
 Ranges from the state: ``minmax`` (the observed extremes), ``percentile`` (the ``percentile``
@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.calib import Feeds, row_mask
+from effc.errors import EffcError
 
 BINS = 2048  # even, so the histogram is symmetric about 0
 METHODS = ("minmax", "percentile", "entropy")
@@ -36,16 +37,19 @@ class Observer:
     lo: float = 0.0
     hi: float = 0.0
     channel_absmax: np.ndarray | None = None
+    channel_min: np.ndarray | None = None
+    channel_max: np.ndarray | None = None
     rows: int = 0
 
     def __post_init__(self):
-        if self.channel_absmax is None:
-            self.channel_absmax = np.zeros(self.channels)
+        self.channel_absmax = np.zeros(self.channels)
+        self.channel_min = np.zeros(self.channels)
+        self.channel_max = np.zeros(self.channels)
 
     @property
     def nbytes(self) -> int:
         """The state's size: what calibration keeps per value (the bound on its memory)."""
-        return int(self.hist.nbytes + self.channel_absmax.nbytes + 8 * 4)
+        return int(self.hist.nbytes + 3 * self.channel_absmax.nbytes + 8 * 4)
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
@@ -54,7 +58,11 @@ class Observer:
         self.rows += x.shape[0]
         self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
         np.maximum(self.channel_absmax, np.abs(x).max(axis=0), out=self.channel_absmax)
+        np.minimum(self.channel_min, x.min(axis=0), out=self.channel_min)
+        np.maximum(self.channel_max, x.max(axis=0), out=self.channel_max)
         peak = max(-self.lo, self.hi)
+        if not np.isfinite(peak):
+            raise EffcError("an activation is not finite (inf or nan) on the calibration data: it cannot be quantized")
         if peak <= 0:
             self.hist[BINS // 2] += x.size  # all zeros so far
             return
@@ -137,22 +145,23 @@ def observe(model: ir.Model, feeds: Feeds, names: list[str], progress: bool = Tr
 def stream_values(model: ir.Model, feeds: Feeds, names: list[str], progress: bool = True):
     """Yield (feed, {name: array}) per feed: the named values of ``model`` run on it."""
     from effc.calib import _all_values, _progress
-    from effc.errors import EffcError
-    from effc.ir import copy_model
     from effc.verify import OrtRunner
 
     names = list(dict.fromkeys(names))
-    probe = copy_model(model)
-    values = {v.name: v for v in _all_values(probe.graph)}
+    values = {v.name: v for v in _all_values(model.graph)}
     missing = [n for n in names if n not in values]
     if missing:
         raise EffcError(f"cannot capture {missing[:3]}: no such values")
     from_inputs = {n for n in names if values[n].is_graph_input()}
-    present = {v.name for v in probe.graph.outputs}
-    for n in names:
-        if n not in from_inputs and n not in present:
-            probe.graph.outputs.append(values[n])
-    runner = OrtRunner(probe)
+    present = {v.name for v in model.graph.outputs}
+    # The values become extra outputs of the model itself only while the session is made (it keeps
+    # its own serialized copy): no second copy of a large model's weights in memory.
+    added = [values[n] for n in names if n not in from_inputs and n not in present]
+    model.graph.outputs.extend(added)
+    try:
+        runner = OrtRunner(model)
+    finally:
+        del model.graph.outputs[len(model.graph.outputs) - len(added):]
     for feed in _progress(feeds, "calibrating", progress):
         outputs = runner(feed)
         yield feed, {n: np.asarray(feed[n] if n in from_inputs else outputs[n]) for n in names}

@@ -11,6 +11,7 @@ means.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +142,11 @@ class QuantWeight:
         s = np.repeat(self.scale, self.group, axis=0).T  # [N, K]
         return (self.codes.astype(np.float32) * s).astype(np.float32)
 
+    @functools.cached_property
+    def dense_t64(self) -> np.ndarray:
+        """dense().T in float64 ([K, N]), kept: the reference multiplies by it once per sample."""
+        return np.ascontiguousarray(self.dense().T.astype(np.float64))
+
 
 def quantize_weight(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, gptq: bool,
                     damp: float = 0.01, act_order: bool = False, clip: bool = True) -> QuantWeight:
@@ -170,7 +176,7 @@ def linear_reference(x: np.ndarray, weight: QuantWeight, bias: np.ndarray | None
     if dynamic:
         act = dynamic_params(x)
     xq = fake_quant(x, act) if act is not None else x
-    y = (xq.astype(np.float64) @ weight.dense().T.astype(np.float64)).astype(np.float32)
+    y = (xq.astype(np.float64) @ weight.dense_t64).astype(np.float32)
     if bias is not None:
         if act is not None and not dynamic:
             bias = dequantized_bias(bias, act, weight)

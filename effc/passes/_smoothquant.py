@@ -29,7 +29,9 @@ class Site:
     x: ir.Value
     readers: list[Linear]
     writer: str = ""                     # what absorbs 1 / s, in words
+    shared: bool = False                 # x is read by other nodes too: the norm is copied for the linears
     undo: list[tuple[ir.Node, int, ir.Value]] = field(default_factory=list)
+    added: list[ir.Node] = field(default_factory=list)
 
 
 def find_sites(linears: list[Linear]) -> tuple[list[Site], list[tuple[str, str]]]:
@@ -44,12 +46,14 @@ def find_sites(linears: list[Linear]) -> tuple[list[Site], list[tuple[str, str]]
         x = values[name]
         mine = {id(lin.node) for lin in readers}
         others = [n for n in consumers(x) if id(n) not in mine]
-        if others:
-            refused.append((name, f"also read by {others[0].op_type} '{others[0].name}', which would see x / s"))
-        elif x.is_graph_output() or x.producer() is None:
-            refused.append((name, "a graph input or output: nothing to fold 1 / s into"))
+        writer = x.producer()
+        if writer is None:
+            refused.append((name, "a graph input: nothing to fold 1 / s into"))
+        elif (others or x.is_graph_output()) and writer.op_type not in NORMS:
+            reader = f"{others[0].op_type} '{others[0].name}'" if others else "the graph output"
+            refused.append((name, f"also read by {reader}, which would see x / s"))
         else:
-            sites.append(Site(x, readers))
+            sites.append(Site(x, readers, shared=bool(others) or x.is_graph_output()))
     return sites, refused
 
 
@@ -62,16 +66,52 @@ def smoothing_scales(site: Site, channel_absmax: np.ndarray, alpha: float) -> np
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def fold(site: Site, s: np.ndarray, linears_by_output: dict[str, Linear]) -> str | None:
-    """Fold ``s`` into the site (writer / s, readers * s); the reason if it cannot be folded."""
+def repq_scales(site: Site, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RepQ-ViT: (r1, t) that turn x's per-channel uint8 ranges into one per-tensor range:
+    x' = (x + t) / r1 has channel c's quantization step s_c / r1_c = mean step and its zero point
+    shifted by t_c / step_c to the mean zero point."""
+    lo, hi = np.minimum(lo, 0.0).astype(np.float64), np.maximum(hi, 0.0).astype(np.float64)
+    step = np.maximum((hi - lo) / 255.0, 1e-8)
+    zero = np.round(-lo / step)
+    mean_step, mean_zero = float(step.mean()), float(np.round(zero.mean()))
+    return (step / mean_step).astype(np.float32), (step * (zero - mean_zero)).astype(np.float32)
+
+
+def fold(site: Site, s: np.ndarray, linears_by_output: dict[str, Linear],
+         shift: np.ndarray | None = None) -> str | None:
+    """Fold ``s`` (and ``shift`` t) into the site: the writer makes (x + t) / s instead of x, each
+    reader's weight columns are multiplied by s (and its bias loses W t). The reason if it cannot."""
     writer = site.x.producer()
-    reason = _fold_writer(site, writer, s, linears_by_output)
+    if shift is not None:
+        if writer.op_type not in NORMS:
+            return f"written by {writer.op_type} '{writer.name}': a shift folds only into a norm's bias"
+        if len(writer.inputs) < 3 or writer.inputs[2] is None:
+            return f"{writer.op_type} '{writer.name}' has no bias to absorb the shift"
+        unbiased = [lin.name for lin in site.readers if lin.bias is None]
+        if unbiased:
+            return f"linear '{unbiased[0]}' has no bias to absorb the shift"
+    reason = _fold_writer(site, writer, s, linears_by_output, shift)
     if reason:
         _undo(site)
         return reason
     for lin in site.readers:
         _scale_reader(site, lin, s)
+        if shift is not None:
+            _shift_bias(site, lin, shift)
     return None
+
+
+def _shift_bias(site: Site, lin: Linear, t: np.ndarray) -> None:
+    bias = lin.bias - lin.weight.astype(np.float64) @ t.astype(np.float64)  # [N]
+    if lin.bias_add is not None:
+        i = 1 if lin.bias_add.inputs[0] is lin.node.outputs[0] else 0
+        shape = const_value(lin.bias_add.inputs[i]).shape
+        _replace(site, lin.bias_add, i, bias.reshape(shape), f"{lin.name}.bias_shifted")
+    else:  # Gemm: C, scaled by beta
+        c = const_value(lin.node.inputs[2])
+        beta = lin.node.attributes.get_float("beta", 1.0)
+        _replace(site, lin.node, 2, np.broadcast_to(bias / beta, (len(bias),)).reshape(
+            c.shape if c.size == len(bias) else (len(bias),)), f"{lin.name}.bias_shifted")
 
 
 def _replace(site: Site, node: ir.Node, index: int, array: np.ndarray, hint: str) -> None:
@@ -83,6 +123,9 @@ def _undo(site: Site) -> None:
     for node, index, old in reversed(site.undo):
         node.replace_input_with(index, old)
     site.undo.clear()
+    for node in site.added:
+        node.graph.remove(node, safe=True)
+    site.added.clear()
 
 
 def undo(site: Site) -> None:
@@ -96,9 +139,12 @@ def _per_channel(value: ir.Value | None, k: int) -> np.ndarray | None:
     return np.broadcast_to(c.reshape(-1), (k,)).astype(np.float32)
 
 
-def _fold_writer(site: Site, writer: ir.Node, s: np.ndarray, linears_by_output: dict[str, Linear]) -> str | None:
+def _fold_writer(site: Site, writer: ir.Node, s: np.ndarray, linears_by_output: dict[str, Linear],
+                 shift: np.ndarray | None = None) -> str | None:
     k = len(s)
     if writer.op_type in NORMS:
+        if site.shared:  # post-LN: the residual reads the norm too, so the linears get their own copy
+            writer = _copy_norm(site, writer)
         axis = writer.attributes.get_int("axis", -1)
         rank = len(site.x.shape) if site.x.shape is not None else None
         if axis != -1 and (rank is None or axis != rank - 1):
@@ -111,8 +157,8 @@ def _fold_writer(site: Site, writer: ir.Node, s: np.ndarray, linears_by_output: 
             beta = _per_channel(writer.inputs[2], k)
             if beta is None:
                 return f"{writer.op_type}'s bias is not a constant [{k}] vector"
-            _replace(site, writer, 2, beta / s, f"{writer.name}.bias_smoothed")
-        site.writer = f"{writer.op_type} '{writer.name}'"
+            _replace(site, writer, 2, (beta if shift is None else beta + shift) / s, f"{writer.name}.bias_smoothed")
+        site.writer = f"{writer.op_type} '{writer.name}'" + (" (a copy for the linears)" if site.shared else "")
         return None
     if site.x.name in linears_by_output:
         prev = linears_by_output[site.x.name]
@@ -146,6 +192,20 @@ def _fold_writer(site: Site, writer: ir.Node, s: np.ndarray, linears_by_output: 
                 site.writer = f"scale '{writer.name}'"
                 return None
     return f"written by {writer.op_type} '{writer.name}', which cannot absorb a per-channel 1 / s"
+
+
+def _copy_norm(site: Site, norm: ir.Node) -> ir.Node:
+    """A copy of ``norm`` (same input and attributes) whose output only the site's linears read."""
+    copy = ir.Node(norm.domain, norm.op_type, list(norm.inputs), attributes=list(norm.attributes.values()),
+                   name=f"{norm.name}.smoothed", num_outputs=1, version=norm.version)
+    out = copy.outputs[0]
+    out.name, out.shape, out.type = f"{site.x.name}_smoothed", site.x.shape, site.x.type
+    norm.graph.insert_after(norm, copy)
+    site.added.append(copy)
+    for lin in site.readers:
+        site.undo.append((lin.node, 0, lin.node.inputs[0]))
+        lin.node.replace_input_with(0, out)
+    return copy
 
 
 def _scale_reader(site: Site, lin: Linear, s: np.ndarray) -> None:

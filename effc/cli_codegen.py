@@ -185,7 +185,11 @@ def tune_cmd(model: str, target: str, trials: int, records: str, passes: str | N
         ir_model = _compiled_model(Path(model))
     else:
         ir_model = _model_through_recipe(model, passes, recipe)
-    result = tune_model(ir_model, trials, records, progress=click.echo)
+    made_by = model if Path(model, "recipe.json").is_file() else recipe
+    from effc import recipe as recipes
+
+    precision = recipes.load(made_by).precision if made_by else "fp32"  # tune what that compile built
+    result = tune_model(ir_model, trials, records, progress=click.echo, precision=precision)
     click.echo(f"{result.workloads} workloads, {result.tuned} tuned now, {result.seconds} s; records in {records}")
     if Path(model).is_dir():
         click.echo(_compare_with_build(Path(model), result.kernels))

@@ -68,7 +68,11 @@ def kernel_errors(plain, scheduled, target, device, ref_target=None, seed: int =
     name = "kernel"
     ref_lib = tvm.compile(tvm.IRModule({name: plain.with_attr("global_symbol", name)}),
                           target=ref_target or target).jit()
-    lib = tvm.compile(tvm.IRModule({name: scheduled.with_attr("global_symbol", name)}), target=target).jit()
+    from effc.codegen.lower import tir_pipeline
+
+    # the scheduled kernel through effc's own TIR pipeline, as the build runs it (bf16 tiles become calls)
+    lib = tvm.compile(tvm.IRModule({name: scheduled.with_attr("global_symbol", name)}), target=target,
+                      tir_pipeline=tir_pipeline(target)).jit()
     ref = [tvm.runtime.tensor(a) for a in arrays]
     got = [tvm.runtime.tensor(a, device) for a in arrays]
     ref_lib[name](*ref)

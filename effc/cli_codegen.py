@@ -70,7 +70,7 @@ def _merge(results: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, 
 @click.option("--threads", type=int, default=None, help="CPU threads (default: as compiled; TVM_NUM_THREADS wins).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Also run OUT/model.onnx in ONNX Runtime on the same inputs; exit 1 (outputs still written) "
-              "when the module disagrees beyond 1e-4 scale-relative.")
+              "when the module disagrees beyond 1e-4 scale-relative (a bf16 module: beyond its bf16 bounds).")
 def run_cmd(out: str, inputs: str, output: str, threads: int | None, check: bool) -> None:
     """Run the compiled module in OUT on INPUTS and write its outputs to an .npz."""
     from effc.codegen.runtime import load_compiled
@@ -86,17 +86,23 @@ def run_cmd(out: str, inputs: str, output: str, threads: int | None, check: bool
     if check:
         from effc.verify import OrtRunner, deviation
 
-        _fail_on_disagreement(deviation(results, OrtRunner(Path(out) / "model.onnx").run_all(feeds)).max_rel)
+        dev = deviation(results, OrtRunner(Path(out) / "model.onnx").run_all(feeds))
+        _fail_on_disagreement(dev.max_rel, dev.cosine, compiled.manifest.get("precision", "fp32"))
 
 
-def _fail_on_disagreement(max_rel: float) -> None:
-    """EffcFault (exit 1) when the compiled module is further than TOLERANCE from ONNX Runtime."""
+def _fail_on_disagreement(max_rel: float, cosine: float = 1.0, precision: str = "fp32") -> None:
+    """EffcFault (exit 1) when the compiled module is further than TOLERANCE from ONNX Runtime (a bf16
+    module: beyond effc.codegen.precision's bf16 bounds)."""
+    from types import SimpleNamespace
+
     from effc.codegen.check import TOLERANCE
+    from effc.codegen.precision import within_tolerance
     from effc.errors import EffcFault
 
-    if max_rel > TOLERANCE:
+    if not within_tolerance(precision, SimpleNamespace(max_rel=max_rel, cosine=cosine), TOLERANCE):
+        bound = f"bf16 bounds, cosine {cosine:.6f}" if precision == "bf16" else f"{TOLERANCE:g}"
         raise EffcFault(f"the compiled module disagrees with ONNX Runtime on its own model.onnx (max rel err "
-                        f"{max_rel:.2e} > {TOLERANCE:g}): its results are wrong; please report it with the model")
+                        f"{max_rel:.2e}, beyond {bound}): its results are wrong; please report it with the model")
 
 
 @click.command("bench")
@@ -135,7 +141,8 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
                        f"after idle {stats['after_idle_median_ms']:9.3f} ms")
     if "ratio_vs_ort" in result:
         click.echo(f"effc / ort: {result['ratio_vs_ort']:.3f} (after idle {result['ratio_vs_ort_after_idle']:.3f})"
-                   f"   max rel err vs ort: {result['max_rel_err']:.2e}")
+                   f"   max rel err vs ort: {result['max_rel_err']:.2e}   cosine {result['cosine_vs_ort']:.6f}"
+                   f"   (effc precision {result['precision']})")
     if "ratio_vs_torch" in result:
         click.echo(f"effc / torch: {result['ratio_vs_torch']:.3f}   max rel err vs torch: "
                    f"{result['torch_max_rel_err']:.2e}")
@@ -153,7 +160,7 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
     if json_path:
         atomic_write_text(Path(json_path), json.dumps(result, indent=2) + "\n")
     if "max_rel_err" in result:
-        _fail_on_disagreement(result["max_rel_err"])
+        _fail_on_disagreement(result["max_rel_err"], result["cosine_vs_ort"], result["precision"])
 
 
 @click.command("tune")

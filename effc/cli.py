@@ -417,7 +417,7 @@ def _compiled_from(model: str) -> str | None:
 def _evaluate(module, zoo_name: str, spec: str) -> tuple[str, float]:
     from effc.verify import OrtRunError, OrtRunner
 
-    runner = OrtRunner(_load_model(spec)[0])
+    runner = _compiled_runner(spec) or OrtRunner(_load_model(spec)[0])
     wanted = set(module.sample_inputs(1, 0)[0])
     if not set(runner.input_names) <= wanted:
         raise EffcError(f"{spec} takes inputs {sorted(runner.input_names)}; zoo model '{zoo_name}' gives "
@@ -426,6 +426,21 @@ def _evaluate(module, zoo_name: str, spec: str) -> tuple[str, float]:
         return module.evaluate(runner)
     except OrtRunError as exc:
         raise EffcError(f"{spec} does not run on zoo model '{zoo_name}''s data ({exc.reason})") from None
+
+
+def _compiled_runner(spec: str):
+    """An `effc compile --target llvm` OUT runs as its compiled module (at its precision: a bf16 module
+    is evaluated as built), not as its model.onnx; None for anything else."""
+    import json
+
+    from effc.codegen.runtime import MANIFEST, load_compiled
+
+    manifest = Path(spec) / MANIFEST
+    if not manifest.is_file() or json.loads(manifest.read_text()).get("target") != "llvm":
+        return None
+    compiled = load_compiled(spec)
+    compiled.input_names = [i["name"] for i in compiled.inputs]
+    return compiled
 
 
 @cli.group("zoo")

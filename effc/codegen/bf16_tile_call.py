@@ -32,7 +32,7 @@ def bf16_tile_pass():
         call = tirx.call_extern("int32", SYMBOL, _address(c), _address(c, row=1), _address(a),
                                 _address(a, column=1), _address(a, row=1), _address(b), _address(b, column=1),
                                 tirx.IntImm("int64", k // 2), tirx.IntImm("int32", mr),
-                                tirx.IntImm("int32", nr // LANES))
+                                tirx.IntImm("int32", nr // LANES), _first_row_tile(c))
         annotations = {key: value for key, value in node.annotations.items() if key != TILE_KEY}
         return s_tir.SBlock(node.iter_vars, node.reads, node.writes, node.name_hint, tirx.Evaluate(call), None,
                             node.alloc_buffers, node.match_buffers, annotations)
@@ -45,6 +45,15 @@ def bf16_tile_pass():
         return mod
 
     return _pass
+
+
+def _first_row_tile(c_region):
+    """1 for the first row tile of a j-panel (C's row offset 0): there the tile converts a computed
+    (fp32-stored) B panel, which the panel's later tiles, run after it on the same thread, reuse."""
+    from tvm import tirx
+
+    row = c_region.region[-2].min
+    return tirx.Cast("int32", row == tirx.IntImm(str(row.ty), 0))
 
 
 def _address(region, row: int = 0, column: int = 0):

@@ -6,13 +6,16 @@
    kernel parameter: a pre-packed weight, a bf16 activation) or as fp32 (a buffer inside the kernel:
    TVM's bf16 legalisation widens those), so the caller passes the address of the next element and
    of the next row, which give the element size and the row strides whatever layout TVM chose
-   (effc/codegen/bf16_tile_call.py). fp32 operands are rounded to bf16 (nearest even) chunk by chunk
-   into a small buffer, so each is converted once per tile, not once per use.
+   (effc/codegen/bf16_tile_call.py). An fp32 a is rounded to bf16 (nearest even) chunk by chunk into
+   a small buffer, once per tile; an fp32 b (a panel packed per call: attention's K^T, V) once per
+   panel, by the panel's first row tile (first != 0) into a per-thread buffer that the panel's other
+   tiles reuse: the rule runs a panel's row tiles in order on one thread.
    Written in C because TVM 0.27's LLVM codegen has no bfloat vector type, which the LLVM 22
    intrinsic llvm.x86.avx512bf16.dpbf16ps.512 requires; the call is per tile (mr x nr x k MACs),
    so its cost is nil. Linked into model.so by effc's build (effc/kernels/native.py). */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_ROWS 16
@@ -35,11 +38,25 @@ static void to_bf16(uint16_t *dst, const float *src, int64_t n) {
   }
 }
 
+static __thread uint16_t *panel_bf16; /* this thread's converted fp32 panel */
+static __thread int64_t panel_capacity;
+
+/* The bf16 copy of fp32 panel b (2 k2 x nr values), converted when first, else the one made before. */
+static const uint16_t *panel_of(const float *b, int64_t n, int first) {
+  if (n > panel_capacity) {
+    free(panel_bf16);
+    panel_bf16 = (uint16_t *)malloc(n * sizeof(uint16_t));
+    panel_capacity = panel_bf16 ? n : 0;
+    first = 1;
+  }
+  if (first && panel_bf16) to_bf16(panel_bf16, b, n);
+  return panel_bf16;
+}
+
 static inline __attribute__((always_inline)) void tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_f32,
-                                                       const void *b, int b_f32, int64_t k2, const int mr,
-                                                       const int nv) {
+                                                       const void *b, int64_t k2, const int mr, const int nv) {
   __m512 acc[MAX_ROWS][MAX_VECS];
-  uint16_t a_buf[MAX_ROWS * CHUNK_K], b_buf[CHUNK_K * MAX_VECS * 16];
+  uint16_t a_buf[MAX_ROWS * CHUNK_K];
   const int nr = nv * 16;
   for (int r = 0; r < mr; ++r)
     for (int v = 0; v < nv; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -53,12 +70,7 @@ static inline __attribute__((always_inline)) void tile(float *c, int64_t ldc, co
     } else {
       ap = (const uint16_t *)a + k0, ap_ld = lda;
     }
-    if (b_f32) {
-      to_bf16(b_buf, (const float *)b + k0 * nr, kc * nr);
-      bp = b_buf;
-    } else {
-      bp = (const uint16_t *)b + k0 * nr;
-    }
+    bp = (const uint16_t *)b + k0 * nr; /* b_f32: the caller passes the converted panel */
     for (int64_t kp = 0; kp < kc / 2; ++kp) {
       __m512bh bv[MAX_VECS];
       for (int v = 0; v < nv; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + (kp * nr + v * 16) * 2);
@@ -74,16 +86,21 @@ static inline __attribute__((always_inline)) void tile(float *c, int64_t ldc, co
     for (int v = 0; v < nv; ++v) _mm512_storeu_ps(c + r * ldc + v * 16, acc[r][v]);
 }
 
-#define CASE(R, V) case (R) * 8 + (V): tile(c, ldc, a, lda, a_f32, b, b_f32, k2, R, V); return 0;
+#define CASE(R, V) case (R) * 8 + (V): tile(c, ldc, a, lda, a_f32, b, k2, R, V); return 0;
 #define ROWS(R) CASE(R, 1) CASE(R, 2) CASE(R, 3) CASE(R, 4)
 
-/* Addresses: c, c one row down; a, a one element on, a one row down; b, b one element on.
-   0 when (mr, nv) has a compiled tile; -1 otherwise (the rule never asks for one). */
+/* Addresses: c, c one row down; a, a one element on, a one row down; b, b one element on; first:
+   this is the first row tile of b's panel. 0 when (mr, nv) has a compiled tile and memory for an
+   fp32 panel's copy; -1 otherwise (the rule never asks for a missing tile). */
 int32_t effc_bf16_tile(float *c, float *c_row, const char *a, const char *a_next, const char *a_row, const char *b,
-                       const char *b_next, int64_t k2, int32_t mr, int32_t nv) {
+                       const char *b_next, int64_t k2, int32_t mr, int32_t nv, int32_t first) {
   int64_t ldc = c_row - c;
-  int a_f32 = a_next - a == 4, b_f32 = b_next - b == 4;
+  int a_f32 = a_next - a == 4;
   int64_t lda = (a_row - a) / (a_f32 ? 4 : 2);
+  if (b_next - b == 4) {
+    b = (const char *)panel_of((const float *)b, 2 * k2 * nv * 16, first);
+    if (!b) return -1;
+  }
   switch (mr * 8 + nv) {
     ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
     CASE(7, 1) CASE(7, 2) CASE(7, 3) CASE(8, 1) CASE(8, 2) CASE(8, 3)

@@ -49,8 +49,9 @@ def _build(name: str, suffix: str, extra: list[str]) -> Path:
 
 
 def object_file(name: str) -> Path:
-    """The object to link into an exported model.so."""
-    return _build(name, ".o", ["-c"])
+    """The object to link into an exported model.so; its symbols hidden there, so a model.so always
+    calls its own copy (not one another module or load() put in the process first)."""
+    return _build(name, ".o", ["-c", "-fvisibility=hidden"])
 
 
 def load(name: str) -> None:

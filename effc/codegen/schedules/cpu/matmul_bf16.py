@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from tvm import s_tir
+from tvm import s_tir, tirx
 from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
 from effc.codegen.bf16_tile_call import LANES, TILE_KEY
@@ -26,6 +26,7 @@ from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
 from effc.codegen.schedules.cpu.matmul import (_inline_side_inputs, _pick_mr, _pick_nr, _plain_access,
                                                _write_back_at)
 
+FITTING = ((6, 4), (8, 3), (12, 2), (8, 2), (4, 4))  # tiles near the peak, best first (mr, nr_vectors)
 MAX_ROWS = {1: 16, 2: 12, 3: 8, 4: 6}  # nr_vectors -> most rows of a tile bf16_tile.c has (<= 24 of 32 zmm)
 
 
@@ -57,7 +58,8 @@ class MatmulBf16(CPURule):
         if not self.is_target_available(target):
             return None
         recorded = knobs_for(self.records, self.name, func, target)
-        sch = self.schedule(func, **{"mr": self.mr, "nr_vectors": self.nr_vectors, **recorded})
+        sch = self.schedule(func, **{"mr": self.mr, "nr_vectors": self.nr_vectors, **recorded},
+                            fit=not recorded)
         self.tuned_kernels += bool(recorded and sch is not None)
         if sch is not None:
             from effc.kernels import native
@@ -65,7 +67,8 @@ class MatmulBf16(CPURule):
             native.load("bf16_tile")  # the tile's symbol, for modules built and run in this process
         return sch
 
-    def schedule(self, func, mr: int, nr_vectors: int):
+    def schedule(self, func, mr: int, nr_vectors: int, fit: bool = False):
+        """``fit``: rather a tile among FITTING that divides m and n (no padding, A read in place)."""
         sch = s_tir.Schedule(func)
         found = one_reduction(sch)
         if found is None:
@@ -91,15 +94,18 @@ class MatmulBf16(CPURule):
         m, n, kk = extent(sch, i), extent(sch, j), extent(sch, k)
         if m is None or n is None or kk is None:
             return None
+        if fit:
+            mr, nr_vectors = next(((r, v) for r, v in FITTING if m % r == 0 and n % (v * LANES) == 0),
+                                  (mr, nr_vectors))
         nr = _pick_nr(n, LANES, nr_vectors)
         mr = min(_pick_mr(mr, m, nr_vectors, nr, LANES), MAX_ROWS[nr // LANES])
         pads = [1, mr if m % mr else 1, nr if n % nr else 1, 2 if kk % 2 else 1]
         if pads != [1, 1, 1, 1]:
             sch.pad_einsum(main, pads)
-        a_stage = _stage(sch, main, a_copy, 0)
+        if not (pads[1] == 1 and pads[3] == 1 and _read_in_place(sch, main, a_copy)):
+            _parallel_copy(sch, _stage(sch, main, a_copy, 0))
         panel = _stage(sch, main, b_copy, 1)
         _pack_pairs(sch, func, panel, nr)
-        _parallel_copy(sch, a_stage)
 
         batch, i, j, k = sch.get_loops(main)
         io, ii = sch.split(i, [None, mr])
@@ -113,6 +119,18 @@ class MatmulBf16(CPURule):
         tile = sch.blockize(k)  # the tile's block keeps its loop nest: effc.codegen.bf16_tile_call lowers it
         sch.annotate(tile, TILE_KEY, [mr, nr, k_pad])
         return sch
+
+
+def _read_in_place(sch, main, a_copy) -> bool:
+    """Let main read A where it is (a bf16 parameter: no copy, no conversion in the tile) when each
+    tile's rows are rows of A (plain indices after inlining the reindex copy); else False, unchanged."""
+    trial = sch.copy()
+    trial.compute_inline(a_copy)
+    a_read = [r for r in trial.get(main).reads if str(r.source.dtype) == "bfloat16"][0]  # A, then B
+    if not all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in a_read.region):
+        return False
+    sch.compute_inline(a_copy)
+    return True
 
 
 def _stage(sch, main, copy, operand: int):

@@ -15,4 +15,5 @@ def default_rules(records: dict | None = None) -> list:
     from effc.codegen.schedules.cpu.softmax import Softmax
     from effc.codegen.schedules.cpu.window import Window
 
-    return [MatmulBf16(records=records), Matmul(records=records), Gemv(), Im2col(), Window(), Softmax(), RowReduction(), Elementwise(), Fallback()]
+    return [MatmulBf16(records=records), Matmul(records=records), Gemv(), Im2col(), Window(), Softmax(),
+            RowReduction(), Elementwise(), Fallback()]

@@ -96,6 +96,10 @@ def cli() -> None:
               "at a bf16 tolerance; codegen.json records what was taken and the deviation.")
 @click.option("--calib", "calib", default=None, help="Calibration inputs for lossy passes: an .npz "
               "(one array per input, first axis = samples) or zoo:NAME (that model's calibration set).")
+@click.option("--budget", "budget", default=None, metavar="BOUND",
+              help="Accuracy budget for the lossy passes: 'cosine>=0.99' or 'rel<=0.01' on the model's outputs, or "
+              "'metric<=1%' for a zoo model with a task metric. Measured on a held-out quarter of --calib; layers "
+              "that would break it stay in float, each with its measured reason.")
 @click.option("--bits", type=int, default=None,
               help="= --set shift-add.bits=N: bit planes per weight (2-4, default 3).")
 @click.option("--group", type=int, default=None, help="= --set shift-add.group=N: input columns per scale (default 8).")
@@ -109,18 +113,18 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
                 opset: int | None, inputs: str | None, keep_intermediate: bool, no_untie: bool, target: str | None,
                 arch: str | None, calib: str | None, bits: int | None, group: int | None, layers: str | None,
                 avg_bits: float | None, records: str | None, max_memory: str | None, verify: bool,
-                precision: str) -> None:
+                budget: str | None, precision: str) -> None:
     """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx, OUT/report.json and
     OUT/recipe.json (what `--recipe` and `effc tune OUT` read)."""
     from click.core import ParameterSource
 
     from effc import cli_settings, recipe as recipes
     from effc.outdir import StagedOut
-    from effc.pipeline import pass_options
+    from effc.pipeline import check_budget, pass_options
 
     click_ctx = click.get_current_context()
     given = {"passes": passes, "calib": calib, "opset": opset, "inputs": inputs, "target": target, "arch": arch,
-             "records": records, "precision": precision}
+             "records": records, "budget": budget, "precision": precision}
     on_command_line = {k for k in given if click_ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     options = cli_settings.explicit_options(sets, {"bits": bits, "group": group, "layers": layers,
                                                    "avg_bits": avg_bits, "no_untie": no_untie})
@@ -128,6 +132,8 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
     settings = plan.recipe
     # names, options and needs (calibration) checked before any expensive work
     plan.options = pass_options(plan.passes, plan.options, bool(settings.calib))
+    plan.budget = parse_budget(settings.budget, model)
+    check_budget(plan.passes, plan.budget, bool(settings.calib))
     if settings.inputs and not Path(settings.inputs).is_file():
         raise EffcError(f"--inputs: no such file '{settings.inputs}'")
     if max_memory:
@@ -186,6 +192,15 @@ def _input_files(model: str) -> list[Path]:
     return source_files(model)
 
 
+def parse_budget(text: str | None, model: str):
+    """The --budget of a compile of ``model`` (a metric budget needs zoo:NAME), or None."""
+    if text is None:
+        return None
+    from effc.budget import Budget
+
+    return Budget.parse(text, model[4:] if model.startswith("zoo:") else None)
+
+
 def load_calibration(spec: str | None):
     """Calibration inputs from an .npz or zoo:NAME, or None."""
     if not spec:
@@ -220,7 +235,7 @@ def _compile_into(stage: Path, console, model: str, plan, keep_intermediate: boo
     options = plan.options
     with console.status("running passes") as status:
         result = run_pipeline(ir_model, plan.passes, feeds=feeds, options=options, calibration=calibration,
-                              keep_intermediate=keep_intermediate,
+                              keep_intermediate=keep_intermediate, budget=plan.budget,
                               progress=lambda name: status.update(f"pass {name}"))
     save(result.model, stage / "model.onnx")
     if keep_intermediate:
@@ -233,7 +248,8 @@ def _compile_into(stage: Path, console, model: str, plan, keep_intermediate: boo
                              calib=recipes.source_of(settings.calib), calib_hash=recipes.feeds_hash(calibration),
                              opset=settings.opset, inputs=recipes.source_of(settings.inputs),
                              inputs_hash=recipes.feeds_hash(feeds) if settings.inputs else None,
-                             target=target, arch=arch, model=source, precision=settings.precision,
+                             target=target, arch=arch, model=source, budget=settings.budget,
+                             precision=settings.precision,
                              records=records if records in ("shipped", "none") else recipes.source_of(records))
     recipes.write(stage / recipes.NAME, written)
     if not target:
@@ -341,6 +357,8 @@ def passes_cmd(verbose: bool) -> None:
         click.echo(f"{name:24s} {kind:6s} {p.summary}")
         if not verbose:
             continue
+        if p.budgeted:
+            click.echo("    budgeted: under --budget, converts only the layers that keep the outputs within it")
         options = specs(p.Options)
         if not options:
             click.echo("    (no options)")

@@ -230,7 +230,7 @@ def _model_through_recipe(model: str, passes: str | None, recipe: str | None):
     """MODEL after the passes `effc compile` would run on it: --passes, else the recipe's (with its
     options, calibration and measurement inputs), else the default passes."""
     from effc import recipe as recipes
-    from effc.cli import _load_model, _read_feeds, load_calibration, pass_feeds
+    from effc.cli import _load_model, _read_feeds, load_calibration, parse_budget, pass_feeds
     from effc.passes import get_pass, parse_pass_list
     from effc.pipeline import run_pipeline
 
@@ -248,7 +248,9 @@ def _model_through_recipe(model: str, passes: str | None, recipe: str | None):
     if made:
         recipes.check_hash("calib", made.calib, calibration, made.calib_hash)
         recipes.check_hash("inputs", made.inputs, feeds if made.inputs else None, made.inputs_hash)
-    return run_pipeline(ir_model, pass_list, feeds=feeds, options=options, calibration=calibration).model
+    budget = parse_budget(made.budget, model) if made and made.budget and calibration else None
+    return run_pipeline(ir_model, pass_list, feeds=feeds, options=options, calibration=calibration,
+                        budget=budget if any(p.budgeted for p in pass_list) else None).model
 
 
 def _compare_with_build(out: Path, tuned: dict[str, str]) -> str:

@@ -162,3 +162,17 @@ def _proto_bytes() -> bytes:
     model = model_from_nodes([helper.make_node("MatMul", ["x", "W"], ["y"])], [("x", [2, 7, K])], [("y", [2, 7, 48])],
                              inits)
     return to_proto(model).SerializeToString()
+
+
+@requires_bf16
+def test_tune_with_bf16_records_the_bf16_rule(tmp_path):
+    import json
+
+    from effc.codegen.tune import tune_model
+
+    rng = np.random.default_rng(3)
+    model = model_from_nodes([helper.make_node("MatMul", ["x", "W"], ["y"])], [("x", [1, 16, K])], [("y", [1, 16, 64])],
+                             [numpy_helper.from_array(rng.standard_normal((K, 64)).astype(np.float32), "W")])
+    result = tune_model(model, 2, tmp_path / "rec.json", progress=lambda _: None, precision="bf16")
+    records = json.loads((tmp_path / "rec.json").read_text())["records"]
+    assert result.workloads == 1 and [r["rule"] for r in records.values()] == ["matmul-bf16"], records

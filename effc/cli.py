@@ -90,6 +90,10 @@ def cli() -> None:
 @click.option("--records", "records", default="shipped", show_default=True,
               help="Tuning records for --target llvm: a file from `effc tune`, `shipped` (effc's records "
               "for this CPU family, when it has some) or `none` (the rules' built-in knobs).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+              help="Float matmuls for --target llvm: fp32; bf16 (bf16 operands, fp32 accumulation, on CPUs with "
+              "AVX-512 BF16; fp32 elsewhere); auto (bf16 where the CPU has it). Verified against fp32 ONNX Runtime "
+              "at a bf16 tolerance; codegen.json records what was taken and the deviation.")
 @click.option("--calib", "calib", default=None, help="Calibration inputs for lossy passes: an .npz "
               "(one array per input, first axis = samples) or zoo:NAME (that model's calibration set).")
 @click.option("--budget", "budget", default=None, metavar="BOUND",
@@ -109,7 +113,7 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
                 opset: int | None, inputs: str | None, keep_intermediate: bool, no_untie: bool, target: str | None,
                 arch: str | None, calib: str | None, bits: int | None, group: int | None, layers: str | None,
                 avg_bits: float | None, records: str | None, max_memory: str | None, verify: bool,
-                budget: str | None) -> None:
+                budget: str | None, precision: str) -> None:
     """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx, OUT/report.json and
     OUT/recipe.json (what `--recipe` and `effc tune OUT` read)."""
     from click.core import ParameterSource
@@ -120,7 +124,7 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
 
     click_ctx = click.get_current_context()
     given = {"passes": passes, "calib": calib, "opset": opset, "inputs": inputs, "target": target, "arch": arch,
-             "records": records, "budget": budget}
+             "records": records, "budget": budget, "precision": precision}
     on_command_line = {k for k in given if click_ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     options = cli_settings.explicit_options(sets, {"bits": bits, "group": group, "layers": layers,
                                                    "avg_bits": avg_bits, "no_untie": no_untie})
@@ -140,6 +144,9 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
         from effc.codegen.target import check_target_args
 
         check_target_args(settings.target, settings.arch)
+    from effc.codegen.precision import check_precision
+
+    check_precision(settings.precision, settings.target)
     if settings.records not in ("shipped", "none") and not Path(settings.records).is_file():
         raise EffcError(f"--records: no such file '{settings.records}' (or say `shipped` or `none`)")
     console = _console()
@@ -152,7 +159,7 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
         # The built module is checked in the staging directory: a disagreement raises, which leaves the
         # previous OUT as it was and removes the staged module with everything else.
         verdict = (_verify_build(console, stage.path, result.model, feeds, settings.target, settings.arch,
-                                 settings.records) if built and verify else None)
+                                 settings.records, built.precision) if built and verify else None)
         out_dir = stage.commit()
     from effc.report import load_report, reason_lines, render_table
 
@@ -166,6 +173,8 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
                       + (f" (TVM's messages: {out_dir / 'build.log'})" if (out_dir / "build.log").exists() else ""))
         if built.custom_summary:
             console.print(built.custom_summary)
+        if settings.target == "llvm":
+            console.print(f"precision {built.precision}: {built.precision_reason}", markup=False)
         _print_rule_problems(console, built)
         console.print(verdict if verify else "not verified against ONNX Runtime (--no-verify)")
 
@@ -240,6 +249,7 @@ def _compile_into(stage: Path, console, model: str, plan, keep_intermediate: boo
                              opset=settings.opset, inputs=recipes.source_of(settings.inputs),
                              inputs_hash=recipes.feeds_hash(feeds) if settings.inputs else None,
                              target=target, arch=arch, model=source, budget=settings.budget,
+                             precision=settings.precision,
                              records=records if records in ("shipped", "none") else recipes.source_of(records))
     recipes.write(stage / recipes.NAME, written)
     if not target:
@@ -249,7 +259,8 @@ def _compile_into(stage: Path, console, model: str, plan, keep_intermediate: boo
 
     try:
         with console.status(f"building for {target}"), native_stderr_to(stage / BUILD_LOG_NAME):
-            built = compile_model(result.model, target, stage, arch=arch, records=records, source=source)
+            built = compile_model(result.model, target, stage, arch=arch, records=records, source=source,
+                                  precision=settings.precision)
         return result, feeds, built
     except Exception:
         if _disk_full(stage):  # TVM reports a short write as its own InternalError
@@ -274,7 +285,8 @@ def _print_rule_problems(console, built) -> None:
             console.print(f"kernel {kernel} is on the {rule} rule (no specific rule took it)")
 
 
-def _verify_build(console, out_dir: Path, model, feeds, target: str, arch: str | None, records: str) -> str:
+def _verify_build(console, out_dir: Path, model, feeds, target: str, arch: str | None, records: str,
+                  precision: str = "fp32") -> str:
     """The built module against ONNX Runtime: the line to print, or EffcFault (exit 1) on a disagreement."""
     from effc.codegen.check import verify_build
     from effc.codegen.target import gpu_present, make_target
@@ -285,7 +297,10 @@ def _verify_build(console, out_dir: Path, model, feeds, target: str, arch: str |
         return "not verified against ONNX Runtime: no GPU here (`effc run` on a GPU machine can check it)"
     feeds = feeds or make_inputs(model, 2, seed=0)
     with console.status("verifying against ONNX Runtime"):
-        dev = verify_build(out_dir, model, feeds, bt, records)
+        dev = verify_build(out_dir, model, feeds, bt, records, precision=precision)
+    if precision == "bf16":
+        return (f"verified against fp32 ONNX Runtime on {len(feeds)} input(s) at the bf16 tolerance: max rel err "
+                f"{dev.max_rel:.1e}, cosine {dev.cosine:.6f}")
     return f"verified against ONNX Runtime on {len(feeds)} input(s): max rel err {dev.max_rel:.1e}"
 
 
@@ -420,7 +435,7 @@ def _compiled_from(model: str) -> str | None:
 def _evaluate(module, zoo_name: str, spec: str) -> tuple[str, float]:
     from effc.verify import OrtRunError, OrtRunner
 
-    runner = OrtRunner(_load_model(spec)[0])
+    runner = _compiled_runner(spec) or OrtRunner(_load_model(spec)[0])
     wanted = set(module.sample_inputs(1, 0)[0])
     if not set(runner.input_names) <= wanted:
         raise EffcError(f"{spec} takes inputs {sorted(runner.input_names)}; zoo model '{zoo_name}' gives "
@@ -429,6 +444,21 @@ def _evaluate(module, zoo_name: str, spec: str) -> tuple[str, float]:
         return module.evaluate(runner)
     except OrtRunError as exc:
         raise EffcError(f"{spec} does not run on zoo model '{zoo_name}''s data ({exc.reason})") from None
+
+
+def _compiled_runner(spec: str):
+    """An `effc compile --target llvm` OUT runs as its compiled module (at its precision: a bf16 module
+    is evaluated as built), not as its model.onnx; None for anything else."""
+    import json
+
+    from effc.codegen.runtime import MANIFEST, load_compiled
+
+    manifest = Path(spec) / MANIFEST
+    if not manifest.is_file() or json.loads(manifest.read_text()).get("target") != "llvm":
+        return None
+    compiled = load_compiled(spec)
+    compiled.input_names = [i["name"] for i in compiled.inputs]
+    return compiled
 
 
 @cli.group("zoo")

@@ -70,7 +70,7 @@ def _merge(results: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, 
 @click.option("--threads", type=int, default=None, help="CPU threads (default: as compiled; TVM_NUM_THREADS wins).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Also run OUT/model.onnx in ONNX Runtime on the same inputs; exit 1 (outputs still written) "
-              "when the module disagrees beyond 1e-4 scale-relative.")
+              "when the module disagrees beyond 1e-4 scale-relative (a bf16 module: beyond its bf16 bounds).")
 def run_cmd(out: str, inputs: str, output: str, threads: int | None, check: bool) -> None:
     """Run the compiled module in OUT on INPUTS and write its outputs to an .npz."""
     from effc.codegen.runtime import load_compiled
@@ -86,8 +86,9 @@ def run_cmd(out: str, inputs: str, output: str, threads: int | None, check: bool
     if check:
         from effc.verify import OrtRunner, deviation
 
-        max_rel = deviation(results, OrtRunner(Path(out) / "model.onnx").run_all(feeds)).max_rel
-        _fail_on_disagreement(max_rel, _tolerance(Path(out) / "model.onnx", feeds, max_rel))
+        dev = deviation(results, OrtRunner(Path(out) / "model.onnx").run_all(feeds))
+        _fail_on_disagreement(dev.max_rel, dev.cosine, compiled.manifest.get("precision", "fp32"),
+                              _tolerance(Path(out) / "model.onnx", feeds, dev.max_rel))
 
 
 def _tolerance(model_path: Path, feeds: list[dict], max_rel: float) -> float:
@@ -103,15 +104,22 @@ def _tolerance(model_path: Path, feeds: list[dict], max_rel: float) -> float:
     return tolerance_for(ir.load(str(model_path)), feeds, TOLERANCE)
 
 
-def _fail_on_disagreement(max_rel: float, tolerance: float | None = None) -> None:
-    """EffcFault (exit 1) when the compiled module is further than ``tolerance`` (TOLERANCE) from ONNX Runtime."""
+def _fail_on_disagreement(max_rel: float, cosine: float = 1.0, precision: str = "fp32",
+                          tolerance: float | None = None) -> None:
+    """EffcFault (exit 1) when the compiled module is further than ``tolerance`` (TOLERANCE; a quantized
+    model: ONNX Runtime's own rounding) from ONNX Runtime (a bf16 module: beyond effc.codegen.precision's
+    bf16 bounds)."""
+    from types import SimpleNamespace
+
     from effc.codegen.check import TOLERANCE
+    from effc.codegen.precision import within_tolerance
     from effc.errors import EffcFault
 
     tolerance = TOLERANCE if tolerance is None else tolerance
-    if max_rel > tolerance:
+    if not within_tolerance(precision, SimpleNamespace(max_rel=max_rel, cosine=cosine), tolerance):
+        bound = f"bf16 bounds, cosine {cosine:.6f}" if precision == "bf16" else f"{tolerance:g}"
         raise EffcFault(f"the compiled module disagrees with ONNX Runtime on its own model.onnx (max rel err "
-                        f"{max_rel:.2e} > {tolerance:g}): its results are wrong; please report it with the model")
+                        f"{max_rel:.2e}, beyond {bound}): its results are wrong; please report it with the model")
 
 
 @click.command("bench")
@@ -150,7 +158,8 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
                        f"after idle {stats['after_idle_median_ms']:9.3f} ms")
     if "ratio_vs_ort" in result:
         click.echo(f"effc / ort: {result['ratio_vs_ort']:.3f} (after idle {result['ratio_vs_ort_after_idle']:.3f})"
-                   f"   max rel err vs ort: {result['max_rel_err']:.2e}")
+                   f"   max rel err vs ort: {result['max_rel_err']:.2e}   cosine {result['cosine_vs_ort']:.6f}"
+                   f"   (effc precision {result['precision']})")
     if "ratio_vs_torch" in result:
         click.echo(f"effc / torch: {result['ratio_vs_torch']:.3f}   max rel err vs torch: "
                    f"{result['torch_max_rel_err']:.2e}")
@@ -173,7 +182,7 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
         max_rel = result["max_rel_err"]
         tolerance = TOLERANCE if max_rel <= TOLERANCE else _tolerance(
             Path(out) / "model.onnx", feeds or [_default_feed(out, load_compiled(out, threads))], max_rel)
-        _fail_on_disagreement(max_rel, tolerance)
+        _fail_on_disagreement(max_rel, result["cosine_vs_ort"], result["precision"], tolerance)
 
 
 @click.command("tune")
@@ -205,7 +214,11 @@ def tune_cmd(model: str, target: str, trials: int, records: str, passes: str | N
         ir_model = _compiled_model(Path(model))
     else:
         ir_model = _model_through_recipe(model, passes, recipe)
-    result = tune_model(ir_model, trials, records, progress=click.echo)
+    made_by = model if Path(model, "recipe.json").is_file() else recipe
+    from effc import recipe as recipes
+
+    precision = recipes.load(made_by).precision if made_by else "fp32"  # tune what that compile built
+    result = tune_model(ir_model, trials, records, progress=click.echo, precision=precision)
     click.echo(f"{result.workloads} workloads, {result.tuned} tuned now, {result.seconds} s; records in {records}")
     if Path(model).is_dir():
         click.echo(_compare_with_build(Path(model), result.kernels))

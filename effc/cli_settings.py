@@ -26,7 +26,7 @@ ALIASES: dict[str, tuple[str, str, Any]] = {
 FLAG_OF = {"avg_bits": "--avg-bits", "no_untie": "--no-untie"}
 
 # compile flags a recipe supplies when they are not on the command line
-RECIPE_FLAGS = ("calib", "opset", "inputs", "target", "arch", "records", "budget")
+RECIPE_FLAGS = ("calib", "opset", "inputs", "target", "arch", "records", "budget", "precision")
 
 
 @dataclass

@@ -75,10 +75,16 @@ def measure(name: str, encoder: str, budget: str | None, work: Path, sets: list[
         "mac_fraction": sum(d["mac_fraction"] for d in details),
         "table_bytes": sum(d["table_bytes"] for d in details),
         "dense_bytes": sum(layer["bytes_before"] for layer in layers),
-        "v": details[0]["v"] if details else None, "codes": details[0]["codes"] if details else None,
+        "v": _option(sets, "v", 16 if encoder == "pq" else 4),
+        "codes": _option(sets, "k", 16) if encoder == "pq" else 2 ** _option(sets, "v", 4),
         "metric": evaluation["metric"], "fp32": evaluation["baseline"], "value": evaluation["value"],
         "layers": [r["node"] for r in rewrites],
     }
+
+
+def _option(sets: list[str], name: str, default: int) -> int:
+    values = [int(s.split("=", 1)[1]) for s in sets if s.startswith(f"lookup.{name}=")]
+    return values[-1] if values else default
 
 
 def within(row: dict) -> str:

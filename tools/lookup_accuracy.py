@@ -90,6 +90,8 @@ def _option(sets: list[str], name: str, default: int) -> int:
 def within(row: dict) -> str:
     if row["budget"].startswith("none"):
         return ""
+    if not row["converted"]:
+        return "none converted"
     if row["budget"].startswith("cosine"):
         return "yes" if row["value"] >= 0.99 else "NO"
     change = abs(row["value"] - row["fp32"]) / abs(row["fp32"])

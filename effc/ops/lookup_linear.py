@@ -18,7 +18,9 @@ Attributes: ``encoder`` ("pq" | "hash"), ``v`` (the chunk size), ``soft`` (0/1, 
 The function body takes the encoder from the rank of ``encoder_const`` (3: pq, 2: hash), which
 :func:`check_node` holds to the ``encoder`` attribute, so one function serves both without an If.
 It sums the rows as a one-hot [M, C*k] x [C*k, N] product: the reference semantics in standard
-ops, cheap enough for ONNX Runtime; kernels never build it.
+ops, cheap enough for ONNX Runtime; kernels never build it. Constants are ``value`` tensors only, and
+``soft`` reaches the body through EyeLike's ``k`` (a missing ``soft`` is 0): TVM's ONNX importer takes
+neither ``value_int`` constants nor attribute references in them.
 """
 
 from __future__ import annotations
@@ -45,13 +47,17 @@ LookupLinear <encoder, v, soft> (X, encoder_const, tables, table_scale, bias) =>
     first = Constant <value = int64[1] {{0}}> ()
     second = Constant <value = int64[1] {{1}}> ()
     third = Constant <value = int64[1] {{2}}> ()
-    zero = Constant <value_int = 0> ()
-    one = Constant <value_int = 1> ()
-    rank_two = Constant <value_int = 2> ()
+    zero = Constant <value = int64 {{0}}> ()
+    one = Constant <value = int64 {{1}}> ()
+    rank_two = Constant <value = int64 {{2}}> ()
     zero_f = Constant <value = float[1] {{0.0}}> ()
     one_f = Constant <value = float[1] {{1.0}}> ()
     two_f = Constant <value = float[1] {{2.0}}> ()
-    soft_flag = Constant <value_int: int = @soft> ()
+    pair = Constant <value = float[1, 2] {{0.0, 0.0}}> ()
+    second_of_pair = Constant <value = float[2] {{0.0, 1.0}}> ()
+    soft_row = EyeLike <k: int = @soft> (pair)
+    soft_pick = Mul (soft_row, second_of_pair)
+    soft_flag = ReduceSum <keepdims = 0> (soft_pick)
     c_dim = Shape <end = 1> (tables)
     k_dim = Shape <start = 1, end = 2> (tables)
     n_dim = Shape <start = 2> (tables)

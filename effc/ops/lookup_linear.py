@@ -20,7 +20,8 @@ The function body takes the encoder from the rank of ``encoder_const`` (3: pq, 2
 It sums the rows as a one-hot [M, C*k] x [C*k, N] product: the reference semantics in standard
 ops, cheap enough for ONNX Runtime; kernels never build it. The body is written for TVM's ONNX importer
 too (a node without a kernel compiles from it): constants are ``value`` tensors only, ``soft`` reaches
-it through EyeLike's ``k`` (a missing ``soft`` is 0), and the code counts come from CumSum over the
+it through EyeLike's ``k`` (a missing ``soft`` is 0; its input is made from an input of the function,
+as onnxscript's constant folding would evaluate it with ``k`` unresolved), and the code counts come from CumSum over the
 constants, not from Range over shapes, which the importer cannot take.
 """
 
@@ -45,15 +46,17 @@ _BODY = """
 LookupLinear <encoder, v, soft> (X, encoder_const, tables, table_scale, bias) => (Y)
 {{
     last = Constant <value = int64[1] {{-1}}> ()
+    index_zero = Constant <value = int64 {{0}}> ()
     first = Constant <value = int64[1] {{0}}> ()
     second = Constant <value = int64[1] {{1}}> ()
     third = Constant <value = int64[1] {{2}}> ()
-    index_zero = Constant <value = int64 {{0}}> ()
     zero_f = Constant <value = float[1] {{0.0}}> ()
     one_f = Constant <value = float[1] {{1.0}}> ()
     two_f = Constant <value = float[1] {{2.0}}> ()
-    pair = Constant <value = float[1, 2] {{0.0, 0.0}}> ()
+    zero_pair = Constant <value = float[1, 2] {{0.0, 0.0}}> ()
     second_of_pair = Constant <value = float[2] {{0.0, 1.0}}> ()
+    some_scale = Gather <axis = 0> (table_scale, index_zero)
+    pair = Mul (zero_pair, some_scale)
     soft_row = EyeLike <k: int = @soft> (pair)
     soft_pick = Mul (soft_row, second_of_pair)
     soft_flag = ReduceSum <keepdims = 0> (soft_pick)

@@ -129,6 +129,19 @@ def save(model: ir.Model, path: str | os.PathLike) -> Path:
     return path
 
 
+def save_streamed(model: ir.Model, path: Path) -> Path:
+    """Write ``model`` to a new ``path`` with every weight in ``<name>.data``, tensor by tensor (no
+    proto holding a second copy of the weights, as :func:`save` builds): for handing a large model to
+    ONNX Runtime. Not atomic; for temporary files."""
+    original = model.ir_version
+    model.ir_version = min(original, MAX_IR_VERSION)
+    try:
+        ir.save(model, path, external_data=path.name + ".data")
+    finally:
+        model.ir_version = original
+    return path
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

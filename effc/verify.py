@@ -271,10 +271,10 @@ class OrtRunner:
             else:
                 # A proto, its serialized bytes and ORT's copy would each hold every weight once more
                 # (bert-base: 2.9 GiB peak); from a file with external data ORT reads them once.
-                from effc.ir import save
+                from effc.ir import save_streamed
 
                 self._tmp = tempfile.TemporaryDirectory(prefix="effc-ort-")
-                source = str(save(model, Path(self._tmp.name) / "model.onnx"))
+                source = str(save_streamed(model, Path(self._tmp.name) / "model.onnx"))
         try:
             self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:

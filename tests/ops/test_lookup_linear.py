@@ -94,3 +94,18 @@ def test_registered_without_kernels_and_checks_layout():
     wrong = one_op_model([2, 6], consts, "hash", 2, 0).graph[0]
     with pytest.raises(EffcError, match="v=2"):
         registered.check("n", wrong, list(consts[:3]))
+
+
+def test_function_body_imports_into_tvm():
+    """A node without a kernel compiles from the inlined body: TVM's ONNX importer must take every op
+    of it (it refused value_int constants and Range over shapes before the body avoided them)."""
+    import onnx.inliner
+    from tvm.relax.frontend.onnx import from_onnx
+
+    rng = np.random.default_rng(0)
+    for encoder, soft, k in (("pq", 0, 16), ("hash", 1, None)):
+        consts = constants(rng, encoder, 4, 4, k, 6, "int8")
+        proto = ir.serde.serialize_model(one_op_model([2, 3, 16], consts, encoder, 4, soft))
+        proto.graph.name = "lookup"
+        mod = from_onnx(onnx.inliner.inline_local_functions(proto), keep_params_in_input=False)
+        assert "main" in [gv.name_hint for gv in mod.get_global_vars()]

@@ -157,7 +157,7 @@ class Candidate:
 
     name: str
     apply: Callable[[ir.Model], object]
-    cost: float | None = None  # the pass's local error for the layer, shown beside the measured one
+    cost: float | None = None  # the pass's local error for the layer: orders layers the budget cannot tell apart
 
 
 @dataclass
@@ -189,7 +189,9 @@ def choose_layers(model: ir.Model, candidates: list[Candidate], budget: Budget, 
     for i, c in enumerate(candidates, 1):
         say(f"budget: measuring layer {i}/{len(candidates)} alone")
         alone[c.name] = measure([c])[0]
-    order = sorted(candidates, key=lambda c: (budget.harm(alone[c.name]), c.name))
+    # ties (layers that alone move nothing measurable) go by the pass's own local error, then by name
+    order = sorted(candidates, key=lambda c: (budget.harm(alone[c.name]), np.inf if c.cost is None else c.cost,
+                                              c.name))
     refused = {c.name: f"kept in float: alone it gives {budget.shortfall(alone[c.name])} on the holdout "
                        f"({len(holdout)} samples)" for c in order if not budget.holds(alone[c.name])}
     fitting = [c for c in order if c.name not in refused]

@@ -38,6 +38,7 @@ class BuildResult:
     custom_ops: list = field(default_factory=list)  # per effc op node: its lowering (custom_ops.Lowering)
     custom_summary: str = ""
     rule_errors: list = field(default_factory=list)  # "kernel: rule: error" for each rule that raised
+    tuned_kernels: int = 0  # kernels scheduled with knobs from a tuning record
 
 
 def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: str | Path = "out",
@@ -88,10 +89,11 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                 "outputs": imported.output_names, "library": LIBRARY, "params": PARAMS,
                 "num_params": len(params), "rule_hits": log.hits, "rule_errors": log.errors[:20],
                 "kernels": log.kernels, "custom_ops": imported.custom_ops, "records": records_from,
-                "tuned_kernels": sum(getattr(r, "tuned_kernels", 0) for r in rules), "source": source,
+                "tuned_kernels": len(log.tuned), "source": source,
                 "build_seconds": seconds}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return BuildResult(out, seconds, log.hits, log.kernels, imported.custom_ops, imported.custom_summary, log.errors)
+    return BuildResult(out, seconds, log.hits, log.kernels, imported.custom_ops, imported.custom_summary, log.errors,
+                       len(log.tuned))
 
 
 def build_rules(bt: BuildTarget, records=SHIPPED) -> tuple[list, str | None]:

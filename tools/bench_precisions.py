@@ -10,7 +10,8 @@ Per model (batch 1; bert-base and gpt2 at seq 128, the zoo's length), each engin
 - effc bf16 (`effc compile --precision bf16`) once `effc compile` has that option, else "not built";
 - a QDQ int8 copy made by ONNX Runtime's quantize_static (u8 activations, per-channel s8 weights,
   MinMax over CALIBRATION zoo samples that are not the bench feed), run by ORT and OpenVINO, and by
-  effc once `effc compile --precision` lists int8 (`effc compile QDQ --precision int8`), else "not built".
+  effc once it lowers QDQ to integer kernels (`effc compile QDQ`, with `--precision int8` where that
+  option exists), else "not built".
 Compiled modules and QDQ copies are cached in --work (delete a directory to rebuild it). Latency is
 the median of back-to-back calls after warm-up (effc/codegen/bench.py's turns: every engine takes
 its turn in every round after an idle gap), reported relative to ORT fp32; the deviation table
@@ -43,7 +44,18 @@ def effc(*args: str) -> subprocess.CompletedProcess:
 
 
 def effc_precisions() -> set[str]:
-    """The low precisions `effc compile --precision` offers (bf16, int8), read from its --help."""
+    """The low precisions effc builds: bf16 (and int8) when `effc compile --precision` lists them, read
+    from its --help; int8 also when effc lowers QDQ graphs to integer kernels (effc.codegen.qdq_lowering)."""
+    import importlib.util
+
+    offered = precision_option()
+    if importlib.util.find_spec("effc.codegen.qdq_lowering") is not None:
+        offered.add("int8")
+    return offered
+
+
+def precision_option() -> set[str]:
+    """The low precisions `effc compile --precision` lists in its --help."""
     text = effc("compile", "--help").stdout
     match = re.search(r"--precision\b(.*?)(?=\n\s*--|\Z)", text, re.S)
     return set(re.findall(r"\b(bf16|int8)\b", match.group(1))) if match else set()
@@ -156,7 +168,8 @@ def engines_for(name: str, work: Path, feed: dict, threads: int, offered: set[st
         add("ORT int8 (QDQ)", lambda: OrtEngine(qdq, feed, threads))
         add("OpenVINO int8 (QDQ)", lambda: OpenVinoEngine(qdq, feed, threads))
         if "int8" in offered:
-            effc_column("effc int8 (QDQ)", work / f"{name}-int8", str(qdq), "--precision", "int8")
+            flags = ("--precision", "int8") if "int8" in precision_option() else ()
+            effc_column("effc int8 (QDQ)", work / f"{name}-int8", str(qdq), *flags)
         else:
             missing["effc int8 (QDQ)"] = NOT_BUILT
     return engines, missing

@@ -231,3 +231,67 @@ def single_threaded_blas():
         return
     with threadpool_limits(1):
         yield
+
+
+# --- bounded row samples --------------------------------------------------------------------
+
+class Reservoir:
+    """A uniform sample of at most ``size`` rows of a stream of row blocks (Vitter's algorithm R):
+    memory stays at ``size`` rows however much calibration data flows past."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size = size
+        self.seen = 0
+        self.rows: np.ndarray | None = None
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, block: np.ndarray) -> None:
+        block = np.asarray(block, dtype=np.float32)
+        if self.rows is None:
+            self.rows = np.empty((0, block.shape[1]), np.float32)
+        room = self.size - len(self.rows)
+        if room > 0:
+            self.rows = np.concatenate([self.rows, block[:room]])
+            self.seen += min(room, len(block))
+            block = block[room:]
+        if not len(block):
+            return
+        # row t of the stream (0-based) replaces a uniformly chosen slot with probability size / (t + 1)
+        slots = np.floor(self._rng.random(len(block)) * (self.seen + 1 + np.arange(len(block)))).astype(np.int64)
+        self.seen += len(block)
+        kept = np.nonzero(slots < self.size)[0]
+        # a later row that lands on the same slot wins, as in the sequential algorithm
+        _, last = np.unique(slots[kept][::-1], return_index=True)
+        chosen = kept[::-1][last]
+        self.rows[slots[chosen]] = block[chosen]
+
+
+def sample_rows(model: ir.Model, feeds: Feeds, names: list[str], size: int, seed: int = 0,
+                progress: bool = True) -> dict[str, Reservoir]:
+    """A bounded uniform sample of the rows (last axis = features) of each named value over all
+    ``feeds``, padded positions left out as for :func:`gram_matrices`."""
+    from effc.ir import copy_model
+    from effc.verify import OrtRunner
+
+    names = list(dict.fromkeys(names))
+    probe = copy_model(model)
+    values = {v.name: v for v in _all_values(probe.graph)}
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise EffcError(f"cannot capture {missing[:3]}: no such values")
+    present = {v.name for v in probe.graph.outputs}
+    for n in names:
+        if not values[n].is_graph_input() and n not in present:
+            probe.graph.outputs.append(values[n])
+    runner = OrtRunner(probe)
+    samples = {n: Reservoir(size, seed + i) for i, n in enumerate(names)}
+    for feed in _progress(feeds, "sampling activations", progress):
+        outputs = runner(feed)
+        mask = row_mask(feed)
+        for n in names:
+            x = np.asarray(feed[n] if values[n].is_graph_input() else outputs[n])
+            x = x.reshape(-1, x.shape[-1])
+            if mask is not None and mask.size == x.shape[0]:
+                x = x[mask]
+            samples[n].add(x)
+    return samples

@@ -90,8 +90,16 @@ def cli() -> None:
 @click.option("--records", "records", default="shipped", show_default=True,
               help="Tuning records for --target llvm: a file from `effc tune`, `shipped` (effc's records "
               "for this CPU family, when it has some) or `none` (the rules' built-in knobs).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+              help="Float matmuls for --target llvm: fp32; bf16 (bf16 operands, fp32 accumulation, on CPUs with "
+              "AVX-512 BF16; fp32 elsewhere); auto (bf16 where the CPU has it). Verified against fp32 ONNX Runtime "
+              "at a bf16 tolerance; codegen.json records what was taken and the deviation.")
 @click.option("--calib", "calib", default=None, help="Calibration inputs for lossy passes: an .npz "
               "(one array per input, first axis = samples) or zoo:NAME (that model's calibration set).")
+@click.option("--budget", "budget", default=None, metavar="BOUND",
+              help="Accuracy budget for the lossy passes: 'cosine>=0.99' or 'rel<=0.01' on the model's outputs, or "
+              "'metric<=1%' for a zoo model with a task metric. Measured on a held-out quarter of --calib; layers "
+              "that would break it stay in float, each with its measured reason.")
 @click.option("--bits", type=int, default=None,
               help="= --set shift-add.bits=N: bit planes per weight (2-4, default 3).")
 @click.option("--group", type=int, default=None, help="= --set shift-add.group=N: input columns per scale (default 8).")
@@ -104,18 +112,19 @@ def cli() -> None:
 def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...], recipe: str | None,
                 opset: int | None, inputs: str | None, keep_intermediate: bool, no_untie: bool, target: str | None,
                 arch: str | None, calib: str | None, bits: int | None, group: int | None, layers: str | None,
-                avg_bits: float | None, records: str | None, max_memory: str | None, verify: bool) -> None:
+                avg_bits: float | None, records: str | None, max_memory: str | None, verify: bool,
+                budget: str | None, precision: str) -> None:
     """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx, OUT/report.json and
     OUT/recipe.json (what `--recipe` and `effc tune OUT` read)."""
     from click.core import ParameterSource
 
     from effc import cli_settings, recipe as recipes
     from effc.outdir import StagedOut
-    from effc.pipeline import pass_options
+    from effc.pipeline import check_budget, pass_options
 
     click_ctx = click.get_current_context()
     given = {"passes": passes, "calib": calib, "opset": opset, "inputs": inputs, "target": target, "arch": arch,
-             "records": records}
+             "records": records, "budget": budget, "precision": precision}
     on_command_line = {k for k in given if click_ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     options = cli_settings.explicit_options(sets, {"bits": bits, "group": group, "layers": layers,
                                                    "avg_bits": avg_bits, "no_untie": no_untie})
@@ -123,6 +132,8 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
     settings = plan.recipe
     # names, options and needs (calibration) checked before any expensive work
     plan.options = pass_options(plan.passes, plan.options, bool(settings.calib))
+    plan.budget = parse_budget(settings.budget, model)
+    check_budget(plan.passes, plan.budget, bool(settings.calib))
     if settings.inputs and not Path(settings.inputs).is_file():
         raise EffcError(f"--inputs: no such file '{settings.inputs}'")
     if max_memory:
@@ -133,6 +144,9 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
         from effc.codegen.target import check_target_args
 
         check_target_args(settings.target, settings.arch)
+    from effc.codegen.precision import check_precision
+
+    check_precision(settings.precision, settings.target)
     if settings.records not in ("shipped", "none") and not Path(settings.records).is_file():
         raise EffcError(f"--records: no such file '{settings.records}' (or say `shipped` or `none`)")
     console = _console()
@@ -145,7 +159,7 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
         # The built module is checked in the staging directory: a disagreement raises, which leaves the
         # previous OUT as it was and removes the staged module with everything else.
         verdict = (_verify_build(console, stage.path, result.model, feeds, settings.target, settings.arch,
-                                 settings.records) if built and verify else None)
+                                 settings.records, built.precision) if built and verify else None)
         out_dir = stage.commit()
     from effc.report import load_report, reason_lines, render_table
 
@@ -159,6 +173,8 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
                       + (f" (TVM's messages: {out_dir / 'build.log'})" if (out_dir / "build.log").exists() else ""))
         if built.custom_summary:
             console.print(built.custom_summary)
+        if settings.target == "llvm":
+            console.print(f"precision {built.precision}: {built.precision_reason}", markup=False)
         _print_rule_problems(console, built)
         console.print(verdict if verify else "not verified against ONNX Runtime (--no-verify)")
 
@@ -174,6 +190,15 @@ def _input_files(model: str) -> list[Path]:
     from effc.frontend.onnx import source_files
 
     return source_files(model)
+
+
+def parse_budget(text: str | None, model: str):
+    """The --budget of a compile of ``model`` (a metric budget needs zoo:NAME), or None."""
+    if text is None:
+        return None
+    from effc.budget import Budget
+
+    return Budget.parse(text, model[4:] if model.startswith("zoo:") else None)
 
 
 def load_calibration(spec: str | None):
@@ -210,7 +235,7 @@ def _compile_into(stage: Path, console, model: str, plan, keep_intermediate: boo
     options = plan.options
     with console.status("running passes") as status:
         result = run_pipeline(ir_model, plan.passes, feeds=feeds, options=options, calibration=calibration,
-                              keep_intermediate=keep_intermediate,
+                              keep_intermediate=keep_intermediate, budget=plan.budget,
                               progress=lambda name: status.update(f"pass {name}"))
     save(result.model, stage / "model.onnx")
     if keep_intermediate:
@@ -223,7 +248,8 @@ def _compile_into(stage: Path, console, model: str, plan, keep_intermediate: boo
                              calib=recipes.source_of(settings.calib), calib_hash=recipes.feeds_hash(calibration),
                              opset=settings.opset, inputs=recipes.source_of(settings.inputs),
                              inputs_hash=recipes.feeds_hash(feeds) if settings.inputs else None,
-                             target=target, arch=arch, model=source,
+                             target=target, arch=arch, model=source, budget=settings.budget,
+                             precision=settings.precision,
                              records=records if records in ("shipped", "none") else recipes.source_of(records))
     recipes.write(stage / recipes.NAME, written)
     if not target:
@@ -233,7 +259,8 @@ def _compile_into(stage: Path, console, model: str, plan, keep_intermediate: boo
 
     try:
         with console.status(f"building for {target}"), native_stderr_to(stage / BUILD_LOG_NAME):
-            built = compile_model(result.model, target, stage, arch=arch, records=records, source=source)
+            built = compile_model(result.model, target, stage, arch=arch, records=records, source=source,
+                                  precision=settings.precision)
         return result, feeds, built
     except Exception:
         if _disk_full(stage):  # TVM reports a short write as its own InternalError
@@ -258,7 +285,8 @@ def _print_rule_problems(console, built) -> None:
             console.print(f"kernel {kernel} is on the {rule} rule (no specific rule took it)")
 
 
-def _verify_build(console, out_dir: Path, model, feeds, target: str, arch: str | None, records: str) -> str:
+def _verify_build(console, out_dir: Path, model, feeds, target: str, arch: str | None, records: str,
+                  precision: str = "fp32") -> str:
     """The built module against ONNX Runtime: the line to print, or EffcFault (exit 1) on a disagreement."""
     from effc.codegen.check import verify_build
     from effc.codegen.target import gpu_present, make_target
@@ -269,7 +297,10 @@ def _verify_build(console, out_dir: Path, model, feeds, target: str, arch: str |
         return "not verified against ONNX Runtime: no GPU here (`effc run` on a GPU machine can check it)"
     feeds = feeds or make_inputs(model, 2, seed=0)
     with console.status("verifying against ONNX Runtime"):
-        dev = verify_build(out_dir, model, feeds, bt, records)
+        dev = verify_build(out_dir, model, feeds, bt, records, precision=precision)
+    if precision == "bf16":
+        return (f"verified against fp32 ONNX Runtime on {len(feeds)} input(s) at the bf16 tolerance: max rel err "
+                f"{dev.max_rel:.1e}, cosine {dev.cosine:.6f}")
     return f"verified against ONNX Runtime on {len(feeds)} input(s): max rel err {dev.max_rel:.1e}"
 
 
@@ -326,6 +357,8 @@ def passes_cmd(verbose: bool) -> None:
         click.echo(f"{name:24s} {kind:6s} {p.summary}")
         if not verbose:
             continue
+        if p.budgeted:
+            click.echo("    budgeted: under --budget, converts only the layers that keep the outputs within it")
         options = specs(p.Options)
         if not options:
             click.echo("    (no options)")
@@ -402,7 +435,7 @@ def _compiled_from(model: str) -> str | None:
 def _evaluate(module, zoo_name: str, spec: str) -> tuple[str, float]:
     from effc.verify import OrtRunError, OrtRunner
 
-    runner = OrtRunner(_load_model(spec)[0])
+    runner = _compiled_runner(spec) or OrtRunner(_load_model(spec)[0])
     wanted = set(module.sample_inputs(1, 0)[0])
     if not set(runner.input_names) <= wanted:
         raise EffcError(f"{spec} takes inputs {sorted(runner.input_names)}; zoo model '{zoo_name}' gives "
@@ -411,6 +444,21 @@ def _evaluate(module, zoo_name: str, spec: str) -> tuple[str, float]:
         return module.evaluate(runner)
     except OrtRunError as exc:
         raise EffcError(f"{spec} does not run on zoo model '{zoo_name}''s data ({exc.reason})") from None
+
+
+def _compiled_runner(spec: str):
+    """An `effc compile --target llvm` OUT runs as its compiled module (at its precision: a bf16 module
+    is evaluated as built), not as its model.onnx; None for anything else."""
+    import json
+
+    from effc.codegen.runtime import MANIFEST, load_compiled
+
+    manifest = Path(spec) / MANIFEST
+    if not manifest.is_file() or json.loads(manifest.read_text()).get("target") != "llvm":
+        return None
+    compiled = load_compiled(spec)
+    compiled.input_names = [i["name"] for i in compiled.inputs]
+    return compiled
 
 
 @cli.group("zoo")

@@ -70,7 +70,7 @@ def _merge(results: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, 
 @click.option("--threads", type=int, default=None, help="CPU threads (default: as compiled; TVM_NUM_THREADS wins).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Also run OUT/model.onnx in ONNX Runtime on the same inputs; exit 1 (outputs still written) "
-              "when the module disagrees beyond 1e-4 scale-relative.")
+              "when the module disagrees beyond 1e-4 scale-relative (a bf16 module: beyond its bf16 bounds).")
 def run_cmd(out: str, inputs: str, output: str, threads: int | None, check: bool) -> None:
     """Run the compiled module in OUT on INPUTS and write its outputs to an .npz."""
     from effc.codegen.runtime import load_compiled
@@ -86,17 +86,40 @@ def run_cmd(out: str, inputs: str, output: str, threads: int | None, check: bool
     if check:
         from effc.verify import OrtRunner, deviation
 
-        _fail_on_disagreement(deviation(results, OrtRunner(Path(out) / "model.onnx").run_all(feeds)).max_rel)
+        dev = deviation(results, OrtRunner(Path(out) / "model.onnx").run_all(feeds))
+        _fail_on_disagreement(dev.max_rel, dev.cosine, compiled.manifest.get("precision", "fp32"),
+                              _tolerance(Path(out) / "model.onnx", feeds, dev.max_rel))
 
 
-def _fail_on_disagreement(max_rel: float) -> None:
-    """EffcFault (exit 1) when the compiled module is further than TOLERANCE from ONNX Runtime."""
+def _tolerance(model_path: Path, feeds: list[dict], max_rel: float) -> float:
+    """TOLERANCE, or for a quantized model beyond it, ONNX Runtime's own rounding (qdq_tolerance)."""
     from effc.codegen.check import TOLERANCE
+
+    if max_rel <= TOLERANCE:
+        return TOLERANCE
+    import onnx_ir as ir
+
+    from effc.codegen.qdq_tolerance import tolerance_for
+
+    return tolerance_for(ir.load(str(model_path)), feeds, TOLERANCE)
+
+
+def _fail_on_disagreement(max_rel: float, cosine: float = 1.0, precision: str = "fp32",
+                          tolerance: float | None = None) -> None:
+    """EffcFault (exit 1) when the compiled module is further than ``tolerance`` (TOLERANCE; a quantized
+    model: ONNX Runtime's own rounding) from ONNX Runtime (a bf16 module: beyond effc.codegen.precision's
+    bf16 bounds)."""
+    from types import SimpleNamespace
+
+    from effc.codegen.check import TOLERANCE
+    from effc.codegen.precision import within_tolerance
     from effc.errors import EffcFault
 
-    if max_rel > TOLERANCE:
+    tolerance = TOLERANCE if tolerance is None else tolerance
+    if not within_tolerance(precision, SimpleNamespace(max_rel=max_rel, cosine=cosine), tolerance):
+        bound = f"bf16 bounds, cosine {cosine:.6f}" if precision == "bf16" else f"{tolerance:g}"
         raise EffcFault(f"the compiled module disagrees with ONNX Runtime on its own model.onnx (max rel err "
-                        f"{max_rel:.2e} > {TOLERANCE:g}): its results are wrong; please report it with the model")
+                        f"{max_rel:.2e}, beyond {bound}): its results are wrong; please report it with the model")
 
 
 @click.command("bench")
@@ -137,7 +160,8 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
                        f"after idle {stats['after_idle_median_ms']:9.3f} ms{precision}")
     if "ratio_vs_ort" in result:
         click.echo(f"effc / ort: {result['ratio_vs_ort']:.3f} (after idle {result['ratio_vs_ort_after_idle']:.3f})"
-                   f"   max rel err vs ort: {result['max_rel_err']:.2e}")
+                   f"   max rel err vs ort: {result['max_rel_err']:.2e}   cosine {result['cosine_vs_ort']:.6f}"
+                   f"   (effc precision {result['precision']})")
     if "ratio_vs_torch" in result:
         click.echo(f"effc / torch: {result['ratio_vs_torch']:.3f}   max rel err vs torch: "
                    f"{result['torch_max_rel_err']:.2e}")
@@ -159,7 +183,12 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
     if json_path:
         atomic_write_text(Path(json_path), json.dumps(result, indent=2) + "\n")
     if "max_rel_err" in result:
-        _fail_on_disagreement(result["max_rel_err"])
+        from effc.codegen.check import TOLERANCE
+
+        max_rel = result["max_rel_err"]
+        tolerance = TOLERANCE if max_rel <= TOLERANCE else _tolerance(
+            Path(out) / "model.onnx", feeds or [_default_feed(out, load_compiled(out, threads))], max_rel)
+        _fail_on_disagreement(max_rel, result["cosine_vs_ort"], result["precision"], tolerance)
 
 
 @click.command("tune")
@@ -191,7 +220,11 @@ def tune_cmd(model: str, target: str, trials: int, records: str, passes: str | N
         ir_model = _compiled_model(Path(model))
     else:
         ir_model = _model_through_recipe(model, passes, recipe)
-    result = tune_model(ir_model, trials, records, progress=click.echo)
+    made_by = model if Path(model, "recipe.json").is_file() else recipe
+    from effc import recipe as recipes
+
+    precision = recipes.load(made_by).precision if made_by else "fp32"  # tune what that compile built
+    result = tune_model(ir_model, trials, records, progress=click.echo, precision=precision)
     click.echo(f"{result.workloads} workloads, {result.tuned} tuned now, {result.seconds} s; records in {records}")
     if Path(model).is_dir():
         click.echo(_compare_with_build(Path(model), result.kernels))
@@ -225,7 +258,7 @@ def _model_through_recipe(model: str, passes: str | None, recipe: str | None):
     """MODEL after the passes `effc compile` would run on it: --passes, else the recipe's (with its
     options, calibration and measurement inputs), else the default passes."""
     from effc import recipe as recipes
-    from effc.cli import _load_model, _read_feeds, load_calibration, pass_feeds
+    from effc.cli import _load_model, _read_feeds, load_calibration, parse_budget, pass_feeds
     from effc.passes import get_pass, parse_pass_list
     from effc.pipeline import run_pipeline
 
@@ -243,7 +276,9 @@ def _model_through_recipe(model: str, passes: str | None, recipe: str | None):
     if made:
         recipes.check_hash("calib", made.calib, calibration, made.calib_hash)
         recipes.check_hash("inputs", made.inputs, feeds if made.inputs else None, made.inputs_hash)
-    return run_pipeline(ir_model, pass_list, feeds=feeds, options=options, calibration=calibration).model
+    budget = parse_budget(made.budget, model) if made and made.budget and calibration else None
+    return run_pipeline(ir_model, pass_list, feeds=feeds, options=options, calibration=calibration,
+                        budget=budget if any(p.budgeted for p in pass_list) else None).model
 
 
 def _compare_with_build(out: Path, tuned: dict[str, str]) -> str:

@@ -26,7 +26,7 @@ ALIASES: dict[str, tuple[str, str, Any]] = {
 FLAG_OF = {"avg_bits": "--avg-bits", "no_untie": "--no-untie"}
 
 # compile flags a recipe supplies when they are not on the command line
-RECIPE_FLAGS = ("calib", "opset", "inputs", "target", "arch", "records")
+RECIPE_FLAGS = ("calib", "opset", "inputs", "target", "arch", "records", "budget", "precision")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Plan:
     options: dict[str, dict[str, Any]]  # pass -> option values (checked again by the pipeline)
     from_recipe: set[str] = field(default_factory=set)  # settings taken from a recipe file (hash-checked)
     overridden: list[str] = field(default_factory=list)  # "what (recipe: value)" for each override
+    budget: Any = None  # the parsed --budget (effc.budget.Budget), set once the model is known
 
 
 def explicit_options(sets: tuple[str, ...], flags: dict[str, Any]) -> dict[str, dict[str, Any]]:

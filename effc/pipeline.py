@@ -51,10 +51,23 @@ def pass_options(passes: list[Pass], options: dict[str, Any] | None, calibration
     return chosen
 
 
+def check_budget(passes: list[Pass], budget: Any, calibration: bool) -> None:
+    """EffcError where ``--budget`` cannot apply: no budgeted pass runs, or no calibration to hold out."""
+    if budget is None:
+        return
+    if not any(p.budgeted for p in passes):
+        from effc.passes import REGISTRY
+
+        lossy = ", ".join(sorted(n for n, p in REGISTRY.items() if p.budgeted))
+        raise EffcError(f"--budget applies to the lossy passes ({lossy}); none of them is run")
+    if not calibration:
+        raise EffcError("--budget needs calibration data (--calib): a split of it is held out to measure on")
+
+
 def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None,
                  options: dict[str, Any] | None = None, calibration: Feeds | None = None,
                  keep_intermediate: bool = False,
-                 progress: Callable[[str], None] | None = None) -> PipelineResult:
+                 progress: Callable[[str], None] | None = None, budget: Any = None) -> PipelineResult:
     """Apply ``passes`` to ``model`` (in place where they succeed) and return a record per pass.
 
     Every pass's output is run in ONNX Runtime on ``feeds`` (seeded random inputs by default) and
@@ -64,8 +77,12 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
     ``options``: pass name -> that pass's options (its ``Options`` object or a dict of values);
     each pass is handed only its own, checked. A pass whose needs are not met (calibration) is
     refused (EffcError) before anything runs.
+
+    ``budget`` (effc.budget.Budget): the last quarter of ``calibration`` is held out from fitting and
+    budgeted passes choose their layers by the original model's outputs on it.
     """
     chosen = pass_options(passes, options, bool(calibration))
+    check_budget(passes, budget, bool(calibration))
     given = bool(feeds)
     feeds = feeds or make_inputs(model)
     shapes = {name: list(arr.shape) for name, arr in feeds[0].items()}
@@ -76,6 +93,12 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
             raise EffcError(f"ONNX Runtime cannot run the model on the given inputs ({exc.reason})") from None
         raise EffcError(f"ONNX Runtime cannot run the model on effc's generated inputs ({exc.reason}); give "
                         "inputs it accepts with --inputs FILE.npz (one array per input, first axis = samples)") from None
+    holdout = holdout_reference = None
+    if budget is not None:
+        from effc.budget import split
+
+        calibration, holdout = split(calibration)
+        holdout_reference = OrtRunner(model).run_all(holdout)
     records: list[PassRecord] = []
     intermediates: list[ir.Model] = []
     ops, params, nbytes, fl = _snapshot(model, shapes)
@@ -88,7 +111,8 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
                             params_before=params, params_after=params, bytes_before=nbytes, bytes_after=nbytes,
                             flops_before=fl, flops_after=fl, tolerance=p.tolerance if p.exact else None)
         try:
-            outcome = p.run(model, PassContext(options=chosen[p.name], calibration=calibration))
+            outcome = p.run(model, PassContext(options=chosen[p.name], calibration=calibration, budget=budget,
+                                               holdout=holdout, holdout_reference=holdout_reference))
         except EffcError:
             raise
         except Exception as exc:  # a bug in a pass must not cost the user their model

@@ -34,12 +34,15 @@ class Recipe:
     target: str | None = None
     arch: str | None = None
     records: str = "shipped"  # shipped, none, or an absolute path
+    precision: str = "fp32"  # as requested: fp32, bf16 or auto (codegen.json says what auto took)
     model: str | None = None  # what was compiled (informational: --recipe takes MODEL anew)
+    budget: str | None = None  # --budget as given ('cosine>=0.99'); lossy passes chose their layers under it
 
     def settings(self) -> dict[str, Any]:
         """The compile settings this recipe fixes, by command-line name (for override messages)."""
         return {"passes": self.passes, "calib": self.calib, "opset": self.opset, "inputs": self.inputs,
-                "target": self.target, "arch": self.arch, "records": self.records}
+                "target": self.target, "arch": self.arch, "records": self.records, "budget": self.budget,
+                "precision": self.precision}
 
 
 def feeds_hash(feeds: list[dict[str, np.ndarray]] | None) -> str | None:

@@ -126,6 +126,17 @@ _REWRITE_TEXT = {
     "centre-stream-start": lambda n, d: (f"centred the stream where it starts: {d['site']} output '{d['output']}' "
                                          "minus its mean"),
     "to-rms": lambda n, d: f"{d['site']} -> {d['target']}" + (" + Add(beta)" if d.get("beta") else ""),
+    "quantize": lambda n, d: (f"{n} [{d['k']}x{d['n']}] -> {d['mode']}: int{d['bits']} weights "
+                              f"({'per channel' if d['block'] == 'per-channel' else 'block ' + str(d['block'])}{', GPTQ' if d.get('gptq') else ''}, clip {d['weight_clip_ratio']:g})"
+                              + (f", {d['act_dtype']} activations scale {d['act_scale']:.3g} zero point "
+                                 f"{d['act_zero_point']} (clip {d['act_clip_ratio']:g}"
+                                 + (f", {d['calibrate']}" if d.get("calibrate") else "") + ")"
+                                 if isinstance(d.get("act_scale"), float) else
+                                 ", activations quantized at run time" if d.get("act_scale") == "dynamic" else "")),
+    "smooth": lambda n, d: (f"SmoothQuant (alpha {d['alpha']:g}) of '{n}': 1/s into {d['into']}, s into "
+                            f"{', '.join(d['readers'])} (s in [{d['scale_min']:.3g}, {d['scale_max']:.3g}])"),
+    "repq": lambda n, d: (f"RepQ-ViT of '{n}': per-channel ranges -> one, (x + t) / s folded into {d['into']}, "
+                          f"s and W t into {', '.join(d['readers'])} (s in [{d['scale_min']:.3g}, {d['scale_max']:.3g}])"),
     "shift-add": lambda n, d: (f"{n} [{d['k']}x{d['n']}] -> {d['op']}: {d['bits']} planes, group {d['group']}, "
                                f"{d['bits_per_weight']:.2f} bits/weight, output error {d['weight_error']:.3g}"
                                + ("" if d.get("compensated") else ", rounded without compensation")),

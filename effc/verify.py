@@ -238,6 +238,13 @@ def _ort_reason(exc: BaseException) -> str:
     return text[:240]
 
 
+IN_MEMORY_BYTES = 64 << 20  # larger models reach ONNX Runtime through a temporary file
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
 class OrtRunner:
     """An ONNX Runtime session over an onnx_ir model (optimisations on, CPU)."""
 
@@ -259,10 +266,11 @@ class OrtRunner:
             from effc import memory_guard
 
             memory_guard.check(model)  # before anything runs: a memory bomb is refused, not run
-            proto = to_proto(model)
-            if proto.ByteSize() < 1_800_000_000:
-                source = proto.SerializeToString()
+            if _weight_bytes(model) < IN_MEMORY_BYTES:
+                source = to_proto(model).SerializeToString()
             else:
+                # A proto, its serialized bytes and ORT's copy would each hold every weight once more
+                # (bert-base: 2.9 GiB peak); from a file with external data ORT reads them once.
                 from effc.ir import save
 
                 self._tmp = tempfile.TemporaryDirectory(prefix="effc-ort-")

@@ -121,7 +121,9 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
         # a lossy pass's error is the compile report's business, not the code generator's.
         reference = sessions.get("ort_optimized", sessions["ort"])
         got = [compiled(f) for f in feeds]
-        result["max_rel_err"] = deviation(got, reference.run_all(feeds)).max_rel
+        dev = deviation(got, reference.run_all(feeds))
+        result["max_rel_err"], result["cosine_vs_ort"] = dev.max_rel, dev.cosine
+        result["precision"] = compiled.manifest.get("precision", "fp32")  # bf16: judged at its tolerance
     if "torch" in result:
         result["ratio_vs_torch"] = round(result["effc"]["median_ms"] / result["torch"]["median_ms"], 3)
         first = compiled.output_names[0]

@@ -38,31 +38,37 @@ class BuildResult:
     custom_ops: list = field(default_factory=list)  # per effc op node: its lowering (custom_ops.Lowering)
     custom_summary: str = ""
     rule_errors: list = field(default_factory=list)  # "kernel: rule: error" for each rule that raised
+    precision: str = "fp32"  # what the float matmuls compute in (effc.codegen.precision)
+    precision_reason: str = ""
     tuned_kernels: int = 0  # kernels scheduled with knobs from a tuning record
 
 
 def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: str | Path = "out",
                   arch: str | None = None, rules: list | None = None,
-                  records: str | Path | None = SHIPPED, source: str | None = None) -> BuildResult:
+                  records: str | Path | None = SHIPPED, source: str | None = None,
+                  precision: str = "fp32") -> BuildResult:
     """Compile ``model`` for ``target`` ("llvm", "cuda" or a BuildTarget) into ``out_dir``;
     ``out_dir`` is written in place (`effc compile` passes its staging directory, see effc/outdir.py);
     ``records``: a tuning record file (`effc tune`) whose knobs override the rules' defaults,
     SHIPPED (effc's records for the host CPU family, when it has some) or None; ``source``: what
-    the model was loaded from (a path or zoo:NAME), kept in the manifest for `effc bench`."""
+    the model was loaded from (a path or zoo:NAME), kept in the manifest for `effc bench`;
+    ``precision``: fp32, bf16 or auto (effc.codegen.precision: what is taken, and why, is recorded)."""
     import tvm
 
     from effc.codegen import lower
     from effc.codegen.apply import RuleLog
+    from effc.codegen.precision import choose
     from effc.ir import atomic_write_text
 
     start = time.perf_counter()
     bt = target if isinstance(target, BuildTarget) else make_target(target, arch)
     tvm_target = bt.tvm()
+    precision, precision_reason = choose(precision, tvm_target)
     log = RuleLog()
     default_rules, records_from = build_rules(bt, records)
     rules = rules if rules is not None else default_rules
     try:
-        imported, fused, params = front_half(model, bt, tvm_target)
+        imported, fused, params = front_half(model, bt, tvm_target, precision)
         mod = lower.schedule_kernels(fused, tvm_target, rules, log)
         main, prep = lower.split_transform(mod)
         params = lower.run_transform(prep, tvm_target, params) if prep is not None else params
@@ -79,7 +85,7 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                         f"{lines[-1][:200] if lines else ''})") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    exe.export_library(str(out / LIBRARY))
+    exe.export_library(str(out / LIBRARY), addons=native_objects(log.kernels))
     tvm.runtime.save_param_dict_to_file({f"p{i:04d}": tvm.runtime.tensor(p) for i, p in enumerate(params)},
                                         str(out / PARAMS))
     seconds = round(time.perf_counter() - start, 2)
@@ -90,10 +96,18 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                 "num_params": len(params), "rule_hits": log.hits, "rule_errors": log.errors[:20],
                 "kernels": log.kernels, "custom_ops": imported.custom_ops, "records": records_from,
                 "tuned_kernels": len(log.tuned), "source": source,
+                "precision": precision, "precision_reason": precision_reason,
                 "build_seconds": seconds}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return BuildResult(out, seconds, log.hits, log.kernels, imported.custom_ops, imported.custom_summary, log.errors,
-                       len(log.tuned))
+                       precision, precision_reason, len(log.tuned))
+
+
+def native_objects(kernels: dict[str, str]) -> list[str]:
+    """The C kernels (effc/kernels/*.c) the rules that took ``kernels`` call, to link into model.so."""
+    from effc.kernels import native
+
+    return [str(native.object_file("bf16_tile"))] if "matmul-bf16" in kernels.values() else []
 
 
 def build_rules(bt: BuildTarget, records=SHIPPED) -> tuple[list, str | None]:
@@ -107,15 +121,20 @@ def build_rules(bt: BuildTarget, records=SHIPPED) -> tuple[list, str | None]:
     return rules_for(tvm_target, recorded), records_from
 
 
-def front_half(model: ir.Model, bt: BuildTarget, tvm_target=None):
+def front_half(model: ir.Model, bt: BuildTarget, tvm_target=None, precision: str = "fp32"):
     """(imported model, its kernels fused but not yet scheduled, main's params): the build up to the
     schedule rules, import -> prepare -> fuse. `effc tune` and the tests take the kernels that a
-    build schedules from here. ``tvm_target``: ``bt.tvm()``, when the caller has it already."""
+    build schedules from here. ``tvm_target``: ``bt.tvm()``, when the caller has it already;
+    ``precision``: the one taken (fp32 or bf16: effc.codegen.precision.choose)."""
     from effc.codegen import lower
     from effc.codegen.relax_import import import_model
 
     tvm_target = tvm_target or bt.tvm()
     imported = import_model(model, tvm_target)
+    if precision == "bf16":
+        from effc.codegen.bf16_matmul import bf16_matmul_pass
+
+        imported.mod = bf16_matmul_pass()(imported.mod)
     mod, params = prepare(imported, bt)
     return imported, lower.fuse(mod, tvm_target), params
 

@@ -76,6 +76,7 @@ class _Planned:
     low: Lowering
     kernels: TargetKernels
     constants: list[np.ndarray]
+    attributes: dict  # the node's attribute values, for kernels built with context
 
 
 class CustomOpLowering:
@@ -91,6 +92,7 @@ class CustomOpLowering:
         self._planned: dict[int, _Planned] = {}  # top-level node index ->
         self._lifted: list[tuple[object, np.ndarray]] = []  # (relax Var, packed array), in call order
         self._symbols: dict[str, object] = {}
+        self._target = target
         for i, node in enumerate(model.graph):
             op = custom_op(node)
             if op is None:
@@ -110,7 +112,8 @@ class CustomOpLowering:
             if low.reason:
                 low.lowering = op.fallback
             else:
-                self._planned[i] = _Planned(op, low, kernels, constants)
+                attributes = {name: attr.value for name, attr in node.attributes.items()}
+                self._planned[i] = _Planned(op, low, kernels, constants, attributes)
             self.lowerings.append((op, low))
 
     # --- before import: the proto ---------------------------------------------------------
@@ -151,7 +154,9 @@ class CustomOpLowering:
         plan = self._planned[attr[INDEX_ATTR]]
         inputs = list(inputs)
         try:
-            kernel = plan.kernels.build([tuple(int(d) for d in x.ty.shape) for x in inputs], plan.constants)
+            shapes = [tuple(int(d) for d in x.ty.shape) for x in inputs]
+            context = (plan.attributes, self._target) if plan.kernels.context else ()
+            kernel = plan.kernels.build(shapes, plan.constants, *context)
             plan.low.kernel = kernel.symbol
             gv = self._symbols.get(kernel.symbol)
             if gv is None:

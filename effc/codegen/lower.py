@@ -72,10 +72,10 @@ def build_config(target) -> dict:
 
 def tir_pipeline(target) -> str:
     """The TIR pipeline to build scheduled kernels with: on CPU, TVM's with weight-panel prefetching
-    in front (effc.codegen.prefetch)."""
+    (effc.codegen.prefetch) and the bf16 tiles' calls (effc.codegen.bf16_tile_call) in front."""
     if target.kind.name != "llvm":
         return "default"
-    from effc.codegen.prefetch import register_pipeline
+    from effc.codegen.bf16_tile_call import register_pipeline
 
     return register_pipeline()
 

@@ -53,7 +53,9 @@ def register_pipeline() -> str:
     if PIPELINE not in compilation_pipeline.PIPELINE_MAP:
         def factory(**kwargs):
             base, host, device = compilation_pipeline.PIPELINE_MAP["s_tir"](**kwargs)
-            return tvm.transform.Sequential([prefetch_pass(), base]), host, device
+            from effc.codegen.vnni_pass import vnni_pass
+
+            return tvm.transform.Sequential([prefetch_pass(), vnni_pass(), base]), host, device
 
         compilation_pipeline.register_tir_pipeline(PIPELINE, factory)
     return PIPELINE

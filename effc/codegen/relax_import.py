@@ -73,8 +73,10 @@ def import_model(model: ir.Model, target=None) -> Imported:
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from effc.codegen.custom_ops import CustomOpLowering
+    from effc.codegen.custom_ops import CustomOpLowering, importer_hook
     from effc.codegen.layernorm_stats import expose_layernorm_stats
+    from effc.codegen.int4_lowering import Int4Lowering
+    from effc.codegen.qdq_lowering import QdqLowering
 
     bad = unsupported_ops(model)
     if bad:
@@ -85,9 +87,14 @@ def import_model(model: ir.Model, target=None) -> Imported:
 
         target = llvm_target().tvm()
     lowering = CustomOpLowering(model, target)
-    proto = _integer_initializers_as_constants(expose_layernorm_stats(lowering.rewrite(to_proto(model))))
+    # QDQ matmuls -> integer matmuls (effc.codegen.qdq_lowering), int4 weight-only (int4_lowering)
+    quantized = [QdqLowering(target), Int4Lowering(target)]
+    proto = expose_layernorm_stats(lowering.rewrite(to_proto(model)))
+    for low in quantized:
+        proto = low.rewrite(proto)
+    proto = _integer_initializers_as_constants(proto)
     try:
-        with lowering.converters():
+        with lowering.converters(), importer_hook({k: v for low in quantized for k, v in low.table().items()}):
             mod = from_onnx(proto, shape_dict=dict(zip(names, shapes)), dtype_dict=dict(zip(names, dtypes)),
                             keep_params_in_input=True, sanitize_input_names=False)
     except EffcError:
@@ -98,9 +105,12 @@ def import_model(model: ir.Model, target=None) -> Imported:
             from None
     mod, params = relax.frontend.detach_params(mod)
     mod, values = lowering.attach(mod, [p.numpy() for p in params.get("main", [])])
+    for low in quantized:
+        mod, values = low.attach(mod, values)
     mod, values = bind_scalars(mod, values)
+    summary = "\n".join(s for s in [lowering.summary()] + [low.summary() for low in quantized] if s)
     return Imported(mod, values, names, shapes, dtypes, [v.name for v in model.graph.outputs],
-                    lowering.report(), lowering.summary())
+                    lowering.report() + [r for low in quantized for r in low.report()], summary)
 
 
 def _integer_initializers_as_constants(proto):

@@ -28,18 +28,27 @@ class TuneResult:
     kernels: dict[str, str] = field(default_factory=dict)  # every kernel the rule takes -> its workload key
 
 
-def tune_model(model, trials: int, record_path: str | Path, progress=print, repeat: int = 5) -> TuneResult:
-    """Tune every matmul workload of ``model`` for the host CPU with up to ``trials`` knob sets each."""
+def tune_model(model, trials: int, record_path: str | Path, progress=print, repeat: int = 5,
+               precision: str = "fp32") -> TuneResult:
+    """Tune every matmul workload of ``model`` for the host CPU with up to ``trials`` knob sets each;
+    ``precision`` as `effc compile --precision` (bf16 tunes the bf16 matmul rule)."""
     from effc.codegen.build import front_half
+    from effc.codegen.precision import choose
     from effc.codegen.schedules.cpu.matmul import Matmul
+    from effc.codegen.schedules.cpu.matmul_bf16 import MatmulBf16
     from effc.codegen.target import llvm_target
 
     start = time.perf_counter()
     bt = llvm_target()
     target = bt.tvm()
-    _, kernels, _ = front_half(model, bt, target)  # the kernels exactly as compile_model schedules them
-    rule = Matmul()
+    precision = choose(precision, target)[0]
+    _, kernels, _ = front_half(model, bt, target, precision)  # the kernels exactly as compile_model schedules them
+    rule = MatmulBf16() if precision == "bf16" else Matmul()
     default = rule.default_knobs(target)
+    if precision == "bf16":
+        from effc.kernels import native
+
+        native.load("bf16_tile")  # the tile the timed kernels call
     records = load_records(record_path)
     workloads, names = {}, {}
     for gv, func in kernels.functions_items():

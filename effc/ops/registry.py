@@ -47,11 +47,14 @@ class TargetKernels:
     ``call(bb, gv, kernel, inputs, weights)``: emits the call (a relax expression) where the kernel
     wants its arguments reshaped or padded; None: ``call_tir(gv, [*inputs, *weights])`` whose output
     is the PrimFunc's last buffer.
+    ``context``: build is ``build(shapes, constants, attributes, target)``, for kernels chosen by the
+    node's attributes (a dict of their values) or by the target's features as well as by shape.
     """
 
     fit: Callable[..., str | None]
     build: Callable[..., Kernel]
     call: Callable | None = None
+    context: bool = False
 
 
 @dataclass(frozen=True, eq=False)  # one object per op: compared and hashed by identity

@@ -10,6 +10,15 @@ Which pass owns which helper module (underscored modules are private to the pass
 - shift-add (``shift_add``): ``_linears`` (candidate linears and protected layers), ``_bcq``
   (binary-coded quantizer), ``_gptq`` (error compensation), ``_uniform`` (uniform baseline,
   used by tools/shift_add_accuracy.py).
+- lookup (``lookup``): ``_linears`` (shared with shift-add), ``_lookup_fit`` (k-means, hash
+  centres, the table refit, int8 tables).
+- quantize (``quantize``): ``_observers`` (streamed fixed-size activation histograms),
+  ``_qparams`` (quantization arithmetic and the numpy reference), ``_qdq`` (ONNX Runtime's
+  QDQ placement), ``_smoothquant`` (exact SmoothQuant and RepQ-ViT folds), ``_qdq_reference``
+  (the QDQ graph in numpy); shares ``_linears`` and ``_gptq``.
+- prune-tokens (``prune_tokens``): ``_token_blocks`` (finding an encoder's blocks, stream, keys and
+  mask), ``_token_ops`` (the ONNX subgraphs that score, keep and merge tokens), ``_token_schedule``
+  (tokens per block from a FLOP target or a list).
 - shared: ``_op_semantics`` (what each op does to a per-channel quantity, asked by property by
   all three analyses), ``base`` (the pass contract and its records), ``cleanup`` (run after
   every pass by the pipeline).
@@ -21,9 +30,13 @@ from effc.errors import EffcError
 from effc.passes.base import Pass, PassContext, PassOutcome, Skip
 from effc.passes.fold_batchnorm import FoldBatchNorm  # noqa: E402
 from effc.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
+from effc.passes.lookup import Lookup
+from effc.passes.prune_tokens import PruneTokens
+from effc.passes.quantize import Quantize
 from effc.passes.shift_add import ShiftAdd
 
-REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (FoldBatchNorm, LayerNormToRMSNorm, ShiftAdd)}
+REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (FoldBatchNorm, LayerNormToRMSNorm, ShiftAdd, Quantize,
+                                                       Lookup, PruneTokens)}
 
 # What `effc compile` runs when --passes is not given: the exact passes (lossy ones only on request).
 DEFAULT_PASSES = ("fold-batchnorm", "layernorm-to-rmsnorm")

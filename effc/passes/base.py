@@ -77,6 +77,12 @@ class PassContext:
 
     options: Any = None
     calibration: list[dict[str, Any]] | None = None
+    # --budget (effc.budget.Budget): a budgeted pass converts only the layers that keep the model's outputs
+    # within it on ``holdout``, a split of the calibration data held back from ``calibration``; the
+    # original model's outputs on it are ``holdout_reference`` (every pass measures against the same).
+    budget: Any = None
+    holdout: list[dict[str, Any]] | None = None
+    holdout_reference: list[dict[str, Any]] | None = None
 
 
 class Pass:
@@ -94,6 +100,7 @@ class Pass:
     exact: ClassVar[bool]
     needs: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type] = NoOptions
+    budgeted: ClassVar[bool] = False  # chooses its layers under --budget (effc.budget.choose_layers)
     # Exact passes are held to this relative deviation from the original model (fp32).
     tolerance: ClassVar[float] = 1e-4
 

@@ -23,12 +23,14 @@ each followed by the exponent refit; see ``_bcq.refine_codes``).
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
+from effc.budget import Candidate, choose_layers
 from effc.calib import Gram, gram_matrices, single_threaded_blas
 from effc.ir import new_initializer, opset
 from effc.ops import DOMAIN, use
@@ -125,6 +127,7 @@ class ShiftAdd(Pass):
     name = "shift-add"
     summary = "Linears -> binary planes with power-of-two scales (ShiftAddLLM, GPTQ-compensated; lossy)"
     exact = False
+    budgeted = True
     Options = Options  # compensate=true needs calibration data
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
@@ -148,10 +151,33 @@ class ShiftAdd(Pass):
             hessians = {}
         bits = (allocate_bits(selected, hessians, opts.avg_bits, opts) if opts.avg_bits is not None
                 else {lin.name: opts.bits for lin in selected})
-        rewrites, layers = rewrite_linears(model, selected, hessians, bits, opts, grams, data)
-        outcome.rewrites += rewrites
-        outcome.layers += layers
+        results = {lin.name: quantize_weight(lin.weight, hessians.get(lin.x.name), bits[lin.name], opts)
+                   for lin in selected}
+        if ctx.budget is not None:
+            chosen = self.within_budget(model, selected, results, ctx, outcome)
+        else:
+            chosen = selected
+            for lin in selected:
+                apply_one(model, lin.name, results[lin.name])
+        for lin in chosen:
+            outcome.rewrites.append(rewrite_record(lin, results[lin.name], bits[lin.name], opts,
+                                                   lin.x.name in hessians))
+            if lin.x.name in grams:
+                outcome.layers.append(layer_record(lin, results[lin.name], grams[lin.x.name], data))
         return outcome
+
+    @staticmethod
+    def within_budget(model: ir.Model, selected: list[Linear], results: dict[str, Quantized], ctx: PassContext,
+                      outcome: PassOutcome) -> list[Linear]:
+        """The linears converted under ``ctx.budget`` (applied to ``model``); the rest are skipped with
+        the measured reason they stay in float."""
+        candidates = [Candidate(lin.name, functools.partial(apply_one, name=lin.name, result=results[lin.name]),
+                                cost=results[lin.name].error) for lin in selected]
+        choice = choose_layers(model, candidates, ctx.budget, ctx.holdout, reference=ctx.holdout_reference)
+        for name, reason in choice.refused.items():
+            outcome.skip(name, reason)
+        accepted = set(choice.accepted)
+        return [lin for lin in selected if lin.name in accepted]
 
     @staticmethod
     def select(model: ir.Model, opts: Options, outcome: PassOutcome) -> list[Linear]:
@@ -172,25 +198,23 @@ class ShiftAdd(Pass):
         return selected
 
 
-def rewrite_linears(model: ir.Model, selected: list[Linear], hessians: dict[str, np.ndarray], bits: dict[str, int],
-                    opts: Options, grams: dict[str, Gram] | None = None,
-                    data: str = "") -> tuple[list[Rewrite], list[LayerRecord]]:
-    """Quantize and replace each selected linear: a rewrite per linear, and a layer record per
-    linear whose float inputs ``grams`` holds (measured on ``data``)."""
-    rewrites, layers = [], []
-    for lin in selected:
-        result = quantize_weight(lin.weight, hessians.get(lin.x.name), bits[lin.name], opts)
-        n, k = lin.weight.shape
-        rewrites.append(Rewrite(lin.name, "shift-add", {
-            "k": k, "n": n, "op": f"{DOMAIN}.{op.NAME}", "bits": bits[lin.name], "group": opts.group,
-            "terms": opts.terms, "bits_per_weight": result.bits_per_weight, "weight_error": result.error,
-            "compensated": bool(opts.compensate and lin.x.name in hessians)}))
-        if grams is not None and lin.x.name in grams:
-            layers.append(layer_record(lin, result, grams[lin.x.name], data))
-        _rewrite(model.graph, lin, result)
+def apply_one(model: ir.Model, name: str, result: Quantized) -> None:
+    """Replace the linear named ``name`` in ``model`` by its shift-add form ``result``. Found by name,
+    so that the budget can apply it to copies of the model too."""
+    lin = next((lin for lin in find_linears(model)[0] if lin.name == name), None)
+    if lin is None:
+        raise RuntimeError(f"linear {name} is gone from the model")  # a bug: the pass selected it here
+    _rewrite(model.graph, lin, result)
     use(model, op.function(opset(model)))
     ir_passes.RemoveUnusedNodesPass()(model)
-    return rewrites, layers
+
+
+def rewrite_record(lin: Linear, result: Quantized, bits: int, opts: Options, compensated: bool) -> Rewrite:
+    n, k = lin.weight.shape
+    return Rewrite(lin.name, "shift-add", {
+        "k": k, "n": n, "op": f"{DOMAIN}.{op.NAME}", "bits": bits, "group": opts.group, "terms": opts.terms,
+        "bits_per_weight": result.bits_per_weight, "weight_error": result.error,
+        "compensated": bool(opts.compensate and compensated)})
 
 
 def layer_record(lin: Linear, result: Quantized, gram: Gram, data: str) -> LayerRecord:

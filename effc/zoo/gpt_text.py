@@ -153,3 +153,16 @@ def evaluate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> t
         nll, n = next_byte_nll(run({"input_ids": ids})["logits"], ids)
         total, count = total + nll, count + n
     return "perplexity", float(np.exp(total / count))
+
+
+def budget_metric(feeds: list[dict[str, np.ndarray]], outputs: list[dict], reference: list[dict]) -> float:
+    """`--budget 'metric<=X%'`: the relative perplexity increase on the held-out calibration windows
+    (their own next bytes are the targets, so no labels are needed)."""
+    def perplexity(runs: list[dict]) -> float:
+        total, count = 0.0, 0
+        for feed, run in zip(feeds, runs):
+            nll, n = next_byte_nll(run["logits"], feed["input_ids"])
+            total, count = total + nll, count + n
+        return float(np.exp(total / max(count, 1)))
+
+    return perplexity(outputs) / perplexity(reference) - 1.0

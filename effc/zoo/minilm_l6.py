@@ -121,3 +121,10 @@ def _reference_embeddings() -> np.ndarray:
     feeds = encode(sentences())
     batch = {name: np.concatenate([feed[name] for feed in feeds]) for name in INPUT_NAMES}
     return _hf.torch_outputs(_make_module(), [batch], INPUT_NAMES)[0]
+
+
+def budget_metric(feeds: list[dict[str, np.ndarray]], outputs: list[dict], reference: list[dict]) -> float:
+    """`--budget 'metric<=X%'`: 1 - the mean cosine of the held-out sentences' embeddings to the float
+    model's (the metric `effc eval` reports, as a relative change)."""
+    return 1.0 - _hf.mean_row_cosine([o[OUTPUT_NAME] for o in outputs],
+                                       [r[OUTPUT_NAME] for r in reference])

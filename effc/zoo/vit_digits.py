@@ -114,3 +114,11 @@ def evaluate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> t
         logits = run({"pixel_values": image[None].copy()})["logits"]
         correct += int(np.argmax(logits.reshape(-1)) == label)
     return "top1", correct / len(data.test_labels)
+
+
+def budget_metric(feeds: list[dict[str, np.ndarray]], outputs: list[dict], reference: list[dict]) -> float:
+    """`--budget 'metric<=X%'`: the fraction of held-out calibration images whose top-1 class differs
+    from the float model's. Calibration images carry no labels; a changed prediction is the most a
+    conversion can cost the top-1 accuracy on them, so this bounds the accuracy change from above."""
+    changed = sum(int(np.argmax(o["logits"]) != np.argmax(r["logits"])) for o, r in zip(outputs, reference))
+    return changed / max(len(reference), 1)

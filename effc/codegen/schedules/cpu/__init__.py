@@ -9,9 +9,12 @@ def default_rules(records: dict | None = None) -> list:
     from effc.codegen.schedules.cpu.fallback import Elementwise, Fallback
     from effc.codegen.schedules.cpu.gemv import Gemv
     from effc.codegen.schedules.cpu.im2col import Im2col
+    from effc.codegen.schedules.cpu.int8_matmul import Int8Matmul
     from effc.codegen.schedules.cpu.matmul import Matmul
+    from effc.codegen.schedules.cpu.matmul_bf16 import MatmulBf16
     from effc.codegen.schedules.cpu.reduction import RowReduction
     from effc.codegen.schedules.cpu.softmax import Softmax
     from effc.codegen.schedules.cpu.window import Window
 
-    return [Matmul(records=records), Gemv(), Im2col(), Window(), Softmax(), RowReduction(), Elementwise(), Fallback()]
+    return [Int8Matmul(records=records), MatmulBf16(records=records), Matmul(records=records), Gemv(), Im2col(),
+            Window(), Softmax(), RowReduction(), Elementwise(), Fallback()]

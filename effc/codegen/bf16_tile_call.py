@@ -1,0 +1,83 @@
+"""Lower the bf16 matmul rule's tiles to calls of effc/kernels/bf16_tile.c.
+
+The rule (schedules/cpu/matmul_bf16.py) blockizes each mr x nr tile's k loop and marks the block
+with TILE_KEY = (mr, nr, k); the block still holds the plain loop nest (C[i, j] += f32(A[i, k]) *
+f32(B[k / 2, j, k % 2])), so a build without this pass (the kernel checks) computes the same. This
+pass, at the front of effc's TIR pipeline, replaces that body by one call. (TVM 0.27's tensorize
+crashes in this wheel, and its LLVM codegen has no bfloat vector type for vdpbf16ps: hence a block
+annotation and a C tile.) Element sizes and row strides are passed as addresses of the next element
+and the next row, so they stay right whatever TVM later does to the buffers (compaction, flattening,
+widening a bf16 buffer inside the kernel to fp32).
+"""
+
+from __future__ import annotations
+
+PIPELINE = "effc-cpu"
+TILE_KEY = "effc.bf16_tile"
+SYMBOL = "effc_bf16_tile"
+LANES = 16  # fp32 lanes of a zmm register: nr is a multiple
+
+
+def bf16_tile_pass():
+    import tvm
+    import tvm_ffi
+    from tvm import s_tir, tirx
+
+    def lower(node):
+        if not isinstance(node, s_tir.SBlock) or TILE_KEY not in node.annotations:
+            return node
+        mr, nr, k = (int(v) for v in node.annotations[TILE_KEY])
+        c = node.writes[0]
+        a, b = [r for r in node.reads if str(r.source.dtype) == "bfloat16"]
+        call = tirx.call_extern("int32", SYMBOL, _address(c), _address(c, row=1), _address(a),
+                                _address(a, column=1), _address(a, row=1), _address(b), _address(b, column=1),
+                                tirx.IntImm("int64", k // 2), tirx.IntImm("int32", mr),
+                                tirx.IntImm("int32", nr // LANES), _first_row_tile(c))
+        annotations = {key: value for key, value in node.annotations.items() if key != TILE_KEY}
+        return s_tir.SBlock(node.iter_vars, node.reads, node.writes, node.name_hint, tirx.Evaluate(call), None,
+                            node.alloc_buffers, node.match_buffers, annotations)
+
+    @tvm.transform.module_pass(opt_level=0, name="EffcBf16TileCall")
+    def _pass(mod, _ctx):
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, tirx.PrimFunc) and TILE_KEY in func.script(show_meta=False):
+                mod[gv] = func.with_body(tvm_ffi.structural_map(func.body, lower))
+        return mod
+
+    return _pass
+
+
+def _first_row_tile(c_region):
+    """1 for the first row tile of a j-panel (C's row offset 0): there the tile converts a computed
+    (fp32-stored) B panel, which the panel's later tiles, run after it on the same thread, reuse."""
+    from tvm import tirx
+
+    row = c_region.region[-2].min
+    return tirx.Cast("int32", row == tirx.IntImm(str(row.ty), 0))
+
+
+def _address(region, row: int = 0, column: int = 0):
+    """The address of ``region``'s first element, or of the one ``row`` rows / ``column`` columns on
+    (the kernel takes element sizes and strides from such differences)."""
+    from tvm import tirx
+
+    index = [r.min for r in region.region]
+    index[-2] = index[-2] + row if row else index[-2]
+    index[-1] = index[-1] + column if column else index[-1]
+    return tirx.address_of(tirx.BufferLoad(region.source, index))
+
+
+def register_pipeline() -> str:
+    """Register effc's CPU TIR pipeline (once): this pass, then the prefetching s_tir pipeline."""
+    import tvm
+    from tvm.tirx import compilation_pipeline
+
+    from effc.codegen import prefetch
+
+    if PIPELINE not in compilation_pipeline.PIPELINE_MAP:
+        def factory(**kwargs):
+            base, host, device = compilation_pipeline.PIPELINE_MAP[prefetch.register_pipeline()](**kwargs)
+            return tvm.transform.Sequential([bf16_tile_pass(), base]), host, device
+
+        compilation_pipeline.register_tir_pipeline(PIPELINE, factory)
+    return PIPELINE

@@ -1,0 +1,53 @@
+"""--precision for --target llvm: which arithmetic the float matmuls get, and why.
+
+fp32: every matmul in fp32 (the default). bf16: matmuls from bf16 operands with fp32 accumulation
+(effc.codegen.bf16_matmul) where the CPU has AVX-512 BF16 (vdpbf16ps); elsewhere fp32, said so,
+never a crash. auto: bf16 where the CPU has avx512bf16 or amx-bf16 (as OpenVINO's default does),
+else fp32. A bf16 module is verified against fp32 ONNX Runtime at BF16_TOLERANCE, not at fp32's."""
+
+from __future__ import annotations
+
+from effc.errors import EffcError
+
+PRECISIONS = ("fp32", "bf16", "auto")
+BF16_MAX_REL = 0.1  # scale-relative; bf16 rounding of operands (8-bit mantissa) over a deep model
+BF16_MIN_COSINE = 0.999  # a wrong kernel falls far below this; rounding does not
+
+
+def check_precision(requested: str, target: str | None) -> None:
+    """Validate --precision before any expensive work."""
+    if requested not in PRECISIONS:
+        raise EffcError(f"unknown precision '{requested}' (known: {', '.join(PRECISIONS)})")
+    if requested != "fp32" and target != "llvm":
+        raise EffcError("--precision bf16/auto applies to --target llvm only")
+
+
+def cpu_features(tvm_target) -> set[str]:
+    """LLVM's feature names of ``tvm_target``'s CPU (empty when it cannot say)."""
+    import tvm
+
+    try:
+        return {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(tvm_target)}
+    except Exception:  # noqa: BLE001 (not an llvm target)
+        return set()
+
+
+def choose(requested: str, tvm_target) -> tuple[str, str]:
+    """(the precision taken, why) for ``requested`` on ``tvm_target``."""
+    if requested == "fp32" or tvm_target.kind.name != "llvm":
+        return "fp32", "fp32 requested" if requested == "fp32" else "bf16 is for --target llvm only"
+    features = cpu_features(tvm_target)
+    cpu = str(tvm_target.attrs.get("mcpu", "generic"))
+    if "avx512bf16" in features:
+        amx = " (has amx-bf16 too; its tile kernel is not built yet: vdpbf16ps)" if "amx-bf16" in features else ""
+        return "bf16", f"{cpu} has avx512bf16: bf16 matmuls on vdpbf16ps, fp32 accumulation{amx}"
+    why = f"{cpu} has no avx512bf16"
+    return "fp32", f"{why}: fp32 matmuls" + (" (bf16 requested)" if requested == "bf16" else "")
+
+
+def within_tolerance(precision: str, dev, fp32_tol: float) -> bool:
+    """Whether a module of ``precision`` deviating ``dev`` (effc.verify.Deviation) from fp32 ONNX
+    Runtime is right."""
+    if precision == "bf16":
+        return dev.max_rel <= BF16_MAX_REL and dev.cosine >= BF16_MIN_COSINE
+    return dev.max_rel <= fp32_tol

@@ -1,0 +1,261 @@
+"""QDQ matmuls -> integer matmuls, while TVM imports a model (before import, on the ONNX proto).
+
+TVM's importer reads a QDQ model as fake quantisation: DequantizeLinear -> float MatMul, the weight
+folded back to float32 at compile time. This pass finds, on the ONNX graph,
+
+    MatMul(DQ(x_q), DQ(W_q))   x_q an 8-bit activation (per-tensor scale/zero point),
+    Gemm(DQ(x_q), DQ(W_q), C)  W_q a constant 8-bit weight (per-tensor or per-output-channel)
+
+and replaces the MatMul/Gemm by a private op whose converter emits
+
+    acc = matmul(x_u8, W_s8, out_dtype=int32)        (effc's int8 rule: vpdpbusd, W pre-packed)
+    y   = float(acc + comp[n]) * scale[n] (+ C[n])   comp = -zx * sum_k W[k, n]; scale = sx * sw[n]
+
+so that FuseOps puts everything after it (the bias Add, GELU, the residual Add, the QuantizeLinear
+of the output, i.e. requantisation) into the kernel's write-back. An s8 activation is moved to u8
+(x + 128, zx + 128) because vpdpbusd multiplies unsigned by signed bytes; a weight zero point is
+folded into the weight when W - zw still fits in s8. Whatever does not fit stays on the float path
+(DQ folded to float weights) with its reason in the manifest's ``custom_ops``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PRIVATE_OP = "EffcQdqMatMul"
+INDEX_ATTR = "effc_qdq_index"
+RULE = "int8-vnni"
+FALLBACK = "float (DQ folded)"
+
+
+@dataclass
+class Plan:
+    node: str
+    reason: str = ""
+    x: str = ""  # the quantized activation (the DQ's input)
+    x_signed: bool = False
+    weight: np.ndarray | None = None  # int8 [K, N]
+    comp: np.ndarray | None = None  # int32 [N]
+    scale: np.ndarray | None = None  # float32 [N]
+    bias: np.ndarray | None = None  # float32 [N] (Gemm's C)
+
+
+@dataclass
+class ProtoLowering:
+    """What the proto-level lowerings share: constants lifted to parameters of main, the report."""
+
+    target: object
+    plans: list = field(default_factory=list)  # each with .node and .reason ("" when taken)
+    _lifted: list = field(default_factory=list)  # (relax Var, array) in call order
+    rule = RULE
+
+    def _lift(self, name: str, array: np.ndarray):
+        from tvm import relax
+
+        var = relax.Var(name, relax.TensorType(list(array.shape), str(array.dtype)))
+        self._lifted.append((var, np.ascontiguousarray(array)))
+        return var
+
+    def attach(self, mod, values: list[np.ndarray]):
+        """The lifted weights become trailing parameters of main: (module, values)."""
+        from tvm import relax
+
+        if not self._lifted:
+            return mod, values
+        main = mod["main"]
+        mod["main"] = relax.Function(list(main.params) + [v for v, _ in self._lifted], main.body, main.ret_ty,
+                                     main.is_pure, main.attrs)
+        return mod, list(values) + [a for _, a in self._lifted]
+
+    def report(self) -> list[dict]:
+        return [{"node": p.node, "lowering": FALLBACK if p.reason else self.rule, "reason": p.reason,
+                 "kernel": getattr(p, "kernel", None)} for p in self.plans]
+
+    def summary(self, what: str = "QDQ matmuls") -> str:
+        if not self.plans:
+            return ""
+        taken = sum(not p.reason for p in self.plans)
+        reasons = sorted({p.reason for p in self.plans if p.reason})
+        text = f"{what}: {taken} of {len(self.plans)} on the {self.rule} kernels"
+        return text + (f"; float path ({'; '.join(reasons)})" if reasons else "")
+
+
+@dataclass
+class QdqLowering(ProtoLowering):
+    """Plans every MatMul/Gemm of a proto for ``target`` and converts the taken ones during import."""
+
+    def rewrite(self, proto):
+        from onnx import helper
+
+        if not _has_vnni(self.target):
+            reason = "the CPU has no AVX-512 VNNI"
+            self.plans = [Plan(n.name or f"{n.op_type}_{i}", reason) for i, n in enumerate(proto.graph.node)
+                          if n.op_type in ("MatMul", "Gemm") and _producer_op(proto, n.input[0]) == "DequantizeLinear"]
+            return proto
+        graph = _Graph(proto)
+        for i, node in enumerate(list(proto.graph.node)):
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+                continue
+            plan = _plan(graph, node, node.name or f"{node.op_type}_{i}")
+            if plan is None:
+                continue
+            self.plans.append(plan)
+            if plan.reason:
+                continue
+            node.op_type, node.domain = PRIVATE_OP, ""
+            del node.input[:]
+            node.input.append(plan.x)
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute(INDEX_ATTR, len(self.plans) - 1))
+        return proto
+
+    def table(self) -> dict:
+        return {PRIVATE_OP: (1, self._convert)}
+
+    def _convert(self, bb, inputs, attr):
+        from tvm import relax
+
+        plan = self.plans[attr[INDEX_ATTR]]
+        x = inputs[0]
+        if plan.x_signed:  # vpdpbusd wants the activation unsigned: x + 128 (zx moved alike)
+            x = relax.op.astype(relax.op.add(relax.op.astype(x, "int16"), relax.const(128, "int16")), "uint8")
+        w = self._lift(f"{plan.node}.weight_s8", plan.weight)
+        acc = relax.op.matmul(x, w, out_dtype="int32")
+        if np.any(plan.comp):
+            acc = relax.op.add(acc, self._lift(f"{plan.node}.zero_point_comp", plan.comp))
+        y = relax.op.multiply(relax.op.astype(acc, "float32"), self._lift(f"{plan.node}.scale", plan.scale))
+        if plan.bias is not None:
+            y = relax.op.add(y, self._lift(f"{plan.node}.bias", plan.bias))
+        return y
+
+
+def _has_vnni(target) -> bool:
+    from tvm.target.codegen import target_has_features
+
+    return target.kind.name == "llvm" and bool(target_has_features("avx512vnni", target))
+
+
+def _producer_op(proto, name: str) -> str | None:
+    for n in proto.graph.node:
+        if name in n.output:
+            return n.op_type
+    return None
+
+
+class _Graph:
+    """Producers, consumers and constant values of an ONNX graph proto."""
+
+    def __init__(self, proto):
+        from onnx import numpy_helper
+
+        self.producer = {o: n for n in proto.graph.node for o in n.output}
+        self.consts = {t.name: t for t in proto.graph.initializer}
+        self.inputs = {i.name for i in proto.graph.input}
+        for n in proto.graph.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.consts[n.output[0]] = n.attribute[0].t
+        self._numpy = numpy_helper.to_array
+        self._cache: dict[str, np.ndarray] = {}
+
+    def const(self, name: str) -> np.ndarray | None:
+        if not name or name not in self.consts or name in self.inputs - set(self.consts):
+            return None
+        if name not in self._cache:
+            self._cache[name] = self._numpy(self.consts[name])
+        return self._cache[name]
+
+
+def _attr(node, name: str, default):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _dq(graph: _Graph, name: str):
+    """(DQ node, x, scale, zero point) when ``name`` is the output of a per-tensor/per-axis
+    DequantizeLinear with constant scale and zero point, else (None, reason)."""
+    node = graph.producer.get(name)
+    if node is None or node.op_type != "DequantizeLinear":
+        return None, "an input is not dequantized"
+    if _attr(node, "block_size", 0):
+        return None, "blocked DequantizeLinear"
+    scale = graph.const(node.input[1])
+    zp = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if scale is None or (len(node.input) > 2 and node.input[2] and zp is None):
+        return None, "scale or zero point is not a constant"
+    return (node, node.input[0], scale.astype(np.float32), zp), ""
+
+
+def _plan(graph: _Graph, node, name: str) -> Plan | None:
+    """The plan for one MatMul/Gemm, or None when it is no QDQ matmul at all (float, untouched)."""
+    a, why_a = _dq(graph, node.input[0])
+    b, why_b = _dq(graph, node.input[1])
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        return Plan(name, why_a or why_b)
+    _, x, sx, zx = a
+    dq_w, w_name, sw, zw = b
+    wq = graph.const(w_name)
+    if wq is None:
+        return Plan(name, "B is an activation (activation x activation int8 matmul not lowered yet)")
+    if sx.size != 1 or (zx is not None and zx.size != 1):
+        return Plan(name, "the activation is not quantized per tensor")
+    x_dtype = zx.dtype if zx is not None else np.dtype(np.uint8)
+    if x_dtype not in (np.uint8, np.int8) or wq.dtype not in (np.uint8, np.int8):
+        return Plan(name, f"not 8-bit ({x_dtype} x {wq.dtype})")
+    if wq.ndim != 2:
+        return Plan(name, f"weight of rank {wq.ndim}")
+    bias = None
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
+            return Plan(name, "Gemm with transA or alpha")
+        trans_b = bool(_attr(node, "transB", 0))
+        if len(node.input) > 2 and node.input[2]:
+            bias = _bias(graph, node.input[2])
+            if bias is None:
+                return Plan(name, "Gemm's C is not a constant vector")
+            bias = bias * np.float32(_attr(node, "beta", 1.0))
+    else:
+        trans_b = False
+    axis = _attr(dq_w, "axis", 1) % 2 if sw.size > 1 else None
+    n = wq.shape[0] if trans_b else wq.shape[1]
+    out_axis = (0 if trans_b else 1)
+    if axis is not None and axis != out_axis:
+        return Plan(name, "the weight is quantized along K, not per output channel")
+    w = wq.astype(np.int32)
+    zw_n = np.zeros(n, np.int32) if zw is None else np.broadcast_to(zw.astype(np.int32).reshape(-1), (n,))
+    w = (w.T if trans_b else w) - zw_n[None, :]
+    if w.min() < -128 or w.max() > 127:
+        return Plan(name, "the weight minus its zero point does not fit in s8")
+    zx_i = int(zx.reshape(())) if zx is not None else 0
+    signed = x_dtype == np.int8
+    zx_u = zx_i + 128 if signed else zx_i
+    comp = (-zx_u * w.sum(axis=0)).astype(np.int32)
+    scale = (np.float32(sx.reshape(())) * np.broadcast_to(sw.reshape(-1), (n,))).astype(np.float32)
+    if bias is not None and bias.size not in (1, n):
+        return Plan(name, "Gemm's C is not a vector over N")
+    if bias is not None:
+        bias = np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float32)
+    return Plan(name, "", x, signed, np.ascontiguousarray(w.astype(np.int8)), comp, scale, bias)
+
+
+def _bias(graph: _Graph, name: str) -> np.ndarray | None:
+    """A constant bias, float or DQ(int32)."""
+    value = graph.const(name)
+    if value is not None:
+        return value.astype(np.float32).reshape(-1)
+    dq, _ = _dq(graph, name)
+    if dq is None:
+        return None
+    _, q, scale, zp = dq
+    q = graph.const(q)
+    if q is None:
+        return None
+    zp = 0 if zp is None else zp.astype(np.float32)
+    return ((q.astype(np.float32) - zp) * scale).reshape(-1)

@@ -1,0 +1,167 @@
+"""u8 x s8 -> s32 matmul on AVX-512 VNNI (``vpdpbusd``) plus the fused float epilogue.
+
+The kernels come from effc.codegen.qdq_lowering: ``acc[s, i, j] = sum_k int32(A[s, i, k]) *
+int32(B[k, j])`` (A the u8 activation, B the s8 weight) followed by whatever FuseOps put after it
+(zero-point correction, dequant scale, bias, GELU, residual add, the requantising QuantizeLinear).
+The tiling is the float matmul rule's (effc.codegen.schedules.cpu.matmul): per (batch, j-panel) in
+parallel, per i-tile, the k loop accumulates an mr x nr int32 tile in registers, and the epilogue
+runs as the tile's write-back. What differs is the inner step: one ``vpdpbusd`` multiplies 4
+consecutive bytes of a row of A (broadcast to all 16 lanes) by 16 columns x 4 k-bytes of B and adds
+the 4 products per lane into 16 int32 accumulators. B is therefore packed, once at compile time,
+as [n / nr, k / 4, nr, 4] (4 k-bytes interleaved per int32 lane). n is padded to whole panels, m to
+whole row tiles and k to a multiple of 4, with zeros (padded A columns meet zero weights); A's
+padded copy is made once per call.
+Knobs: mr, nr_vectors (as the float rule).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from tvm import s_tir
+from tvm.s_tir.dlight.gpu.matmul import get_index_map
+
+from effc.codegen.records import knobs_for
+from effc.codegen.schedules.cpu import matmul as fp
+from effc.codegen.schedules.cpu import panels
+from effc.codegen.schedules.cpu.base import CPURule, extent
+from effc.codegen.vnni_pass import MARK
+
+LANES = 16  # int32 lanes of a zmm register: output columns per vpdpbusd
+K_STEP = 4  # k-bytes per int32 lane
+
+
+def has_vnni(target) -> bool:
+    from tvm.target.codegen import target_has_features
+
+    return target.kind.name == "llvm" and bool(target_has_features("avx512vnni", target))
+
+
+class Int8Matmul(CPURule):
+    name = "int8-matmul"
+
+    KNOBS: ClassVar[dict] = {"mr": (4, 6, 8, 12), "nr_vectors": (1, 2, 3, 4)}
+
+    def __init__(self, mr: int = 6, nr_vectors: int = 4, records: dict | None = None):
+        self.mr, self.nr_vectors, self.records = mr, nr_vectors, records
+
+    def recorded(self, func, target) -> dict:
+        """Tuned knobs recorded for this kernel, or {} (the build counts kernels that had some)."""
+        return knobs_for(self.records, self.name, func, target)
+
+    def apply(self, func, target, tunable):
+        if not self.is_target_available(target) or not has_vnni(target):
+            return None
+        recorded = knobs_for(self.records, self.name, func, target)
+        sch = self.schedule(func, **{"mr": self.mr, "nr_vectors": self.nr_vectors, **recorded})
+        return sch
+
+    def schedule(self, func, mr: int, nr_vectors: int):
+        sch = s_tir.Schedule(func)
+        main = _int8_reduction(sch)
+        if main is None or not fp._plain_access(sch.get(main)) or get_index_map(sch.get(main)) is None:
+            return None
+        panels.inline_side_inputs(sch, main)
+        a_copy = sch.reindex(main, ("read", 0))
+        b_copy = sch.reindex(main, ("read", 1))
+        c_copy = sch.reindex(main, ("write", 0))
+        block_map, a_map, b_map, c_map = get_index_map(sch.get(main))
+        sch.transform_layout(a_copy, ("write", 0), a_map)
+        sch.transform_layout(b_copy, ("write", 0), b_map)
+        sch.transform_layout(c_copy, ("read", 0), c_map)
+        sch.transform_block_layout(main, block_map)
+        batch, i, j, k = sch.get_loops(main)
+        m, n, kk = extent(sch, i), extent(sch, j), extent(sch, k)
+        if m is None or n is None or kk is None:
+            return None
+        nr = panels.pick_nr(n, LANES, nr_vectors)
+        mr = min(m, mr * max(1, nr_vectors * LANES // nr))
+        padded = n % nr != 0
+        pad_k = kk % K_STEP != 0
+        # m is padded too: a bound check on the tile's rows would sit in the k loop (a branch per
+        # vpdpbusd, and LLVM keeps the guarded accumulators in memory)
+        pad_m = m % mr != 0
+        if padded or pad_k or pad_m:
+            sch.pad_einsum(main, [1, mr, nr, K_STEP])
+        a_pad = _a_padding(sch, main, a_copy) if pad_k or pad_m else None
+        if a_pad is None:
+            sch.compute_inline(a_copy)
+        panel = _b_panel(sch, main, b_copy, padded or pad_k, a_pad)
+        batch, i, j, k = sch.get_loops(main)
+        io, ii = sch.split(i, [None, mr])
+        jo, jv, ji = sch.split(j, [None, nr // LANES, LANES])
+        ko, ki = sch.split(k, [None, K_STEP])
+        sch.reorder(batch, jo, io, ko, ii, jv, ji, ki)
+        _pack_panel(sch, func, panel, nr)
+        if not panels.write_back_at(sch, main, io, nr, LANES, c_map, mr):
+            return None
+        sch.set_scope(main, 0, "local")
+        sch.unroll(ii)
+        sch.unroll(jv)
+        outer = sch.fuse(batch, jo)
+        sch.parallel(outer)
+        if a_pad is not None:  # the zero-padded copy of A: once per call, before the tiles
+            loops = sch.get_loops(a_pad)
+            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+        init = sch.decompose_reduction(main, ko)
+        sch.vectorize(sch.get_loops(init)[-1])
+        # tensorize segfaults in this TVM; effc.codegen.vnni_pass puts vpdpbusd in place of the mark
+        sch.annotate(ji, MARK, 1)
+        return sch
+
+
+def _int8_reduction(sch):
+    """The single u8 x s8 -> s32 reduction block of the kernel (every other block elementwise)."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    blocks = normalize_prim_func(sch)
+    if blocks is None:
+        return None
+    reductions = [b for b in blocks if b.is_reduction()]
+    if len(reductions) != 1 or not all(b.is_injective() for b in blocks if not b.is_reduction()):
+        return None
+    block = sch.get(reductions[0].block_rv)
+    if str(block.writes[0].source.dtype) != "int32" or len(block.reads) != 2:
+        return None
+    if [str(r.source.dtype) for r in block.reads] != ["uint8", "int8"]:
+        return None
+    return reductions[0].block_rv
+
+
+def _a_padding(sch, main, a_copy):
+    """With k padded, the zero-padded A buffer (kept as its own block: the tensorized step must
+    read plain bytes, not a bound check)."""
+    for block in sch.get_producers(main):
+        if not sch.get(block).same_as(sch.get(a_copy)) and sch.get(block).reads and \
+                any(r.source.same_as(sch.get(a_copy).writes[0].source) for r in sch.get(block).reads):
+            sch.compute_inline(a_copy)
+            return block
+    return None
+
+
+def _b_panel(sch, main, b_copy, padded: bool, a_pad):
+    """B's packed panel block (the reindex copy, or its zero-padded form); other producers of
+    main (except A's padding) are inlined."""
+    panel = b_copy
+    if padded:
+        panel = sch.get_consumers(b_copy)[0]
+        sch.compute_inline(b_copy)
+    for block in sch.get_producers(main):
+        if not sch.get(block).same_as(sch.get(panel)) and (a_pad is None or not sch.get(block).same_as(sch.get(a_pad))):
+            sch.compute_inline(block)
+    return panel
+
+
+def _pack_panel(sch, func, panel, nr: int) -> None:
+    """B as [n / nr, k / 4, nr, 4]: a constant weight is packed at compile time (layout rewrite)."""
+    batch = int(sch.get(panel).writes[0].source.shape[0])
+    if batch == 1:
+        layout = lambda s, j, k: (j // nr, k // K_STEP, j % nr, k % K_STEP)  # noqa: E731
+    else:
+        layout = lambda s, j, k: (s, j // nr, k // K_STEP, j % nr, k % K_STEP)  # noqa: E731
+    sch.transform_layout(panel, ("write", 0), layout)
+    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    weights = [func.params[int(i)] for i in free] if free else []
+    reads = sch.get(panel).reads
+    if len(reads) == 1 and any(reads[0].source.same_as(w) for w in weights):
+        sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)

@@ -1,0 +1,175 @@
+"""bf16 matmul (C[s, i, j] = sum_k f32(A[s, i, k]) * f32(B[s, k, j]), A and B bf16) plus fused
+epilogues, on AVX-512 BF16 (`vdpbf16ps`): the kernels effc.codegen.bf16_matmul makes.
+
+Same tiling as the fp32 matmul rule (matmul.py; its helpers are shared, not copied): for each
+(batch, j-panel) in parallel, for each i-tile, an mr x nr register tile of C accumulates over the
+whole k, then the epilogue runs as the tile's write-back (fold_epilogue). The tile itself is one
+call of effc/kernels/bf16_tile.c (effc.codegen.bf16_tile_call). Layouts: B as [n / nr, k / 2, nr, 2] panels
+(each k pair of a column side by side, what vdpbf16ps multiplies), pre-packed at compile time for a
+weight, per call for a computed B (attention); A as a bf16 [s, i, k] stage, zero-padded to whole
+tiles and an even k (a copy of m * k elements, against the m * k * n product).
+Knobs as matmul's: mr, nr_vectors. Only on CPUs with avx512bf16: elsewhere the fp32 matmul rule
+takes these kernels (TVM's bf16 legalisation computes them in fp32), and --precision never makes
+them there (effc.codegen.precision).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.gpu.matmul import get_index_map
+
+from effc.codegen.bf16_tile_call import LANES, TILE_KEY
+from effc.codegen.records import knobs_for
+from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
+from effc.codegen.schedules.cpu.matmul import _pick_mr, _plain_access
+from effc.codegen.schedules.cpu.panels import inline_side_inputs, pick_nr, write_back_at
+
+FITTING = ((6, 4), (8, 3), (12, 2), (8, 2), (4, 4))  # tiles near the peak, best first (mr, nr_vectors)
+MAX_ROWS = {1: 16, 2: 12, 3: 8, 4: 6}  # nr_vectors -> most rows of a tile bf16_tile.c has (<= 24 of 32 zmm)
+
+
+def has_avx512_bf16(target) -> bool:
+    """Whether ``target`` (a tvm llvm Target) may run vdpbf16ps."""
+    import tvm
+
+    try:
+        return bool(tvm.target.codegen.target_has_features("avx512bf16", target))
+    except Exception:  # noqa: BLE001 (no LLVM feature query for this target)
+        return False
+
+
+class MatmulBf16(CPURule):
+    name = "matmul-bf16"
+
+    KNOBS: ClassVar[dict] = {"mr": (4, 6, 8, 12), "nr_vectors": (1, 2, 3, 4)}
+
+    # 6 x 4 vectors: 24 accumulators and 10 loads per 24 vdpbf16ps (165 GFLOP/s per core on znver4 at
+    # 2.6 GHz, ~ its peak; 8 x 2: 149)
+    def __init__(self, mr: int = 6, nr_vectors: int = 4, records: dict | None = None):
+        self.mr, self.nr_vectors, self.records = mr, nr_vectors, records
+
+    def default_knobs(self, target=None) -> dict:
+        return {"mr": self.mr, "nr_vectors": self.nr_vectors}
+
+    def recorded(self, func, target) -> dict:
+        """Tuned knobs recorded for this kernel, or {} (the build counts kernels that had some)."""
+        return knobs_for(self.records, self.name, func, target)
+
+    def is_target_available(self, target) -> bool:
+        return target.kind.name == "llvm" and has_avx512_bf16(target)
+
+    def apply(self, func, target, tunable):
+        if not self.is_target_available(target):
+            return None
+        recorded = knobs_for(self.records, self.name, func, target)
+        sch = self.schedule(func, **{"mr": self.mr, "nr_vectors": self.nr_vectors, **recorded},
+                            fit=not recorded)
+        if sch is not None:
+            from effc.kernels import native
+
+            native.load("bf16_tile")  # the tile's symbol, for modules built and run in this process
+        return sch
+
+    def schedule(self, func, mr: int, nr_vectors: int, fit: bool = False, target=None):
+        """``fit``: rather a tile among FITTING that divides m and n (no padding, A read in place)."""
+        sch = s_tir.Schedule(func)
+        found = one_reduction(sch, target)
+        if found is None:
+            return None
+        main = found[0].block_rv
+        stmt = sch.get(main)
+        if (str(stmt.writes[0].source.dtype) != "float32" or len(stmt.reads) != 2
+                or any(str(r.source.dtype) != "bfloat16" for r in stmt.reads)):
+            return None
+        if not _plain_access(stmt) or get_index_map(stmt) is None:
+            return None
+        inline_side_inputs(sch, main)
+
+        a_copy = sch.reindex(main, ("read", 0))
+        b_copy = sch.reindex(main, ("read", 1))
+        c_copy = sch.reindex(main, ("write", 0))
+        block_map, a_map, b_map, c_map = get_index_map(sch.get(main))
+        sch.transform_layout(a_copy, ("write", 0), a_map)
+        sch.transform_layout(b_copy, ("write", 0), b_map)
+        sch.transform_layout(c_copy, ("read", 0), c_map)
+        sch.transform_block_layout(main, block_map)
+        batch, i, j, k = sch.get_loops(main)
+        m, n, kk = extent(sch, i), extent(sch, j), extent(sch, k)
+        if m is None or n is None or kk is None:
+            return None
+        if fit:
+            mr, nr_vectors = next(((r, v) for r, v in FITTING if m % r == 0 and n % (v * LANES) == 0),
+                                  (mr, nr_vectors))
+        nr = pick_nr(n, LANES, nr_vectors)
+        mr = min(_pick_mr(mr, m, nr_vectors, nr, LANES), MAX_ROWS[nr // LANES])
+        pads = [1, mr if m % mr else 1, nr if n % nr else 1, 2 if kk % 2 else 1]
+        if pads != [1, 1, 1, 1]:
+            sch.pad_einsum(main, pads)
+        if not (pads[1] == 1 and pads[3] == 1 and _read_in_place(sch, main, a_copy)):
+            _parallel_copy(sch, _stage(sch, main, a_copy, 0))
+        panel = _stage(sch, main, b_copy, 1)
+        _pack_pairs(sch, func, panel, nr)
+
+        batch, i, j, k = sch.get_loops(main)
+        io, ii = sch.split(i, [None, mr])
+        jo, ji = sch.split(j, [None, nr])
+        sch.reorder(batch, jo, io, k, ii, ji)
+        if not write_back_at(sch, main, io, nr, LANES, c_map, mr):
+            return None
+        sch.set_scope(main, 0, "local")
+        sch.parallel(sch.fuse(batch, jo))
+        k_pad = extent(sch, k)
+        tile = sch.blockize(k)  # the tile's block keeps its loop nest: effc.codegen.bf16_tile_call lowers it
+        sch.annotate(tile, TILE_KEY, [mr, nr, k_pad])
+        return sch
+
+
+def _read_in_place(sch, main, a_copy) -> bool:
+    """Let main read A where it is (a bf16 parameter: no copy, no conversion in the tile) when each
+    tile's rows are rows of A (plain indices after inlining the reindex copy); else False, unchanged."""
+    trial = sch.copy()
+    trial.compute_inline(a_copy)
+    a_read = [r for r in trial.get(main).reads if str(r.source.dtype) == "bfloat16"][0]  # A, then B
+    if not all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in a_read.region):
+        return False
+    sch.compute_inline(a_copy)
+    return True
+
+
+def _stage(sch, main, copy, operand: int):
+    """The block writing main's ``operand`` (0: A, 1: B): the reindex copy, or the zero-padding
+    block with the copy inlined into it."""
+    producers = [b for b in sch.get_producers(main)
+                 if sch.get(b).writes[0].source.same_as(sch.get(main).reads[operand].source)]
+    block = producers[0]
+    if not sch.get(block).same_as(sch.get(copy)):
+        sch.compute_inline(copy)
+    for producer in sch.get_producers(block):  # a gather fused before the GEMM
+        sch.compute_inline(producer)
+    return block
+
+
+def _pack_pairs(sch, func, panel, nr: int) -> None:
+    """B as [n / nr, k / 2, nr, 2] (per batch): a weight's packing runs once at compile time, a
+    computed B's per call, in parallel over panels."""
+    batch = int(sch.get(panel).writes[0].source.shape[0])
+    if batch == 1:
+        layout = lambda s, j, k: (j // nr, k // 2, j % nr, k % 2)  # noqa: E731
+    else:
+        layout = lambda s, j, k: (s, j // nr, k // 2, j % nr, k % 2)  # noqa: E731
+    sch.transform_layout(panel, ("write", 0), layout)
+    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    weights = [func.params[int(x)] for x in free] if free else []
+    reads = sch.get(panel).reads
+    if len(reads) == 1 and any(reads[0].source.same_as(w) for w in weights):
+        sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)
+        return
+    _parallel_copy(sch, panel)
+
+
+def _parallel_copy(sch, block) -> None:
+    loops = sch.get_loops(block)
+    if len(loops) >= 2:
+        sch.parallel(sch.fuse(*loops[:-1]))

@@ -1,0 +1,111 @@
+/* The AVX-512 BF16 register tile of effc's bf16 matmul rule (effc/codegen/schedules/cpu/matmul_bf16.py).
+
+   c[mr, 16 nv] = a[mr, 2 k2] x b[k2, 16 nv, 2], fp32 accumulation, c overwritten.
+   a: rows of bf16 values; b: one j-panel, each k pair of a column side by side, the layout vdpbf16ps
+   multiplies (one 32-bit lane = two consecutive k of a column). Either may be stored as bf16 (a
+   kernel parameter: a pre-packed weight, a bf16 activation) or as fp32 (a buffer inside the kernel:
+   TVM's bf16 legalisation widens those), so the caller passes the address of the next element and
+   of the next row, which give the element size and the row strides whatever layout TVM chose
+   (effc/codegen/bf16_tile_call.py). An fp32 a is rounded to bf16 (nearest even) chunk by chunk into
+   a small buffer, once per tile; an fp32 b (a panel packed per call: attention's K^T, V) once per
+   panel, by the panel's first row tile (first != 0) into a per-thread buffer that the panel's other
+   tiles reuse: the rule runs a panel's row tiles in order on one thread.
+   Written in C because TVM 0.27's LLVM codegen has no bfloat vector type, which the LLVM 22
+   intrinsic llvm.x86.avx512bf16.dpbf16ps.512 requires; the call is per tile (mr x nr x k MACs),
+   so its cost is nil. Linked into model.so by effc's build (effc/kernels/native.py). */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROWS 16
+#define MAX_VECS 4
+#define CHUNK_K 256 /* k per converted chunk: MAX_ROWS rows of a, or a panel of 64 columns, in 32 KiB */
+
+/* n (even) floats at src -> bf16 at dst, rounded to nearest even. */
+static void to_bf16(uint16_t *dst, const float *src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    _mm512_storeu_si512(dst + i, (__m512i)v);
+  }
+  if (i < n) {
+    int64_t rest = n - i;
+    __mmask16 lo = rest >= 16 ? 0xFFFF : (__mmask16)((1u << rest) - 1);
+    __mmask16 hi = rest > 16 ? (__mmask16)((1u << (rest - 16)) - 1) : 0;
+    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + i + 16), _mm512_maskz_loadu_ps(lo, src + i));
+    _mm512_mask_storeu_epi16(dst + i, rest >= 32 ? 0xFFFFFFFFu : (__mmask32)((1ull << rest) - 1), (__m512i)v);
+  }
+}
+
+static __thread uint16_t *panel_bf16; /* this thread's converted fp32 panel */
+static __thread int64_t panel_capacity;
+
+/* The bf16 copy of fp32 panel b (2 k2 x nr values), converted when first, else the one made before. */
+static const uint16_t *panel_of(const float *b, int64_t n, int first) {
+  if (n > panel_capacity) {
+    free(panel_bf16);
+    panel_bf16 = (uint16_t *)malloc(n * sizeof(uint16_t));
+    panel_capacity = panel_bf16 ? n : 0;
+    first = 1;
+  }
+  if (first && panel_bf16) to_bf16(panel_bf16, b, n);
+  return panel_bf16;
+}
+
+static inline __attribute__((always_inline)) void tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_f32,
+                                                       const void *b, int64_t k2, const int mr, const int nv) {
+  __m512 acc[MAX_ROWS][MAX_VECS];
+  uint16_t a_buf[MAX_ROWS * CHUNK_K];
+  const int nr = nv * 16;
+  for (int r = 0; r < mr; ++r)
+    for (int v = 0; v < nv; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < 2 * k2; k0 += CHUNK_K) {
+    int64_t kc = 2 * k2 - k0 < CHUNK_K ? 2 * k2 - k0 : CHUNK_K;
+    const uint16_t *ap, *bp;
+    int64_t ap_ld;
+    if (a_f32) {
+      for (int r = 0; r < mr; ++r) to_bf16(a_buf + r * CHUNK_K, (const float *)a + r * lda + k0, kc);
+      ap = a_buf, ap_ld = CHUNK_K;
+    } else {
+      ap = (const uint16_t *)a + k0, ap_ld = lda;
+    }
+    bp = (const uint16_t *)b + k0 * nr; /* b_f32: the caller passes the converted panel */
+    for (int64_t kp = 0; kp < kc / 2; ++kp) {
+      __m512bh bv[MAX_VECS];
+      for (int v = 0; v < nv; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + (kp * nr + v * 16) * 2);
+      for (int r = 0; r < mr; ++r) {
+        int32_t pair;
+        memcpy(&pair, ap + r * ap_ld + 2 * kp, sizeof pair);
+        __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+        for (int v = 0; v < nv; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+      }
+    }
+  }
+  for (int r = 0; r < mr; ++r)
+    for (int v = 0; v < nv; ++v) _mm512_storeu_ps(c + r * ldc + v * 16, acc[r][v]);
+}
+
+#define CASE(R, V) case (R) * 8 + (V): tile(c, ldc, a, lda, a_f32, b, k2, R, V); return 0;
+#define ROWS(R) CASE(R, 1) CASE(R, 2) CASE(R, 3) CASE(R, 4)
+
+/* Addresses: c, c one row down; a, a one element on, a one row down; b, b one element on; first:
+   this is the first row tile of b's panel. 0 when (mr, nv) has a compiled tile and memory for an
+   fp32 panel's copy; -1 otherwise (the rule never asks for a missing tile). */
+int32_t effc_bf16_tile(float *c, float *c_row, const char *a, const char *a_next, const char *a_row, const char *b,
+                       const char *b_next, int64_t k2, int32_t mr, int32_t nv, int32_t first) {
+  int64_t ldc = c_row - c;
+  int a_f32 = a_next - a == 4;
+  int64_t lda = (a_row - a) / (a_f32 ? 4 : 2);
+  if (b_next - b == 4) {
+    b = (const char *)panel_of((const float *)b, 2 * k2 * nv * 16, first);
+    if (!b) return -1;
+  }
+  switch (mr * 8 + nv) {
+    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
+    CASE(7, 1) CASE(7, 2) CASE(7, 3) CASE(8, 1) CASE(8, 2) CASE(8, 3)
+    CASE(9, 1) CASE(9, 2) CASE(10, 1) CASE(10, 2) CASE(11, 1) CASE(11, 2) CASE(12, 1) CASE(12, 2)
+    CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
+  }
+  return -1;
+}

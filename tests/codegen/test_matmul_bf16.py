@@ -1,0 +1,178 @@
+"""--precision bf16 on CPU: every float matmul (linears with their fused epilogues, attention's two
+computed operands) runs on the matmul-bf16 rule (vdpbf16ps), close to fp32 ONNX Runtime at a bf16
+tolerance; weights ship as pre-packed bf16 pairs; a CPU without AVX-512 BF16 gets fp32, never a
+crash; a wrong bf16 tile fails the compile (exit 1)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from tests.codegen.blocks import model_from_nodes
+
+pytest.importorskip("tvm")
+
+
+def _host_has_avx512_bf16() -> bool:
+    from effc.codegen.precision import cpu_features
+    from effc.codegen.target import make_target
+
+    return "avx512bf16" in cpu_features(make_target("llvm").tvm())
+
+
+requires_bf16 = pytest.mark.skipif(not _host_has_avx512_bf16(), reason="this CPU lacks AVX-512 BF16 (vdpbf16ps)")
+
+M, K, H, N2, HEADS = 37, 33, 40, 17, 3  # odd rows, K neither a multiple of 2 nor of 32
+
+
+def mixed_model():
+    """Every bf16 path in one graph: batch 2, x[2, 37, 33] @ W1 + b1 -> erf GELU (rank 3, bias, GELU);
+    @ W2 + x, * 0.5 (residual add, scale); 3 heads of 11: softmax(q k^T) v (rank 4, both operands
+    computed, k = 11 odd, then k = 37); z[5, 33] @ W3 (rank 2, n = 17 ragged)."""
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array, dtype=np.float32), name))
+        return name
+
+    def node(op, inputs, out, **attrs):
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    w = lambda name, *shape: const(name, rng.standard_normal(shape) / np.sqrt(shape[0]))  # noqa: E731
+    hd = K // HEADS
+    h = node("Add", [node("MatMul", ["x", w("W1", K, H)], "mm1"), const("b1", rng.standard_normal(H))], "h")
+    gelu = node("Mul", [node("Mul", [h, const("half", 0.5)], "hh"),
+                        node("Add", [node("Erf", [node("Div", [h, const("sqrt2", np.sqrt(2))], "hs")], "erf"),
+                                     const("one", 1.0)], "e1")], "gelu")
+    r = node("Mul", [node("Add", [node("MatMul", [gelu, w("W2", H, K)], "mm2"), "x"], "res"), "half"], "r")
+    heads = node("Transpose", [node("Reshape", [r, node("Constant", [], "shape", value=numpy_helper.from_array(
+        np.array([2, M, HEADS, hd], np.int64)))], "split")], "heads", perm=[0, 2, 1, 3])
+    kt = node("Transpose", [heads], "kt", perm=[0, 1, 3, 2])
+    att = node("Softmax", [node("MatMul", [heads, kt], "qk")], "att", axis=-1)
+    node("MatMul", [att, heads], "y")
+    node("MatMul", ["z", w("W3", K, N2)], "y2")
+    return model_from_nodes(nodes, [("x", [2, M, K]), ("z", [5, K])],
+                            [("y", [2, HEADS, M, hd]), ("y2", [5, N2])], inits)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from effc.codegen.build import compile_model
+
+    out = tmp_path_factory.mktemp("bf16")
+    model = mixed_model()
+    return model, out, compile_model(model, "llvm", out, precision="bf16")
+
+
+@requires_bf16
+def test_every_matmul_runs_bf16_close_to_fp32_ort(built):
+    from effc.codegen.build import run_compiled
+    from effc.verify import OrtRunner, deviation, make_inputs
+
+    model, out, result = built
+    assert result.precision == "bf16" and "avx512bf16" in result.precision_reason, result.precision_reason
+    matmuls = {name: rule for name, rule in result.kernels.items() if "matmul" in name}
+    assert len(matmuls) == 5 and set(matmuls.values()) == {"matmul-bf16"}, result.kernels
+    feeds = make_inputs(model, 2, seed=4)
+    dev = deviation(run_compiled(out, feeds), OrtRunner(model).run_all(feeds))
+    assert dev.cosine >= 0.999 and dev.max_rel < 2e-2, dev
+    assert dev.max_rel > 1e-5, f"{dev}: no bf16 rounding at all, so the matmuls did not run in bf16"
+
+
+@requires_bf16
+def test_weights_ship_as_prepacked_bf16_pairs(built):
+    import tvm
+
+    _, out, _ = built
+    params = {tuple(p.shape): str(p.dtype) for p in tvm.runtime.load_param_dict_from_file(
+        str(out / "params.bin")).values()}
+    panels = [s for s, d in params.items() if d == "bfloat16" and len(s) == 4 and s[-1] == 2]
+    assert len(panels) == 3, params  # W1, W2, W3 as [n / nr, k / 2, nr, 2]
+    assert all(s[1] == (K + 1) // 2 or s[1] == H // 2 for s in panels), panels
+    assert not any(s in params for s in [(K, H), (H, K), (K, N2)]), "an unpacked weight was shipped"
+
+
+@requires_bf16
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
+def test_model_so_computes_with_vdpbf16ps(built):
+    _, out, _ = built
+    asm = subprocess.run(["objdump", "-d", str(out / "model.so")], capture_output=True, text=True).stdout
+    assert "vdpbf16ps" in asm
+
+
+def test_a_cpu_without_avx512_bf16_gets_fp32(tmp_path):
+    """skylake-avx512 has AVX-512 but no BF16: bf16 and auto both build fp32 (and say why), runnable here."""
+    from effc.codegen.build import compile_model, run_compiled
+    from effc.codegen.precision import choose
+    from effc.codegen.target import BuildTarget, llvm_target
+    from effc.verify import OrtRunner, deviation, make_inputs
+
+    spec = {**llvm_target(2).spec, "mcpu": "skylake-avx512"}
+    bt = BuildTarget("llvm", spec, 2)
+    for requested in ("bf16", "auto"):
+        taken, why = choose(requested, bt.tvm())
+        assert taken == "fp32" and "skylake-avx512 has no avx512bf16" in why, why
+    model = model_from_nodes([helper.make_node("MatMul", ["a", "b"], ["y"])], [("a", [2, 9, K]), ("b", [2, K, 5])],
+                             [("y", [2, 9, 5])])
+    result = compile_model(model, bt, tmp_path, precision="bf16")
+    assert result.precision == "fp32" and "matmul-bf16" not in result.kernels.values(), result.kernels
+    feeds = make_inputs(model, 1, seed=1)
+    assert deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds)).max_rel < 1e-4
+
+
+@requires_bf16
+def test_a_wrong_bf16_tile_fails_the_compile(tmp_path, monkeypatch, capsys):
+    """The tile reads B one column off (a legal, wrong kernel): compile exits 1 naming the kernel."""
+    import effc.codegen.bf16_tile_call as tile_call
+    from effc.cli import run
+
+    real = tile_call._address
+    monkeypatch.setattr(tile_call, "_address", lambda region, row=0, column=0: real(
+        region, row, column + (1 if len(region.region) == 4 and not row else 0)))
+    path = tmp_path / "model.onnx"
+    onnx.save(onnx.load_from_string(_proto_bytes()), path)
+    code = run(["compile", str(path), "-o", str(tmp_path / "out"), "--target", "llvm", "--passes", "none",
+                "--precision", "bf16"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "disagrees with ONNX Runtime" in err and "bf16 allows" in err and "(rule matmul-bf16" in err, err
+
+
+def test_precision_needs_an_llvm_target(tmp_path, capsys):
+    from effc.cli import run
+
+    path = tmp_path / "model.onnx"
+    onnx.save(onnx.load_from_string(_proto_bytes()), path)
+    code = run(["compile", str(path), "-o", str(tmp_path / "out"), "--passes", "none", "--precision", "bf16"])
+    assert code == 2 and "--target llvm only" in capsys.readouterr().err
+
+
+def _proto_bytes() -> bytes:
+    from effc.ir import to_proto
+
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((K, 48)).astype(np.float32), "W")]
+    model = model_from_nodes([helper.make_node("MatMul", ["x", "W"], ["y"])], [("x", [2, 7, K])], [("y", [2, 7, 48])],
+                             inits)
+    return to_proto(model).SerializeToString()
+
+
+@requires_bf16
+def test_tune_with_bf16_records_the_bf16_rule(tmp_path):
+    import json
+
+    from effc.codegen.tune import tune_model
+
+    rng = np.random.default_rng(3)
+    model = model_from_nodes([helper.make_node("MatMul", ["x", "W"], ["y"])], [("x", [1, 16, K])], [("y", [1, 16, 64])],
+                             [numpy_helper.from_array(rng.standard_normal((K, 64)).astype(np.float32), "W")])
+    result = tune_model(model, 2, tmp_path / "rec.json", progress=lambda _: None, precision="bf16")
+    records = json.loads((tmp_path / "rec.json").read_text())["records"]
+    assert result.workloads == 1 and [r["rule"] for r in records.values()] == ["matmul-bf16"], records

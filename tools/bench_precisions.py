@@ -250,9 +250,10 @@ def page(rows: list[dict], started: str, load_before: str, load_after: str, thre
          f"for this CPU (it reported {', '.join(default_precision) or '?'}: this CPU has AVX-512 BF16, "
          "which OpenVINO uses by default, but no AMX tiles); int8 (QDQ) = a copy made by ONNX Runtime's "
          f"`quantize_static` (QDQ format, u8 activations, per-channel s8 weights, MinMax over {CALIBRATION} "
-         "zoo samples other than the bench feed), run as is by each engine. effc bf16 / int8: "
-         f"{'built with' if offered else 'not built yet (`effc compile` has no'} `--precision` "
-         f"{'/'.join(sorted(offered)) if offered else 'bf16/int8 option in this checkout)'}."), "",
+         "zoo samples other than the bench feed), run as is by each engine. effc bf16: "
+         f"{'`effc compile --precision bf16`' if 'bf16' in offered else NOT_BUILT + ' (no `--precision bf16` here)'}; "
+         "effc int8 (QDQ): "
+         f"{'`effc compile` of the QDQ copy (its QDQ matmuls lowered to int8 kernels)' if 'int8' in offered else NOT_BUILT}."), "",
         "## Latency relative to ONNX Runtime fp32 (lower is faster)", "", latency,
         "## Deviation from ONNX Runtime fp32 on the bench feed (max scale-relative error / cosine)", "",
         ("The int8 columns measure the QDQ copy's own rounding (MinMax over a few samples, per-tensor "

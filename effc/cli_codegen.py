@@ -125,7 +125,8 @@ def _fail_on_disagreement(max_rel: float, cosine: float = 1.0, precision: str = 
 @click.command("bench")
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option("--vs", "vs", default="ort", show_default=True,
-              help="Comma-separated engines to compare with: ort, torch (zoo models only).")
+              help="Comma-separated engines to compare with: ort, torch (zoo models only), openvino "
+                   "(OpenVINO at f32 and at its default precision; the `bench` extra).")
 @click.option("--inputs", "inputs", type=click.Path(exists=True, dir_okay=False), default=None,
               help=".npz of inputs (default: the zoo model's samples or seeded random inputs).")
 @click.option("--runs", type=int, default=15, show_default=True, help="Timed rounds after warm-up.")
@@ -136,7 +137,7 @@ def _fail_on_disagreement(max_rel: float, cosine: float = 1.0, precision: str = 
 @click.option("--top", type=int, default=15, show_default=True, help="Kernels listed by --profile.")
 def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, threads: int | None,
               json_path: str | None, profile: bool, top: int) -> None:
-    """Latency of OUT's compiled module against ONNX Runtime and torch eager (interleaved turns, each
+    """Latency of OUT's compiled module against ONNX Runtime, torch eager and OpenVINO (interleaved turns, each
     an idle gap, then one call reported as "after idle" and 3 back-to-back calls giving the median
     and p90; ONNX Runtime not spinning between runs)."""
     from effc.codegen.bench import bench
@@ -154,8 +155,9 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
                        progress=lambda text: status.update(f"benchmarking {out}: {text}"))
     for name, stats in result.items():
         if isinstance(stats, dict) and "median_ms" in stats:  # an engine (not "method")
+            precision = f"   ({stats['precision']})" if "precision" in stats else ""
             click.echo(f"{name:14s} median {stats['median_ms']:9.3f} ms   p90 {stats['p90_ms']:9.3f} ms   "
-                       f"after idle {stats['after_idle_median_ms']:9.3f} ms")
+                       f"after idle {stats['after_idle_median_ms']:9.3f} ms{precision}")
     if "ratio_vs_ort" in result:
         click.echo(f"effc / ort: {result['ratio_vs_ort']:.3f} (after idle {result['ratio_vs_ort_after_idle']:.3f})"
                    f"   max rel err vs ort: {result['max_rel_err']:.2e}   cosine {result['cosine_vs_ort']:.6f}"
@@ -163,6 +165,10 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
     if "ratio_vs_torch" in result:
         click.echo(f"effc / torch: {result['ratio_vs_torch']:.3f}   max rel err vs torch: "
                    f"{result['torch_max_rel_err']:.2e}")
+    for name in ("openvino-f32", "openvino"):
+        if f"ratio_vs_{name}" in result:
+            click.echo(f"effc / {name} ({result[name]['precision']}): {result[f'ratio_vs_{name}']:.3f}   "
+                       f"{name} max rel err vs ort: {result[f'{name}_max_rel_err']:.2e}")
     if profile:
         from effc.codegen import profile as prof
 

@@ -13,12 +13,15 @@ UNSCHEDULED = "unscheduled"
 
 
 class RuleLog:
-    """What the rules did: kernel name -> rule label, hit counts, and errors (rule: message)."""
+    """What the rules did: kernel name -> rule label, hit counts, errors (rule: message), and the
+    kernels scheduled with tuned knobs from a record. Kept here, per build, so that the rules
+    themselves hold no state."""
 
     def __init__(self):
         self.kernels: dict[str, str] = {}
         self.hits: dict[str, int] = {}
         self.errors: list[str] = []
+        self.tuned: list[str] = []
 
     def record(self, kernel: str, label: str) -> None:
         self.kernels[kernel] = label
@@ -62,6 +65,8 @@ def apply_rules(rules: list, log: RuleLog):
                     sch = sch[0] if sch else None
                 if sch is not None:
                     label = label_of(rule)
+                    if hasattr(rule, "recorded") and rule.recorded(func, target):
+                        log.tuned.append(gv.name_hint)
                     break
             log.record(gv.name_hint, label)
             if isinstance(sch, s_tir.Schedule):

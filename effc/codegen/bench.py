@@ -1,6 +1,6 @@
-"""Latency of a compiled OUT directory against ONNX Runtime and torch eager, measured interleaved.
+"""Latency of a compiled OUT directory against ONNX Runtime, torch eager and OpenVINO, measured interleaved.
 
-Engines take turns within every round (effc, ort, ..., torch), so a slow phase of a shared machine
+Engines take turns within every round (effc, ort, ..., torch, openvino-f32, openvino), so a slow phase of a shared machine
 hits them alike; the first rounds are warm-up and dropped; median and p90 are over the rest.
 Fairness between engines in one process: each engine's worker threads spin for a while after a
 call (ONNX Runtime's until its next Run, TVM's and OpenMP's for a bounded count), and a spinning
@@ -24,7 +24,7 @@ import numpy as np
 
 from effc.errors import EffcError
 
-ENGINES = ("ort", "torch")
+ENGINES = ("ort", "torch", "openvino")  # openvino: two engines, f32 and OpenVINO's default precision
 # Idle before each timed call: after a call TVM's pool workers spin (yielding) for ~90 ms of CPU
 # (measured with getrusage over the idle time, 2 threads), which made torch's OpenMP team 10x slower.
 SETTLE_S = 0.15
@@ -73,6 +73,10 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
     unknown = set(vs) - set(ENGINES)
     if unknown:
         raise EffcError(f"--vs: unknown engine(s) {', '.join(sorted(unknown))} (known: {', '.join(ENGINES)})")
+    if "openvino" in vs:
+        from effc.codegen.openvino_engine import import_openvino
+
+        import_openvino()  # missing: one line, before any model is loaded
     optimized = out / "model.onnx"
     original, zoo_name = _original_model(out, compiled.manifest)
     if "torch" in vs and zoo_name is None:
@@ -98,6 +102,8 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
 
         engines["torch"] = TorchEngine(zoo_name, [s["name"] for s in compiled.inputs], feed, nthreads,
                                        "cuda" if compiled.is_cuda else "cpu")
+    openvino = _openvino_engines(original or optimized, feed, nthreads) if "openvino" in vs else {}
+    engines.update(openvino)
     steady, after_idle = turns(engines, warmup + runs, warmup, settle_s, burst, progress=progress)
     result = {}
     for name in engines:
@@ -123,7 +129,25 @@ def bench(out_dir: str | Path, vs: tuple[str, ...] = ("ort",), feeds: list[dict]
         first = compiled.output_names[0]
         result["torch_max_rel_err"] = deviation([{first: compiled(feed)[first]}],
                                                 [{first: engines["torch"].output()}]).max_rel
+    if openvino:
+        # OpenVINO against ONNX Runtime on the model it ran: at f32 a codegen check like effc's,
+        # at its default precision the rounding a user of it gets.
+        reference = sessions.get("ort") or OrtRunner(original or optimized, threads=nthreads, config=ORT_CONFIG)
+        reference = reference.run_all(feeds)
+        for name, engine in openvino.items():
+            result[name]["precision"] = engine.precision
+            result[f"ratio_vs_{name}"] = round(result["effc"]["median_ms"] / result[name]["median_ms"], 3)
+            result[f"{name}_max_rel_err"] = deviation([engine.run(f) for f in feeds], reference).max_rel
     return result
+
+
+def _openvino_engines(model: Path, feed: dict, threads: int) -> dict:
+    """The OpenVINO engines of `--vs openvino` on ``model``: f32 and OpenVINO's default precision."""
+    from effc.codegen.openvino_engine import VARIANTS, OpenVinoEngine
+
+    if not Path(model).exists():
+        raise EffcError(f"{model}: no ONNX model for the OpenVINO comparison")
+    return {name: OpenVinoEngine(model, feed, threads, precision) for name, precision in VARIANTS.items()}
 
 
 def _wall_seconds(fn) -> float:

@@ -40,6 +40,7 @@ class BuildResult:
     rule_errors: list = field(default_factory=list)  # "kernel: rule: error" for each rule that raised
     precision: str = "fp32"  # what the float matmuls compute in (effc.codegen.precision)
     precision_reason: str = ""
+    tuned_kernels: int = 0  # kernels scheduled with knobs from a tuning record
 
 
 def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: str | Path = "out",
@@ -94,12 +95,12 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                 "outputs": imported.output_names, "library": LIBRARY, "params": PARAMS,
                 "num_params": len(params), "rule_hits": log.hits, "rule_errors": log.errors[:20],
                 "kernels": log.kernels, "custom_ops": imported.custom_ops, "records": records_from,
-                "tuned_kernels": sum(getattr(r, "tuned_kernels", 0) for r in rules), "source": source,
+                "tuned_kernels": len(log.tuned), "source": source,
                 "precision": precision, "precision_reason": precision_reason,
                 "build_seconds": seconds}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return BuildResult(out, seconds, log.hits, log.kernels, imported.custom_ops, imported.custom_summary, log.errors,
-                       precision, precision_reason)
+                       precision, precision_reason, len(log.tuned))
 
 
 def native_objects(kernels: dict[str, str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -38,16 +39,59 @@ class BuildTarget:
         return f"llvm {self.spec.get('mcpu', 'generic')} x{self.threads}"
 
 
-def llvm_target(threads: int | None = None) -> BuildTarget:
+def llvm_target(threads: int | None = None, mcpu: str | None = None) -> BuildTarget:
     """The host CPU as TVM detects it (e.g. znver5, emeraldrapids): `mcpu=native` silently builds
-    generic code in TVM 0.27, so the detected name is what enables AVX-512."""
+    generic code in TVM 0.27, so the detected name is what enables AVX-512. ``mcpu``: build for
+    another x86 CPU instead (e.g. haswell: AVX2 code that any AVX2 host runs)."""
     import tvm
 
     detected = tvm.target.Target.from_device(tvm.cpu()).export()
     threads = threads or host_threads()
     spec = {"kind": "llvm", "mtriple": detected.get("mtriple", "x86_64-linux-gnu"),
-            "mcpu": detected.get("mcpu", "generic"), "num-cores": threads}
+            "mcpu": mcpu or detected.get("mcpu", "generic"), "num-cores": threads}
     return BuildTarget("llvm", spec, threads)
+
+
+def vector_bytes(target=None) -> int:
+    """Bytes of one SIMD register on ``target`` (a tvm Target; None: the current one, else the
+    host): 64 with AVX-512, 32 with AVX2, else 16 (SSE, NEON). Read from the features LLVM derives
+    from the target's -mcpu/-mattr, never from the machine that builds, so a cross build for an
+    older CPU gets that CPU's width. The CPU rules size every vector and register tile from it."""
+    return _vector_bytes(_llvm(target))
+
+
+def vector_registers(target=None) -> int:
+    """SIMD registers the CPU has (x86-64: 32 with AVX-512, else 16): how many accumulators a
+    register tile can keep."""
+    return 32 if _vector_bytes(_llvm(target)) >= 64 else 16
+
+
+def _llvm(target):
+    import tvm
+
+    target = target if target is not None else tvm.target.Target.current(allow_none=True)
+    return target if target is not None else llvm_target().tvm()
+
+
+@functools.lru_cache(maxsize=32)
+def _features(mtriple: str | None, mcpu: str | None, mattr: tuple) -> tuple[bool, bool]:
+    import tvm
+    from tvm.target.codegen import target_has_features
+
+    spec = {"kind": "llvm", **({"mtriple": mtriple} if mtriple else {}), **({"mcpu": mcpu} if mcpu else {}),
+            **({"mattr": list(mattr)} if mattr else {})}
+    target = tvm.target.Target(spec)
+    return bool(target_has_features("avx512f", target)), bool(target_has_features("avx2", target))
+
+
+def _vector_bytes(target) -> int:
+    if target.kind.name != "llvm":
+        return 16
+    attrs = target.attrs
+    mattr = tuple(str(a) for a in attrs.get("mattr", None) or ())
+    text = lambda key: str(attrs[key]) if attrs.get(key, None) is not None else None  # noqa: E731
+    avx512, avx2 = _features(text("mtriple"), text("mcpu"), mattr)
+    return 64 if avx512 else 32 if avx2 else 16
 
 
 def cuda_target(arch: str = "sm_80") -> BuildTarget:

@@ -44,6 +44,7 @@ def tune_model(model, trials: int, record_path: str | Path, progress=print, repe
     precision = choose(precision, target)[0]
     _, kernels, _ = front_half(model, bt, target, precision)  # the kernels exactly as compile_model schedules them
     rule = MatmulBf16() if precision == "bf16" else Matmul()
+    default = rule.default_knobs(target)
     if precision == "bf16":
         from effc.kernels import native
 
@@ -52,7 +53,7 @@ def tune_model(model, trials: int, record_path: str | Path, progress=print, repe
     workloads, names = {}, {}
     for gv, func in kernels.functions_items():
         key = workload_key(func, target) if _is_primfunc(func) else None
-        if key and (key in workloads or rule.schedule(func, rule.mr, rule.nr_vectors) is not None):
+        if key and (key in workloads or rule.schedule(func, target=target, **default) is not None):
             names[gv.name_hint] = key
             workloads.setdefault(key, (gv.name_hint, func))
     tuned = 0
@@ -61,8 +62,8 @@ def tune_model(model, trials: int, record_path: str | Path, progress=print, repe
             progress(f"[{index}/{len(workloads)}] {name}: recorded {records[key]['ms']:.3f} ms {records[key]['knobs']}")
             continue
         best = None
-        for knobs in _candidates(rule, trials):
-            sch = rule.schedule(func, **knobs)
+        for knobs in _candidates(rule, default, trials):
+            sch = rule.schedule(func, target=target, **knobs)
             if sch is None:
                 continue
             try:
@@ -83,11 +84,10 @@ def tune_model(model, trials: int, record_path: str | Path, progress=print, repe
     return TuneResult(len(workloads), tuned, round(time.perf_counter() - start, 1), names)
 
 
-def _candidates(rule, trials: int) -> list[dict]:
+def _candidates(rule, default: dict, trials: int) -> list[dict]:
     """The default first, then the rest of the grid, nearest the default first."""
-    default = {"mr": rule.mr, "nr_vectors": rule.nr_vectors}
     grid = [dict(zip(rule.KNOBS, values)) for values in itertools.product(*rule.KNOBS.values())]
-    grid.sort(key=lambda k: (k != default, abs(k["mr"] - rule.mr) + 4 * abs(k["nr_vectors"] - rule.nr_vectors)))
+    grid.sort(key=lambda k: (k != default, abs(k["mr"] - default["mr"]) + 4 * abs(k["nr_vectors"] - default["nr_vectors"])))
     return grid[:max(1, trials)]
 
 

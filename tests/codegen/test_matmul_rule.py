@@ -72,9 +72,9 @@ def test_padded_conv_is_not_patchified(tmp_path):
     (768, 2, 32),
 ])
 def test_tile_width_prefers_the_requested_width_when_padding_is_cheap(n, nr_vectors, expected):
-    from effc.codegen.schedules.cpu.matmul import _pick_nr
+    from effc.codegen.schedules.cpu.panels import pick_nr
 
-    assert _pick_nr(n, 16, nr_vectors) == expected
+    assert pick_nr(n, 16, nr_vectors) == expected
 
 
 def test_narrowed_tile_keeps_its_accumulators():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
-VECTOR_BYTES = 64  # AVX-512: one zmm register
+from effc.codegen.target import vector_bytes
 
 
 class CPURule(ScheduleRule):
@@ -23,10 +23,25 @@ def extent(sch, loop) -> int | None:
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
-def vector_lanes(dtype: str) -> int:
+def vector_lanes(dtype: str, target=None) -> int:
+    """Elements of ``dtype`` in one SIMD register of ``target`` (None: the current target)."""
     import tvm
 
-    return max(1, VECTOR_BYTES * 8 // tvm.DataType(dtype).bits)
+    return max(1, vector_bytes(target) * 8 // tvm.DataType(dtype).bits)
+
+
+def row_vector_width(width: int, lanes: int) -> int:
+    """Output pixels per vector: a whole vector when it divides the row; else the whole row when it
+    is at most a few vectors (LLVM splits it into full vectors and one masked one); else half or a
+    quarter vector when it divides the row; else full vectors with a masked last one."""
+    if width % lanes == 0:
+        return lanes
+    if width <= 8 * lanes:
+        return width
+    for vec in (lanes // 2, lanes // 4):
+        if vec >= 4 and width % vec == 0:
+            return vec
+    return lanes
 
 
 def parallel_outer(sch, loops: list, min_extent: int = 2) -> None:
@@ -42,9 +57,10 @@ def parallel_outer(sch, loops: list, min_extent: int = 2) -> None:
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def one_reduction(sch):
+def one_reduction(sch, target=None):
     """Normalise ``sch``'s kernel; (its single reduction block, the vector lanes of its float output
-    dtype) when every other block is elementwise, else None. The matmul-shaped rules start here."""
+    dtype on ``target``) when every other block is elementwise, else None. The matmul-shaped rules
+    start here."""
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
     blocks = normalize_prim_func(sch)
@@ -54,7 +70,7 @@ def one_reduction(sch):
     if len(reductions) != 1 or not all(b.is_injective() for b in blocks if not b.is_reduction()):
         return None
     dtype = str(sch.get(reductions[0].block_rv).writes[0].source.dtype)
-    return (reductions[0], vector_lanes(dtype)) if dtype in FLOAT_DTYPES else None
+    return (reductions[0], vector_lanes(dtype, target)) if dtype in FLOAT_DTYPES else None
 
 
 def fold_epilogue(sch, main) -> list:

@@ -53,7 +53,7 @@ class Fallback(CPURule):
                 continue
             if not s_loops:
                 continue
-            lanes = vector_lanes(_write_dtype(sch, block))
+            lanes = vector_lanes(_write_dtype(sch, block), target)
             inner = extent(sch, s_loops[-1])
             if inner is not None and inner >= lanes and inner % lanes == 0:
                 outer, vec = sch.split(s_loops[-1], [None, lanes])

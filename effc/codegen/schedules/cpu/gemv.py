@@ -4,7 +4,7 @@ token): y[j] = sum_k x[k] * W[k, j] (W in either orientation) plus a fused epilo
 TVM drops the unit row loop, so the matmul rule's S/I/J/K analysis finds no I and passes; left to
 the fallback, gpt2's 50257-wide head at seq 1 ran ~10x slower than ONNX Runtime. Here a constant W
 is pre-packed at compile time into the matmul rule's [n / nr, k, nr] panels (one contiguous stream
-per panel, whatever W's orientation), and each panel is one parallel task: for each k, nr / 16
+per panel, whatever W's orientation), and each panel is one parallel task: for each k, nr / lanes
 vector FMAs with x[k] broadcast. Memory-bound: W is read once.
 """
 
@@ -13,13 +13,13 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
-from effc.codegen.schedules.cpu.matmul import (
-    _b_panel,
-    _inline_side_inputs,
-    _pack_panel,
-    _pick_nr,
-    _vectorize,
-    _write_back_at,
+from effc.codegen.schedules.cpu.panels import (
+    b_panel,
+    inline_side_inputs,
+    pack_panel,
+    pick_nr,
+    vectorize,
+    write_back_at,
 )
 
 NR_VECTORS = 8  # 8 independent FMA chains per task; the kernel streams W, so wide is cheap
@@ -32,19 +32,19 @@ class Gemv(CPURule):
         if not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        found = one_reduction(sch)
+        found = one_reduction(sch, target)
         if found is None or found[0].dom_kind() != "SR":
             return None
         main, lanes = found[0].block_rv, found[1]
         weight = _weight_read(sch.get(main), func)
         if weight is None:
             return None
-        _inline_side_inputs(sch, main)
+        inline_side_inputs(sch, main)
         j, k = sch.get_loops(main)
         n, kk = extent(sch, j), extent(sch, k)
         if n is None or kk is None or n < lanes:
             return None
-        nr = _pick_nr(n, lanes, NR_VECTORS)
+        nr = pick_nr(n, lanes, NR_VECTORS)
         # The weight as [1, J, K] (a reindex copy; the panel packing expects a leading batch axis),
         # then padded to whole panels and blocked.
         b_copy = sch.reindex(main, ("read", weight))
@@ -52,14 +52,14 @@ class Gemv(CPURule):
         padded = n % nr != 0
         if padded:
             sch.pad_einsum(main, [nr, 1])
-        panel = _b_panel(sch, main, b_copy, padded)
+        panel = b_panel(sch, main, b_copy, padded)
         j, k = sch.get_loops(main)
         jo, ji = sch.split(j, [None, nr])
         sch.reorder(jo, k, ji)
-        _pack_panel(sch, func, panel, nr)
-        _write_back_at(sch, main, jo, nr, lanes)
+        pack_panel(sch, func, panel, nr)
+        write_back_at(sch, main, jo, nr, lanes)
         sch.set_scope(main, 0, "local")
-        _vectorize(sch, ji, lanes)
+        vectorize(sch, ji, lanes)
         sch.parallel(jo)
         sch.decompose_reduction(main, k)
         return sch

@@ -14,8 +14,7 @@ from tvm import s_tir
 from tvm.s_tir.dlight.analysis import get_root_block
 
 from effc.codegen.conv_gemm import IM2COL
-from effc.codegen.schedules.cpu.base import CPURule, extent, vector_lanes
-from effc.codegen.schedules.cpu.window import _vector_width
+from effc.codegen.schedules.cpu.base import CPURule, extent, row_vector_width, vector_lanes
 
 
 class Im2col(CPURule):
@@ -44,8 +43,8 @@ class Im2col(CPURule):
         *rows, col = sch.split(p, out)
         sch.reorder(*lead, c, *rows, *taps, col)
         plane = sch.fuse(*lead, c)
-        lanes = vector_lanes(str(sch.get(gather).writes[0].source.dtype))
-        width = _vector_width(out[-1], lanes)
+        lanes = vector_lanes(str(sch.get(gather).writes[0].source.dtype), target)
+        width = row_vector_width(out[-1], lanes)
         if width != out[-1]:
             _, col = sch.split(col, [None, width])
         sch.vectorize(col)

@@ -23,6 +23,7 @@ from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
 from effc.codegen.records import knobs_for
 from effc.codegen.schedules.cpu import matmul as fp
+from effc.codegen.schedules.cpu import panels
 from effc.codegen.schedules.cpu.base import CPURule, extent
 from effc.codegen.vnni_pass import MARK
 
@@ -43,14 +44,16 @@ class Int8Matmul(CPURule):
 
     def __init__(self, mr: int = 6, nr_vectors: int = 4, records: dict | None = None):
         self.mr, self.nr_vectors, self.records = mr, nr_vectors, records
-        self.tuned_kernels = 0
+
+    def recorded(self, func, target) -> dict:
+        """Tuned knobs recorded for this kernel, or {} (the build counts kernels that had some)."""
+        return knobs_for(self.records, self.name, func, target)
 
     def apply(self, func, target, tunable):
         if not self.is_target_available(target) or not has_vnni(target):
             return None
         recorded = knobs_for(self.records, self.name, func, target)
         sch = self.schedule(func, **{"mr": self.mr, "nr_vectors": self.nr_vectors, **recorded})
-        self.tuned_kernels += bool(recorded and sch is not None)
         return sch
 
     def schedule(self, func, mr: int, nr_vectors: int):
@@ -58,7 +61,7 @@ class Int8Matmul(CPURule):
         main = _int8_reduction(sch)
         if main is None or not fp._plain_access(sch.get(main)) or get_index_map(sch.get(main)) is None:
             return None
-        fp._inline_side_inputs(sch, main)
+        panels.inline_side_inputs(sch, main)
         a_copy = sch.reindex(main, ("read", 0))
         b_copy = sch.reindex(main, ("read", 1))
         c_copy = sch.reindex(main, ("write", 0))
@@ -71,7 +74,7 @@ class Int8Matmul(CPURule):
         m, n, kk = extent(sch, i), extent(sch, j), extent(sch, k)
         if m is None or n is None or kk is None:
             return None
-        nr = fp._pick_nr(n, LANES, nr_vectors)
+        nr = panels.pick_nr(n, LANES, nr_vectors)
         mr = min(m, mr * max(1, nr_vectors * LANES // nr))
         padded = n % nr != 0
         pad_k = kk % K_STEP != 0
@@ -90,7 +93,7 @@ class Int8Matmul(CPURule):
         ko, ki = sch.split(k, [None, K_STEP])
         sch.reorder(batch, jo, io, ko, ii, jv, ji, ki)
         _pack_panel(sch, func, panel, nr)
-        if not fp._write_back_at(sch, main, io, nr, LANES, c_map, mr):
+        if not panels.write_back_at(sch, main, io, nr, LANES, c_map, mr):
             return None
         sch.set_scope(main, 0, "local")
         sch.unroll(ii)

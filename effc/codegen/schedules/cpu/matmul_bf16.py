@@ -23,8 +23,8 @@ from tvm.s_tir.dlight.gpu.matmul import get_index_map
 from effc.codegen.bf16_tile_call import LANES, TILE_KEY
 from effc.codegen.records import knobs_for
 from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
-from effc.codegen.schedules.cpu.matmul import (_inline_side_inputs, _pick_mr, _pick_nr, _plain_access,
-                                               _write_back_at)
+from effc.codegen.schedules.cpu.matmul import _pick_mr, _plain_access
+from effc.codegen.schedules.cpu.panels import inline_side_inputs, pick_nr, write_back_at
 
 FITTING = ((6, 4), (8, 3), (12, 2), (8, 2), (4, 4))  # tiles near the peak, best first (mr, nr_vectors)
 MAX_ROWS = {1: 16, 2: 12, 3: 8, 4: 6}  # nr_vectors -> most rows of a tile bf16_tile.c has (<= 24 of 32 zmm)
@@ -49,7 +49,13 @@ class MatmulBf16(CPURule):
     # 2.6 GHz, ~ its peak; 8 x 2: 149)
     def __init__(self, mr: int = 6, nr_vectors: int = 4, records: dict | None = None):
         self.mr, self.nr_vectors, self.records = mr, nr_vectors, records
-        self.tuned_kernels = 0
+
+    def default_knobs(self, target=None) -> dict:
+        return {"mr": self.mr, "nr_vectors": self.nr_vectors}
+
+    def recorded(self, func, target) -> dict:
+        """Tuned knobs recorded for this kernel, or {} (the build counts kernels that had some)."""
+        return knobs_for(self.records, self.name, func, target)
 
     def is_target_available(self, target) -> bool:
         return target.kind.name == "llvm" and has_avx512_bf16(target)
@@ -60,17 +66,16 @@ class MatmulBf16(CPURule):
         recorded = knobs_for(self.records, self.name, func, target)
         sch = self.schedule(func, **{"mr": self.mr, "nr_vectors": self.nr_vectors, **recorded},
                             fit=not recorded)
-        self.tuned_kernels += bool(recorded and sch is not None)
         if sch is not None:
             from effc.kernels import native
 
             native.load("bf16_tile")  # the tile's symbol, for modules built and run in this process
         return sch
 
-    def schedule(self, func, mr: int, nr_vectors: int, fit: bool = False):
+    def schedule(self, func, mr: int, nr_vectors: int, fit: bool = False, target=None):
         """``fit``: rather a tile among FITTING that divides m and n (no padding, A read in place)."""
         sch = s_tir.Schedule(func)
-        found = one_reduction(sch)
+        found = one_reduction(sch, target)
         if found is None:
             return None
         main = found[0].block_rv
@@ -80,7 +85,7 @@ class MatmulBf16(CPURule):
             return None
         if not _plain_access(stmt) or get_index_map(stmt) is None:
             return None
-        _inline_side_inputs(sch, main)
+        inline_side_inputs(sch, main)
 
         a_copy = sch.reindex(main, ("read", 0))
         b_copy = sch.reindex(main, ("read", 1))
@@ -97,7 +102,7 @@ class MatmulBf16(CPURule):
         if fit:
             mr, nr_vectors = next(((r, v) for r, v in FITTING if m % r == 0 and n % (v * LANES) == 0),
                                   (mr, nr_vectors))
-        nr = _pick_nr(n, LANES, nr_vectors)
+        nr = pick_nr(n, LANES, nr_vectors)
         mr = min(_pick_mr(mr, m, nr_vectors, nr, LANES), MAX_ROWS[nr // LANES])
         pads = [1, mr if m % mr else 1, nr if n % nr else 1, 2 if kk % 2 else 1]
         if pads != [1, 1, 1, 1]:
@@ -111,7 +116,7 @@ class MatmulBf16(CPURule):
         io, ii = sch.split(i, [None, mr])
         jo, ji = sch.split(j, [None, nr])
         sch.reorder(batch, jo, io, k, ii, ji)
-        if not _write_back_at(sch, main, io, nr, LANES, c_map, mr):
+        if not write_back_at(sch, main, io, nr, LANES, c_map, mr):
             return None
         sch.set_scope(main, 0, "local")
         sch.parallel(sch.fuse(batch, jo))

@@ -42,7 +42,7 @@ class RowReduction(CPURule):
                 return None
             if any(iv.iter_type != 0 for iv in sch.get(block).iter_vars[:len(rows)]):  # 0: data-parallel
                 return None
-        lanes = vector_lanes(str(sch.get(out).writes[0].source.dtype))
+        lanes = vector_lanes(str(sch.get(out).writes[0].source.dtype), target)
         # rfactor must run while each reduction still has its own loop nest, before compute_at.
         stages = []
         for block in blocks[:-1]:

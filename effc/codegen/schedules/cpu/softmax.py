@@ -1,10 +1,10 @@
 """Softmax over the last axis as a hand-written kernel (TVM's fast_softmax, rows of any length).
 
-The generic row-reduction rule vectorises a row only when its length is a multiple of 16: TVM 0.27
-vectorises a bounded (masked) access only when every access in the loop shares the bound's index,
-and its rfactor drops the bound of a ragged split, so ViT's 197-token rows ran scalar, polynomial
-exp included. Here each row is written out directly: whole 16-lane chunks as vectors, the ragged
-tail (fewer than 16) as scalars, rows in parallel.
+The generic row-reduction rule vectorises a row only when its length is a multiple of the vector
+lanes (16 float32 on AVX-512, 8 on AVX2): TVM 0.27 vectorises a bounded (masked) access only when
+every access in the loop shares the bound's index, and its rfactor drops the bound of a ragged
+split, so ViT's 197-token rows ran scalar, polynomial exp included. Here each row is written out directly: whole vector chunks as vectors, the ragged
+tail (less than a vector) as scalars, rows in parallel.
 
     y[r, :] = e / sum(e),   e = exp(x[r, :] - max(x[r, :]))
 
@@ -14,9 +14,8 @@ exp is a range reduction to 2^k * exp(f), |f| <= ln2/2, with a degree-6 polynomi
 
 from __future__ import annotations
 
-from effc.codegen.schedules.cpu.base import CPURule
+from effc.codegen.schedules.cpu.base import CPURule, vector_lanes
 
-LANES = 16  # float32 lanes of a zmm register
 STAGES = ("T_softmax_maxelem", "T_softmax_delta", "T_fast_exp", "T_softmax_expsum", "T_softmax_norm")
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 EXP_LOW = -87.0  # below this exp underflows float32's normal range; x - max <= 0, so no upper clamp
@@ -33,17 +32,19 @@ class Softmax(CPURule):
     def apply(self, func, target, tunable):
         if not self.is_target_available(target):
             return None
-        shape = _softmax_shape(func)
+        lanes = vector_lanes("float32", target)
+        shape = _softmax_shape(func, lanes)
         if shape is None:
             return None
         from tvm import s_tir
 
         rows, n = shape
-        return s_tir.Schedule(softmax_kernel(list(func.params[0].shape), rows, n))
+        return s_tir.Schedule(softmax_kernel(list(func.params[0].shape), rows, n, lanes))
 
 
-def _softmax_shape(func) -> tuple[int, int] | None:
-    """(rows, row length) when ``func`` is exactly TVM's float32 fast_softmax over the last axis."""
+def _softmax_shape(func, lanes: int) -> tuple[int, int] | None:
+    """(rows, row length) when ``func`` is exactly TVM's float32 fast_softmax over the last axis
+    and a row holds at least one vector of ``lanes``."""
     from tvm import tirx
 
     if len(func.params) != 2:
@@ -64,7 +65,7 @@ def _softmax_shape(func) -> tuple[int, int] | None:
     rows = 1
     for d in dims[:-1]:
         rows *= d
-    return (rows, n) if n >= LANES else None
+    return (rows, n) if n >= lanes else None
 
 
 def _exp(v, lanes: int = 1):
@@ -89,8 +90,9 @@ def _exp(v, lanes: int = 1):
     return T.Select(v < const(EXP_LOW), const(0.0), p * two_k)
 
 
-def softmax_kernel(shape: list, rows: int, n: int):
-    """TIR for softmax over the last axis of a float32 tensor of ``shape`` (rows x n when flat).
+def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16):
+    """TIR for softmax over the last axis of a float32 tensor of ``shape`` (rows x n when flat),
+    in vectors of ``lanes`` (a SIMD register of the target: 16 with AVX-512, 8 with AVX2).
 
     The kernel keeps the tensor's own rank (the VM checks it) and addresses row r through its
     leading indices; no flat view is declared, as TVM's schedule state (built for every kernel by
@@ -98,7 +100,7 @@ def softmax_kernel(shape: list, rows: int, n: int):
     from tvm import tirx
     from tvm.script import tirx as T
 
-    full, tail, lanes = n // LANES, n % LANES, LANES
+    full, tail = n // lanes, n % lanes
     lead = [int(d) for d in shape[:-1]]
 
     def at(row, col) -> list:  # N-d index of element col of flat row ``row``
@@ -124,7 +126,7 @@ def softmax_kernel(shape: list, rows: int, n: int):
                 v = T.axis.spatial(rows, r)
                 T.reads()  # opaque: the scratch below lives in the block
                 T.writes()
-                # Row v's scratch: 16 lane partials at v * lanes and one statistic at v. Declared in
+                # Row v's scratch: the lane partials at v * lanes and one statistic at v. Declared in
                 # the row block, TVM compacts each to the one row and puts it on the stack (at
                 # function level the Relax passes reject the kernel; in "local" scope every row
                 # costs a workspace call).

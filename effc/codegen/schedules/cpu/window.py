@@ -22,10 +22,18 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.tirx.analysis import undefined_vars
 
-from effc.codegen.schedules.cpu.base import FLOAT_DTYPES, CPURule, extent, fold_epilogue, vector_lanes
+from effc.codegen.schedules.cpu.base import (
+    FLOAT_DTYPES,
+    CPURule,
+    extent,
+    fold_epilogue,
+    row_vector_width,
+    vector_lanes,
+)
+from effc.codegen.target import vector_registers
 
 ROW_VECTORS = 8  # at most this many vectors of a row accumulate side by side (FMA latency; registers)
-ACCUMULATORS = 24  # vector registers a direct conv's step may hold sums in
+ACCUMULATOR_SHARE = 3 / 4  # of the vector registers, what a direct conv's step may hold sums in (24 of AVX-512's 32)
 MAX_TAPS = 256  # a window of at most this many taps per output (7x7 pooling is 49, an RGB 7x7 stem conv 147)
 
 
@@ -64,9 +72,9 @@ class Window(CPURule):
         *planes, cols = spatial
         planes, rows = planes[: len(planes) - dims + 1], planes[len(planes) - dims + 1:]
         plane = sch.fuse(*planes) if len(planes) > 1 else planes[0]
-        lanes = vector_lanes(dtype)
+        lanes = vector_lanes(dtype, target)
         width = extent(sch, cols)
-        vec = _vector_width(width, lanes)
+        vec = row_vector_width(width, lanes)
         if width % lanes and width % (lanes // 2) == 0:
             # half vectors side by side: a whole row of 3.5 vectors LLVM legalises poorly (a 7x7
             # depthwise conv on 56 columns ran 2x slower)
@@ -90,7 +98,7 @@ class Window(CPURule):
             cols, chunks = sch.split(cols, [None, side])
             sch.reorder(*rows, cols, *taps, chunks, inner)
             sch.unroll(chunks)
-            block_planes = _plane_block(extent(sch, plane), side) if any(direct) else 1
+            block_planes = _plane_block(extent(sch, plane), side, target) if any(direct) else 1
             if block_planes > 1:  # a direct conv: each input vector loaded once for several output planes
                 plane, planes_in = sch.split(plane, [None, block_planes])
                 sch.reorder(*rows, cols, *taps, planes_in)
@@ -116,11 +124,12 @@ class Window(CPURule):
         return sch
 
 
-def _plane_block(planes: int, vectors: int) -> int:
+def _plane_block(planes: int, vectors: int, target=None) -> int:
     """Output planes per step of a direct conv: as many as keep the accumulators (planes x a row's
-    vectors) within the 32 vector registers, with room for the operands."""
+    vectors) within the target's vector registers, with room for the operands."""
+    accumulators = int(vector_registers(target) * ACCUMULATOR_SHARE)
     for block in (4, 3, 2):
-        if planes % block == 0 and block * vectors <= ACCUMULATORS:
+        if planes % block == 0 and block * vectors <= accumulators:
             return block
     return 1
 
@@ -133,20 +142,6 @@ def _sums_channels(sch, main, pad) -> bool:
     return any(
         any(any(v.same_as(r) for r in reduce_vars) for v in undefined_vars(read.region[1].min))
         for read in sch.get(main).reads if read.source.same_as(buffer))
-
-
-def _vector_width(width: int, lanes: int) -> int:
-    """Output pixels per vector: a whole vector when it divides the row; else the whole row when it
-    is at most a few vectors (LLVM splits it into full vectors and one masked one); else half or a
-    quarter vector when it divides the row; else full vectors with a masked last one."""
-    if width % lanes == 0:
-        return lanes
-    if width <= 8 * lanes:
-        return width
-    for vec in (lanes // 2, lanes // 4):
-        if vec >= 4 and width % vec == 0:
-            return vec
-    return lanes
 
 
 def _deinterleave(sch, main, pad) -> int:
@@ -183,12 +178,12 @@ def _windowed(block) -> bool:
 
 
 def _vectorize_inner(sch, block, lanes: int) -> None:
-    """Vectorise the innermost loop of ``block`` (a row) as _vector_width says."""
+    """Vectorise the innermost loop of ``block`` (a row) as row_vector_width says."""
     inner = sch.get_loops(block)[-1]
     width = extent(sch, inner)
     if width is None or width < 2:
         return
-    vec = _vector_width(width, lanes)
+    vec = row_vector_width(width, lanes)
     if vec != width:
         _, inner = sch.split(inner, [None, vec])
     sch.vectorize(inner)

@@ -24,7 +24,7 @@ from tvm.s_tir.dlight.gpu.matmul import get_index_map
 from effc.codegen.records import knobs_for
 from effc.codegen.schedules.cpu import matmul as fp
 from effc.codegen.schedules.cpu import panels
-from effc.codegen.schedules.cpu.base import CPURule, extent
+from effc.codegen.schedules.cpu.base import CPURule
 from effc.codegen.vnni_pass import MARK
 
 LANES = 16  # int32 lanes of a zmm register: output columns per vpdpbusd
@@ -62,18 +62,10 @@ class Int8Matmul(CPURule):
         if main is None or not fp._plain_access(sch.get(main)) or get_index_map(sch.get(main)) is None:
             return None
         panels.inline_side_inputs(sch, main)
-        a_copy = sch.reindex(main, ("read", 0))
-        b_copy = sch.reindex(main, ("read", 1))
-        c_copy = sch.reindex(main, ("write", 0))
-        block_map, a_map, b_map, c_map = get_index_map(sch.get(main))
-        sch.transform_layout(a_copy, ("write", 0), a_map)
-        sch.transform_layout(b_copy, ("write", 0), b_map)
-        sch.transform_layout(c_copy, ("read", 0), c_map)
-        sch.transform_block_layout(main, block_map)
-        batch, i, j, k = sch.get_loops(main)
-        m, n, kk = extent(sch, i), extent(sch, j), extent(sch, k)
-        if m is None or n is None or kk is None:
+        gemm = panels.to_batched_gemm(sch, main)
+        if gemm is None:
             return None
+        a_copy, b_copy, c_copy, c_map, (batch, i, j, k), (m, n, kk) = gemm
         nr = panels.pick_nr(n, LANES, nr_vectors)
         mr = min(m, mr * max(1, nr_vectors * LANES // nr))
         padded = n % nr != 0

@@ -21,12 +21,13 @@ from tvm import s_tir
 from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
 from effc.codegen.records import knobs_for
-from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
+from effc.codegen.schedules.cpu.base import CPURule, one_reduction
 from effc.codegen.schedules.cpu.panels import (
     b_panel,
     inline_side_inputs,
     pack_panel,
     pick_nr,
+    to_batched_gemm,
     vectorize,
     write_back_at,
 )
@@ -78,18 +79,10 @@ class Matmul(CPURule):
 
         # Normalise to C[S, I, J] += A[S, I, K] * B[S, J, K]. A's reindex copy is inlined back
         # below (the kernel reads A in place); B's copy becomes the [n / nr, k, nr] panel.
-        a_copy = sch.reindex(main, ("read", 0))
-        b_copy = sch.reindex(main, ("read", 1))
-        c_copy = sch.reindex(main, ("write", 0))
-        block_map, a_map, b_map, c_map = get_index_map(sch.get(main))
-        sch.transform_layout(a_copy, ("write", 0), a_map)
-        sch.transform_layout(b_copy, ("write", 0), b_map)
-        sch.transform_layout(c_copy, ("read", 0), c_map)
-        sch.transform_block_layout(main, block_map)
-        batch, i, j, k = sch.get_loops(main)
-        m, n, kk = extent(sch, i), extent(sch, j), extent(sch, k)
-        if m is None or n is None or kk is None:
+        gemm = to_batched_gemm(sch, main)
+        if gemm is None:
             return None
+        a_copy, b_copy, c_copy, c_map, (batch, i, j, k), (m, n, kk) = gemm
         nr = pick_nr(n, lanes, nr_vectors)
         padded = n % nr != 0
         if padded:

@@ -24,7 +24,7 @@ from effc.codegen.bf16_tile_call import LANES, TILE_KEY
 from effc.codegen.records import knobs_for
 from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
 from effc.codegen.schedules.cpu.matmul import _pick_mr, _plain_access
-from effc.codegen.schedules.cpu.panels import inline_side_inputs, pick_nr, write_back_at
+from effc.codegen.schedules.cpu.panels import inline_side_inputs, pick_nr, to_batched_gemm, write_back_at
 
 FITTING = ((6, 4), (8, 3), (12, 2), (8, 2), (4, 4))  # tiles near the peak, best first (mr, nr_vectors)
 MAX_ROWS = {1: 16, 2: 12, 3: 8, 4: 6}  # nr_vectors -> most rows of a tile bf16_tile.c has (<= 24 of 32 zmm)
@@ -87,18 +87,10 @@ class MatmulBf16(CPURule):
             return None
         inline_side_inputs(sch, main)
 
-        a_copy = sch.reindex(main, ("read", 0))
-        b_copy = sch.reindex(main, ("read", 1))
-        c_copy = sch.reindex(main, ("write", 0))
-        block_map, a_map, b_map, c_map = get_index_map(sch.get(main))
-        sch.transform_layout(a_copy, ("write", 0), a_map)
-        sch.transform_layout(b_copy, ("write", 0), b_map)
-        sch.transform_layout(c_copy, ("read", 0), c_map)
-        sch.transform_block_layout(main, block_map)
-        batch, i, j, k = sch.get_loops(main)
-        m, n, kk = extent(sch, i), extent(sch, j), extent(sch, k)
-        if m is None or n is None or kk is None:
+        gemm = to_batched_gemm(sch, main)
+        if gemm is None:
             return None
+        a_copy, b_copy, c_copy, c_map, (batch, i, j, k), (m, n, kk) = gemm
         if fit:
             mr, nr_vectors = next(((r, v) for r, v in FITTING if m % r == 0 and n % (v * LANES) == 0),
                                   (mr, nr_vectors))

@@ -6,10 +6,32 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
 from effc.codegen.schedules.cpu.base import ancestors, descendants, extent, fold_epilogue
 
 PAD_WASTE = 1 / 32  # padding of n (computed, then discarded) worth a wider register tile
+
+
+def to_batched_gemm(sch, main):
+    """Normalise the reduction block ``main`` to C[S, I, J] += A[S, I, K] * B[S, J, K] through reindex
+    copies of its operands: (a_copy, b_copy, c_copy, C's index map, its loops (batch, i, j, k), extents
+    (m, n, k)), or
+    None where an extent is not static. The caller inlines A's copy back (the kernel reads A in place)
+    and makes B's copy its packed panel."""
+    a_copy = sch.reindex(main, ("read", 0))
+    b_copy = sch.reindex(main, ("read", 1))
+    c_copy = sch.reindex(main, ("write", 0))
+    block_map, a_map, b_map, c_map = get_index_map(sch.get(main))
+    sch.transform_layout(a_copy, ("write", 0), a_map)
+    sch.transform_layout(b_copy, ("write", 0), b_map)
+    sch.transform_layout(c_copy, ("read", 0), c_map)
+    sch.transform_block_layout(main, block_map)
+    loops = sch.get_loops(main)
+    extents = tuple(extent(sch, loop) for loop in loops[1:])
+    if None in extents:
+        return None
+    return a_copy, b_copy, c_copy, c_map, loops, extents
 
 
 def b_panel(sch, main, b_copy, padded: bool):

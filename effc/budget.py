@@ -169,6 +169,20 @@ class Choice:
     samples: int  # holdout samples measured on
 
 
+def convert_layers(model: ir.Model, candidates: list[Candidate], ctx, outcome) -> list[str]:
+    """What a budgeted pass does with its candidates: convert every one in ``model`` without a budget;
+    under ``ctx.budget`` those :func:`choose_layers` accepts, each other one skipped in ``outcome`` (a
+    PassOutcome) with its measured reason. The names converted, in order."""
+    if ctx.budget is None:
+        for c in candidates:
+            c.apply(model)
+        return [c.name for c in candidates]
+    choice = choose_layers(model, candidates, ctx.budget, ctx.holdout, reference=ctx.holdout_reference)
+    for name, reason in choice.refused.items():
+        outcome.skip(name, reason)
+    return list(choice.accepted)
+
+
 def choose_layers(model: ir.Model, candidates: list[Candidate], budget: Budget, holdout: Feeds,
                   progress: Callable[[str], None] | None = None, reference: list[dict] | None = None) -> Choice:
     """Convert (in ``model``, in place) the candidates that fit within ``budget`` on ``holdout``,

@@ -26,11 +26,10 @@ import fnmatch
 import functools
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
-from effc.budget import Candidate, choose_layers
+from effc.budget import Candidate, convert_layers
 from effc.calib import sample_rows, single_threaded_blas
 from effc.errors import EffcError
 from effc.ir import new_initializer, opset
@@ -163,17 +162,9 @@ def convert(model: ir.Model, fits: dict[str, Fitted], opts: Options, ctx: PassCo
     (the refused ones skipped with its measured reason). Returns the names converted."""
     if not fits:
         return []
-    if ctx.budget is None:
-        for name, fit in fits.items():
-            install(model, name, fit, opts)
-        accepted = list(fits)
-    else:
-        candidates = [Candidate(name, functools.partial(install, name=name, fit=fit, opts=opts), cost=fit.rel_error)
-                      for name, fit in fits.items()]
-        choice = choose_layers(model, candidates, ctx.budget, ctx.holdout, reference=ctx.holdout_reference)
-        for name, reason in choice.refused.items():
-            outcome.skip(name, reason)
-        accepted = list(choice.accepted)
+    candidates = [Candidate(name, functools.partial(install, name=name, fit=fit, opts=opts), cost=fit.rel_error)
+                  for name, fit in fits.items()]
+    accepted = convert_layers(model, candidates, ctx, outcome)
     ir_passes.RemoveUnusedNodesPass()(model)
     return accepted
 

@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
-from effc.budget import Candidate, choose_layers
+from effc.budget import Candidate, convert_layers
 from effc.calib import gram_matrices, row_mask
 from effc.errors import EffcError
 from effc.ir import copy_model, opset
@@ -328,15 +328,8 @@ def choose(model: ir.Model, plans: list[LayerPlan], records: dict[str, tuple], c
             rewrite_layer(target.graph, LayerPlan(lin, plan.weight, plan.act, plan.scheme))
         return run
 
-    if ctx.budget is None:
-        for p in plans:
-            apply(p.name)(model)
-        return set(by_name)
     candidates = [Candidate(p.name, apply(p.name), records[p.name][0]) for p in plans]
-    choice = choose_layers(model, candidates, ctx.budget, ctx.holdout, reference=ctx.holdout_reference)
-    for name, reason in choice.refused.items():
-        outcome.skip(name, reason)
-    return set(choice.accepted)
+    return set(convert_layers(model, candidates, ctx, outcome))
 
 
 def details(plan: LayerPlan, mode: str, gptq: bool) -> dict:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
-from effc.budget import Candidate, choose_layers
+from effc.budget import Candidate, convert_layers
 from effc.calib import Gram, gram_matrices, single_threaded_blas
 from effc.ir import new_initializer, opset
 from effc.ops import DOMAIN, use
@@ -153,31 +153,16 @@ class ShiftAdd(Pass):
                 else {lin.name: opts.bits for lin in selected})
         results = {lin.name: quantize_weight(lin.weight, hessians.get(lin.x.name), bits[lin.name], opts)
                    for lin in selected}
-        if ctx.budget is not None:
-            chosen = self.within_budget(model, selected, results, ctx, outcome)
-        else:
-            chosen = selected
-            for lin in selected:
-                apply_one(model, lin.name, results[lin.name])
+        candidates = [Candidate(lin.name, functools.partial(apply_one, name=lin.name, result=results[lin.name]),
+                                cost=results[lin.name].error) for lin in selected]
+        converted = set(convert_layers(model, candidates, ctx, outcome))
+        chosen = [lin for lin in selected if lin.name in converted]
         for lin in chosen:
             outcome.rewrites.append(rewrite_record(lin, results[lin.name], bits[lin.name], opts,
                                                    lin.x.name in hessians))
             if lin.x.name in grams:
                 outcome.layers.append(layer_record(lin, results[lin.name], grams[lin.x.name], data))
         return outcome
-
-    @staticmethod
-    def within_budget(model: ir.Model, selected: list[Linear], results: dict[str, Quantized], ctx: PassContext,
-                      outcome: PassOutcome) -> list[Linear]:
-        """The linears converted under ``ctx.budget`` (applied to ``model``); the rest are skipped with
-        the measured reason they stay in float."""
-        candidates = [Candidate(lin.name, functools.partial(apply_one, name=lin.name, result=results[lin.name]),
-                                cost=results[lin.name].error) for lin in selected]
-        choice = choose_layers(model, candidates, ctx.budget, ctx.holdout, reference=ctx.holdout_reference)
-        for name, reason in choice.refused.items():
-            outcome.skip(name, reason)
-        accepted = set(choice.accepted)
-        return [lin for lin in selected if lin.name in accepted]
 
     @staticmethod
     def select(model: ir.Model, opts: Options, outcome: PassOutcome) -> list[Linear]:

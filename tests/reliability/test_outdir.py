@@ -77,12 +77,18 @@ def test_interrupted_build_keeps_previous_out(models, previous_out, tmp_path, mo
 
 
 def test_interrupted_first_build_leaves_no_out(models, tmp_path):
-    out = tmp_path / "out"
-    proc = _start(models[1], out)
-    _wait_for(lambda: any((s / "model.onnx").exists() for s in _staging(out)), proc)
+    for attempt in range(3):  # a loaded machine may finish the tiny build before the poll sees it staged
+        out = tmp_path / f"out{attempt}"
+        proc = _start(models[1], out)
+        if _wait_for(lambda: any((s / "model.onnx").exists() for s in _staging(out)), proc):
+            break
+        proc.communicate(timeout=120)
+    else:
+        pytest.fail("the compile finished three times before its staging directory was seen")
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 130 and not out.exists() and not _staging(out)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert not out.exists() and not _staging(out)
 
 
 def test_second_writer_is_refused(models, previous_out, tmp_path):

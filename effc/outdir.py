@@ -49,8 +49,11 @@ class StagedOut:
             self._lock()
             _recover(self.out)
             self._check_existing()
-            # SIGTERM becomes an exception like Ctrl-C, so the staging directory is cleaned up.
-            for sig in (signal.SIGTERM,):
+            # SIGTERM becomes an exception like Ctrl-C, so the staging directory is cleaned up. Both are
+            # also remembered: TVM turns a KeyboardInterrupt raised inside its calls into a RuntimeError,
+            # which code that tolerates TVM's failures would swallow; commit() refuses after one.
+            _received.clear()
+            for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
                     self._old_handlers[sig] = signal.signal(sig, _raise_interrupt)
                 except ValueError:  # not the main thread: leave signals alone
@@ -78,6 +81,8 @@ class StagedOut:
         blocked = {signal.SIGINT, signal.SIGTERM}
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # the two renames are not interrupted
         try:
+            if _received:  # an interrupt some library swallowed: the output must not appear
+                raise KeyboardInterrupt(f"signal {_received[0]}")
             if self.out.exists():
                 aside = Path(tempfile.mkdtemp(prefix=_hidden(self.out, "old-"), dir=self.parent))
                 os.replace(self.out, aside)  # replaces the empty placeholder mkdtemp made
@@ -143,7 +148,16 @@ def _recover(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+_received: list[int] = []  # signals that arrived inside a StagedOut block
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C or SIGTERM arrived inside the current StagedOut block (even if swallowed since)."""
+    return bool(_received)
+
+
 def _raise_interrupt(signum, frame) -> None:
+    _received.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from effc.outdir import interrupted
+
 UNSCHEDULED = "unscheduled"
 
 
@@ -56,6 +58,8 @@ def apply_rules(rules: list, log: RuleLog):
                 try:
                     sch = rule.apply(func, target, False)
                 except Exception as exc:
+                    if interrupted():  # TVM hands a Ctrl-C back as a RuntimeError: not the rule's failure
+                        raise KeyboardInterrupt("interrupted") from None
                     if os.environ.get("EFFC_DEBUG"):
                         raise
                     log.hits[f"{label_of(rule)}:error"] = log.hits.get(f"{label_of(rule)}:error", 0) + 1

@@ -167,3 +167,23 @@ def test_full_disk_keeps_previous_out(previous_out, small_disk, tmp_path):
     assert "no space left" in line.lower()
     assert tree_digest(out) == before and not _staging(out)
     check_out_consistent(out, tmp_path)
+
+
+def test_an_interrupt_a_library_swallowed_still_discards_the_output(tmp_path):
+    """TVM turns a KeyboardInterrupt raised inside its calls into a RuntimeError; code that tolerates
+    TVM's failures may swallow it. The output must still not appear."""
+    import tvm_ffi
+
+    from effc.outdir import StagedOut
+
+    out = tmp_path / "out"
+    ctrl_c_inside_tvm = tvm_ffi.convert(lambda: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        with StagedOut(out) as stage:
+            (stage.path / "model.onnx").write_text("half")
+            try:
+                ctrl_c_inside_tvm()
+            except Exception as exc:  # what a rule's `except Exception` sees
+                assert type(exc) is RuntimeError
+            stage.commit()
+    assert not out.exists() and not _staging(out)

@@ -33,6 +33,7 @@ import numpy as np
 
 from effc.errors import EffcError
 from effc.kernels._layout import call_rows, rows_of_x
+from effc.kernels._standalone import StandaloneKernel, host_target
 from effc.ops.registry import Kernel, TargetKernels
 
 SHUFFLE = "llvm.x86.avx512.pshuf.b.512"
@@ -299,42 +300,9 @@ def build(shapes: list, constants: list, attributes: dict, target) -> Kernel:
 KERNELS = TargetKernels(fit=fit, build=build, call=call_rows, context=True)  # effc.LookupLinear's registration
 
 
-def host_target():
-    import tvm
-
-    return tvm.target.Target.from_device(tvm.cpu())
-
-
-class LookupKernel:
+class LookupKernel(StandaloneKernel):
     """A built kernel for one layer: ``kernel(x)`` -> Y (x float32 [m, K]); see :func:`choose`."""
 
     def __init__(self, lay: Layer, bias: np.ndarray, m: int, target=None):
-        import tvm
-
         target = target or host_target()
-        self.m, self.n = m, lay.n
-        choice = choose(lay, m, target)
-        self.name, self.rows = choice.name, int(choice.func.params[0].shape[0])
-        lib = tvm.compile(tvm.IRModule({self.name: choice.func}), target=target)
-        self.module = lib.jit() if hasattr(lib, "jit") else lib
-        self.device = tvm.cpu()
-        self._weights = [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in
-                         (*choice.weights, np.asarray(bias, dtype=np.float32))]
-        self._out = tvm.runtime.tensor(np.zeros((self.rows, self.n), dtype=np.float32), self.device)
-
-    def arguments(self, x: np.ndarray) -> list:
-        import tvm
-
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.rows != len(x):
-            x = np.concatenate([x, np.zeros((self.rows - len(x), x.shape[1]), np.float32)])
-        return [tvm.runtime.tensor(x, self.device), *self._weights, self._out]
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        args = self.arguments(x)
-        self.module[self.name](*args)
-        return args[-1].numpy()[:self.m]
-
-    def time_ms(self, x: np.ndarray, number: int = 20, repeat: int = 7) -> float:
-        timer = self.module.time_evaluator(self.name, self.device, number=number, repeat=repeat, min_repeat_ms=0)
-        return float(np.median(timer(*self.arguments(x)).results) * 1e3)
+        super().__init__(choose(lay, m, target), bias, m, lay.n, target)

@@ -33,6 +33,7 @@ import numpy as np
 
 from effc.kernels._layout import call_rows, dtype_misfit, fold_signs, rows_of_x, table_entry
 from effc.kernels._layout import misfit as layout_misfit
+from effc.kernels._standalone import StandaloneKernel, host_target
 from effc.ops.registry import Kernel, TargetKernels
 
 LANES = 16  # float32 lanes of a zmm register: output rows per vector, entries per table
@@ -74,12 +75,6 @@ def pack(planes: np.ndarray, codes: np.ndarray, rows: int = LANES * BLOCK) -> Pa
 
     return Packed(words(bits), words(exps), group, kb * 8)
 
-
-def host_target():
-    """The host CPU as TVM detects it (``mcpu=native`` silently builds generic code in TVM 0.27)."""
-    import tvm
-
-    return tvm.target.Target.from_device(tvm.cpu())
 
 
 @functools.cache  # one parse per shape: a model's linears share a handful of shapes
@@ -198,40 +193,11 @@ def build(shapes: list, constants: list) -> Kernel:
 KERNELS = TargetKernels(fit=fit, build=build, call=call_rows)  # effc.ShiftAddMatMul's registration names it
 
 
-class ShiftAddKernel:
+class ShiftAddKernel(StandaloneKernel):
     """A built kernel for one weight: ``kernel(x)`` -> x @ W^T + bias (x float32 [m, k]); see choose."""
 
     def __init__(self, planes: np.ndarray, codes: np.ndarray, bias: np.ndarray, m: int, target=None,
                  threads: int | None = None):
-        import tvm
-
         if threads:  # TVM's CPU thread pool reads this when it starts
             os.environ["TVM_NUM_THREADS"] = str(threads)
-        target = target or host_target()
-        self.m = m
-        choice = choose(planes, codes, m)
-        self.name, self.rows, self.n = choice.name, int(choice.func.params[0].shape[0]), planes.shape[1]
-        lib = tvm.compile(tvm.IRModule({self.name: choice.func}), target=target)
-        self.module = lib.jit() if hasattr(lib, "jit") else lib
-        self.device = tvm.cpu()
-        self._weights = [tvm.runtime.tensor(a, self.device) for a in
-                         (*choice.weights, np.asarray(bias, dtype=np.float32))]
-        self._out = tvm.runtime.tensor(np.zeros((self.rows, self.n), dtype=np.float32), self.device)
-
-    def arguments(self, x: np.ndarray) -> list:
-        import tvm
-
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.rows != len(x):
-            x = np.concatenate([x, np.zeros((self.rows - len(x), x.shape[1]), np.float32)])
-        return [tvm.runtime.tensor(x, self.device), *self._weights, self._out]
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        args = self.arguments(x)
-        self.module[self.name](*args)
-        return args[-1].numpy()[:self.m]
-
-    def time_ms(self, x: np.ndarray, number: int = 20, repeat: int = 7) -> float:
-        """Median over ``repeat`` timings of ``number`` calls each, after TVM's own warm-up call."""
-        timer = self.module.time_evaluator(self.name, self.device, number=number, repeat=repeat, min_repeat_ms=0)
-        return float(np.median(timer(*self.arguments(x)).results) * 1e3)
+        super().__init__(choose(planes, codes, m), bias, m, planes.shape[1], target or host_target())

@@ -20,6 +20,7 @@ from typing import ClassVar
 from tvm import s_tir
 from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
+from effc.codegen.peel_tail import PEEL_KEY
 from effc.codegen.records import knobs_for
 from effc.codegen.schedules.cpu.base import CPURule, one_reduction
 from effc.codegen.schedules.cpu.panels import (
@@ -109,6 +110,8 @@ class Matmul(CPURule):
         sch.parallel(sch.fuse(batch, jo))
         sch.decompose_reduction(main, k)
         sch.annotate(k, PREFETCH_KEY, nr)  # effc.codegen.prefetch streams the next panel in
+        if m % mr:
+            sch.annotate(io, PEEL_KEY, True)  # full tiles without row checks (effc.codegen.peel_tail)
         return sch
 
 

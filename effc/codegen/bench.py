@@ -1,6 +1,6 @@
 """Latency of a compiled OUT directory against ONNX Runtime, torch eager and OpenVINO, measured interleaved.
 
-Engines take turns within every round (effc, ort, ..., torch, openvino-f32, openvino), so a slow phase of a shared machine
+Engines take turns within every round (in an order shuffled per round), so a slow phase of a shared machine
 hits them alike; the first rounds are warm-up and dropped; median and p90 are over the rest.
 Fairness between engines in one process: each engine's worker threads spin for a while after a
 call (ONNX Runtime's until its next Run, TVM's and OpenMP's for a bounded count), and a spinning
@@ -161,19 +161,35 @@ def turns(engines: dict, rounds: int, warmup: int = 0, settle_s: float = SETTLE_
     """The interleaved timing loop: each round, each engine in turn idles ``settle_s``, is measured
     once (after idle), then ``burst`` times back to back (steady); the first ``warmup`` rounds are
     dropped. ``measure(fn)`` gives one sample (default: wall-clock seconds of ``fn()``).
+    The engines' order changes every round (``round_order``).
     Returns (steady, after_idle) samples per engine."""
     steady: dict[str, list[float]] = {name: [] for name in engines}
     after_idle: dict[str, list[float]] = {name: [] for name in engines}
+    names = list(engines)
     for round_ in range(rounds):
         if progress:
             progress(f"{'warm-up' if round_ < warmup else 'timed'} round {round_ + 1}/{rounds}")
-        for name, fn in engines.items():
+        for name in round_order(names, round_):
+            fn = engines[name]
             time.sleep(settle_s)
             for call in range(1 + burst):
                 sample = measure(fn)
                 if round_ >= warmup:
                     (after_idle if call == 0 else steady)[name].append(sample)
     return steady, after_idle
+
+
+def round_order(names: list[str], round_: int) -> list[str]:
+    """``names`` in a shuffled order, the same for the same round (seeded by it), so that over the
+    rounds every engine follows a mix of the others. An engine can slow the one after it beyond
+    the idle gap (measured on vit-s16, 2 threads: effc's CPU time per call 158 ms straight after
+    OpenVINO with its default thread pinning, 94 ms after ONNX Runtime); a fixed order (or a
+    rotation, which keeps each engine's predecessor) charged that to the same engine every round."""
+    import random
+
+    order = list(names)
+    random.Random(round_).shuffle(order)
+    return order
 
 
 def default_feeds(out: Path) -> list[dict]:

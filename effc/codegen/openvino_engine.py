@@ -5,7 +5,7 @@ matmuls in bf16 by default, which a user running it gets, so `--vs openvino` tim
 "openvino-f32" (INFERENCE_PRECISION_HINT=f32, the like-for-like comparison) and "openvino" (its
 default), each reporting the precision it ran. Inputs are fixed to the bench feed's shapes before
 compiling (as effc's build is static); threads as the other engines (INFERENCE_NUM_THREADS), one
-stream, latency hint.
+stream, latency hint, threads not pinned to cores (ENABLE_CPU_PINNING off: see OpenVinoEngine).
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ class OpenVinoEngine:
             if missing:
                 raise EffcError(f"OpenVINO: the bench inputs lack {', '.join(missing)}")
             model.reshape({n: list(feed[n].shape) for n in names})
-            config = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+            # Unpinned, like the other engines' threads: OpenVINO's default pinning slowed the engine
+            # timed after it (effc on vit-s16, 2 threads: 158 ms of CPU per call instead of 94) and,
+            # on this shared VM, OpenVINO itself (116 ms of CPU per call pinned, 95 unpinned).
+            config = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                      "ENABLE_CPU_PINNING": False}
             if precision:
                 config["INFERENCE_PRECISION_HINT"] = precision
             self.compiled = core.compile_model(model, "CPU", config)

@@ -54,6 +54,15 @@ def test_bench_against_openvino_at_both_precisions(compiled_out):
         assert result["openvino_max_rel_err"] > result["openvino-f32_max_rel_err"], result
 
 
+def test_openvino_threads_are_not_pinned(compiled_out):
+    """Pinned, OpenVINO's threads slowed the engine timed after it (effc/codegen/openvino_engine.py)."""
+    pytest.importorskip("openvino")
+    from effc.codegen.openvino_engine import OpenVinoEngine
+
+    engine = OpenVinoEngine(compiled_out / "model.onnx", {"x": np.zeros((2, 5, 37), np.float32)}, 2, "f32")
+    assert engine.compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
 def test_missing_openvino_is_one_line_and_exit_2(compiled_out, monkeypatch, capsys):
     from effc.cli import run
 

@@ -104,8 +104,9 @@ class MatmulBf16(CPURule):
         if not ((pads[1] == 1 and pads[3] == 1 and _read_in_place(sch, main, a_copy))
                 or (pads != [1, 1, 1, 1] and _read_padded_in_place(sch, main, a_copy))):
             _parallel_copy(sch, _stage(sch, main, a_copy, 0))
-        panel = _stage(sch, main, b_copy, 1)
-        _pack_pairs(sch, func, panel, nr)
+        b_plain = _read_b_in_place(sch, func, main, b_copy)
+        if not b_plain:
+            _pack_pairs(sch, func, _stage(sch, main, b_copy, 1), nr)
 
         batch, i, j, k = sch.get_loops(main)
         io, ii = sch.split(i, [None, mr])
@@ -117,7 +118,7 @@ class MatmulBf16(CPURule):
         sch.parallel(sch.fuse(batch, jo))
         k_pad = extent(sch, k)
         tile = sch.blockize(k)  # the tile's block keeps its loop nest: effc.codegen.bf16_tile_call lowers it
-        sch.annotate(tile, TILE_KEY, [mr, nr, k_pad, m, n, kk])  # edge tiles: the C tile's partial ones
+        sch.annotate(tile, TILE_KEY, [mr, nr, k_pad, m, n, kk, int(b_plain)])
         return sch
 
 
@@ -146,6 +147,31 @@ def _read_padded_in_place(sch, main, a_copy) -> bool:
         return False
     pad = _stage(sch, main, a_copy, 0)
     sch.compute_inline(pad)
+    return True
+
+
+def _read_b_in_place(sch, func, main, b_copy) -> bool:
+    """Let main read a computed B (not a weight: those are packed at compile time) where it is, a
+    row-major [k, n] matrix whose panels the C tile packs, vectorised, by each panel's first row
+    tile: no per-call packing loop in TIR (a scalar scatter into a buffer TVM widens to fp32) and
+    no second conversion. False, unchanged, when B is a weight or is not read as [.., k, j]."""
+    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    weights = [func.params[int(x)] for x in free] if free else []
+    trial = sch.copy()
+    stage = _stage(trial, main, b_copy, 1)
+    if any(r.source.same_as(w) for r in trial.get(stage).reads for w in weights):
+        return False
+    trial.compute_inline(stage)
+    block = trial.get(main)
+    reads = [r for r in block.reads if str(r.source.dtype) == "bfloat16"]
+    if len(reads) != 2 or reads[0].source.same_as(reads[1].source):
+        return False
+    j, k = (iv.var for iv in block.iter_vars[-2:])
+    region = reads[1].region
+    if not (region[-2].min.same_as(k) and region[-1].min.same_as(j)
+            and all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in region)):
+        return False
+    sch.compute_inline(_stage(sch, main, b_copy, 1))
     return True
 
 

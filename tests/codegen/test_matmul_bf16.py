@@ -178,3 +178,26 @@ def test_tune_with_bf16_records_the_bf16_rule(tmp_path):
     result = tune_model(model, 2, tmp_path / "rec.json", progress=lambda _: None, precision="bf16")
     records = json.loads((tmp_path / "rec.json").read_text())["records"]
     assert result.workloads == 1 and [r["rule"] for r in records.values()] == ["matmul-bf16"], records
+
+
+@requires_bf16
+def test_one_cast_feeds_the_matmuls_sharing_an_input(tmp_path):
+    """q, k and v's matmuls read one layer norm's output: it is cast to bf16 once, in the norm's own
+    kernel, not once per matmul (three cast kernels beside an fp32 norm)."""
+    from effc.codegen.build import compile_model, run_compiled
+    from effc.verify import OrtRunner, deviation, make_inputs
+
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(rng.standard_normal(K).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.standard_normal(K).astype(np.float32), "beta")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "beta"], ["ln"], axis=-1)]
+    for name in "qkv":
+        inits.append(numpy_helper.from_array(rng.standard_normal((K, 24)).astype(np.float32) / 6, f"W{name}"))
+        nodes.append(helper.make_node("MatMul", ["ln", f"W{name}"], [name]))
+    model = model_from_nodes(nodes, [("x", [2, M, K])], [(n, [2, M, 24]) for n in "qkv"], inits)
+    result = compile_model(model, "llvm", tmp_path, precision="bf16")
+    casts = [name for name in result.kernels if "cast" in name]
+    assert len(casts) == 1 and "layer_norm" in casts[0], result.kernels
+    feeds = make_inputs(model, 1, seed=2)
+    dev = deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds))
+    assert dev.cosine >= 0.999 and dev.max_rel < 2e-2, dev

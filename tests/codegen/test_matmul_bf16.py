@@ -201,3 +201,22 @@ def test_one_cast_feeds_the_matmuls_sharing_an_input(tmp_path):
     feeds = make_inputs(model, 1, seed=2)
     dev = deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds))
     assert dev.cosine >= 0.999 and dev.max_rel < 2e-2, dev
+
+
+@requires_bf16
+def test_a_patch_embedding_conv_runs_bf16(tmp_path):
+    """ViT's patch embedding (a stride = kernel Conv, rewritten to a matmul before the bf16 rewrite
+    sees the graph) runs on the bf16 rule too, batch 2, close to fp32 ONNX Runtime."""
+    from effc.codegen.build import compile_model, run_compiled
+    from effc.verify import OrtRunner, deviation, make_inputs
+
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array((rng.standard_normal((24, 3, 8, 8)) / 8).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "B")]
+    model = model_from_nodes([helper.make_node("Conv", ["x", "W", "B"], ["y"], strides=[8, 8])],
+                             [("x", [2, 3, 24, 40])], [("y", [2, 24, 3, 5])], inits)
+    result = compile_model(model, "llvm", tmp_path, precision="bf16")
+    assert "matmul-bf16" in result.kernels.values(), result.kernels
+    feeds = make_inputs(model, 1, seed=3)
+    dev = deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds))
+    assert dev.cosine >= 0.999 and dev.max_rel < 2e-2, dev

@@ -8,6 +8,10 @@ tail (less than a vector) as scalars, rows in parallel.
 
     y[r, :] = e / sum(e),   e = exp(x[r, :] - max(x[r, :]))
 
+Under --precision bf16 the softmax feeding attention's second matmul ends in a cast to bf16 (the
+matmul's operand, effc.codegen.bf16_matmul); that kernel is taken too: e goes to a row of fp32
+scratch and the normalised row is written as bf16 once, so the cast costs no pass of its own.
+
 exp is a range reduction to 2^k * exp(f), |f| <= ln2/2, with a degree-6 polynomial for exp(f) and
 2^k assembled in the exponent bits: no libm call (those are scalar, ~100x a multiply).
 """
@@ -39,18 +43,19 @@ class Softmax(CPURule):
         from tvm import s_tir
 
         rows, n = shape
-        return s_tir.Schedule(softmax_kernel(list(func.params[0].shape), rows, n, lanes))
+        out_dtype = str(func.params[1].dtype)
+        return s_tir.Schedule(softmax_kernel(list(func.params[0].shape), rows, n, lanes, out_dtype))
 
 
 def _softmax_shape(func, lanes: int) -> tuple[int, int] | None:
-    """(rows, row length) when ``func`` is exactly TVM's float32 fast_softmax over the last axis
-    and a row holds at least one vector of ``lanes``."""
+    """(rows, row length) when ``func`` is exactly TVM's float32 fast_softmax over the last axis,
+    its output float32 or cast to bfloat16, and a row holds at least one vector of ``lanes``."""
     from tvm import tirx
 
     if len(func.params) != 2:
         return None
     src, dst = func.params
-    if str(src.dtype) != "float32" or str(dst.dtype) != "float32":
+    if str(src.dtype) != "float32" or str(dst.dtype) not in ("float32", "bfloat16"):
         return None
     dims = [int(d) if isinstance(d, tirx.IntImm) else None for d in src.shape]
     if None in dims or [int(d) for d in dst.shape] != dims or len(dims) < 1:
@@ -59,8 +64,16 @@ def _softmax_shape(func, lanes: int) -> tuple[int, int] | None:
     from tvm.s_tir.dlight.analysis import get_root_block
 
     sch = s_tir.Schedule(func)
-    if tuple(sch.get(b).name_hint for b in sch.get_child_blocks(get_root_block(sch))) != STAGES:
+    stages = STAGES if str(dst.dtype) == "float32" else (*STAGES, "compute")  # the cast to bf16
+    blocks = sch.get_child_blocks(get_root_block(sch))
+    if tuple(sch.get(b).name_hint for b in blocks) != stages:
         return None
+    if len(stages) > len(STAGES):  # "compute" names many elementwise ops: it must be the plain cast
+        body = sch.get(blocks[-1]).body
+        value = getattr(body, "value", None)
+        loads = ("TensorLoad", "BufferLoad")  # tirx.BufferLoad is a constructor; TVM builds a TensorLoad
+        if not (isinstance(value, tirx.Cast) and type(value.value).__name__ in loads):
+            return None
     n = dims[-1]
     rows = 1
     for d in dims[:-1]:
@@ -90,9 +103,10 @@ def _exp(v, lanes: int = 1):
     return T.Select(v < const(EXP_LOW), const(0.0), p * two_k)
 
 
-def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16):
+def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16, out_dtype: str = "float32"):
     """TIR for softmax over the last axis of a float32 tensor of ``shape`` (rows x n when flat),
-    in vectors of ``lanes`` (a SIMD register of the target: 16 with AVX-512, 8 with AVX2).
+    in vectors of ``lanes`` (a SIMD register of the target: 16 with AVX-512, 8 with AVX2), written
+    as ``out_dtype`` (float32, or bfloat16: then e is kept in a row of fp32 scratch, not in y).
 
     The kernel keeps the tensor's own rank (the VM checks it) and addresses row r through its
     leading indices; no flat view is declared, as TVM's schedule state (built for every kernel by
@@ -116,11 +130,29 @@ def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16):
     def load(buf, row, col):
         return tirx.BufferLoad(buf, at(row, col))
 
+    scratch = out_dtype != "float32"  # e in a row of fp32 scratch, not in y
+
+    def e_index(y, e_row, row, col, width):
+        if scratch:
+            return e_row, [T.Ramp(row * n + col, 1, width) if width > 1 else row * n + col]
+        return y, at(row, chunk(col) if width > 1 else col)
+
+    def put_e(y, e_row, row, col, width, value):
+        buf, index = e_index(y, e_row, row, col, width)
+        T.buffer_store(buf, value, index)
+
+    def get_e(y, e_row, row, col, width):
+        buf, index = e_index(y, e_row, row, col, width)
+        return tirx.BufferLoad(buf, index)
+
+    def as_out(value, width):
+        return T.Cast(f"{out_dtype}x{width}" if width > 1 else out_dtype, value) if scratch else value
+
     @T.prim_func(s_tir=True)
     def softmax(x_in: T.handle, y_out: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         x = T.match_buffer(x_in, shape, "float32")
-        y = T.match_buffer(y_out, shape, "float32")
+        y = T.match_buffer(y_out, shape, out_dtype)
         for r in T.parallel(rows):
             with T.sblock("row"):
                 v = T.axis.spatial(rows, r)
@@ -132,6 +164,7 @@ def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16):
                 # costs a workspace call).
                 acc = T.alloc_buffer((rows * lanes,), "float32")
                 stat = T.alloc_buffer((rows,), "float32")
+                e_row = T.alloc_buffer((rows * n if scratch else 1,), "float32")  # bf16 output only
                 # max: lane-wise over whole chunks, then across the lanes and the tail
                 acc[chunk(v * lanes)] = load(x, v, chunk(0))
                 for c in range(1, full):
@@ -141,24 +174,25 @@ def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16):
                     stat[v] = T.max(stat[v], acc[v * lanes + u])
                 for t in range(tail):
                     stat[v] = T.max(stat[v], load(x, v, full * lanes + t))
-                # e = exp(x - max) into y, summed lane-wise
+                # e = exp(x - max) into y (or the scratch), summed lane-wise
                 acc[chunk(v * lanes)] = T.Broadcast(T.float32(0), lanes)
                 for c in range(full):
-                    T.buffer_store(y, _exp(load(x, v, chunk(c * lanes)) - T.Broadcast(stat[v], lanes), lanes),
-                                   at(v, chunk(c * lanes)))
-                    acc[chunk(v * lanes)] = acc[chunk(v * lanes)] + load(y, v, chunk(c * lanes))
+                    put_e(y, e_row, v, c * lanes, lanes,
+                          _exp(load(x, v, chunk(c * lanes)) - T.Broadcast(stat[v], lanes), lanes))
+                    acc[chunk(v * lanes)] = acc[chunk(v * lanes)] + get_e(y, e_row, v, c * lanes, lanes)
                 for t in range(tail):
-                    T.buffer_store(y, _exp(load(x, v, full * lanes + t) - stat[v]), at(v, full * lanes + t))
-                    acc[v * lanes] = acc[v * lanes] + load(y, v, full * lanes + t)
+                    put_e(y, e_row, v, full * lanes + t, 1, _exp(load(x, v, full * lanes + t) - stat[v]))
+                    acc[v * lanes] = acc[v * lanes] + get_e(y, e_row, v, full * lanes + t, 1)
                 stat[v] = acc[v * lanes]
                 for u in range(1, lanes):
                     stat[v] = stat[v] + acc[v * lanes + u]
                 # normalise by one reciprocal per row
                 stat[v] = T.float32(1) / stat[v]
                 for c in range(full):
-                    T.buffer_store(y, load(y, v, chunk(c * lanes)) * T.Broadcast(stat[v], lanes),
+                    T.buffer_store(y, as_out(get_e(y, e_row, v, c * lanes, lanes) * T.Broadcast(stat[v], lanes), lanes),
                                    at(v, chunk(c * lanes)))
                 for t in range(tail):
-                    T.buffer_store(y, load(y, v, full * lanes + t) * stat[v], at(v, full * lanes + t))
+                    T.buffer_store(y, as_out(get_e(y, e_row, v, full * lanes + t, 1) * stat[v], 1),
+                                   at(v, full * lanes + t))
 
     return softmax

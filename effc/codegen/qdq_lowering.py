@@ -60,6 +60,7 @@ class ProtoLowering:
 
     target: object
     plans: list = field(default_factory=list)  # each with .node and .reason ("" when taken)
+    hoisted: int = 0  # QuantizeLinear moved ahead of data movement (effc.codegen.qdq_hoist)
     _lifted: list = field(default_factory=list)  # (relax Var, array) in call order
     rule = RULE
 
@@ -106,6 +107,9 @@ class QdqLowering(ProtoLowering):
             self.plans = [Plan(n.name or f"{n.op_type}_{i}", reason) for i, n in enumerate(proto.graph.node)
                           if n.op_type in ("MatMul", "Gemm") and _producer_op(proto, n.input[0]) == "DequantizeLinear"]
             return proto
+        from effc.codegen.qdq_hoist import hoist_quantize
+
+        self.hoisted = hoist_quantize(proto)
         graph = _Graph(proto)
         for i, node in enumerate(list(proto.graph.node)):
             if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):

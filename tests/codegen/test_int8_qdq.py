@@ -124,6 +124,9 @@ def test_attention_matmuls_on_int8_kernels(tmp_path, batch, seq, heads, head_dim
     assert lowered["qk"] == lowered["pv"] == ("int8-vnni", "")
     assert res.rule_hits.get("int8-matmul") == 6
     assert not any(r == "matmul" for r in res.kernels.values()), res.kernels
+    # every QuantizeLinear runs in its producer's write-back (the heads' Reshape/Transpose move
+    # bytes after it: effc.codegen.qdq_hoist), none as a pass of its own over float memory
+    assert not [k for k, r in res.kernels.items() if r == "elementwise" and "quantize" in k], res.kernels
 
 
 def test_cpu_without_vnni_takes_the_float_path(tmp_path):

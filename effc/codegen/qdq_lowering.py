@@ -172,7 +172,12 @@ def _activation_product(bb, a, b, plan: Plan):
         rows = relax.op.sum(relax.op.astype(a, "int32"), axis=[-1], keepdims=True)
         acc = relax.op.subtract(acc, relax.op.multiply(rows, relax.const(zb, "int32")))
     if za:
-        cols = relax.op.sum(relax.op.astype(b, "int32"), axis=[-2], keepdims=True)
+        # summed along the last axis of B^T: TVM's reduction rules handle last-axis sums (over
+        # axis -2 the generic schedule ran 10x slower than the whole P.V product)
+        rank = len(bb.normalize(b).ty.shape)
+        swap = list(range(rank - 2)) + [rank - 1, rank - 2]
+        b_t = relax.op.expand_dims(relax.op.permute_dims(b, swap), -3)  # [.., 1, N, K]: the sum is [.., 1, N]
+        cols = relax.op.sum(relax.op.astype(b_t, "int32"), axis=[-1])
         acc = relax.op.subtract(acc, relax.op.multiply(cols, relax.const(za, "int32")))
         if zb:
             k = int(bb.normalize(a).ty.shape[-1])

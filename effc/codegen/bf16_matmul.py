@@ -13,6 +13,11 @@ from __future__ import annotations
 from effc.codegen.relax_rewrite import mutator_pass
 
 BF16 = "bfloat16"
+# ops that only move elements: an operand reached through them is cast before them instead, so the
+# cast fuses into the producing kernel's epilogue (attention's q, k, v: the linear writes bf16) and
+# the head split / transpose moves half the bytes and converts nothing
+LAYOUT_OPS = ("relax.reshape", "relax.permute_dims")
+MAX_LAYOUT_CHAIN = 4
 
 
 def bf16_matmul_pass():
@@ -31,7 +36,21 @@ def bf16_matmul_pass():
             out = str(getattr(call.attrs, "out_dtype", ""))
             if out not in ("", "void", "None", "float32"):
                 return call
-            return relax.op.matmul(relax.op.astype(a, BF16), relax.op.astype(b, BF16), out_dtype="float32")
+            return relax.op.matmul(self.as_bf16(a), self.as_bf16(b), out_dtype="float32")
+
+        def as_bf16(self, x):
+            """astype(x, bf16), the cast moved ahead of the layout ops that made x."""
+            chain, source = [], x
+            while len(chain) < MAX_LAYOUT_CHAIN and isinstance(source, relax.Var):
+                bound = self.lookup_binding(source)
+                if not (isinstance(bound, relax.Call) and getattr(bound.op, "name", None) in LAYOUT_OPS):
+                    break
+                chain.append(bound)
+                source = bound.args[0]
+            out = relax.op.astype(self.visit_expr(source), BF16)
+            for op in reversed(chain):
+                out = self.builder_.normalize(relax.Call(op.op, [out, *op.args[1:]], op.attrs, op.ty_args))
+            return out
 
     import tvm
 

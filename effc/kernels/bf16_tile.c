@@ -1,15 +1,17 @@
 /* The AVX-512 BF16 register tile of effc's bf16 matmul rule (effc/codegen/schedules/cpu/matmul_bf16.py).
 
-   c[mr, 16 nv] = a[mr, 2 k2] x b[k2, 16 nv, 2], fp32 accumulation, c overwritten.
-   a: rows of bf16 values; b: one j-panel, each k pair of a column side by side, the layout vdpbf16ps
-   multiplies (one 32-bit lane = two consecutive k of a column). Either may be stored as bf16 (a
-   kernel parameter: a pre-packed weight, a bf16 activation) or as fp32 (a buffer inside the kernel:
-   TVM's bf16 legalisation widens those), so the caller passes the address of the next element and
-   of the next row, which give the element size and the row strides whatever layout TVM chose
+   c[rows, cols] = a[rows, k] x b[k, cols], fp32 accumulation, c overwritten, within an mr x 16 nv tile
+   (rows < mr, cols < 16 nv at the bottom and right edges of a matrix that no tile divides: a is read
+   in place, never padded; k may be odd). b is one j-panel, each k pair of a column side by side, the
+   layout vdpbf16ps multiplies (one 32-bit lane = two consecutive k of a column): a weight pre-packed
+   at compile time, or a computed b (attention's K^T, V) read as a plain row-major [k, n] matrix and
+   packed, vectorised, by the panel's first row tile (first != 0) into a per-thread buffer that the
+   panel's other tiles reuse (the rule runs a panel's row tiles in order on one thread). a and b may
+   be stored as bf16 (a kernel parameter) or as fp32 (a buffer inside the kernel: TVM's bf16
+   legalisation widens those), so the caller passes the address of the next element and of the next
+   row, which give the element size and the row strides whatever layout TVM chose
    (effc/codegen/bf16_tile_call.py). An fp32 a is rounded to bf16 (nearest even) chunk by chunk into
-   a small buffer, once per tile; an fp32 b (a panel packed per call: attention's K^T, V) once per
-   panel, by the panel's first row tile (first != 0) into a per-thread buffer that the panel's other
-   tiles reuse: the rule runs a panel's row tiles in order on one thread.
+   a small buffer, once per tile; an fp32 b once per panel.
    Written in C because TVM 0.27's LLVM codegen has no bfloat vector type, which the LLVM 22
    intrinsic llvm.x86.avx512bf16.dpbf16ps.512 requires; the call is per tile (mr x nr x k MACs),
    so its cost is nil. Linked into model.so by effc's build (effc/kernels/native.py). */

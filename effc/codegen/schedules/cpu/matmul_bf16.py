@@ -4,10 +4,13 @@ epilogues, on AVX-512 BF16 (`vdpbf16ps`): the kernels effc.codegen.bf16_matmul m
 Same tiling as the fp32 matmul rule (matmul.py; its helpers are shared, not copied): for each
 (batch, j-panel) in parallel, for each i-tile, an mr x nr register tile of C accumulates over the
 whole k, then the epilogue runs as the tile's write-back (fold_epilogue). The tile itself is one
-call of effc/kernels/bf16_tile.c (effc.codegen.bf16_tile_call). Layouts: B as [n / nr, k / 2, nr, 2] panels
-(each k pair of a column side by side, what vdpbf16ps multiplies), pre-packed at compile time for a
-weight, per call for a computed B (attention); A as a bf16 [s, i, k] stage, zero-padded to whole
-tiles and an even k (a copy of m * k elements, against the m * k * n product).
+call of effc/kernels/bf16_tile.c (effc.codegen.bf16_tile_call). Layouts:
+B as [n / nr, k / 2, nr, 2] panels (each k pair of a column side by side, what vdpbf16ps
+multiplies), pre-packed at compile time for a weight; a computed B (attention) is read in place,
+row-major [k, n], and the C tile packs each panel once per call. A is read in place: where m or k
+needs padding, the C tile computes the edge tiles' rows and columns only (a stage, zero-padded, is
+left for A reached through a gather or rows fused across batch dims). A ragged n keeps the full
+nr (the edge panel computes only its vectors).
 Knobs as matmul's: mr, nr_vectors. Only on CPUs with avx512bf16: elsewhere the fp32 matmul rule
 takes these kernels (TVM's bf16 legalisation computes them in fp32), and --precision never makes
 them there (effc.codegen.precision).

@@ -1,7 +1,9 @@
 """Fitting one linear's lookup tables from sampled calibration rows (the lookup pass's numerics).
 
 Encoders: per-chunk k-means (k-means++ start, empty clusters re-seeded on the worst-fitted rows)
-for ``pq``; per-dimension medians as the sign-bucket centres for ``hash``. The starting tables are
+for ``pq``; per-dimension thresholds as the sign-bucket centres for ``hash`` (1-bit Lloyd-Max by
+default: each dim's split that minimises its two halves' squared error, which follows a skewed
+input such as a GELU output where the median does not; or the median). The starting tables are
 each code's representative point times the weight's chunk (centroid . W_c^T; for a hash bucket,
 the mean of its rows, or its sign corner when no row fell in it). They are then refitted jointly
 by ridge least squares against the dense layer's outputs on the same rows, pulled towards the
@@ -82,9 +84,27 @@ def _reseed_empty(data: np.ndarray, centroids: np.ndarray, counts: np.ndarray, e
         error[worst, c] = -1.0
 
 
-def hash_centres(chunks: np.ndarray) -> np.ndarray:
-    """Per-dimension medians [C, v]: each sign bit splits the calibration rows in half."""
-    return np.median(chunks, axis=0).astype(np.float32)
+CENTRES = ("lloyd", "median")
+
+
+def hash_centres(chunks: np.ndarray, method: str = "lloyd") -> np.ndarray:
+    """Per-dimension thresholds [C, v] of rows [R, C, v]. ``median``: each sign bit splits the rows
+    in half. ``lloyd``: the optimal 1-bit scalar quantizer of each dim (1-D 2-means, solved exactly
+    by scanning the sorted values): the split minimising the squared distance of the rows to their
+    side's mean, the threshold halfway between the two means (Lloyd-Max's condition)."""
+    rows, count, v = chunks.shape
+    if method == "median" or rows < 2:
+        return np.median(chunks, axis=0).astype(np.float32)
+    ordered = np.sort(chunks.reshape(rows, count * v).astype(np.float64), axis=0)
+    below = np.arange(1, rows, dtype=np.float64)[:, None]  # rows left of each split
+    left = np.cumsum(ordered, axis=0)[:-1]
+    right = ordered.sum(axis=0)[None] - left
+    # the squared error of a split is sum x^2 - (left^2 / n_l + right^2 / n_r): maximise the latter
+    split = np.argmax(left ** 2 / below + right ** 2 / (rows - below), axis=0)
+    columns = np.arange(count * v)
+    low = left[split, columns] / (split + 1)
+    high = right[split, columns] / (rows - split - 1)
+    return ((low + high) / 2).reshape(count, v).astype(np.float32)
 
 
 def representatives(chunks: np.ndarray, encoder: str, encoder_const: np.ndarray, codes: np.ndarray,
@@ -181,14 +201,14 @@ class Encoding:
 
 
 def encode_rows(rows: np.ndarray, encoder: str, v: int, k: int, soft: bool, iters: int, ridge: float,
-                refit_tables: bool, seed: int = 0) -> Encoding:
+                refit_tables: bool, seed: int = 0, centres: str = "lloyd") -> Encoding:
     """The encoder learnt on calibration ``rows`` [R, K] (K = C * v), the rows' codes, and the
     factored refit problem they pose."""
     chunks = rows.reshape(len(rows), rows.shape[1] // v, v)
     if encoder == "pq":
         encoder_const = kmeans(chunks, k, iters, np.random.default_rng(seed))
     else:
-        encoder_const, k = hash_centres(chunks), 2 ** v
+        encoder_const, k = hash_centres(chunks, centres), 2 ** v
     codes = op.encode(rows, encoder, encoder_const)
     weights = (op.soft_weights(rows, encoder_const) if encoder == "hash" and soft else np.ones(codes.shape))
     points = representatives(chunks, encoder, encoder_const, codes, k)

@@ -3,8 +3,9 @@
 Each selected MatMul/Gemm y = x W^T + b becomes ``effc.LookupLinear``: x is split into C chunks
 of v dims, each chunk is encoded to one of k codes, and y is the sum of one table row per chunk
 plus b. Encoders: ``pq`` (nearest of k centroids learnt by k-means on the layer's calibration
-inputs, as LUT-NN / MADDNESS) and ``hash`` (MemoryFormer's sign bits of each dim around its
-calibration median, k = 2^v; ``soft`` adds its row weights prod sigmoid(2|z|)). Tables start as
+inputs, as LUT-NN / MADDNESS) and ``hash`` (MemoryFormer's sign bits of each dim around a
+threshold from its calibration values, k = 2^v: the 1-bit Lloyd-Max split by default, or the
+median; ``soft`` adds its row weights prod sigmoid(2|z|)). Tables start as
 centroid . W_c^T and are refitted jointly by ridge least squares against the dense layer's outputs
 on the calibration rows (see ``_lookup_fit``); int8 tables keep one scale per table.
 
@@ -16,8 +17,8 @@ kept dense with the measured reason; without one, every selected layer is conver
 
 Options (ctx.options): encoder (pq), v (chunk dims; default 16 for pq, 4 for hash), k (codes,
 pq; 16), table_dtype (int8), layers (glob on node names; selecting a protected layer includes
-it), soft (false; hash only), iters (k-means iterations, 25), rows (sampled rows per layer,
-4096), ridge (0.1), refit (true).
+it), soft (false; hash only), centres (lloyd | median; hash only), iters (k-means iterations, 25),
+rows (sampled rows per layer, 4096), ridge (0.1), refit (true).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from effc.ir import new_initializer, opset
 from effc.ops import DOMAIN, use
 from effc.ops import lookup_linear as op
 from effc.passes._linears import Linear, find_linears
-from effc.passes._lookup_fit import Encoding, Fitted, encode_rows, fit_linear
+from effc.passes._lookup_fit import CENTRES, Encoding, Fitted, encode_rows, fit_linear
 from effc.passes.base import LayerRecord, Pass, PassContext, PassOutcome, Rewrite
 from effc.passes.options import option, read
 
@@ -54,6 +55,8 @@ class Options:
     layers: str | None = option(None, "glob on node names of the linears to rewrite (selecting a protected "
                                 "first/last layer includes it)")
     soft: bool = option(False, "hash: weight each row by MemoryFormer's prod sigmoid(2|z|)")
+    centres: str = option("lloyd", "hash: each dim's sign threshold, the optimal 1-bit split of its calibration "
+                          "values (lloyd) or their median", choices=CENTRES)
     iters: int = option(25, "k-means iterations (pq)", low=1)
     rows: int = option(4096, "calibration rows sampled per layer (bounds calibration memory)", low=16)
     ridge: float = option(0.1, "refit: pull towards the centroid tables, in rows per code", low=0.0)
@@ -114,7 +117,8 @@ class Lookup(Pass):
             with single_threaded_blas():
                 if lin.x.name not in encodings:
                     encodings[lin.x.name] = encode_rows(rows, opts.encoder, opts.chunk, opts.k, opts.soft, opts.iters,
-                                                        opts.ridge, opts.refit, seed=len(encodings))
+                                                        opts.ridge, opts.refit, seed=len(encodings),
+                                                        centres=opts.centres)
                 fits[lin.name] = fit_linear(lin.weight, lin.bias, rows, encodings[lin.x.name], opts.table_dtype)
         del samples, encodings
         accepted = convert(model, fits, opts, ctx, outcome)
@@ -202,6 +206,7 @@ def rewrite_record(lin: Linear, fit: Fitted, opts: Options, total_weights: int) 
     return Rewrite(lin.name, "lookup", {
         "k": k, "n": n, "op": f"{DOMAIN}.{op.NAME}", "encoder": opts.encoder, "v": opts.chunk,
         "codes": opts.codes, "table_dtype": opts.table_dtype, "soft": opts.soft,
+        **({"centres": opts.centres} if opts.encoder == "hash" else {}),
         "mac_fraction": lin.weight.size / max(total_weights, 1),  # of every linear's MACs per row
         "table_bytes": fit.table_bytes, "rel_error": fit.rel_error, "refit": opts.refit})
 

@@ -108,21 +108,23 @@ def hash_centres(chunks: np.ndarray, method: str = "lloyd") -> np.ndarray:
 
 
 def representatives(chunks: np.ndarray, encoder: str, encoder_const: np.ndarray, codes: np.ndarray,
-                    k: int) -> np.ndarray:
+                    k: int, weights: np.ndarray | None = None) -> np.ndarray:
     """A point per code [C, k, v] whose product with W_c starts its table row: the centroid (pq),
-    or the mean of the rows in the bucket, its sign corner (centre +- each dim's mean |deviation|)
+    or the rows in the bucket fitted alone (their mean; with soft row weights w, sum w x / sum w^2,
+    so that w times the row matches them), its sign corner (centre +- each dim's mean |deviation|)
     when no row fell in it (hash)."""
     if encoder == "pq":
         return encoder_const.astype(np.float64)
     rows, count, v = chunks.shape
     flat = (codes + np.arange(count)[None] * k).ravel()
-    counts = np.bincount(flat, minlength=count * k).reshape(count, k)
-    sums = np.stack([np.bincount(flat, weights=chunks[..., d].ravel().astype(np.float64), minlength=count * k)
+    w = np.ones(codes.shape) if weights is None else weights.astype(np.float64)
+    mass = np.bincount(flat, weights=(w * w).ravel(), minlength=count * k).reshape(count, k)
+    sums = np.stack([np.bincount(flat, weights=(w * chunks[..., d]).ravel().astype(np.float64), minlength=count * k)
                      for d in range(v)], -1).reshape(count, k, v)
     spread = np.abs(chunks - encoder_const[None]).mean(axis=0)  # [C, v]
     signs = ((np.arange(k)[:, None] >> np.arange(v)[None]) & 1) * 2.0 - 1.0  # [k, v]
     corners = encoder_const[:, None, :] + signs[None] * spread[:, None, :]
-    return np.where(counts[..., None] > 0, sums / np.maximum(counts, 1)[..., None], corners)
+    return np.where(mass[..., None] > 0, sums / np.maximum(mass, 1e-30)[..., None], corners)
 
 
 def design(codes: np.ndarray, weights: np.ndarray, k: int) -> scipy.sparse.csr_matrix:
@@ -211,7 +213,7 @@ def encode_rows(rows: np.ndarray, encoder: str, v: int, k: int, soft: bool, iter
         encoder_const, k = hash_centres(chunks, centres), 2 ** v
     codes = op.encode(rows, encoder, encoder_const)
     weights = (op.soft_weights(rows, encoder_const) if encoder == "hash" and soft else np.ones(codes.shape))
-    points = representatives(chunks, encoder, encoder_const, codes, k)
+    points = representatives(chunks, encoder, encoder_const, codes, k, weights)
     return Encoding(encoder, encoder_const, codes, weights, points,
                     Refit(codes, weights, k, ridge) if refit_tables else None)
 

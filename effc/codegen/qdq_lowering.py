@@ -16,6 +16,15 @@ of the output, i.e. requantisation) into the kernel's write-back. An s8 activati
 (x + 128, zx + 128) because vpdpbusd multiplies unsigned by signed bytes; a weight zero point is
 folded into the weight when W - zw still fits in s8. Whatever does not fit stays on the float path
 (DQ folded to float weights) with its reason in the manifest's ``custom_ops``.
+
+Attention's two matmuls multiply two activations, both through per-tensor DQ (``MatMul(DQ(a_q),
+DQ(b_q))``, Q.K^T and P.V in an exported ViT/BERT). There B is moved to s8 instead (b - 128, zb -
+128: exact, it is the same bytes with the top bit flipped) and the zero points are corrected at run
+time with the row sums of A and the column sums of B:
+
+    sum_k (a - za)(b - zb) = acc - zb * rowsum(a) - za * colsum(b) + K za zb,  acc = a_u8 . b_s8
+
+each sum emitted only where the zero point it multiplies is not 0 (P from a softmax has za = 0).
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ class Plan:
     comp: np.ndarray | None = None  # int32 [N]
     scale: np.ndarray | None = None  # float32 [N]
     bias: np.ndarray | None = None  # float32 [N] (Gemm's C)
+    y: str = ""  # activation x activation: B's quantized activation (its DQ's input)
+    y_signed: bool = False
+    zero_points: tuple = (0, 0)  # activation x activation: (za as u8, zb as s8)
 
 
 @dataclass
@@ -48,6 +60,7 @@ class ProtoLowering:
 
     target: object
     plans: list = field(default_factory=list)  # each with .node and .reason ("" when taken)
+    hoisted: int = 0  # QuantizeLinear moved ahead of data movement (effc.codegen.qdq_hoist)
     _lifted: list = field(default_factory=list)  # (relax Var, array) in call order
     rule = RULE
 
@@ -94,6 +107,9 @@ class QdqLowering(ProtoLowering):
             self.plans = [Plan(n.name or f"{n.op_type}_{i}", reason) for i, n in enumerate(proto.graph.node)
                           if n.op_type in ("MatMul", "Gemm") and _producer_op(proto, n.input[0]) == "DequantizeLinear"]
             return proto
+        from effc.codegen.qdq_hoist import hoist_quantize
+
+        self.hoisted = hoist_quantize(proto)
         graph = _Graph(proto)
         for i, node in enumerate(list(proto.graph.node)):
             if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
@@ -106,7 +122,7 @@ class QdqLowering(ProtoLowering):
                 continue
             node.op_type, node.domain = PRIVATE_OP, ""
             del node.input[:]
-            node.input.append(plan.x)
+            node.input.extend([plan.x, plan.y] if plan.y else [plan.x])
             del node.attribute[:]
             node.attribute.append(helper.make_attribute(INDEX_ATTR, len(self.plans) - 1))
         return proto
@@ -118,9 +134,9 @@ class QdqLowering(ProtoLowering):
         from tvm import relax
 
         plan = self.plans[attr[INDEX_ATTR]]
-        x = inputs[0]
-        if plan.x_signed:  # vpdpbusd wants the activation unsigned: x + 128 (zx moved alike)
-            x = relax.op.astype(relax.op.add(relax.op.astype(x, "int16"), relax.const(128, "int16")), "uint8")
+        x = _as_u8(inputs[0]) if plan.x_signed else inputs[0]  # vpdpbusd: the left operand unsigned
+        if plan.y:
+            return _activation_product(bb, x, inputs[1], plan)
         w = self._lift(f"{plan.node}.weight_s8", plan.weight)
         acc = relax.op.matmul(x, w, out_dtype="int32")
         if np.any(plan.comp):
@@ -129,6 +145,44 @@ class QdqLowering(ProtoLowering):
         if plan.bias is not None:
             y = relax.op.add(y, self._lift(f"{plan.node}.bias", plan.bias))
         return y
+
+
+def _flip(x, dtype: str):
+    """x +- 128 as ``dtype`` (u8 <-> s8 with the zero point moved alike: the same real values)."""
+    from tvm import relax
+
+    wide = relax.op.astype(x, "int16")
+    shifted = relax.op.add(wide, relax.const(128, "int16")) if dtype == "uint8" else \
+        relax.op.subtract(wide, relax.const(128, "int16"))
+    return relax.op.astype(shifted, dtype)
+
+
+def _as_u8(x):
+    return _flip(x, "uint8")
+
+
+def _activation_product(bb, a, b, plan: Plan):
+    """(a - za)(b - zb) * sa * sb for two quantized activations, a u8 and b (moved to) s8."""
+    from tvm import relax
+
+    b = b if plan.y_signed else _flip(b, "int8")
+    za, zb = plan.zero_points
+    acc = relax.op.matmul(a, b, out_dtype="int32")
+    if zb:
+        rows = relax.op.sum(relax.op.astype(a, "int32"), axis=[-1], keepdims=True)
+        acc = relax.op.subtract(acc, relax.op.multiply(rows, relax.const(zb, "int32")))
+    if za:
+        # summed along the last axis of B^T: TVM's reduction rules handle last-axis sums (over
+        # axis -2 the generic schedule ran 10x slower than the whole P.V product)
+        rank = len(bb.normalize(b).ty.shape)
+        swap = list(range(rank - 2)) + [rank - 1, rank - 2]
+        b_t = relax.op.expand_dims(relax.op.permute_dims(b, swap), -3)  # [.., 1, N, K]: the sum is [.., 1, N]
+        cols = relax.op.sum(relax.op.astype(b_t, "int32"), axis=[-1])
+        acc = relax.op.subtract(acc, relax.op.multiply(cols, relax.const(za, "int32")))
+        if zb:
+            k = int(bb.normalize(a).ty.shape[-1])
+            acc = relax.op.add(acc, relax.const(k * za * zb, "int32"))
+    return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(float(plan.scale.reshape(())), "float32"))
 
 
 def _has_vnni(target) -> bool:
@@ -203,7 +257,7 @@ def _plan(graph: _Graph, node, name: str) -> Plan | None:
     dq_w, w_name, sw, zw = b
     wq = graph.const(w_name)
     if wq is None:
-        return Plan(name, "B is an activation (activation x activation int8 matmul not lowered yet)")
+        return _activation_plan(name, node, a, b)
     if sx.size != 1 or (zx is not None and zx.size != 1):
         return Plan(name, "the activation is not quantized per tensor")
     x_dtype = zx.dtype if zx is not None else np.dtype(np.uint8)
@@ -259,3 +313,21 @@ def _bias(graph: _Graph, name: str) -> np.ndarray | None:
         return None
     zp = 0 if zp is None else zp.astype(np.float32)
     return ((q.astype(np.float32) - zp) * scale).reshape(-1)
+
+
+def _activation_plan(name: str, node, a, b) -> Plan:
+    """The plan for MatMul(DQ(a_q), DQ(b_q)) with both operands activations quantized per tensor."""
+    if node.op_type != "MatMul":
+        return Plan(name, "Gemm of two activations")
+    (_, x, sx, zx), (_, y, sy, zy) = a, b
+    if sx.size != 1 or sy.size != 1 or any(z is not None and z.size != 1 for z in (zx, zy)):
+        return Plan(name, "an activation is not quantized per tensor")
+    dtypes = [np.dtype(np.uint8) if z is None else z.dtype for z in (zx, zy)]
+    if any(d not in (np.uint8, np.int8) for d in dtypes):
+        return Plan(name, f"not 8-bit ({dtypes[0]} x {dtypes[1]})")
+    x_signed, y_signed = (d == np.int8 for d in dtypes)
+    za = (0 if zx is None else int(zx.reshape(()))) + (128 if x_signed else 0)
+    zb = (0 if zy is None else int(zy.reshape(()))) - (0 if y_signed else 128)
+    scale = np.float32(sx.reshape(())) * np.float32(sy.reshape(()))
+    return Plan(name, "", x, x_signed, scale=np.asarray(scale, np.float32), y=y, y_signed=y_signed,
+                zero_points=(za, zb))

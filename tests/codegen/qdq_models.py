@@ -82,3 +82,50 @@ def int4_matmul(m_rows: tuple, k: int, n: int, block: int = 32, seed: int = 0, s
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     return model
+
+
+def float_attention(batch: int = 2, seq: int = 9, heads: int = 3, head_dim: int = 8, seed: int = 0,
+                    mask: bool = True) -> onnx.ModelProto:
+    """x[batch, seq, heads * head_dim] -> LayerNorm -> q, k, v projections (+ bias) -> heads ->
+    softmax(q k^T * scale + mask) v -> merge -> output projection + bias + x: the attention of an
+    exported ViT/BERT, whose two activation x activation MatMuls quantize_static gives DQ on both
+    inputs."""
+    rng = np.random.default_rng(seed)
+    dim = heads * head_dim
+    inits, nodes = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(op, inputs, out, **attrs):
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def linear(name, h):
+        w = const(f"W{name}", (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32))
+        b = const(f"b{name}", (rng.standard_normal(dim) * 0.1).astype(np.float32))
+        return node("Add", [node("MatMul", [h, w], name), b], f"{name}_bias")
+
+    heads_shape = const("heads_shape", np.array([batch, seq, heads, head_dim], np.int64))
+    flat_shape = const("flat_shape", np.array([batch, seq, dim], np.int64))
+    h = node("LayerNormalization", ["x", const("ln_w", np.ones(dim, np.float32)),
+                                     const("ln_b", np.zeros(dim, np.float32))], "ln", axis=-1)
+    q, k, v = (linear(n, h) for n in "qkv")
+    qh = node("Transpose", [node("Reshape", [q, heads_shape], "q4")], "qh", perm=[0, 2, 1, 3])
+    kh = node("Transpose", [node("Reshape", [k, heads_shape], "k4")], "kh", perm=[0, 2, 3, 1])
+    vh = node("Transpose", [node("Reshape", [v, heads_shape], "v4")], "vh", perm=[0, 2, 1, 3])
+    scores = node("Mul", [node("MatMul", [qh, kh], "qk"), const("scale", np.float32(head_dim ** -0.5))], "scores")
+    if mask:  # the last key masked out, as padding would be
+        bias = np.zeros((1, 1, 1, seq), np.float32)
+        bias[..., -1] = -1e4
+        scores = node("Add", [scores, const("mask", bias)], "masked")
+    attn = node("MatMul", [node("Softmax", [scores], "probs", axis=-1), vh], "pv")
+    merged = node("Reshape", [node("Transpose", [attn], "attn_t", perm=[0, 2, 1, 3]), flat_shape], "merged")
+    node("Add", ["x", linear("o", merged)], "y")
+    shape = [batch, seq, dim]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model

@@ -22,7 +22,7 @@ pytest.importorskip("tvm")
 from effc.codegen.build import compile_model  # noqa: E402
 from effc.codegen.runtime import load_compiled  # noqa: E402
 from effc.codegen.target import BuildTarget, llvm_target  # noqa: E402
-from tests.codegen.qdq_models import calibration, float_mlp, quantize_qdq  # noqa: E402
+from tests.codegen.qdq_models import calibration, float_attention, float_mlp, quantize_qdq  # noqa: E402
 
 
 def host_has_vnni() -> bool:
@@ -106,29 +106,27 @@ def test_gemm_with_quantized_bias_matches_ort(tmp_path):
     assert [c["lowering"] for c in manifest["custom_ops"]] == ["int8-vnni"]
 
 
-def attention_like_qdq(tmp_path):
-    """x[2, 7, 16] -> MatMul(x, W) -> MatMul(h, h^T): the second multiplies two activations."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.3, "W")]
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="proj"),
-             helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1], name="t"),
-             helper.make_node("MatMul", ["h", "ht"], ["y"], name="scores")]
-    graph = helper.make_graph(nodes, "a", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7, 7])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    return quantize_qdq(model, tmp_path / "a.onnx", calibration([2, 7, 16]))
-
-
 @requires_vnni
-def test_activation_times_activation_stays_float_with_reason(tmp_path):
-    path = attention_like_qdq(tmp_path)
-    feed = {"x": calibration([2, 7, 16], 1, seed=3)[0]}
-    res, manifest = compile_and_compare(path, tmp_path / "out", feed, step_of(path, "y_scale"))
+@pytest.mark.parametrize("batch, seq, heads, head_dim", [(2, 9, 3, 8), (1, 13, 2, 6)])
+def test_attention_matmuls_on_int8_kernels(tmp_path, batch, seq, heads, head_dim):
+    """Q.K^T and P.V (both operands through DQ) on the int8 rule too: B moved to s8, the zero points
+    corrected by A's row sums and B's column sums (nonzero here for Q, K and V; 0 for P). Odd sequence
+    lengths pad P.V's k; head_dim 6 pads Q.K^T's."""
+    dim = heads * head_dim
+    path = quantize_qdq(float_attention(batch, seq, heads, head_dim), tmp_path / "a.onnx",
+                        calibration([batch, seq, dim]))
+    zps = {t.name: int(numpy_helper.to_array(t)) for t in onnx.load(path).graph.initializer
+           if t.name.endswith("_zero_point") and t.dims == []}
+    assert all(zps[f"{t}_zero_point"] not in (0, 128) for t in ("qh", "kh", "vh")), zps
+    feed = {"x": calibration([batch, seq, dim], 1, seed=9)[0]}
+    res, manifest = compile_and_compare(path, tmp_path / "out", feed, step_of(path, "o_scale"))
     lowered = {c["node"]: (c["lowering"], c["reason"]) for c in manifest["custom_ops"]}
-    assert lowered["proj"] == ("int8-vnni", "")
-    assert lowered["scores"][0] == "float (DQ folded)" and "activation" in lowered["scores"][1]
-    assert res.rule_hits.get("int8-matmul") == 1
+    assert lowered["qk"] == lowered["pv"] == ("int8-vnni", "")
+    assert res.rule_hits.get("int8-matmul") == 6
+    assert not any(r == "matmul" for r in res.kernels.values()), res.kernels
+    # every QuantizeLinear runs in its producer's write-back (the heads' Reshape/Transpose move
+    # bytes after it: effc.codegen.qdq_hoist), none as a pass of its own over float memory
+    assert not [k for k, r in res.kernels.items() if r == "elementwise" and "quantize" in k], res.kernels
 
 
 def test_cpu_without_vnni_takes_the_float_path(tmp_path):

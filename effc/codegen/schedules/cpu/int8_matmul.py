@@ -45,6 +45,9 @@ class Int8Matmul(CPURule):
     def __init__(self, mr: int = 6, nr_vectors: int = 4, records: dict | None = None):
         self.mr, self.nr_vectors, self.records = mr, nr_vectors, records
 
+    def default_knobs(self, target=None) -> dict:
+        return {"mr": self.mr, "nr_vectors": self.nr_vectors}
+
     def recorded(self, func, target) -> dict:
         """Tuned knobs recorded for this kernel, or {} (the build counts kernels that had some)."""
         return knobs_for(self.records, self.name, func, target)
@@ -56,7 +59,8 @@ class Int8Matmul(CPURule):
         sch = self.schedule(func, **{"mr": self.mr, "nr_vectors": self.nr_vectors, **recorded})
         return sch
 
-    def schedule(self, func, mr: int, nr_vectors: int):
+    def schedule(self, func, mr: int, nr_vectors: int, target=None):
+        """``func`` tiled mr x nr_vectors (``target``: unused, VNNI's tile is the same on every AVX-512 CPU), or None."""
         sch = s_tir.Schedule(func)
         main = _int8_reduction(sch)
         if main is None or not fp._plain_access(sch.get(main)) or get_index_map(sch.get(main)) is None:
@@ -87,6 +91,9 @@ class Int8Matmul(CPURule):
         _pack_panel(sch, func, panel, nr)
         if not panels.write_back_at(sch, main, io, nr, LANES, c_map, mr):
             return None
+        if padded:
+            for block in sch.get_consumers(main):
+                _rows_in_registers(sch, block)
         sch.set_scope(main, 0, "local")
         sch.unroll(ii)
         sch.unroll(jv)
@@ -100,6 +107,29 @@ class Int8Matmul(CPURule):
         # tensorize segfaults in this TVM; effc.codegen.vnni_pass puts vpdpbusd in place of the mark
         sch.annotate(ji, MARK, 1)
         return sch
+
+
+def _rows_in_registers(sch, block) -> None:
+    """A per-row side input of the write-back (attention's row sums times a zero point), read into
+    a local copy per row: with n padded, TVM masks the vector loop only when every load in it is
+    indexed by the vector lane, and a per-row load scalarised the whole write-back (4x slower)."""
+    import tvm_ffi
+    from tvm import tirx
+
+    blk = sch.get(block)
+    col = blk.iter_vars[-1].var
+
+    def uses_col(region) -> bool:
+        found = []
+        for r in region.region:
+            tvm_ffi.structural_map(r.min, lambda node: (found.append(node.same_as(col)), node)[1]
+                                   if isinstance(node, tirx.Var) else node)
+        return any(found)
+
+    rows = [i for i, r in enumerate(blk.reads) if r.source.scope() != "local" and not uses_col(r)]
+    for index in reversed(rows):
+        cache = sch.cache_read(block, index, "local")
+        sch.compute_at(cache, sch.get_loops(block)[-2])
 
 
 def _int8_reduction(sch):
@@ -157,3 +187,12 @@ def _pack_panel(sch, func, panel, nr: int) -> None:
     reads = sch.get(panel).reads
     if len(reads) == 1 and any(reads[0].source.same_as(w) for w in weights):
         sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)
+        return
+    # an activation (attention's K^T, V) is packed on every call: in parallel over the panels, each
+    # panel's k steps in order, so that the writes run contiguously (nr x 4 bytes a step)
+    *lead, j, k = sch.get_loops(panel)
+    jo, ji = sch.split(j, [None, nr])
+    ko, ki = sch.split(k, [None, K_STEP])
+    sch.reorder(*lead, jo, ko, ji, ki)
+    sch.parallel(sch.fuse(*lead, jo) if lead else jo)
+    sch.unroll(ki)

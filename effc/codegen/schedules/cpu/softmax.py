@@ -10,6 +10,10 @@ tail (less than a vector) as scalars, rows in parallel.
 
 exp is a range reduction to 2^k * exp(f), |f| <= ln2/2, with a degree-6 polynomial for exp(f) and
 2^k assembled in the exponent bits: no libm call (those are scalar, ~100x a multiply).
+
+Elementwise stages FuseOps put after the softmax (a QDQ model's QuantizeLinear of the
+probabilities: round, clip, cast to u8) run in the normalising pass, on vectors, so the quantized
+probabilities are written once, by the softmax: e then lives in a one-row float scratch.
 """
 
 from __future__ import annotations
@@ -38,19 +42,21 @@ class Softmax(CPURule):
             return None
         from tvm import s_tir
 
-        rows, n = shape
-        return s_tir.Schedule(softmax_kernel(list(func.params[0].shape), rows, n, lanes))
+        rows, n, epilogue = shape
+        return s_tir.Schedule(softmax_kernel(list(func.params[0].shape), rows, n, lanes, epilogue,
+                                             str(func.params[1].dtype)))
 
 
-def _softmax_shape(func, lanes: int) -> tuple[int, int] | None:
-    """(rows, row length) when ``func`` is exactly TVM's float32 fast_softmax over the last axis
-    and a row holds at least one vector of ``lanes``."""
+def _softmax_shape(func, lanes: int) -> tuple[int, int, object] | None:
+    """(rows, row length, epilogue) when ``func`` is TVM's float32 fast_softmax over the last axis,
+    possibly followed by elementwise stages (``epilogue``: a function of the probability, else
+    None), and a row holds at least one vector of ``lanes``."""
     from tvm import tirx
 
     if len(func.params) != 2:
         return None
     src, dst = func.params
-    if str(src.dtype) != "float32" or str(dst.dtype) != "float32":
+    if str(src.dtype) != "float32":
         return None
     dims = [int(d) if isinstance(d, tirx.IntImm) else None for d in src.shape]
     if None in dims or [int(d) for d in dst.shape] != dims or len(dims) < 1:
@@ -59,13 +65,56 @@ def _softmax_shape(func, lanes: int) -> tuple[int, int] | None:
     from tvm.s_tir.dlight.analysis import get_root_block
 
     sch = s_tir.Schedule(func)
-    if tuple(sch.get(b).name_hint for b in sch.get_child_blocks(get_root_block(sch))) != STAGES:
+    blocks = [sch.get(b) for b in sch.get_child_blocks(get_root_block(sch))]
+    if tuple(b.name_hint for b in blocks[:len(STAGES)]) != STAGES:
+        return None
+    epilogue = _elementwise_chain(blocks[len(STAGES) - 1:])
+    if epilogue is False or (epilogue is None and str(dst.dtype) != "float32"):
         return None
     n = dims[-1]
     rows = 1
     for d in dims[:-1]:
         rows *= d
-    return (rows, n) if n >= lanes else None
+    return (rows, n, epilogue) if n >= lanes else None
+
+
+def _elementwise_chain(blocks):
+    """The stages after the normalisation (``blocks[0]``) as one function of its value: None when
+    there are none, False when one is not elementwise on its predecessor alone (same indices)."""
+    import tvm_ffi
+    from tvm import tirx
+    from tvm.ir.expr import TensorLoad
+
+    if len(blocks) == 1:
+        return None
+    steps = []
+    for prev, block in zip(blocks, blocks[1:]):
+        store, source = block.body, prev.writes[0].source
+        own = [iv.var for iv in block.iter_vars]
+        if not isinstance(store, tirx.BufferStore) or block.init is not None or len(block.reads) != 1 \
+                or not block.reads[0].source.same_as(source):
+            return False
+        loads = []
+
+        def visit(node, source=source, loads=loads):
+            if isinstance(node, TensorLoad):
+                loads.append(node.source.same_as(source) and len(node.indices) == len(own)
+                             and all(i.same_as(v) for i, v in zip(node.indices, own)))
+            return node
+
+        tvm_ffi.structural_map(store.value, visit)
+        if not loads or not all(loads):
+            return False
+        steps.append((source, store.value))
+
+    def apply(value):
+        for source, expr in steps:
+            value = tvm_ffi.structural_map(
+                expr, lambda node, source=source, value=value: value
+                if isinstance(node, TensorLoad) and node.source.same_as(source) else node)
+        return value
+
+    return apply
 
 
 def _exp(v, lanes: int = 1):
@@ -90,15 +139,21 @@ def _exp(v, lanes: int = 1):
     return T.Select(v < const(EXP_LOW), const(0.0), p * two_k)
 
 
-def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16):
+def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16, epilogue=None, out_dtype: str = "float32"):
     """TIR for softmax over the last axis of a float32 tensor of ``shape`` (rows x n when flat),
-    in vectors of ``lanes`` (a SIMD register of the target: 16 with AVX-512, 8 with AVX2).
+    in vectors of ``lanes`` (a SIMD register of the target: 16 with AVX-512, 8 with AVX2);
+    ``epilogue`` (a function of one probability, see _elementwise_chain) gives the ``out_dtype``
+    value written instead of the probability.
 
     The kernel keeps the tensor's own rank (the VM checks it) and addresses row r through its
     leading indices; no flat view is declared, as TVM's schedule state (built for every kernel by
     later Relax passes) cannot see blocks under a buffer declaration."""
     from tvm import tirx
     from tvm.script import tirx as T
+
+    if epilogue is None and out_dtype != "float32":  # a bare cast of the probability (bf16 for attention's P)
+        def epilogue(value):
+            return T.Cast(out_dtype, value)
 
     full, tail = n // lanes, n % lanes
     lead = [int(d) for d in shape[:-1]]
@@ -116,22 +171,37 @@ def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16):
     def load(buf, row, col):
         return tirx.BufferLoad(buf, at(row, col))
 
+    def e_of(y, e):  # where the row's e = exp(x - max) lives: y itself, or the scratch
+        return e if epilogue is not None else y
+
+    def e_at(v, col) -> list:
+        if epilogue is None:
+            return at(v, col)
+        return [T.Ramp(v * n + col.base, 1, lanes) if isinstance(col, tirx.Ramp) else v * n + col]
+
+    def e_load(y, e, v, col):
+        return tirx.BufferLoad(e_of(y, e), e_at(v, col))
+
+    def written(value):
+        return epilogue(value) if epilogue is not None else value
+
     @T.prim_func(s_tir=True)
     def softmax(x_in: T.handle, y_out: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         x = T.match_buffer(x_in, shape, "float32")
-        y = T.match_buffer(y_out, shape, "float32")
+        y = T.match_buffer(y_out, shape, out_dtype)
         for r in T.parallel(rows):
             with T.sblock("row"):
                 v = T.axis.spatial(rows, r)
                 T.reads()  # opaque: the scratch below lives in the block
                 T.writes()
-                # Row v's scratch: the lane partials at v * lanes and one statistic at v. Declared in
-                # the row block, TVM compacts each to the one row and puts it on the stack (at
-                # function level the Relax passes reject the kernel; in "local" scope every row
-                # costs a workspace call).
+                # Row v's scratch: the lane partials at v * lanes and one statistic at v (and with an
+                # epilogue e, at v * n). Declared in the row block, TVM compacts each to the one row
+                # and puts it on the stack (at function level the Relax passes reject the kernel; in
+                # "local" scope every row costs a workspace call).
                 acc = T.alloc_buffer((rows * lanes,), "float32")
                 stat = T.alloc_buffer((rows,), "float32")
+                e = T.alloc_buffer((rows * n if epilogue is not None else 1,), "float32")
                 # max: lane-wise over whole chunks, then across the lanes and the tail
                 acc[chunk(v * lanes)] = load(x, v, chunk(0))
                 for c in range(1, full):
@@ -141,24 +211,24 @@ def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16):
                     stat[v] = T.max(stat[v], acc[v * lanes + u])
                 for t in range(tail):
                     stat[v] = T.max(stat[v], load(x, v, full * lanes + t))
-                # e = exp(x - max) into y, summed lane-wise
+                # e = exp(x - max), summed lane-wise
                 acc[chunk(v * lanes)] = T.Broadcast(T.float32(0), lanes)
                 for c in range(full):
-                    T.buffer_store(y, _exp(load(x, v, chunk(c * lanes)) - T.Broadcast(stat[v], lanes), lanes),
-                                   at(v, chunk(c * lanes)))
-                    acc[chunk(v * lanes)] = acc[chunk(v * lanes)] + load(y, v, chunk(c * lanes))
+                    T.buffer_store(e_of(y, e), _exp(load(x, v, chunk(c * lanes)) - T.Broadcast(stat[v], lanes), lanes),
+                                   e_at(v, chunk(c * lanes)))
+                    acc[chunk(v * lanes)] = acc[chunk(v * lanes)] + e_load(y, e, v, chunk(c * lanes))
                 for t in range(tail):
-                    T.buffer_store(y, _exp(load(x, v, full * lanes + t) - stat[v]), at(v, full * lanes + t))
-                    acc[v * lanes] = acc[v * lanes] + load(y, v, full * lanes + t)
+                    T.buffer_store(e_of(y, e), _exp(load(x, v, full * lanes + t) - stat[v]), e_at(v, full * lanes + t))
+                    acc[v * lanes] = acc[v * lanes] + e_load(y, e, v, full * lanes + t)
                 stat[v] = acc[v * lanes]
                 for u in range(1, lanes):
                     stat[v] = stat[v] + acc[v * lanes + u]
-                # normalise by one reciprocal per row
+                # normalise by one reciprocal per row (the epilogue on each vector, TVM vectorising it)
                 stat[v] = T.float32(1) / stat[v]
                 for c in range(full):
-                    T.buffer_store(y, load(y, v, chunk(c * lanes)) * T.Broadcast(stat[v], lanes),
-                                   at(v, chunk(c * lanes)))
+                    for u in T.vectorized(lanes):
+                        T.buffer_store(y, written(e_load(y, e, v, c * lanes + u) * stat[v]), at(v, c * lanes + u))
                 for t in range(tail):
-                    T.buffer_store(y, load(y, v, full * lanes + t) * stat[v], at(v, full * lanes + t))
+                    T.buffer_store(y, written(e_load(y, e, v, full * lanes + t) * stat[v]), at(v, full * lanes + t))
 
     return softmax

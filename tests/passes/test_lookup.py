@@ -12,7 +12,7 @@ from effc.frontend.onnx import from_proto
 from effc.ir import const_value, op_counts
 from effc.ops import lookup_linear as op
 from effc.passes import get_pass
-from effc.passes._lookup_fit import _gauss_seidel, kmeans, refit
+from effc.passes._lookup_fit import _gauss_seidel, hash_centres, kmeans, refit, representatives
 from effc.passes.base import PassContext
 from effc.passes.lookup import Lookup
 from effc.pipeline import run_pipeline
@@ -53,7 +53,8 @@ def forward(model, x):
 
 
 @pytest.mark.parametrize("options", [{"v": 8}, {"v": 4, "k": 8, "table_dtype": "float32"},
-                                     {"encoder": "hash"}, {"encoder": "hash", "v": 2, "soft": True}])
+                                     {"encoder": "hash"}, {"encoder": "hash", "v": 2, "soft": True},
+                                     {"encoder": "hash", "centres": "median"}])
 def test_rewritten_model_runs_in_ort_and_equals_reference(options):
     model, record = run(batched(mlp()), feeds(16), layers="fc*", **options)
     assert record.status == "applied", record.note
@@ -135,6 +136,43 @@ def test_joint_refit_solves_the_ridge_problem():
     assert objective(iterative) - objective(exact) < 0.01 * (objective(start) - objective(exact))
 
 
+def test_lloyd_centres_are_the_best_one_bit_split_and_beat_the_median_on_skewed_dims():
+    rng = np.random.default_rng(3)
+    normal = rng.standard_normal((301, 2, 3))
+    chunks = np.where(normal > 0, normal, 0.05 * normal)  # skewed, as after a (leaky) GELU
+    chunks[:, 1, 2] = rng.exponential(size=301)
+
+    def split_error(column, threshold):
+        sides = [column[column > threshold], column[column <= threshold]]
+        return sum(((side - side.mean()) ** 2).sum() for side in sides if len(side))
+
+    lloyd, median = hash_centres(chunks), hash_centres(chunks, "median")
+    assert np.allclose(median, np.median(chunks, axis=0))
+    for c in range(2):
+        for d in range(3):
+            column = chunks[:, c, d].astype(np.float64)
+            best = min(split_error(column, t) for t in np.unique(column)[:-1])  # every split, brute force
+            assert split_error(column, lloyd[c, d]) == pytest.approx(best, rel=1e-9)
+            assert split_error(column, lloyd[c, d]) < 0.9 * split_error(column, median[c, d])
+
+
+def test_soft_bucket_start_fits_its_rows_weights():
+    rng = np.random.default_rng(4)
+    chunks = rng.standard_normal((200, 3, 2))
+    centres = np.zeros((3, 2), np.float32)
+    codes = op.encode(chunks.reshape(200, 6), "hash", centres)
+    weights = op.soft_weights(chunks.reshape(200, 6), centres)
+    points = representatives(chunks, "hash", centres, codes, 4, weights)
+    c, j = 1, int(codes[0, 1])
+    rows = codes[:, c] == j
+    # w * point is the least-squares fit of the bucket's rows: no scale of it fits them better
+    def misfit(point):
+        return np.sum((weights[rows, c, None] * point[None] - chunks[rows, c]) ** 2)
+    assert misfit(points[c, j]) < min(misfit(points[c, j] * s) for s in (0.9, 1.1))
+    plain = representatives(chunks, "hash", centres, codes, 4)
+    assert np.allclose(plain[c, j], chunks[rows, c].mean(axis=0))
+
+
 def test_kmeans_reseeds_empty_clusters():
     rng = np.random.default_rng(1)
     # three distinct points per chunk, eight clusters asked: no centroid may be NaN or lost
@@ -186,6 +224,7 @@ def test_chunk_not_dividing_some_widths_skips_them():
     ({"encoder": "hash", "v": 9}, "lookup.v=9: hash chunks need 2^v codes"),
     ({"soft": True}, "lookup.soft=true needs lookup.encoder=hash"),
     ({"encoder": "lsh"}, "lookup.encoder=lsh: not accepted"),
+    ({"encoder": "hash", "centres": "mean"}, "lookup.centres=mean: not accepted"),
 ])
 def test_bad_options_are_user_errors(options, message):
     with pytest.raises(EffcError, match=message.replace("^", r"\^").replace("(", r"\(").replace(")", r"\)")):

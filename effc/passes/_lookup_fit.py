@@ -166,19 +166,23 @@ def refit(codes: np.ndarray, weights: np.ndarray, target: np.ndarray, start: np.
 def _gauss_seidel(codes: np.ndarray, weights: np.ndarray, target: np.ndarray, start: np.ndarray,
                   lam: float, sweeps: int = SWEEPS) -> np.ndarray:
     count, k, n = start.shape
+    rows = np.arange(len(codes))
     tables = start.copy()
     residual = target.copy()
     for c in range(count):
         residual -= weights[:, c, None] * tables[c, codes[:, c]]
+    # each chunk's rows summed per code as a sparse [k, R] product (np.add.at is ~50x slower)
+    pick = [scipy.sparse.csr_matrix((weights[:, c].astype(np.float64), (codes[:, c], rows)), shape=(k, len(codes)))
+            for c in range(count)]
+    masses = [np.bincount(codes[:, c], weights=weights[:, c] ** 2, minlength=k) for c in range(count)]
     for _ in range(sweeps):
         for c in range(count):
-            w, code = weights[:, c], codes[:, c]
-            residual += w[:, None] * tables[c, code]  # residual without chunk c
-            mass = np.bincount(code, weights=w * w, minlength=k)
-            pulled = np.zeros((k, n))
-            np.add.at(pulled, code, w[:, None] * residual)
-            tables[c] = (pulled + lam * start[c]) / (mass + lam)[:, None]
-            residual -= w[:, None] * tables[c, code]
+            w, code = weights[:, c, None], codes[:, c]
+            # the residual without chunk c, summed per code: pick (residual + w T_c[code]) = pick residual + mass T_c
+            pulled = pick[c] @ residual + masses[c][:, None] * tables[c]
+            updated = (pulled + lam * start[c]) / (masses[c] + lam)[:, None]
+            residual -= w * (updated - tables[c])[code]
+            tables[c] = updated
     return tables
 
 

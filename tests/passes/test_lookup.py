@@ -136,6 +136,17 @@ def test_joint_refit_solves_the_ridge_problem():
     assert objective(iterative) - objective(exact) < 0.01 * (objective(start) - objective(exact))
 
 
+def test_sweeps_reach_the_exact_ridge_solution_with_soft_row_weights():
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 4, size=(400, 6))
+    weights = rng.uniform(0.3, 1.0, size=codes.shape)  # as MemoryFormer's soft weights
+    target = rng.standard_normal((400, 5))
+    start = rng.standard_normal((6, 4, 5))
+    exact = refit(codes, weights, target, start, ridge=0.05)  # 24 codes: the factored normal equations
+    swept = _gauss_seidel(codes, weights, target, start, lam=0.05 * 400 / 4, sweeps=300)
+    assert np.allclose(swept, exact, atol=1e-9)  # converged: the same minimum, not an approximation of it
+
+
 def test_lloyd_centres_are_the_best_one_bit_split_and_beat_the_median_on_skewed_dims():
     rng = np.random.default_rng(3)
     normal = rng.standard_normal((301, 2, 3))

@@ -35,10 +35,7 @@ BUDGETS = {"vit-digits": "metric<=1%", "gpt-text": "metric<=1%", "minilm-l6": "c
 CALIB_COUNTS = {"vit-digits": 288, ("gpt-text", "hash"): 1024}
 # Options beyond the defaults, per (model, encoder): gpt-text's linears each move perplexity by more than
 # 1% with 16-dim pq chunks; 4-dim chunks (16 codes) bring one under it.
-# With hash, 2-dim chunks (4 codes) with MemoryFormer's soft row weights (which carry each dim's distance
-# from its threshold, not only its sign) halve the error of the attention output projections.
-EXTRA_SETS = {("gpt-text", "pq"): ["lookup.v=4"],
-              ("gpt-text", "hash"): ["lookup.v=2", "lookup.soft=true", "lookup.rows=16384"]}
+EXTRA_SETS = {("gpt-text", "pq"): ["lookup.v=4"], ("gpt-text", "hash"): ["lookup.rows=16384"]}
 
 
 def effc(*args: str) -> str:
@@ -81,9 +78,9 @@ def measure(name: str, encoder: str, budget: str | None, work: Path, sets: list[
         "mac_fraction": sum(d["mac_fraction"] for d in details),
         "table_bytes": sum(d["table_bytes"] for d in details),
         "dense_bytes": sum(layer["bytes_before"] for layer in layers),
-        "v": _option(sets, "v", 16 if encoder == "pq" else 4),
-        "codes": _option(sets, "k", 16) if encoder == "pq" else 2 ** _option(sets, "v", 4),
-        "soft": "lookup.soft=true" in sets, "calibration": calibration(name, encoder, work).rsplit("/", 1)[-1],
+        "v": _option(sets, "v", 16 if encoder == "pq" else 2),
+        "codes": _option(sets, "k", 16) if encoder == "pq" else 2 ** _option(sets, "v", 2),
+        "soft": encoder == "hash" and "lookup.soft=false" not in sets, "calibration": calibration(name, encoder, work).rsplit("/", 1)[-1],
         "metric": evaluation["metric"], "fp32": evaluation["baseline"], "value": evaluation["value"],
         "layers": [r["node"] for r in rewrites],
     }

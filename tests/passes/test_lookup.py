@@ -53,16 +53,18 @@ def forward(model, x):
 
 
 @pytest.mark.parametrize("options", [{"v": 8}, {"v": 4, "k": 8, "table_dtype": "float32"},
-                                     {"encoder": "hash"}, {"encoder": "hash", "v": 2, "soft": True},
-                                     {"encoder": "hash", "centres": "median"}])
+                                     {"encoder": "hash"}, {"encoder": "hash", "v": 4, "soft": False},
+                                     {"encoder": "hash", "centres": "median", "v": 8}])
 def test_rewritten_model_runs_in_ort_and_equals_reference(options):
     model, record = run(batched(mlp()), feeds(16), layers="fc*", **options)
     assert record.status == "applied", record.note
     assert [r.node for r in record.rewrites] == ["fc0", "fc1", "fc2"]
     assert op_counts(model).get("effc.LookupLinear") == 3 and op_counts(model).get("MatMul", 0) == 0
-    encoder, v = options.get("encoder", "pq"), options["v"] if "v" in options else (16 if "encoder" not in options else 4)
+    encoder, v = options.get("encoder", "pq"), options["v"] if "v" in options else (16 if "encoder" not in options else 2)
+    soft = options.get("soft", encoder == "hash")  # hash weights its rows unless told not to
     for node in lookup_nodes(model):
         assert node.attributes.get_string("encoder") == encoder and node.attributes.get_int("v") == v
+        assert node.attributes.get_int("soft") == int(soft)
         tables = const_value(node.inputs[2])
         assert tables.dtype == np.dtype(options.get("table_dtype", "int8"))
         assert tables.shape[1] == (options.get("k", 16) if encoder == "pq" else 2 ** v)

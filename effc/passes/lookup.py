@@ -3,8 +3,9 @@
 Each selected MatMul/Gemm y = x W^T + b becomes ``effc.LookupLinear``: x is split into C chunks
 of v dims, each chunk is encoded to one of k codes, and y is the sum of one table row per chunk
 plus b. Encoders: ``pq`` (nearest of k centroids learnt by k-means on the layer's calibration
-inputs, as LUT-NN / MADDNESS) and ``hash`` (MemoryFormer's sign bits of each dim around its
-calibration median, k = 2^v; ``soft`` adds its row weights prod sigmoid(2|z|)). Tables start as
+inputs, as LUT-NN / MADDNESS) and ``hash`` (MemoryFormer's sign bits of each dim around a
+threshold from its calibration values, k = 2^v: the 1-bit Lloyd-Max split by default, or the
+median; ``soft`` adds its row weights prod sigmoid(2|z|)). Tables start as
 centroid . W_c^T and are refitted jointly by ridge least squares against the dense layer's outputs
 on the calibration rows (see ``_lookup_fit``); int8 tables keep one scale per table.
 
@@ -14,10 +15,10 @@ Under an accuracy budget (``ctx.budget``, see effc.budget) layers are converted 
 first while the outputs on the held-out split of the calibration data stay within it, the rest
 kept dense with the measured reason; without one, every selected layer is converted.
 
-Options (ctx.options): encoder (pq), v (chunk dims; default 16 for pq, 4 for hash), k (codes,
+Options (ctx.options): encoder (pq), v (chunk dims; default 16 for pq, 2 for hash), k (codes,
 pq; 16), table_dtype (int8), layers (glob on node names; selecting a protected layer includes
-it), soft (false; hash only), iters (k-means iterations, 25), rows (sampled rows per layer,
-4096), ridge (0.1), refit (true).
+it), soft (true for hash; hash only), centres (lloyd | median; hash only), iters (k-means iterations, 25),
+rows (sampled rows per layer, 4096), ridge (0.1), refit (true).
 """
 
 from __future__ import annotations
@@ -36,24 +37,27 @@ from effc.ir import new_initializer, opset
 from effc.ops import DOMAIN, use
 from effc.ops import lookup_linear as op
 from effc.passes._linears import Linear, find_linears
-from effc.passes._lookup_fit import Encoding, Fitted, encode_rows, fit_linear
+from effc.passes._lookup_fit import CENTRES, Encoding, Fitted, encode_rows, fit_linear
 from effc.passes.base import LayerRecord, Pass, PassContext, PassOutcome, Rewrite
 from effc.passes.options import option, read
 
-DEFAULT_V = {"pq": 16, "hash": 4}
+DEFAULT_V = {"pq": 16, "hash": 2}
 
 
 @dataclass
 class Options:
     encoder: str = option("pq", "how a chunk is encoded: nearest centroid (pq) or sign bits (hash)",
                           choices=op.ENCODERS)
-    v: int | None = option(None, "input dims per chunk (must divide the input width; none: 16 for pq, 4 for hash)",
+    v: int | None = option(None, "input dims per chunk (must divide the input width; none: 16 for pq, 2 for hash)",
                            low=1)
     k: int = option(16, "codes per chunk (pq; hash has 2^v)", low=2, high=256)
     table_dtype: str = option("int8", "table element type (int8: one scale per table)", choices=("int8", "float32"))
     layers: str | None = option(None, "glob on node names of the linears to rewrite (selecting a protected "
                                 "first/last layer includes it)")
-    soft: bool = option(False, "hash: weight each row by MemoryFormer's prod sigmoid(2|z|)")
+    soft: bool | None = option(None, "hash: weight each row by MemoryFormer's prod sigmoid(2|z|) (none: true for "
+                               "hash, false for pq)")
+    centres: str = option("lloyd", "hash: each dim's sign threshold, the optimal 1-bit split of its calibration "
+                          "values (lloyd) or their median", choices=CENTRES)
     iters: int = option(25, "k-means iterations (pq)", low=1)
     rows: int = option(4096, "calibration rows sampled per layer (bounds calibration memory)", low=16)
     ridge: float = option(0.1, "refit: pull towards the centroid tables, in rows per code", low=0.0)
@@ -69,6 +73,12 @@ class Options:
     @property
     def chunk(self) -> int:
         return self.v if self.v is not None else DEFAULT_V[self.encoder]
+
+    @property
+    def weighted(self) -> bool:
+        """Soft row weights: asked for, or by default with hash (its 2-dim soft chunks beat 4-dim sign
+        buckets on every zoo model, docs/lookup.md)."""
+        return self.soft if self.soft is not None else self.encoder == "hash"
 
     @property
     def codes(self) -> int:
@@ -113,8 +123,9 @@ class Lookup(Pass):
                 continue
             with single_threaded_blas():
                 if lin.x.name not in encodings:
-                    encodings[lin.x.name] = encode_rows(rows, opts.encoder, opts.chunk, opts.k, opts.soft, opts.iters,
-                                                        opts.ridge, opts.refit, seed=len(encodings))
+                    encodings[lin.x.name] = encode_rows(rows, opts.encoder, opts.chunk, opts.k, opts.weighted, opts.iters,
+                                                        opts.ridge, opts.refit, seed=len(encodings),
+                                                        centres=opts.centres)
                 fits[lin.name] = fit_linear(lin.weight, lin.bias, rows, encodings[lin.x.name], opts.table_dtype)
         del samples, encodings
         accepted = convert(model, fits, opts, ctx, outcome)
@@ -183,7 +194,7 @@ def install(model: ir.Model, name: str, fit: Fitted, opts: Options) -> ir.Node:
               new_initializer(graph, fit.bias, f"{name}.bias")]
     node = ir.Node(DOMAIN, op.NAME, inputs, name=f"{name}.lookup", num_outputs=1,
                    attributes=[ir.AttrString("encoder", opts.encoder), ir.AttrInt64("v", opts.chunk),
-                               ir.AttrInt64("soft", int(opts.soft))])
+                               ir.AttrInt64("soft", int(opts.weighted))])
     old, new = lin.output, node.outputs[0]
     new.shape, new.type, new.name = old.shape, old.type, f"{old.name}_lookup"
     graph.insert_after(lin.bias_add or lin.node, node)
@@ -201,7 +212,8 @@ def rewrite_record(lin: Linear, fit: Fitted, opts: Options, total_weights: int) 
     n, k = lin.weight.shape
     return Rewrite(lin.name, "lookup", {
         "k": k, "n": n, "op": f"{DOMAIN}.{op.NAME}", "encoder": opts.encoder, "v": opts.chunk,
-        "codes": opts.codes, "table_dtype": opts.table_dtype, "soft": opts.soft,
+        "codes": opts.codes, "table_dtype": opts.table_dtype, "soft": opts.weighted,
+        **({"centres": opts.centres} if opts.encoder == "hash" else {}),
         "mac_fraction": lin.weight.size / max(total_weights, 1),  # of every linear's MACs per row
         "table_bytes": fit.table_bytes, "rel_error": fit.rel_error, "refit": opts.refit})
 

@@ -12,7 +12,7 @@ from effc.frontend.onnx import from_proto
 from effc.ir import const_value, op_counts
 from effc.ops import lookup_linear as op
 from effc.passes import get_pass
-from effc.passes._lookup_fit import _gauss_seidel, kmeans, refit
+from effc.passes._lookup_fit import _gauss_seidel, hash_centres, kmeans, refit, representatives
 from effc.passes.base import PassContext
 from effc.passes.lookup import Lookup
 from effc.pipeline import run_pipeline
@@ -53,15 +53,18 @@ def forward(model, x):
 
 
 @pytest.mark.parametrize("options", [{"v": 8}, {"v": 4, "k": 8, "table_dtype": "float32"},
-                                     {"encoder": "hash"}, {"encoder": "hash", "v": 2, "soft": True}])
+                                     {"encoder": "hash"}, {"encoder": "hash", "v": 4, "soft": False},
+                                     {"encoder": "hash", "centres": "median", "v": 8}])
 def test_rewritten_model_runs_in_ort_and_equals_reference(options):
     model, record = run(batched(mlp()), feeds(16), layers="fc*", **options)
     assert record.status == "applied", record.note
     assert [r.node for r in record.rewrites] == ["fc0", "fc1", "fc2"]
     assert op_counts(model).get("effc.LookupLinear") == 3 and op_counts(model).get("MatMul", 0) == 0
-    encoder, v = options.get("encoder", "pq"), options["v"] if "v" in options else (16 if "encoder" not in options else 4)
+    encoder, v = options.get("encoder", "pq"), options["v"] if "v" in options else (16 if "encoder" not in options else 2)
+    soft = options.get("soft", encoder == "hash")  # hash weights its rows unless told not to
     for node in lookup_nodes(model):
         assert node.attributes.get_string("encoder") == encoder and node.attributes.get_int("v") == v
+        assert node.attributes.get_int("soft") == int(soft)
         tables = const_value(node.inputs[2])
         assert tables.dtype == np.dtype(options.get("table_dtype", "int8"))
         assert tables.shape[1] == (options.get("k", 16) if encoder == "pq" else 2 ** v)
@@ -135,6 +138,54 @@ def test_joint_refit_solves_the_ridge_problem():
     assert objective(iterative) - objective(exact) < 0.01 * (objective(start) - objective(exact))
 
 
+def test_sweeps_reach_the_exact_ridge_solution_with_soft_row_weights():
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 4, size=(400, 6))
+    weights = rng.uniform(0.3, 1.0, size=codes.shape)  # as MemoryFormer's soft weights
+    target = rng.standard_normal((400, 5))
+    start = rng.standard_normal((6, 4, 5))
+    exact = refit(codes, weights, target, start, ridge=0.05)  # 24 codes: the factored normal equations
+    swept = _gauss_seidel(codes, weights, target, start, lam=0.05 * 400 / 4, sweeps=300)
+    assert np.allclose(swept, exact, atol=1e-9)  # converged: the same minimum, not an approximation of it
+
+
+def test_lloyd_centres_are_the_best_one_bit_split_and_beat_the_median_on_skewed_dims():
+    rng = np.random.default_rng(3)
+    normal = rng.standard_normal((301, 2, 3))
+    chunks = np.where(normal > 0, normal, 0.05 * normal)  # skewed, as after a (leaky) GELU
+    chunks[:, 1, 2] = rng.exponential(size=301)
+
+    def split_error(column, threshold):
+        sides = [column[column > threshold], column[column <= threshold]]
+        return sum(((side - side.mean()) ** 2).sum() for side in sides if len(side))
+
+    lloyd, median = hash_centres(chunks), hash_centres(chunks, "median")
+    assert np.allclose(median, np.median(chunks, axis=0))
+    for c in range(2):
+        for d in range(3):
+            column = chunks[:, c, d].astype(np.float64)
+            best = min(split_error(column, t) for t in np.unique(column)[:-1])  # every split, brute force
+            assert split_error(column, lloyd[c, d]) == pytest.approx(best, rel=1e-9)
+            assert split_error(column, lloyd[c, d]) < 0.9 * split_error(column, median[c, d])
+
+
+def test_soft_bucket_start_fits_its_rows_weights():
+    rng = np.random.default_rng(4)
+    chunks = rng.standard_normal((200, 3, 2))
+    centres = np.zeros((3, 2), np.float32)
+    codes = op.encode(chunks.reshape(200, 6), "hash", centres)
+    weights = op.soft_weights(chunks.reshape(200, 6), centres)
+    points = representatives(chunks, "hash", centres, codes, 4, weights)
+    c, j = 1, int(codes[0, 1])
+    rows = codes[:, c] == j
+    # w * point is the least-squares fit of the bucket's rows: no scale of it fits them better
+    def misfit(point):
+        return np.sum((weights[rows, c, None] * point[None] - chunks[rows, c]) ** 2)
+    assert misfit(points[c, j]) < min(misfit(points[c, j] * s) for s in (0.9, 1.1))
+    plain = representatives(chunks, "hash", centres, codes, 4)
+    assert np.allclose(plain[c, j], chunks[rows, c].mean(axis=0))
+
+
 def test_kmeans_reseeds_empty_clusters():
     rng = np.random.default_rng(1)
     # three distinct points per chunk, eight clusters asked: no centroid may be NaN or lost
@@ -186,6 +237,7 @@ def test_chunk_not_dividing_some_widths_skips_them():
     ({"encoder": "hash", "v": 9}, "lookup.v=9: hash chunks need 2^v codes"),
     ({"soft": True}, "lookup.soft=true needs lookup.encoder=hash"),
     ({"encoder": "lsh"}, "lookup.encoder=lsh: not accepted"),
+    ({"encoder": "hash", "centres": "mean"}, "lookup.centres=mean: not accepted"),
 ])
 def test_bad_options_are_user_errors(options, message):
     with pytest.raises(EffcError, match=message.replace("^", r"\^").replace("(", r"\(").replace(")", r"\)")):

@@ -1,7 +1,7 @@
 """int8 (QDQ w8a8) side by side: effc vs ONNX Runtime vs OpenVINO on the same QDQ ONNX model.
 
     python tools/bench_int8.py [--models bert-base,vit-s16] [--work DIR] [--rounds 15] [--threads 2]
-                               [--ops MatMul]
+                               [--ops MatMul] [--baseline DIR]
 
 The QDQ copies are made by ONNX Runtime's quantize_static (QDQ format, u8 activations, per-channel
 s8 weights, MinMax on 4 calibration samples; ``--ops``: op_types_to_quantize, MatMul by default,
@@ -9,7 +9,9 @@ the maintainers' recipe for transformers), cached in the work directory, and com
 (effc.codegen.build.compile_model). Engines run interleaved (effc.codegen.bench.turns), batch 1;
 medians of the steady samples are printed with the agreement of effc with ORT on the QDQ model
 (max abs diff, and that diff in units of the output's quantisation step where the output has one;
-cosine).
+cosine). ``--baseline DIR``: an earlier effc build of each model (DIR/<model>-qdq-effc, made by
+another checkout) runs in the same interleaved turns as ``effc_before``, so before and after are
+measured side by side.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ops", default="MatMul")
     ap.add_argument("--make-only", action="store_true")
+    ap.add_argument("--baseline", default=None, help="a directory with earlier effc builds: DIR/<model>-qdq-effc")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import onnx_ir as ir
@@ -106,6 +109,10 @@ def main() -> None:
         so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
         sess = ort.InferenceSession(str(qdq), so, providers=["CPUExecutionProvider"])
         engines = {"effc": lambda: compiled(feed), "ort": lambda: sess.run(None, feed)}
+        before = Path(args.baseline) / f"{name}-qdq-effc" if args.baseline else None
+        if before is not None and (before / "model.so").exists():
+            earlier = load_compiled(before, threads=args.threads)
+            engines["effc_before"] = lambda: earlier(feed)
         ov_precision = None
         try:
             import openvino as ov
@@ -134,7 +141,8 @@ def main() -> None:
         row = {"model": name, "ms": med, "ov_precision": ov_precision, "max_abs_diff_vs_ort": diff,
                "cosine_vs_ort": cos, **own, "min_ms": {k: float(np.min(v) * 1e3) for k, v in steady.items()},
                "ort_over_effc": med["ort"] / med["effc"],
-               "ov_over_effc": med.get("openvino", float("nan")) / med["effc"]}
+               "ov_over_effc": med.get("openvino", float("nan")) / med["effc"],
+               "before_over_effc": med.get("effc_before", float("nan")) / med["effc"]}
         print(json.dumps(row), flush=True)
         rows.append(row)
     (work / "results.json").write_text(json.dumps(rows, indent=2))

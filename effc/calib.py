@@ -1,11 +1,11 @@
 """Calibration sets and activation statistics.
 
 A calibration set is a list of feed dicts (one sample each). It comes from an .npz (one array
-per model input, first axis = samples) or from a zoo model's training split, never from the
-data its metric uses. Statistics are gathered by running ONNX Runtime on a copy of the model
-whose interesting values are extra graph outputs, accumulating the Gram matrix X^T X of each
-value in float64 a chunk of samples at a time, so memory stays at one K x K matrix per value
-(and a chunk of buffered rows).
+per model input, first axis = samples) or from a zoo model's training or validation split, never
+from the data its metric uses. Statistics are gathered by running ONNX Runtime on a copy of the
+model whose interesting values are extra graph outputs, accumulating the Gram matrix X^T X of
+each value in float64 a chunk of samples at a time, so memory stays at one K x K matrix per
+value (and a chunk of buffered rows).
 Rows at padded positions (an ``attention_mask`` input that is 0 there) are left out: the
 model's output never reads them, and in short padded sentences they would outnumber the
 real tokens and steer error compensation towards activations that do not matter.
@@ -56,8 +56,8 @@ def save_npz(feeds: Feeds, path: str | Path) -> Path:
 
 
 def zoo_calibration(name: str, count: int | None = None, seed: int = 0) -> Feeds:
-    """A zoo model's calibration set of ``count`` samples: its ``calibration_inputs`` (training
-    split) when it has one; for sentence encoders, one calibration sentence per sample
+    """A zoo model's calibration set of ``count`` samples: its ``calibration_inputs`` (a training
+    or validation split) when it has one; for sentence encoders, one calibration sentence per sample
     (``calibration_texts``); else seeded sample inputs (only the random-weight models lack a
     training split). ``count=None``: DEFAULT_COUNT samples, or for a sentence encoder every
     calibration sentence (at most ENCODER_COUNT)."""

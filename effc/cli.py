@@ -497,7 +497,7 @@ def zoo_build(name: str, out: str) -> None:
               help="Samples (default: 64; for a sentence encoder every calibration sentence, one per sample).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def zoo_calib(name: str, out: str, count: int | None, seed: int) -> None:
-    """Write zoo model NAME's calibration set (from its training split) to OUT (.npz)."""
+    """Write zoo model NAME's calibration set (never its metric's data) to OUT (.npz)."""
     from effc.calib import save_npz, zoo_calibration
 
     feeds = zoo_calibration(name, count, seed)

@@ -284,6 +284,7 @@ def _model_through_recipe(model: str, passes: str | None, recipe: str | None):
 def _compare_with_build(out: Path, tuned: dict[str, str]) -> str:
     """One line: whether the kernels tuned are exactly the matmul-rule kernels of OUT's llvm build."""
     from effc.codegen.runtime import MANIFEST
+    from effc.codegen.tune import TUNED_RULES
 
     try:
         manifest = json.loads((out / MANIFEST).read_text())
@@ -291,7 +292,7 @@ def _compare_with_build(out: Path, tuned: dict[str, str]) -> str:
         return f"{out} has no llvm build ({MANIFEST}) to compare the tuned kernels with"
     if manifest.get("target") != "llvm":
         return f"{out} was built for {manifest.get('target')}: these records serve an llvm build of its model.onnx"
-    built = {name for name, rule in manifest.get("kernels", {}).items() if rule == "matmul"}
+    built = {name for name, rule in manifest.get("kernels", {}).items() if rule in TUNED_RULES}
     if built == set(tuned):
         return f"tuned all {len(built)} matmul kernels of {out}'s build ({len(set(tuned.values()))} distinct workloads)"
     return (f"warning: the tuned kernels differ from {out}'s build: {len(built - set(tuned))} built but not tuned, "

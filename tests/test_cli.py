@@ -135,3 +135,10 @@ def test_zoo_calib_writes_the_models_own_set(tmp_path):
     assert effc("zoo", "calib", "minilm-l6", "-o", str(some), "--count", "10").returncode == 0
     with np.load(some) as data:
         assert len(data["input_ids"]) == 10
+
+
+def test_zoo_calib_beyond_vit_digits_validation_pool_exits_2(tmp_path):
+    # Repeated images could sit both in the fit part and in the budget's held-out quarter: refused, not resampled.
+    out = tmp_path / "calib.npz"
+    line = _one_line_error(effc("zoo", "calib", "vit-digits", "-o", str(out), "--count", "300"))
+    assert "vit-digits has 288 validation images to calibrate on; asked for 300" in line and not out.exists()

@@ -3,6 +3,7 @@ timed in one interleaved run per model; writes docs/precisions.md.
 
     python tools/bench_precisions.py [--models vit-s16,bert-base,gpt2] [--work bench-work/precisions]
                                      [--runs 8] [--warmup 2] [--threads 2] [--out docs/precisions.md]
+                                     [--build-only]
 
 Per model (batch 1; bert-base and gpt2 at seq 128, the zoo's length), each engine on the same feed:
 - ORT fp32, OpenVINO f32 (INFERENCE_PRECISION_HINT=f32), OpenVINO default (the precision it picks
@@ -288,6 +289,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--build-only", action="store_true",
+                        help="build (or find in --work) every engine's model and stop: the timed run can then "
+                             "wait for a quiet machine")
     args = parser.parse_args()
     from effc.codegen.openvino_engine import import_openvino
     from effc.codegen.runtime import configure_threads
@@ -301,9 +305,16 @@ def main() -> None:
     load_before, rows = uptime(), []
     for name in args.models.split(","):
         print(f"{name}:", flush=True)
+        if args.build_only:
+            from effc import zoo
+
+            engines_for(name, args.work, zoo.get(name).sample_inputs(1, 0)[0], args.threads, offered)
+            continue
         rows.append(bench_model(name, args.work, args.threads, args.runs, args.warmup, offered))
         gc.collect()
         (args.work / "results.json").write_text(json.dumps(rows, indent=1))
+    if args.build_only:
+        return
     text = page(rows, started, load_before, uptime(), args.threads, args.runs, args.warmup, offered)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -5,9 +5,10 @@
                                       [--render docs/quantization.md]
 
 Every method of a model gets the same calibration feeds (the zoo's calibration set, effc.calib.zoo_calibration:
-training data, never the metric's) and is scored on the zoo's held-out data by the zoo's own metric
-(``module.evaluate``, the same as ``effc eval``): minilm-l6 embedding cosine to the fp32 torch embeddings,
-vit-digits top-1, gpt-text perplexity per byte, bert-base / gpt2 (random weights) output cosine to fp32 torch.
+training data, for vit-digits validation data, never the metric's) and is scored on the zoo's held-out data by
+the zoo's own metric (``module.evaluate``, the same as ``effc eval``): minilm-l6 embedding cosine to the fp32
+torch embeddings, vit-digits top-1, gpt-text perplexity per byte, bert-base / gpt2 (random weights) output
+cosine to fp32 torch.
 
 ONNX Runtime's side (onnxruntime.quantization, the version installed):
 - w8a8: ``quantize_static``, QDQ format, uint8 activations (asymmetric, per tensor), int8 weights per channel

@@ -33,4 +33,9 @@ def bf16_matmul_pass():
                 return call
             return relax.op.matmul(relax.op.astype(a, BF16), relax.op.astype(b, BF16), out_dtype="float32")
 
-    return mutator_pass(Bf16Matmul, "EffcBf16Matmul")
+    import tvm
+
+    # q, k and v's matmuls each cast the same layer-norm output: one cast, which then fuses into
+    # the layer norm's kernel (three separate casts kept the norm's fp32 output and three passes)
+    return tvm.transform.Sequential([mutator_pass(Bf16Matmul, "EffcBf16Matmul"),
+                                     relax.transform.EliminateCommonSubexpr()])

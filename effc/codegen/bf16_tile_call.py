@@ -1,7 +1,10 @@
 """Lower the bf16 matmul rule's tiles to calls of effc/kernels/bf16_tile.c.
 
 The rule (schedules/cpu/matmul_bf16.py) blockizes each mr x nr tile's k loop and marks the block
-with TILE_KEY = (mr, nr, k); the block still holds the plain loop nest (C[i, j] += f32(A[i, k]) *
+with TILE_KEY = (mr, nr, k padded to pairs, m, n, k, B plain): the tiles at the edges of a matrix
+that no tile divides compute only their rows and vectors inside m x n, and an odd k needs no zero
+column in A, so A can be read in place, unpadded; B plain (1): B is read in place as a row-major
+[k, n] matrix, its panel packed by the C tile (a computed operand: attention's K^T, V); the block still holds the plain loop nest (C[i, j] += f32(A[i, k]) *
 f32(B[k / 2, j, k % 2])), so a build without this pass (the kernel checks) computes the same. This
 pass, at the front of effc's TIR pipeline, replaces that body by one call. (TVM 0.27's tensorize
 crashes in this wheel, and its LLVM codegen has no bfloat vector type for vdpbf16ps: hence a block
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 PIPELINE = "effc-cpu"
 TILE_KEY = "effc.bf16_tile"
-SYMBOL = "effc_bf16_tile"
+SYMBOL = "effc_bf16_tile_part"
 LANES = 16  # fp32 lanes of a zmm register: nr is a multiple
 
 
@@ -26,13 +29,17 @@ def bf16_tile_pass():
     def lower(node):
         if not isinstance(node, s_tir.SBlock) or TILE_KEY not in node.annotations:
             return node
-        mr, nr, k = (int(v) for v in node.annotations[TILE_KEY])
+        mr, nr, k_pad, *valid = (int(v) for v in node.annotations[TILE_KEY])
+        m, n, k, b_plain = valid or (None, None, k_pad, 0)  # the matrix's own sizes: edge tiles are partial
         c = node.writes[0]
         a, b = [r for r in node.reads if str(r.source.dtype) == "bfloat16"]
+        rows, cols = _edge(c, -2, m, mr), _edge(c, -1, n, nr)
         call = tirx.call_extern("int32", SYMBOL, _address(c), _address(c, row=1), _address(a),
                                 _address(a, column=1), _address(a, row=1), _address(b), _address(b, column=1),
-                                tirx.IntImm("int64", k // 2), tirx.IntImm("int32", mr),
-                                tirx.IntImm("int32", nr // LANES), _first_row_tile(c))
+                                _address(b, row=1) if b_plain else _address(b), tirx.IntImm("int64", k_pad // 2),
+                                tirx.IntImm("int32", mr), tirx.IntImm("int32", nr // LANES), _first_row_tile(c),
+                                rows, cols,
+                                tirx.IntImm("int64", k))
         annotations = {key: value for key, value in node.annotations.items() if key != TILE_KEY}
         return s_tir.SBlock(node.iter_vars, node.reads, node.writes, node.name_hint, tirx.Evaluate(call), None,
                             node.alloc_buffers, node.match_buffers, annotations)
@@ -45,6 +52,18 @@ def bf16_tile_pass():
         return mod
 
     return _pass
+
+
+def _edge(c_region, axis: int, size, whole: int):
+    """How many rows or columns of the tile at ``c_region`` lie inside the matrix's ``size`` along
+    ``axis``: ``whole`` but at the padded edge (``size`` None: always)."""
+    from tvm import tirx
+
+    if size is None:
+        return tirx.IntImm("int32", whole)
+    start = c_region.region[axis].min
+    dtype = str(start.ty)
+    return tirx.Cast("int32", tirx.min(tirx.IntImm(dtype, size) - start, tirx.IntImm(dtype, whole)))
 
 
 def _first_row_tile(c_region):

@@ -131,18 +131,15 @@ def front_half(model: ir.Model, bt: BuildTarget, tvm_target=None, precision: str
 
     tvm_target = tvm_target or bt.tvm()
     imported = import_model(model, tvm_target)
-    if precision == "bf16":
-        from effc.codegen.bf16_matmul import bf16_matmul_pass
-
-        imported.mod = bf16_matmul_pass()(imported.mod)
-    mod, params = prepare(imported, bt)
+    mod, params = prepare(imported, bt, precision)
     return imported, lower.fuse(mod, tvm_target), params
 
 
-def prepare(imported, bt: BuildTarget):
+def prepare(imported, bt: BuildTarget, precision: str = "fp32"):
     """(module, params) of an imported model, ready to fuse: on CPU, convolutions become matmuls
-    (patch embeddings) or im2col + GEMM with their epilogues ahead of the NCHW reshape, and
-    weight-only computations are evaluated once, here."""
+    (patch embeddings) or im2col + GEMM with their epilogues ahead of the NCHW reshape, float
+    matmuls (those included) take bf16 operands under ``precision`` bf16, and weight-only
+    computations are evaluated once, here."""
     mod, params = imported.mod, imported.params
     if bt.kind == "llvm":
         from effc.codegen.conv_gemm import conv_gemm_pass
@@ -151,5 +148,9 @@ def prepare(imported, bt: BuildTarget):
         from effc.codegen.sink_reshape import sink_reshape_pass
 
         mod = sink_reshape_pass()(conv_gemm_pass()(patchify_conv()(mod)))
+        if precision == "bf16":
+            from effc.codegen.bf16_matmul import bf16_matmul_pass
+
+            mod = bf16_matmul_pass()(mod)
         mod, params = fold_weight_transforms(mod, params, bt.tvm())
     return mod, params

@@ -34,8 +34,6 @@ def tune_model(model, trials: int, record_path: str | Path, progress=print, repe
     ``precision`` as `effc compile --precision` (bf16 tunes the bf16 matmul rule)."""
     from effc.codegen.build import front_half
     from effc.codegen.precision import choose
-    from effc.codegen.schedules.cpu.matmul import Matmul
-    from effc.codegen.schedules.cpu.matmul_bf16 import MatmulBf16
     from effc.codegen.target import llvm_target
 
     start = time.perf_counter()
@@ -43,26 +41,28 @@ def tune_model(model, trials: int, record_path: str | Path, progress=print, repe
     target = bt.tvm()
     precision = choose(precision, target)[0]
     _, kernels, _ = front_half(model, bt, target, precision)  # the kernels exactly as compile_model schedules them
-    rule = MatmulBf16() if precision == "bf16" else Matmul()
-    default = rule.default_knobs(target)
-    if precision == "bf16":
-        from effc.kernels import native
-
-        native.load("bf16_tile")  # the tile the timed kernels call
+    rules = tunable_rules(target, precision)
+    defaults = {rule.name: rule.default_knobs(target) for rule in rules}
     records = load_records(record_path)
     workloads, names = {}, {}
     for gv, func in kernels.functions_items():
         key = workload_key(func, target) if _is_primfunc(func) else None
-        if key and (key in workloads or rule.schedule(func, target=target, **default) is not None):
+        if key and key in workloads:
             names[gv.name_hint] = key
-            workloads.setdefault(key, (gv.name_hint, func))
+            continue
+        # the rule that takes the kernel in the build: the first of the build's order that schedules it
+        owner = next((r for r in rules if key and r.schedule(func, target=target, **defaults[r.name]) is not None),
+                     None)
+        if owner is not None:
+            names[gv.name_hint] = key
+            workloads[key] = (gv.name_hint, func, owner)
     tuned = 0
-    for index, (key, (name, func)) in enumerate(workloads.items(), 1):
+    for index, (key, (name, func, rule)) in enumerate(workloads.items(), 1):
         if records.get(key, {}).get("trials", 0) >= trials:
             progress(f"[{index}/{len(workloads)}] {name}: recorded {records[key]['ms']:.3f} ms {records[key]['knobs']}")
             continue
         best = None
-        for knobs in _candidates(rule, default, trials):
+        for knobs in _candidates(rule, defaults[rule.name], trials):
             sch = rule.schedule(func, target=target, **knobs)
             if sch is None:
                 continue
@@ -82,6 +82,27 @@ def tune_model(model, trials: int, record_path: str | Path, progress=print, repe
         tuned += 1
         progress(f"[{index}/{len(workloads)}] {name}: {best[0]:.3f} ms with {best[1]}")
     return TuneResult(len(workloads), tuned, round(time.perf_counter() - start, 1), names)
+
+
+TUNED_RULES = ("int8-matmul", "matmul-bf16", "matmul")  # the rule names tunable_rules picks from
+
+
+def tunable_rules(target, precision: str) -> list:
+    """The CPU matmul rules the tuner searches, in the build's order (effc.codegen.schedules.cpu):
+    int8 (kernels lowered from QDQ, on VNNI), then bf16 or fp32 as ``precision`` says."""
+    from effc.codegen.schedules.cpu.int8_matmul import Int8Matmul, has_vnni
+    from effc.codegen.schedules.cpu.matmul import Matmul
+    from effc.codegen.schedules.cpu.matmul_bf16 import MatmulBf16
+
+    rules = [Int8Matmul()] if has_vnni(target) else []
+    if precision == "bf16":
+        from effc.kernels import native
+
+        native.load("bf16_tile")  # the tile the timed kernels call
+        rules.append(MatmulBf16())
+    else:
+        rules.append(Matmul())
+    return rules
 
 
 def _candidates(rule, default: dict, trials: int) -> list[dict]:

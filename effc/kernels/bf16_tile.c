@@ -53,16 +53,63 @@ static const uint16_t *panel_of(const float *b, int64_t n, int first) {
   return panel_bf16;
 }
 
+/* Row `row` of a plain row-major b (element size es: 2 bf16, 4 fp32; rows ldb elements apart), its
+   columns c0.. where mask is set, as 16 bf16; zero past row k - 1. */
+static inline __m256i row_of(const char *b, int es, int64_t ldb, int64_t row, int64_t k, int64_t c0, __mmask16 mask) {
+  if (row >= k || !mask) return _mm256_setzero_si256();
+  if (es == 2) return _mm256_maskz_loadu_epi16(mask, (const uint16_t *)b + row * ldb + c0);
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, (const float *)b + row * ldb + c0));
+}
+
+/* The panel (k2 pairs x nr columns, each k pair of a column side by side) of a plain b: its first
+   `cols` columns and k rows, zero beyond. Made when first (the panel's first row tile) into this
+   thread's buffer, which the panel's later tiles reuse. */
+static const uint16_t *panel_of_rows(const char *b, int es, int64_t ldb, int64_t k, int cols, int nr, int64_t k2,
+                                     int first) {
+  int64_t n = 2 * k2 * nr;
+  if (n > panel_capacity) {
+    free(panel_bf16);
+    panel_bf16 = (uint16_t *)malloc(n * sizeof(uint16_t));
+    panel_capacity = panel_bf16 ? n : 0;
+    first = 1;
+  }
+  if (!first || !panel_bf16) return panel_bf16;
+  for (int64_t kp = 0; kp < k2; ++kp)
+    for (int c0 = 0; c0 < nr; c0 += 16) {
+      int left = cols - c0;
+      __mmask16 mask = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+      __m512i lo = _mm512_cvtepu16_epi32(row_of(b, es, ldb, 2 * kp, k, c0, mask));
+      __m512i hi = _mm512_cvtepu16_epi32(row_of(b, es, ldb, 2 * kp + 1, k, c0, mask));
+      _mm512_storeu_si512(panel_bf16 + (kp * nr + c0) * 2, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  return panel_bf16;
+}
+
+/* acc[r] += a's pair (a[r, 2 kp], a[r, 2 kp + 1]) x the panel's k pair row bp, for mr rows; odd: a's
+   row ends after its first element (the second is taken as 0: no read past the row). */
+#define STEP(ODD)                                                                              \
+  do {                                                                                         \
+    __m512bh bv[MAX_VECS];                                                                     \
+    for (int v = 0; v < nv; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + (kp * ldb + v * 16) * 2); \
+    for (int r = 0; r < mr; ++r) {                                                             \
+      int32_t pair = 0;                                                                        \
+      memcpy(&pair, ap + r * ap_ld + 2 * kp, (ODD) ? sizeof(uint16_t) : sizeof pair);         \
+      __m512bh av = (__m512bh)_mm512_set1_epi32(pair);                                         \
+      for (int v = 0; v < nv; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);         \
+    }                                                                                          \
+  } while (0)
+
+/* c[mr, 16 nv] = a[mr, kk] x the first nv vectors of a panel ldb columns wide (ldb >= 16 nv). */
 static inline __attribute__((always_inline)) void tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_f32,
-                                                       const void *b, int64_t k2, const int mr, const int nv) {
+                                                       const void *b, int64_t ldb, int64_t kk, const int mr,
+                                                       const int nv) {
   __m512 acc[MAX_ROWS][MAX_VECS];
   uint16_t a_buf[MAX_ROWS * CHUNK_K];
-  const int nr = nv * 16;
   for (int r = 0; r < mr; ++r)
     for (int v = 0; v < nv; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k0 = 0; k0 < 2 * k2; k0 += CHUNK_K) {
-    int64_t kc = 2 * k2 - k0 < CHUNK_K ? 2 * k2 - k0 : CHUNK_K;
-    const uint16_t *ap, *bp;
+  for (int64_t k0 = 0; k0 < kk; k0 += CHUNK_K) {
+    int64_t kc = kk - k0 < CHUNK_K ? kk - k0 : CHUNK_K;
+    const uint16_t *ap;
     int64_t ap_ld;
     if (a_f32) {
       for (int r = 0; r < mr; ++r) to_bf16(a_buf + r * CHUNK_K, (const float *)a + r * lda + k0, kc);
@@ -70,42 +117,56 @@ static inline __attribute__((always_inline)) void tile(float *c, int64_t ldc, co
     } else {
       ap = (const uint16_t *)a + k0, ap_ld = lda;
     }
-    bp = (const uint16_t *)b + k0 * nr; /* b_f32: the caller passes the converted panel */
-    for (int64_t kp = 0; kp < kc / 2; ++kp) {
-      __m512bh bv[MAX_VECS];
-      for (int v = 0; v < nv; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + (kp * nr + v * 16) * 2);
-      for (int r = 0; r < mr; ++r) {
-        int32_t pair;
-        memcpy(&pair, ap + r * ap_ld + 2 * kp, sizeof pair);
-        __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-        for (int v = 0; v < nv; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
-      }
-    }
+    const uint16_t *bp = (const uint16_t *)b + k0 * ldb; /* b_f32: the caller passes the converted panel */
+    int64_t kp = 0;
+    for (; kp < kc / 2; ++kp) STEP(0);
+    if (kc & 1) STEP(1);
   }
   for (int r = 0; r < mr; ++r)
     for (int v = 0; v < nv; ++v) _mm512_storeu_ps(c + r * ldc + v * 16, acc[r][v]);
 }
 
-#define CASE(R, V) case (R) * 8 + (V): tile(c, ldc, a, lda, a_f32, b, k2, R, V); return 0;
+#define CASE(R, V) case (R) * 8 + (V): tile(c, ldc, a, lda, a_f32, b, 16 * nv, k, R, V); return 0;
 #define ROWS(R) CASE(R, 1) CASE(R, 2) CASE(R, 3) CASE(R, 4)
 
-/* Addresses: c, c one row down; a, a one element on, a one row down; b, b one element on; first:
-   this is the first row tile of b's panel. 0 when (mr, nv) has a compiled tile and memory for an
-   fp32 panel's copy; -1 otherwise (the rule never asks for a missing tile). */
-int32_t effc_bf16_tile(float *c, float *c_row, const char *a, const char *a_next, const char *a_row, const char *b,
-                       const char *b_next, int64_t k2, int32_t mr, int32_t nv, int32_t first) {
+/* Addresses: c, c one row down; a, a one element on, a one row down; b, b one element on, b one row
+   down. The tile is mr x 16 nv over k2 pairs of k; first: this is the first row tile of b's panel.
+   b is a panel 16 nv columns wide, zero-padded to k2 pairs (b_row == b), or, b_row != b, a plain
+   row-major [k, n] matrix (a computed operand read in place) whose panel the first row tile packs.
+   Of the tile, rows x cols are computed (the tile at the bottom or right edge of a matrix whose m
+   or n no tile divides: the rest of c is left as it was, and the caller discards it; cols rounded
+   up to whole vectors) from the first k of a's columns (k odd: a's rows are read in place,
+   unpadded). 0 when (rows, vectors) has a compiled tile and memory for a converted panel; -1
+   otherwise (the rule never asks for a missing tile). */
+int32_t effc_bf16_tile_part(float *c, float *c_row, const char *a, const char *a_next, const char *a_row,
+                            const char *b, const char *b_next, const char *b_row, int64_t k2, int32_t mr, int32_t nv,
+                            int32_t first, int32_t rows, int32_t cols, int64_t k) {
   int64_t ldc = c_row - c;
   int a_f32 = a_next - a == 4;
   int64_t lda = (a_row - a) / (a_f32 ? 4 : 2);
-  if (b_next - b == 4) {
+  int vecs = (cols + 15) / 16;
+  if (rows > mr || vecs > nv || k > 2 * k2) return -1;
+  if (b_row != b) {
+    int es = (int)(b_next - b);
+    b = (const char *)panel_of_rows(b, es, (b_row - b) / es, k, cols, nv * 16, k2, first);
+    if (!b) return -1;
+  } else if (b_next - b == 4) {
     b = (const char *)panel_of((const float *)b, 2 * k2 * nv * 16, first);
     if (!b) return -1;
   }
-  switch (mr * 8 + nv) {
+  if (rows <= 0 || vecs <= 0) return 0;
+  switch (rows * 8 + vecs) {
     ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
     CASE(7, 1) CASE(7, 2) CASE(7, 3) CASE(8, 1) CASE(8, 2) CASE(8, 3)
     CASE(9, 1) CASE(9, 2) CASE(10, 1) CASE(10, 2) CASE(11, 1) CASE(11, 2) CASE(12, 1) CASE(12, 2)
     CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
   }
   return -1;
+}
+
+/* The whole tile (rows = mr, cols = 16 nv, k = 2 k2) of a packed b: the entry point of modules built
+   before the partial tiles. */
+int32_t effc_bf16_tile(float *c, float *c_row, const char *a, const char *a_next, const char *a_row, const char *b,
+                       const char *b_next, int64_t k2, int32_t mr, int32_t nv, int32_t first) {
+  return effc_bf16_tile_part(c, c_row, a, a_next, a_row, b, b_next, b, k2, mr, nv, first, mr, 16 * nv, 2 * k2);
 }

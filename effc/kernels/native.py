@@ -15,7 +15,7 @@ from pathlib import Path
 from effc.errors import EffcError
 
 HERE = Path(__file__).parent
-FLAGS = {"bf16_tile": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fPIC"]}
+FLAGS = {"bf16_tile": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fPIC"]}
 _loaded: dict[str, ctypes.CDLL] = {}
 
 

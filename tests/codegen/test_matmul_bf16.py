@@ -80,6 +80,8 @@ def test_every_matmul_runs_bf16_close_to_fp32_ort(built):
     assert result.precision == "bf16" and "avx512bf16" in result.precision_reason, result.precision_reason
     matmuls = {name: rule for name, rule in result.kernels.items() if "matmul" in name}
     assert len(matmuls) == 5 and set(matmuls.values()) == {"matmul-bf16"}, result.kernels
+    softmax = [rule for name, rule in result.kernels.items() if "softmax" in name]
+    assert softmax == ["softmax"], result.kernels  # its cast to bf16 fused into the softmax kernel
     feeds = make_inputs(model, 2, seed=4)
     dev = deviation(run_compiled(out, feeds), OrtRunner(model).run_all(feeds))
     assert dev.cosine >= 0.999 and dev.max_rel < 2e-2, dev
@@ -176,3 +178,45 @@ def test_tune_with_bf16_records_the_bf16_rule(tmp_path):
     result = tune_model(model, 2, tmp_path / "rec.json", progress=lambda _: None, precision="bf16")
     records = json.loads((tmp_path / "rec.json").read_text())["records"]
     assert result.workloads == 1 and [r["rule"] for r in records.values()] == ["matmul-bf16"], records
+
+
+@requires_bf16
+def test_one_cast_feeds_the_matmuls_sharing_an_input(tmp_path):
+    """q, k and v's matmuls read one layer norm's output: it is cast to bf16 once, in the norm's own
+    kernel, not once per matmul (three cast kernels beside an fp32 norm)."""
+    from effc.codegen.build import compile_model, run_compiled
+    from effc.verify import OrtRunner, deviation, make_inputs
+
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(rng.standard_normal(K).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.standard_normal(K).astype(np.float32), "beta")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "beta"], ["ln"], axis=-1)]
+    for name in "qkv":
+        inits.append(numpy_helper.from_array(rng.standard_normal((K, 24)).astype(np.float32) / 6, f"W{name}"))
+        nodes.append(helper.make_node("MatMul", ["ln", f"W{name}"], [name]))
+    model = model_from_nodes(nodes, [("x", [2, M, K])], [(n, [2, M, 24]) for n in "qkv"], inits)
+    result = compile_model(model, "llvm", tmp_path, precision="bf16")
+    casts = [name for name in result.kernels if "cast" in name]
+    assert len(casts) == 1 and "layer_norm" in casts[0], result.kernels
+    feeds = make_inputs(model, 1, seed=2)
+    dev = deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds))
+    assert dev.cosine >= 0.999 and dev.max_rel < 2e-2, dev
+
+
+@requires_bf16
+def test_a_patch_embedding_conv_runs_bf16(tmp_path):
+    """ViT's patch embedding (a stride = kernel Conv, rewritten to a matmul before the bf16 rewrite
+    sees the graph) runs on the bf16 rule too, batch 2, close to fp32 ONNX Runtime."""
+    from effc.codegen.build import compile_model, run_compiled
+    from effc.verify import OrtRunner, deviation, make_inputs
+
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array((rng.standard_normal((24, 3, 8, 8)) / 8).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "B")]
+    model = model_from_nodes([helper.make_node("Conv", ["x", "W", "B"], ["y"], strides=[8, 8])],
+                             [("x", [2, 3, 24, 40])], [("y", [2, 24, 3, 5])], inits)
+    result = compile_model(model, "llvm", tmp_path, precision="bf16")
+    assert "matmul-bf16" in result.kernels.values(), result.kernels
+    feeds = make_inputs(model, 1, seed=3)
+    dev = deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds))
+    assert dev.cosine >= 0.999 and dev.max_rel < 2e-2, dev

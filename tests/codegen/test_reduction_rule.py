@@ -51,6 +51,29 @@ def test_softmax_kernel_handles_extreme_logits():
     assert far.any() and (y.numpy()[far] == 0).all()
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 197), (5, 16), (4, 37)])
+def test_softmax_kernel_writes_bf16_rounded_to_nearest(shape):
+    """The bf16-output variant (attention's softmax under --precision bf16, its cast fused): each
+    probability is the fp32 softmax rounded to bf16 (within half a bf16 unit: 2^-8 relative, where
+    truncation would miss by up to 2^-7), rows of any length, the ragged tail included."""
+    import tvm
+
+    from effc.codegen.schedules.cpu.softmax import softmax_kernel
+    from effc.codegen.target import llvm_target
+
+    x = (np.random.default_rng(5).standard_normal(shape) * 4).astype(np.float32)
+    x[..., -1] = -3.4e38  # a masked position, in the tail when there is one
+    rows, n = int(np.prod(shape[:-1])), shape[-1]
+    y = tvm.runtime.empty(shape, "bfloat16")
+    func = softmax_kernel(list(shape), rows, n, out_dtype="bfloat16").with_attr("global_symbol", "main")
+    tvm.compile(tvm.IRModule({"main": func}), target=llvm_target().tvm()).jit()["main"](tvm.runtime.tensor(x), y)
+    got = y.numpy().astype(np.float32)
+    ref = np.exp(x - x.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    assert (np.abs(got - ref) <= ref * 2.0**-8 * 1.001 + 1e-30).all(), np.abs(got / ref - 1).max()
+    assert (got[..., -1] == 0).all()
+
+
 @pytest.mark.parametrize("cols", [128, 197])
 @pytest.mark.parametrize("op", ["LayerNormalization", "RMSNormalization"])
 def test_norms(tmp_path, op, cols):

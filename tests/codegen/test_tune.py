@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from effc.frontend.onnx import from_proto
@@ -83,3 +85,36 @@ def test_cli_tune_refuses_passes_for_a_compiled_output(tmp_path):
     proc = effc("tune", tmp_path / "out", "--records", tmp_path / "r.json", "--passes", "none")
     assert proc.returncode == 2 and "already through its passes" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_tune_searches_the_int8_rule_of_a_qdq_model(tmp_path):
+    """A QDQ model's integer matmuls are tuned with the int8 rule's knobs, and the build applies them
+    (its result still agrees with ONNX Runtime on the QDQ model within one quantisation step)."""
+    import onnx
+    import onnx_ir as ir
+
+    from effc.codegen.build import compile_model
+    from effc.codegen.runtime import load_compiled
+    from effc.codegen.tune import tune_model
+    from tests.codegen.qdq_models import calibration, float_mlp, quantize_qdq
+    from tests.codegen.test_int8_qdq import host_has_vnni, ort_run, step_of
+
+    if not host_has_vnni():
+        pytest.skip("this CPU lacks AVX-512 VNNI: no int8 kernels to tune")
+    shape = [2, 5, 37]
+    path = quantize_qdq(float_mlp(2, (5,), 37, 50), tmp_path / "q.onnx", calibration(shape))
+    model = ir.from_proto(onnx.load(str(path)))
+    records_path = tmp_path / "records.json"
+    result = tune_model(model, 3, records_path, progress=lambda _: None, repeat=1)
+    records = json.loads(records_path.read_text())["records"]
+    assert result.workloads == 2 and sorted(r["rule"] for r in records.values()) == ["int8-matmul"] * 2
+    for record in records.values():  # a non-default tile, so the test sees the records applied
+        record["knobs"] = {"mr": 4, "nr_vectors": 1}
+    records_path.write_text(json.dumps({"format": "effc-records-1", "records": records}))
+    out = tmp_path / "out"
+    compile_model(model, "llvm", out, records=records_path)
+    manifest = json.loads((out / "codegen.json").read_text())
+    assert manifest["tuned_kernels"] == 2 and manifest["rule_hits"].get("int8-matmul") == 2, manifest
+    feed = {"x": calibration(shape, 1, seed=9)[0]}
+    got = next(iter(load_compiled(out)(feed).values()))
+    assert float(np.abs(got - ort_run(path, feed)).max()) <= step_of(path, "m2_scale")

@@ -45,6 +45,9 @@ class Int8Matmul(CPURule):
     def __init__(self, mr: int = 6, nr_vectors: int = 4, records: dict | None = None):
         self.mr, self.nr_vectors, self.records = mr, nr_vectors, records
 
+    def default_knobs(self, target=None) -> dict:
+        return {"mr": self.mr, "nr_vectors": self.nr_vectors}
+
     def recorded(self, func, target) -> dict:
         """Tuned knobs recorded for this kernel, or {} (the build counts kernels that had some)."""
         return knobs_for(self.records, self.name, func, target)
@@ -56,7 +59,8 @@ class Int8Matmul(CPURule):
         sch = self.schedule(func, **{"mr": self.mr, "nr_vectors": self.nr_vectors, **recorded})
         return sch
 
-    def schedule(self, func, mr: int, nr_vectors: int):
+    def schedule(self, func, mr: int, nr_vectors: int, target=None):
+        """``func`` tiled mr x nr_vectors (``target``: unused, VNNI's tile is the same on every AVX-512 CPU), or None."""
         sch = s_tir.Schedule(func)
         main = _int8_reduction(sch)
         if main is None or not fp._plain_access(sch.get(main)) or get_index_map(sch.get(main)) is None:

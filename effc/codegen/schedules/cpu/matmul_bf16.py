@@ -24,7 +24,7 @@ from effc.codegen.bf16_tile_call import LANES, TILE_KEY
 from effc.codegen.records import knobs_for
 from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
 from effc.codegen.schedules.cpu.matmul import _pick_mr, _plain_access
-from effc.codegen.schedules.cpu.panels import inline_side_inputs, pick_nr, to_batched_gemm, write_back_at
+from effc.codegen.schedules.cpu.panels import inline_side_inputs, to_batched_gemm, write_back_at
 
 FITTING = ((6, 4), (8, 3), (12, 2), (8, 2), (4, 4))  # tiles near the peak, best first (mr, nr_vectors)
 MAX_ROWS = {1: 16, 2: 12, 3: 8, 4: 6}  # nr_vectors -> most rows of a tile bf16_tile.c has (<= 24 of 32 zmm)
@@ -94,15 +94,19 @@ class MatmulBf16(CPURule):
         if fit:
             mr, nr_vectors = next(((r, v) for r, v in FITTING if m % r == 0 and n % (v * LANES) == 0),
                                   (mr, nr_vectors))
-        nr = pick_nr(n, LANES, nr_vectors)
+        # the C tile computes only the vectors of an edge panel inside n: a ragged n costs at most
+        # 15 columns, so the tile keeps its width (pick_nr would narrow it to pad less)
+        nr = min(nr_vectors, -(-n // LANES)) * LANES
         mr = min(_pick_mr(mr, m, nr_vectors, nr, LANES), MAX_ROWS[nr // LANES])
         pads = [1, mr if m % mr else 1, nr if n % nr else 1, 2 if kk % 2 else 1]
         if pads != [1, 1, 1, 1]:
             sch.pad_einsum(main, pads)
-        if not (pads[1] == 1 and pads[3] == 1 and _read_in_place(sch, main, a_copy)):
+        if not ((pads[1] == 1 and pads[3] == 1 and _read_in_place(sch, main, a_copy))
+                or (pads != [1, 1, 1, 1] and _read_padded_in_place(sch, main, a_copy))):
             _parallel_copy(sch, _stage(sch, main, a_copy, 0))
-        panel = _stage(sch, main, b_copy, 1)
-        _pack_pairs(sch, func, panel, nr)
+        b_plain = _read_b_in_place(sch, func, main, b_copy)
+        if not b_plain:
+            _pack_pairs(sch, func, _stage(sch, main, b_copy, 1), nr)
 
         batch, i, j, k = sch.get_loops(main)
         io, ii = sch.split(i, [None, mr])
@@ -114,7 +118,7 @@ class MatmulBf16(CPURule):
         sch.parallel(sch.fuse(batch, jo))
         k_pad = extent(sch, k)
         tile = sch.blockize(k)  # the tile's block keeps its loop nest: effc.codegen.bf16_tile_call lowers it
-        sch.annotate(tile, TILE_KEY, [mr, nr, k_pad])
+        sch.annotate(tile, TILE_KEY, [mr, nr, k_pad, m, n, kk, int(b_plain)])
         return sch
 
 
@@ -127,6 +131,47 @@ def _read_in_place(sch, main, a_copy) -> bool:
     if not all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in a_read.region):
         return False
     sch.compute_inline(a_copy)
+    return True
+
+
+def _read_padded_in_place(sch, main, a_copy) -> bool:
+    """As _read_in_place where m or k was padded: main reads A's rows where they are, the zero
+    padding only a condition in its plain loop nest; the C tile computes an edge tile's rows inside
+    m and reads k columns, never the padding (effc.codegen.bf16_tile_call). No copy of A, and
+    no per-tile conversion of a staged one (TVM widens a bf16 buffer inside a kernel to fp32)."""
+    trial = sch.copy()
+    pad = _stage(trial, main, a_copy, 0)
+    trial.compute_inline(pad)
+    a_read = [r for r in trial.get(main).reads if str(r.source.dtype) == "bfloat16"]
+    if len(a_read) != 2 or not all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in a_read[0].region):
+        return False
+    pad = _stage(sch, main, a_copy, 0)
+    sch.compute_inline(pad)
+    return True
+
+
+def _read_b_in_place(sch, func, main, b_copy) -> bool:
+    """Let main read a computed B (not a weight: those are packed at compile time) where it is, a
+    row-major [k, n] matrix whose panels the C tile packs, vectorised, by each panel's first row
+    tile: no per-call packing loop in TIR (a scalar scatter into a buffer TVM widens to fp32) and
+    no second conversion. False, unchanged, when B is a weight or is not read as [.., k, j]."""
+    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    weights = [func.params[int(x)] for x in free] if free else []
+    trial = sch.copy()
+    stage = _stage(trial, main, b_copy, 1)
+    if any(r.source.same_as(w) for r in trial.get(stage).reads for w in weights):
+        return False
+    trial.compute_inline(stage)
+    block = trial.get(main)
+    reads = [r for r in block.reads if str(r.source.dtype) == "bfloat16"]
+    if len(reads) != 2 or reads[0].source.same_as(reads[1].source):
+        return False
+    j, k = (iv.var for iv in block.iter_vars[-2:])
+    region = reads[1].region
+    if not (region[-2].min.same_as(k) and region[-1].min.same_as(j)
+            and all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in region)):
+        return False
+    sch.compute_inline(_stage(sch, main, b_copy, 1))
     return True
 
 

@@ -151,6 +151,10 @@ def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16, epilogue=Non
     from tvm import tirx
     from tvm.script import tirx as T
 
+    if epilogue is None and out_dtype != "float32":  # a bare cast of the probability (bf16 for attention's P)
+        def epilogue(value):
+            return T.Cast(out_dtype, value)
+
     full, tail = n // lanes, n % lanes
     lead = [int(d) for d in shape[:-1]]
 

@@ -1,15 +1,17 @@
 """int8 (QDQ w8a8) side by side: effc vs ONNX Runtime vs OpenVINO on the same QDQ ONNX model.
 
     python tools/bench_int8.py [--models bert-base,vit-s16] [--work DIR] [--rounds 15] [--threads 2]
-                               [--ops MatMul]
+                               [--ops MatMul] [--baseline DIR]
 
 The QDQ copies are made by ONNX Runtime's quantize_static (QDQ format, u8 activations, per-channel
 s8 weights, MinMax on 4 calibration samples; ``--ops``: op_types_to_quantize, MatMul by default,
 the maintainers' recipe for transformers), cached in the work directory, and compiled by effc
-(effc.codegen.build.compile_model). Engines run interleaved (effc.codegen.bench.turns), batch 1;
+(effc.codegen.build.compile_model). Engines run interleaved (effc.codegen.bench.turns, the order rotated each round), batch 1;
 medians of the steady samples are printed with the agreement of effc with ORT on the QDQ model
 (max abs diff, and that diff in units of the output's quantisation step where the output has one;
-cosine).
+cosine). ``--baseline DIR``: an earlier effc build of each model (DIR/<model>-qdq-effc, made by
+another checkout) runs in the same interleaved turns as ``effc_before``, so before and after are
+measured side by side.
 """
 
 from __future__ import annotations
@@ -69,6 +71,24 @@ def make_qdq(src: str, dst: Path, ops: list[str]) -> Path:
     return dst
 
 
+def rotated_turns(engines: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """effc.codegen.bench.turns, one round at a time with the engine order rotated each round: an
+    engine right after OpenVINO ran up to 1.4x slower here (on this loaded 2-core machine), so no
+    engine keeps that place."""
+    from effc.codegen.bench import turns
+
+    names = list(engines)
+    steady: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        order = names[shift:] + names[:shift]
+        samples, _ = turns({name: engines[name] for name in order}, 1)
+        if round_ >= warmup:
+            for name, values in samples.items():
+                steady[name].extend(values)
+    return steady
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bert-base,vit-s16")
@@ -77,13 +97,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ops", default="MatMul")
     ap.add_argument("--make-only", action="store_true")
+    ap.add_argument("--baseline", default=None, help="a directory with earlier effc builds: DIR/<model>-qdq-effc")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import onnx_ir as ir
     import onnxruntime as ort
 
     from effc.zoo.cache import cached_model_path
-    from effc.codegen.bench import turns
     from effc.codegen.build import compile_model
     from effc.codegen.runtime import load_compiled
 
@@ -105,7 +125,12 @@ def main() -> None:
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
         sess = ort.InferenceSession(str(qdq), so, providers=["CPUExecutionProvider"])
-        engines = {"effc": lambda: compiled(feed), "ort": lambda: sess.run(None, feed)}
+        engines = {}
+        before = Path(args.baseline) / f"{name}-qdq-effc" if args.baseline else None
+        if before is not None and (before / "model.so").exists():
+            earlier = load_compiled(before, threads=args.threads)
+            engines["effc_before"] = lambda: earlier(feed)
+        engines.update({"effc": lambda: compiled(feed), "ort": lambda: sess.run(None, feed)})
         ov_precision = None
         try:
             import openvino as ov
@@ -129,12 +154,13 @@ def main() -> None:
         cos = cosine(got, ref)
         own = {"ort_int8_vs_qdq_float": {"max_abs": float(np.abs(ref - exact).max()), "cosine": cosine(ref, exact)},
                "effc_vs_qdq_float": {"max_abs": float(np.abs(got - exact).max()), "cosine": cosine(got, exact)}}
-        steady, _ = turns(engines, args.rounds, warmup=2)
+        steady = rotated_turns(engines, args.rounds, warmup=2)
         med = {k: float(np.median(v) * 1e3) for k, v in steady.items()}
         row = {"model": name, "ms": med, "ov_precision": ov_precision, "max_abs_diff_vs_ort": diff,
                "cosine_vs_ort": cos, **own, "min_ms": {k: float(np.min(v) * 1e3) for k, v in steady.items()},
                "ort_over_effc": med["ort"] / med["effc"],
-               "ov_over_effc": med.get("openvino", float("nan")) / med["effc"]}
+               "ov_over_effc": med.get("openvino", float("nan")) / med["effc"],
+               "before_over_effc": med.get("effc_before", float("nan")) / med["effc"]}
         print(json.dumps(row), flush=True)
         rows.append(row)
     (work / "results.json").write_text(json.dumps(rows, indent=2))

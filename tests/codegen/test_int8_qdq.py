@@ -107,11 +107,12 @@ def test_gemm_with_quantized_bias_matches_ort(tmp_path):
 
 
 @requires_vnni
-@pytest.mark.parametrize("batch, seq, heads, head_dim", [(2, 9, 3, 8), (1, 13, 2, 6)])
+@pytest.mark.parametrize("batch, seq, heads, head_dim", [(2, 9, 3, 8), (1, 13, 2, 6), (2, 19, 2, 8)])
 def test_attention_matmuls_on_int8_kernels(tmp_path, batch, seq, heads, head_dim):
     """Q.K^T and P.V (both operands through DQ) on the int8 rule too: B moved to s8, the zero points
     corrected by A's row sums and B's column sums (nonzero here for Q, K and V; 0 for P). Odd sequence
-    lengths pad P.V's k; head_dim 6 pads Q.K^T's."""
+    lengths pad P.V's k; head_dim 6 pads Q.K^T's; rows of 19 (one vector and a tail) take the softmax
+    rule with the probabilities' QuantizeLinear in its normalising pass."""
     dim = heads * head_dim
     path = quantize_qdq(float_attention(batch, seq, heads, head_dim), tmp_path / "a.onnx",
                         calibration([batch, seq, dim]))
@@ -127,6 +128,9 @@ def test_attention_matmuls_on_int8_kernels(tmp_path, batch, seq, heads, head_dim
     # every QuantizeLinear runs in its producer's write-back (the heads' Reshape/Transpose move
     # bytes after it: effc.codegen.qdq_hoist), none as a pass of its own over float memory
     assert not [k for k, r in res.kernels.items() if r == "elementwise" and "quantize" in k], res.kernels
+    if seq >= 16:
+        softmax = [k for k, r in res.kernels.items() if r == "softmax"]
+        assert len(softmax) == 1 and "softmax_quantize" in softmax[0], res.kernels
 
 
 def test_cpu_without_vnni_takes_the_float_path(tmp_path):

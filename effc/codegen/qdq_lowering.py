@@ -127,6 +127,11 @@ class QdqLowering(ProtoLowering):
             node.attribute.append(helper.make_attribute(INDEX_ATTR, len(self.plans) - 1))
         return proto
 
+    def summary(self, what: str = "QDQ matmuls") -> str:
+        text = super().summary(what)
+        moved = f"; {self.hoisted} QuantizeLinear moved ahead of Reshape/Transpose" if self.hoisted else ""
+        return text + moved if text else text
+
     def table(self) -> dict:
         return {PRIVATE_OP: (1, self._convert)}
 

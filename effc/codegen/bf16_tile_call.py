@@ -22,8 +22,6 @@ LANES = 16  # fp32 lanes of a zmm register: nr is a multiple
 
 
 def bf16_tile_pass():
-    import tvm
-    import tvm_ffi
     from tvm import s_tir, tirx
 
     def lower(node):
@@ -44,14 +42,9 @@ def bf16_tile_pass():
         return s_tir.SBlock(node.iter_vars, node.reads, node.writes, node.name_hint, tirx.Evaluate(call), None,
                             node.alloc_buffers, node.match_buffers, annotations)
 
-    @tvm.transform.module_pass(opt_level=0, name="EffcBf16TileCall")
-    def _pass(mod, _ctx):
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, tirx.PrimFunc) and TILE_KEY in func.script(show_meta=False):
-                mod[gv] = func.with_body(tvm_ffi.structural_map(func.body, lower))
-        return mod
+    from effc.codegen.tir_rewrite import marked_stmt_pass
 
-    return _pass
+    return marked_stmt_pass("EffcBf16TileCall", TILE_KEY, lower)
 
 
 def _edge(c_region, axis: int, size, whole: int):

@@ -21,7 +21,6 @@ PEEL_KEY = "effc.peel_last_tile"
 
 def peel_tail_pass():
     """A TIR module pass: peel the last iteration of every loop marked PEEL_KEY."""
-    import tvm
     import tvm_ffi
     from tvm import tirx
 
@@ -40,11 +39,6 @@ def peel_tail_pass():
                         node.thread_binding, annotations)
         return tirx.SeqStmt([head, tail])
 
-    @tvm.transform.module_pass(opt_level=0, name="EffcPeelTailTile")
-    def _pass(mod, _ctx):
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, tirx.PrimFunc) and PEEL_KEY in func.script(show_meta=False):
-                mod[gv] = func.with_body(tvm_ffi.structural_map(func.body, peel))
-        return mod
+    from effc.codegen.tir_rewrite import marked_stmt_pass
 
-    return _pass
+    return marked_stmt_pass("EffcPeelTailTile", PEEL_KEY, peel)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
+from effc.codegen.records import knobs_for
 from effc.codegen.target import vector_bytes
 
 
@@ -15,6 +18,23 @@ class CPURule(ScheduleRule):
 
     def is_target_available(self, target) -> bool:
         return target.kind.name == "llvm"
+
+
+class RegisterTileRule(CPURule):
+    """A matmul rule with one fixed mr x nr_vectors register tile (whatever the target) that tuning
+    records override per kernel: the bf16 and int8 rules."""
+
+    KNOBS: ClassVar[dict] = {"mr": (4, 6, 8, 12), "nr_vectors": (1, 2, 3, 4)}  # the tuner's search space
+
+    def __init__(self, mr: int = 6, nr_vectors: int = 4, records: dict | None = None):
+        self.mr, self.nr_vectors, self.records = mr, nr_vectors, records
+
+    def default_knobs(self, target=None) -> dict:
+        return {"mr": self.mr, "nr_vectors": self.nr_vectors}
+
+    def recorded(self, func, target) -> dict:
+        """Tuned knobs recorded for this kernel, or {} (the build counts kernels that had some)."""
+        return knobs_for(self.records, self.name, func, target)
 
 
 def extent(sch, loop) -> int | None:
@@ -57,10 +77,9 @@ def parallel_outer(sch, loops: list, min_extent: int = 2) -> None:
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def one_reduction(sch, target=None):
-    """Normalise ``sch``'s kernel; (its single reduction block, the vector lanes of its float output
-    dtype on ``target``) when every other block is elementwise, else None. The matmul-shaped rules
-    start here."""
+def single_reduction(sch):
+    """Normalise ``sch``'s kernel; its single reduction block (dlight's BlockInfo) when every other
+    block is elementwise, else None."""
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
     blocks = normalize_prim_func(sch)
@@ -69,8 +88,17 @@ def one_reduction(sch, target=None):
     reductions = [b for b in blocks if b.is_reduction()]
     if len(reductions) != 1 or not all(b.is_injective() for b in blocks if not b.is_reduction()):
         return None
-    dtype = str(sch.get(reductions[0].block_rv).writes[0].source.dtype)
-    return (reductions[0], vector_lanes(dtype, target)) if dtype in FLOAT_DTYPES else None
+    return reductions[0]
+
+
+def one_reduction(sch, target=None):
+    """(``sch``'s single reduction block, the vector lanes of its float output dtype on ``target``)
+    when every other block is elementwise, else None. The float matmul-shaped rules start here."""
+    reduction = single_reduction(sch)
+    if reduction is None:
+        return None
+    dtype = str(sch.get(reduction.block_rv).writes[0].source.dtype)
+    return (reduction, vector_lanes(dtype, target)) if dtype in FLOAT_DTYPES else None
 
 
 def fold_epilogue(sch, main) -> list:

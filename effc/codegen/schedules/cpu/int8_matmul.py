@@ -16,15 +16,12 @@ Knobs: mr, nr_vectors (as the float rule).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from tvm import s_tir
 from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
-from effc.codegen.records import knobs_for
 from effc.codegen.schedules.cpu import matmul as fp
 from effc.codegen.schedules.cpu import panels
-from effc.codegen.schedules.cpu.base import CPURule
+from effc.codegen.schedules.cpu.base import RegisterTileRule, single_reduction
 from effc.codegen.vnni_pass import MARK
 
 LANES = 16  # int32 lanes of a zmm register: output columns per vpdpbusd
@@ -37,27 +34,13 @@ def has_vnni(target) -> bool:
     return target.kind.name == "llvm" and bool(target_has_features("avx512vnni", target))
 
 
-class Int8Matmul(CPURule):
+class Int8Matmul(RegisterTileRule):
     name = "int8-matmul"
-
-    KNOBS: ClassVar[dict] = {"mr": (4, 6, 8, 12), "nr_vectors": (1, 2, 3, 4)}
-
-    def __init__(self, mr: int = 6, nr_vectors: int = 4, records: dict | None = None):
-        self.mr, self.nr_vectors, self.records = mr, nr_vectors, records
-
-    def default_knobs(self, target=None) -> dict:
-        return {"mr": self.mr, "nr_vectors": self.nr_vectors}
-
-    def recorded(self, func, target) -> dict:
-        """Tuned knobs recorded for this kernel, or {} (the build counts kernels that had some)."""
-        return knobs_for(self.records, self.name, func, target)
 
     def apply(self, func, target, tunable):
         if not self.is_target_available(target) or not has_vnni(target):
             return None
-        recorded = knobs_for(self.records, self.name, func, target)
-        sch = self.schedule(func, **{"mr": self.mr, "nr_vectors": self.nr_vectors, **recorded})
-        return sch
+        return self.schedule(func, **{**self.default_knobs(), **self.recorded(func, target)})
 
     def schedule(self, func, mr: int, nr_vectors: int, target=None):
         """``func`` tiled mr x nr_vectors (``target``: unused, VNNI's tile is the same on every AVX-512 CPU), or None."""
@@ -134,20 +117,15 @@ def _rows_in_registers(sch, block) -> None:
 
 def _int8_reduction(sch):
     """The single u8 x s8 -> s32 reduction block of the kernel (every other block elementwise)."""
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-
-    blocks = normalize_prim_func(sch)
-    if blocks is None:
+    reduction = single_reduction(sch)
+    if reduction is None:
         return None
-    reductions = [b for b in blocks if b.is_reduction()]
-    if len(reductions) != 1 or not all(b.is_injective() for b in blocks if not b.is_reduction()):
-        return None
-    block = sch.get(reductions[0].block_rv)
+    block = sch.get(reduction.block_rv)
     if str(block.writes[0].source.dtype) != "int32" or len(block.reads) != 2:
         return None
     if [str(r.source.dtype) for r in block.reads] != ["uint8", "int8"]:
         return None
-    return reductions[0].block_rv
+    return reduction.block_rv
 
 
 def _a_padding(sch, main, a_copy):

@@ -18,14 +18,11 @@ them there (effc.codegen.precision).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
 from effc.codegen.bf16_tile_call import LANES, TILE_KEY
-from effc.codegen.records import knobs_for
-from effc.codegen.schedules.cpu.base import CPURule, extent, one_reduction
+from effc.codegen.schedules.cpu.base import RegisterTileRule, extent, one_reduction
 from effc.codegen.schedules.cpu.matmul import _pick_mr, _plain_access
 from effc.codegen.schedules.cpu.panels import inline_side_inputs, to_batched_gemm, write_back_at
 
@@ -43,22 +40,11 @@ def has_avx512_bf16(target) -> bool:
         return False
 
 
-class MatmulBf16(CPURule):
+class MatmulBf16(RegisterTileRule):
+    """Default tile 6 x 4 vectors: 24 accumulators and 10 loads per 24 vdpbf16ps (165 GFLOP/s per core
+    on znver4 at 2.6 GHz, ~ its peak; 8 x 2: 149)."""
+
     name = "matmul-bf16"
-
-    KNOBS: ClassVar[dict] = {"mr": (4, 6, 8, 12), "nr_vectors": (1, 2, 3, 4)}
-
-    # 6 x 4 vectors: 24 accumulators and 10 loads per 24 vdpbf16ps (165 GFLOP/s per core on znver4 at
-    # 2.6 GHz, ~ its peak; 8 x 2: 149)
-    def __init__(self, mr: int = 6, nr_vectors: int = 4, records: dict | None = None):
-        self.mr, self.nr_vectors, self.records = mr, nr_vectors, records
-
-    def default_knobs(self, target=None) -> dict:
-        return {"mr": self.mr, "nr_vectors": self.nr_vectors}
-
-    def recorded(self, func, target) -> dict:
-        """Tuned knobs recorded for this kernel, or {} (the build counts kernels that had some)."""
-        return knobs_for(self.records, self.name, func, target)
 
     def is_target_available(self, target) -> bool:
         return target.kind.name == "llvm" and has_avx512_bf16(target)
@@ -66,9 +52,8 @@ class MatmulBf16(CPURule):
     def apply(self, func, target, tunable):
         if not self.is_target_available(target):
             return None
-        recorded = knobs_for(self.records, self.name, func, target)
-        sch = self.schedule(func, **{"mr": self.mr, "nr_vectors": self.nr_vectors, **recorded},
-                            fit=not recorded)
+        recorded = self.recorded(func, target)
+        sch = self.schedule(func, **{**self.default_knobs(), **recorded}, fit=not recorded)
         if sch is not None:
             from effc.kernels import native
 

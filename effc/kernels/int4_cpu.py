@@ -44,20 +44,30 @@ def misfit(k: int, n: int, block: int) -> str | None:
 
 
 def pack(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, block: int, panel: int) -> Packed:
-    """q: unsigned nibbles [K, N] (0..15); scale float [K/block, N]; zp [K/block, N] (0..15)."""
+    """q: unsigned nibbles [K, N] (0..15); scale float [K/block, N]; zp [K/block, N] (0..15).
+    Nibble s of a word is k row s of its 8."""
+    def in_order(q):
+        words = np.zeros((q.shape[0] // NIBBLES, q.shape[1]), np.uint32)
+        for s in range(NIBBLES):
+            words |= q[s::NIBBLES] << np.uint32(4 * s)
+        return words
+
+    return pack_panels(q, scale, zp, block, panel, in_order)
+
+
+def pack_panels(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, block: int, panel: int, to_words) -> Packed:
+    """N padded to whole panels, each array as [N_pad / panel, rows, panel]; ``to_words`` packs the
+    padded uint32 nibbles [K, N_pad] into 32-bit words [K / 8, N_pad] (the kernel's nibble order)."""
     k, n = q.shape
     n_pad = -(-n // panel) * panel
     q = np.pad(q.astype(np.uint32), ((0, 0), (0, n_pad - n)))
     scale = np.pad(scale.astype(np.float32), ((0, 0), (0, n_pad - n)))
     zp = np.pad(zp.astype(np.uint8), ((0, 0), (0, n_pad - n)))
-    words = np.zeros((k // NIBBLES, n_pad), np.uint32)
-    for s in range(NIBBLES):
-        words |= q[s::NIBBLES] << np.uint32(4 * s)
 
     def panels(a):  # [rows, N_pad] -> [N_pad / P, rows, P]
         return np.ascontiguousarray(a.reshape(a.shape[0], n_pad // panel, panel).transpose(1, 0, 2))
 
-    return Packed(panels(words), panels(scale), panels(zp), n, block)
+    return Packed(panels(to_words(q)), panels(scale), panels(zp), n, block)
 
 
 def tile_rows(m: int) -> int:

@@ -22,27 +22,21 @@ import functools
 
 import numpy as np
 
-from effc.kernels.int4_cpu import LANES, NIBBLES, Packed, panel_vectors, tile_rows
+from effc.kernels.int4_cpu import LANES, NIBBLES, Packed, pack_panels, panel_vectors, tile_rows
 
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
 
 def pack(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, block: int, panel: int) -> Packed:
-    """q: unsigned nibbles [K, N]; scale float [K/block, N]; zp [K/block, N] (0..15)."""
-    k, n = q.shape
-    n_pad = -(-n // panel) * panel
-    q = np.pad(q.astype(np.uint32), ((0, 0), (0, n_pad - n)))
-    scale = np.pad(scale.astype(np.float32), ((0, 0), (0, n_pad - n)))
-    zp = np.pad(zp.astype(np.uint8), ((0, 0), (0, n_pad - n)))
-    words = np.zeros((k // NIBBLES, n_pad), np.uint32)
-    for t in range(4):
-        byte = q[t::NIBBLES] | (q[t + 4::NIBBLES] << np.uint32(4))
-        words |= byte << np.uint32(8 * t)
+    """q: unsigned nibbles [K, N]; scale float [K/block, N]; zp [K/block, N] (0..15). Byte t of a
+    word holds k rows t (low nibble) and t + 4 (high nibble) of its 8."""
+    def byte_pairs(q):
+        words = np.zeros((q.shape[0] // NIBBLES, q.shape[1]), np.uint32)
+        for t in range(4):
+            words |= (q[t::NIBBLES] | (q[t + 4::NIBBLES] << np.uint32(4))) << np.uint32(8 * t)
+        return words
 
-    def panels(a):
-        return np.ascontiguousarray(a.reshape(a.shape[0], n_pad // panel, panel).transpose(1, 0, 2))
-
-    return Packed(panels(words), panels(scale), panels(zp), n, block)
+    return pack_panels(q, scale, zp, block, panel, byte_pairs)
 
 
 def quantize_rows(x: np.ndarray, block: int):

@@ -17,9 +17,7 @@ Knobs: mr, nr_vectors (as the float rule).
 from __future__ import annotations
 
 from tvm import s_tir
-from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
-from effc.codegen.schedules.cpu import matmul as fp
 from effc.codegen.schedules.cpu import panels
 from effc.codegen.schedules.cpu.base import RegisterTileRule, single_reduction
 from effc.codegen.vnni_pass import MARK
@@ -46,10 +44,7 @@ class Int8Matmul(RegisterTileRule):
         """``func`` tiled mr x nr_vectors (``target``: unused, VNNI's tile is the same on every AVX-512 CPU), or None."""
         sch = s_tir.Schedule(func)
         main = _int8_reduction(sch)
-        if main is None or not fp._plain_access(sch.get(main)) or get_index_map(sch.get(main)) is None:
-            return None
-        panels.inline_side_inputs(sch, main)
-        gemm = panels.to_batched_gemm(sch, main)
+        gemm = None if main is None else panels.matmul_gemm(sch, main)
         if gemm is None:
             return None
         a_copy, b_copy, c_copy, c_map, (batch, i, j, k), (m, n, kk) = gemm

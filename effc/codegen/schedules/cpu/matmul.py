@@ -18,17 +18,15 @@ from __future__ import annotations
 from typing import ClassVar
 
 from tvm import s_tir
-from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
 from effc.codegen.peel_tail import PEEL_KEY
 from effc.codegen.records import knobs_for
 from effc.codegen.schedules.cpu.base import CPURule, one_reduction
 from effc.codegen.schedules.cpu.panels import (
     b_panel,
-    inline_side_inputs,
+    matmul_gemm,
     pack_panel,
     pick_nr,
-    to_batched_gemm,
     vectorize,
     write_back_at,
 )
@@ -74,13 +72,9 @@ class Matmul(CPURule):
         if found is None:
             return None
         main, lanes = found[0].block_rv, found[1]
-        if not _plain_access(sch.get(main)) or get_index_map(sch.get(main)) is None:
-            return None
-        inline_side_inputs(sch, main)
-
         # Normalise to C[S, I, J] += A[S, I, K] * B[S, J, K]. A's reindex copy is inlined back
         # below (the kernel reads A in place); B's copy becomes the [n / nr, k, nr] panel.
-        gemm = to_batched_gemm(sch, main)
+        gemm = matmul_gemm(sch, main)
         if gemm is None:
             return None
         a_copy, b_copy, c_copy, c_map, (batch, i, j, k), (m, n, kk) = gemm
@@ -113,20 +107,6 @@ class Matmul(CPURule):
         if m % mr:
             sch.annotate(io, PEEL_KEY, True)  # full tiles without row checks (effc.codegen.peel_tail)
         return sch
-
-
-def _plain_access(stmt) -> bool:
-    """Every index of every access is a bare loop variable (or a constant): a true (batched) matmul.
-    A convolution also fits the S/I/J/K pattern (A[n, c, h*16 + ry, ...]) but its im2col
-    normalisation produced wrong results here: conv_gemm hands this rule convs as plain GEMMs over
-    an im2col buffer, and the window rule takes the rest (depthwise, a few input channels)."""
-    from tvm import tirx
-
-    for region in list(stmt.reads) + list(stmt.writes):
-        for r in region.region:
-            if not isinstance(r.min, (tirx.Var, tirx.IntImm)):
-                return False
-    return True
 
 
 def _pick_mr(mr: int, m: int, nr_vectors: int, nr: int, lanes: int) -> int:

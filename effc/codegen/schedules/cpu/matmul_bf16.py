@@ -19,12 +19,11 @@ them there (effc.codegen.precision).
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
 from effc.codegen.bf16_tile_call import LANES, TILE_KEY
 from effc.codegen.schedules.cpu.base import RegisterTileRule, extent, one_reduction
-from effc.codegen.schedules.cpu.matmul import _pick_mr, _plain_access
-from effc.codegen.schedules.cpu.panels import inline_side_inputs, to_batched_gemm, write_back_at
+from effc.codegen.schedules.cpu.matmul import _pick_mr
+from effc.codegen.schedules.cpu.panels import matmul_gemm, write_back_at
 
 FITTING = ((6, 4), (8, 3), (12, 2), (8, 2), (4, 4))  # tiles near the peak, best first (mr, nr_vectors)
 MAX_ROWS = {1: 16, 2: 12, 3: 8, 4: 6}  # nr_vectors -> most rows of a tile bf16_tile.c has (<= 24 of 32 zmm)
@@ -71,11 +70,7 @@ class MatmulBf16(RegisterTileRule):
         if (str(stmt.writes[0].source.dtype) != "float32" or len(stmt.reads) != 2
                 or any(str(r.source.dtype) != "bfloat16" for r in stmt.reads)):
             return None
-        if not _plain_access(stmt) or get_index_map(stmt) is None:
-            return None
-        inline_side_inputs(sch, main)
-
-        gemm = to_batched_gemm(sch, main)
+        gemm = matmul_gemm(sch, main)
         if gemm is None:
             return None
         a_copy, b_copy, c_copy, c_map, (batch, i, j, k), (m, n, kk) = gemm

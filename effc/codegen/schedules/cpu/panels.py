@@ -13,6 +13,29 @@ from effc.codegen.schedules.cpu.base import ancestors, descendants, extent, fold
 PAD_WASTE = 1 / 32  # padding of n (computed, then discarded) worth a wider register tile
 
 
+def matmul_gemm(sch, main):
+    """The matmul rules' common start: ``main``'s side inputs inlined and the block normalised by
+    to_batched_gemm (its result), or None when ``main`` is not a true (batched) matmul: an access
+    that is not plain loop variables, or no matmul index map."""
+    stmt = sch.get(main)
+    if not plain_access(stmt) or get_index_map(stmt) is None:
+        return None
+    inline_side_inputs(sch, main)
+    return to_batched_gemm(sch, main)
+
+
+def plain_access(stmt) -> bool:
+    """Every index of every access is a bare loop variable (or a constant): a true (batched) matmul.
+    A convolution also fits the S/I/J/K pattern (A[n, c, h*16 + ry, ...]) but its im2col
+    normalisation produced wrong results here: conv_gemm hands the matmul rule convs as plain GEMMs
+    over an im2col buffer, and the window rule takes the rest (depthwise, a few input channels)."""
+    for region in list(stmt.reads) + list(stmt.writes):
+        for r in region.region:
+            if not isinstance(r.min, (tirx.Var, tirx.IntImm)):
+                return False
+    return True
+
+
 def to_batched_gemm(sch, main):
     """Normalise the reduction block ``main`` to C[S, I, J] += A[S, I, K] * B[S, J, K] through reindex
     copies of its operands: (a_copy, b_copy, c_copy, C's index map, its loops (batch, i, j, k), extents

@@ -142,29 +142,39 @@ class Gram:
 
 def gram_matrices(model: ir.Model, feeds: Feeds, names: list[str], progress: bool = True) -> dict[str, Gram]:
     """X^T X of each named value over all ``feeds`` (values read by several nodes are captured once)."""
-    from effc.ir import copy_model
+    names = list(dict.fromkeys(names))
+    grams: dict[str, Gram] = {}
+    with single_threaded_blas():
+        _accumulate(stream_values(model, feeds, names, progress), names, grams)
+    return grams
+
+
+def stream_values(model: ir.Model, feeds: Feeds, names: list[str], progress: bool = True,
+                  label: str = "calibrating"):
+    """Yield (feed, {name: array}) per feed: the named values of ``model`` run on it."""
     from effc.verify import OrtRunner
 
     names = list(dict.fromkeys(names))
-    probe = copy_model(model)
-    values = {v.name: v for v in _all_values(probe.graph)}
+    values = {v.name: v for v in _all_values(model.graph)}
     missing = [n for n in names if n not in values]
     if missing:
         raise EffcError(f"cannot capture {missing[:3]}: no such values")
     from_inputs = {n for n in names if values[n].is_graph_input()}
-    present = {v.name for v in probe.graph.outputs}
-    for n in names:
-        if n not in from_inputs and n not in present:
-            probe.graph.outputs.append(values[n])
-    runner = OrtRunner(probe)
-    grams: dict[str, Gram] = {}
-    with single_threaded_blas():
-        _accumulate(runner, feeds, names, from_inputs, grams, progress)
-    return grams
+    present = {v.name for v in model.graph.outputs}
+    # The values become extra outputs of the model itself only while the session is made (it keeps
+    # its own serialized copy): no second copy of a large model's weights in memory.
+    added = [values[n] for n in names if n not in from_inputs and n not in present]
+    model.graph.outputs.extend(added)
+    try:
+        runner = OrtRunner(model)
+    finally:
+        del model.graph.outputs[len(model.graph.outputs) - len(added):]
+    for feed in _progress(feeds, label, progress):
+        outputs = runner(feed)
+        yield feed, {n: np.asarray(feed[n] if n in from_inputs else outputs[n]) for n in names}
 
 
-def _accumulate(runner, feeds: Feeds, names: list[str], from_inputs: set[str], grams: dict[str, Gram],
-                progress: bool, chunk: int = 1 << 19) -> None:
+def _accumulate(captured, names: list[str], grams: dict[str, Gram], chunk: int = 1 << 19) -> None:
     # Rows are buffered (as produced) and multiplied a chunk of about ``chunk`` numbers at a time:
     # one x^T x per sample pays a full K x K update for a dozen real tokens of a short sentence,
     # which dominated calibration.
@@ -178,14 +188,10 @@ def _accumulate(runner, feeds: Feeds, names: list[str], from_inputs: set[str], g
         grams[n].rows += x.shape[0]
         pending[n], sizes[n] = [], 0
 
-    for feed in _progress(feeds, "calibrating", progress):
-        outputs = runner(feed)
+    for feed, values in captured:
         mask = row_mask(feed)
         for n in names:
-            x = np.asarray(feed[n] if n in from_inputs else outputs[n])
-            x = x.reshape(-1, x.shape[-1])
-            if mask is not None and mask.size == x.shape[0]:  # token rows (not e.g. per-sample rows)
-                x = x[mask]
+            x = token_rows(values[n], mask)
             if n not in grams:
                 grams[n] = Gram(np.zeros((x.shape[1], x.shape[1])), 0, np.zeros(x.shape[1]))
             pending[n].append(x)
@@ -195,6 +201,13 @@ def _accumulate(runner, feeds: Feeds, names: list[str], from_inputs: set[str], g
     for n in names:
         if pending[n]:
             flush(n)
+
+
+def token_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``x`` as rows of its last axis, without the padded positions where ``mask`` (row_mask) has one
+    entry per row (token rows, not e.g. per-sample rows)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x[mask] if mask is not None and mask.size == x.shape[0] else x
 
 
 def row_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -270,28 +283,10 @@ def sample_rows(model: ir.Model, feeds: Feeds, names: list[str], size: int, seed
                 progress: bool = True) -> dict[str, Reservoir]:
     """A bounded uniform sample of the rows (last axis = features) of each named value over all
     ``feeds``, padded positions left out as for :func:`gram_matrices`."""
-    from effc.ir import copy_model
-    from effc.verify import OrtRunner
-
     names = list(dict.fromkeys(names))
-    probe = copy_model(model)
-    values = {v.name: v for v in _all_values(probe.graph)}
-    missing = [n for n in names if n not in values]
-    if missing:
-        raise EffcError(f"cannot capture {missing[:3]}: no such values")
-    present = {v.name for v in probe.graph.outputs}
-    for n in names:
-        if not values[n].is_graph_input() and n not in present:
-            probe.graph.outputs.append(values[n])
-    runner = OrtRunner(probe)
     samples = {n: Reservoir(size, seed + i) for i, n in enumerate(names)}
-    for feed in _progress(feeds, "sampling activations", progress):
-        outputs = runner(feed)
+    for feed, values in stream_values(model, feeds, names, progress, "sampling activations"):
         mask = row_mask(feed)
         for n in names:
-            x = np.asarray(feed[n] if values[n].is_graph_input() else outputs[n])
-            x = x.reshape(-1, x.shape[-1])
-            if mask is not None and mask.size == x.shape[0]:
-                x = x[mask]
-            samples[n].add(x)
+            samples[n].add(token_rows(values[n], mask))
     return samples

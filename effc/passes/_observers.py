@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from effc.calib import Feeds, row_mask
+from effc.calib import Feeds, row_mask, stream_values, token_rows
 from effc.errors import EffcError
 
 BINS = 2048  # even, so the histogram is symmetric about 0
@@ -133,35 +133,8 @@ def observe(model: ir.Model, feeds: Feeds, names: list[str], progress: bool = Tr
     for feed, values in stream_values(model, feeds, names, progress):
         mask = row_mask(feed)
         for name, x in values.items():
-            x = x.reshape(-1, x.shape[-1])
-            if mask is not None and mask.size == x.shape[0]:
-                x = x[mask]
+            x = token_rows(x, mask)
             if name not in observers:
                 observers[name] = Observer(x.shape[1])
             observers[name].update(x)
     return observers
-
-
-def stream_values(model: ir.Model, feeds: Feeds, names: list[str], progress: bool = True):
-    """Yield (feed, {name: array}) per feed: the named values of ``model`` run on it."""
-    from effc.calib import _all_values, _progress
-    from effc.verify import OrtRunner
-
-    names = list(dict.fromkeys(names))
-    values = {v.name: v for v in _all_values(model.graph)}
-    missing = [n for n in names if n not in values]
-    if missing:
-        raise EffcError(f"cannot capture {missing[:3]}: no such values")
-    from_inputs = {n for n in names if values[n].is_graph_input()}
-    present = {v.name for v in model.graph.outputs}
-    # The values become extra outputs of the model itself only while the session is made (it keeps
-    # its own serialized copy): no second copy of a large model's weights in memory.
-    added = [values[n] for n in names if n not in from_inputs and n not in present]
-    model.graph.outputs.extend(added)
-    try:
-        runner = OrtRunner(model)
-    finally:
-        del model.graph.outputs[len(model.graph.outputs) - len(added):]
-    for feed in _progress(feeds, "calibrating", progress):
-        outputs = runner(feed)
-        yield feed, {n: np.asarray(feed[n] if n in from_inputs else outputs[n]) for n in names}

@@ -33,12 +33,12 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
 from effc.budget import Candidate, convert_layers
-from effc.calib import gram_matrices, row_mask
+from effc.calib import gram_matrices, row_mask, stream_values
 from effc.errors import EffcError
 from effc.ir import copy_model, opset
 from effc.passes import _smoothquant as sq
 from effc.passes._linears import Linear, find_linears
-from effc.passes._observers import METHODS, observe, stream_values
+from effc.passes._observers import METHODS, observe
 from effc.passes._qdq import DYNAMIC, STATIC, WEIGHT_ONLY, LayerPlan, rewrite_layer
 from effc.passes._qparams import ActParams, act_params, linear_reference, quantize_weight
 from effc.passes.base import LayerRecord, Pass, PassContext, PassOutcome

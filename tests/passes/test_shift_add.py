@@ -296,7 +296,7 @@ def test_gram_chunks_add_up_to_one_product():
     feeds = [{"x": rng.standard_normal((1, 6, 4)), "attention_mask": (rng.random((1, 6)) < 0.7).astype(np.int64)}
              for _ in range(25)]
     grams: dict[str, Gram] = {}
-    _accumulate(lambda feed: {}, feeds, ["x"], {"x"}, grams, progress=False, chunk=16)  # a flush every ~4 samples
+    _accumulate(((f, {"x": f["x"]}) for f in feeds), ["x"], grams, chunk=16)  # a flush every ~4 samples
     rows = np.concatenate([f["x"][0][f["attention_mask"][0] != 0] for f in feeds])
     assert grams["x"].rows == len(rows)
     np.testing.assert_allclose(grams["x"].xtx, rows.T @ rows, rtol=1e-12)

@@ -100,6 +100,10 @@ def cli() -> None:
               help="Accuracy budget for the lossy passes: 'cosine>=0.99' or 'rel<=0.01' on the model's outputs, or "
               "'metric<=1%' for a zoo model with a task metric. Measured on a held-out quarter of --calib; layers "
               "that would break it stay in float, each with its measured reason.")
+@click.option("--budget-holdout", "budget_holdout", type=float, default=None, metavar="FRACTION",
+              help="The fraction of --calib held out for --budget to measure on (default 0.25); the passes fit "
+              "on the rest. Hold out more where the budget's reading is coarse (a count of changed "
+              "predictions) and the passes need few samples to fit.")
 @click.option("--bits", type=int, default=None,
               help="= --set shift-add.bits=N: bit planes per weight (2-4, default 3).")
 @click.option("--group", type=int, default=None, help="= --set shift-add.group=N: input columns per scale (default 8).")
@@ -113,7 +117,7 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
                 opset: int | None, inputs: str | None, keep_intermediate: bool, no_untie: bool, target: str | None,
                 arch: str | None, calib: str | None, bits: int | None, group: int | None, layers: str | None,
                 avg_bits: float | None, records: str | None, max_memory: str | None, verify: bool,
-                budget: str | None, precision: str) -> None:
+                budget: str | None, budget_holdout: float | None, precision: str) -> None:
     """Run passes on MODEL (.onnx, .pt2 or zoo:NAME); write OUT/model.onnx, OUT/report.json and
     OUT/recipe.json (what `--recipe` and `effc tune OUT` read)."""
     from click.core import ParameterSource
@@ -124,7 +128,7 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
 
     click_ctx = click.get_current_context()
     given = {"passes": passes, "calib": calib, "opset": opset, "inputs": inputs, "target": target, "arch": arch,
-             "records": records, "budget": budget, "precision": precision}
+             "records": records, "budget": budget, "budget_holdout": budget_holdout, "precision": precision}
     on_command_line = {k for k in given if click_ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     options = cli_settings.explicit_options(sets, {"bits": bits, "group": group, "layers": layers,
                                                    "avg_bits": avg_bits, "no_untie": no_untie})
@@ -132,7 +136,7 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
     settings = plan.recipe
     # names, options and needs (calibration) checked before any expensive work
     plan.options = pass_options(plan.passes, plan.options, bool(settings.calib))
-    plan.budget = parse_budget(settings.budget, model)
+    plan.budget = parse_budget(settings.budget, model, settings.budget_holdout)
     check_budget(plan.passes, plan.budget, bool(settings.calib))
     if settings.inputs and not Path(settings.inputs).is_file():
         raise EffcError(f"--inputs: no such file '{settings.inputs}'")
@@ -167,6 +171,10 @@ def compile_cmd(model: str, out: str, passes: str | None, sets: tuple[str, ...],
     console.print(render_table(report))  # after the swap: refusals stay one line
     for line in reason_lines(report):
         console.print(line, markup=False)
+    if report.get("budget"):
+        from effc.budget import summary_line
+
+        console.print(summary_line(report["budget"]), markup=False)
     console.print(f"wrote {out_dir / 'model.onnx'}, {out_dir / 'report.json'} and {out_dir / recipes.NAME}")
     if built is not None:
         console.print(f"wrote {out_dir / 'model.so'} for {settings.target} in {built.seconds:.0f} s"
@@ -192,13 +200,15 @@ def _input_files(model: str) -> list[Path]:
     return source_files(model)
 
 
-def parse_budget(text: str | None, model: str):
+def parse_budget(text: str | None, model: str, holdout: float | None = None):
     """The --budget of a compile of ``model`` (a metric budget needs zoo:NAME), or None."""
     if text is None:
+        if holdout is not None:
+            raise EffcError("--budget-holdout applies only with --budget")
         return None
     from effc.budget import Budget
 
-    return Budget.parse(text, model[4:] if model.startswith("zoo:") else None)
+    return Budget.parse(text, model[4:] if model.startswith("zoo:") else None, holdout)
 
 
 def load_calibration(spec: str | None):
@@ -243,12 +253,14 @@ def _compile_into(stage: Path, console, model: str, plan, keep_intermediate: boo
         for i, (rec, m) in enumerate(zip(applied, result.intermediates), 1):
             save(m, stage / "intermediate" / f"{i:02d}-{rec.name}.onnx")
     source = _source(model)
-    write_report(stage / "report.json", source, result.records)
+    write_report(stage / "report.json", source, result.records,
+                 {"budget": result.budget} if result.budget else None)
     written = recipes.Recipe(passes=settings.passes, options={n: as_dict(o) for n, o in options.items()},
                              calib=recipes.source_of(settings.calib), calib_hash=recipes.feeds_hash(calibration),
                              opset=settings.opset, inputs=recipes.source_of(settings.inputs),
                              inputs_hash=recipes.feeds_hash(feeds) if settings.inputs else None,
                              target=target, arch=arch, model=source, budget=settings.budget,
+                             budget_holdout=settings.budget_holdout,
                              precision=settings.precision,
                              records=records if records in ("shipped", "none") else recipes.source_of(records))
     recipes.write(stage / recipes.NAME, written)

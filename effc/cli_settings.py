@@ -26,7 +26,7 @@ ALIASES: dict[str, tuple[str, str, Any]] = {
 FLAG_OF = {"avg_bits": "--avg-bits", "no_untie": "--no-untie"}
 
 # compile flags a recipe supplies when they are not on the command line
-RECIPE_FLAGS = ("calib", "opset", "inputs", "target", "arch", "records", "budget", "precision")
+RECIPE_FLAGS = ("calib", "opset", "inputs", "target", "arch", "records", "budget", "budget_holdout", "precision")
 
 
 @dataclass
@@ -98,7 +98,7 @@ def plan(given: dict[str, Any], on_command_line: set[str], options: dict[str, di
             values[flag] = given[flag]
             same = _as_recorded(flag, given[flag]) == getattr(recipe, flag)
             if not same:
-                overridden.append(f"--{flag} {given[flag]} (recipe: {getattr(recipe, flag)})")
+                overridden.append(f"--{flag.replace('_', '-')} {given[flag]} (recipe: {getattr(recipe, flag)})")
         else:
             values[flag] = getattr(recipe, flag)
             from_recipe.add(flag)

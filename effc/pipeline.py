@@ -26,6 +26,7 @@ class PipelineResult:
     records: list[PassRecord]
     feeds: Feeds
     intermediates: list[ir.Model] = field(default_factory=list)
+    budget: dict | None = None  # under a budget: effc.budget.summary (holdout size, rule)
 
 
 def _snapshot(model: ir.Model, shapes: dict[str, list[int]]) -> tuple[dict[str, int], int, int, int]:
@@ -78,8 +79,9 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
     each pass is handed only its own, checked. A pass whose needs are not met (calibration) is
     refused (EffcError) before anything runs.
 
-    ``budget`` (effc.budget.Budget): the last quarter of ``calibration`` is held out from fitting and
-    budgeted passes choose their layers by the original model's outputs on it.
+    ``budget`` (effc.budget.Budget): the last ``budget.holdout`` of ``calibration`` (a quarter by
+    default) is held out from fitting and budgeted passes choose their layers by the original
+    model's outputs on it.
     """
     chosen = pass_options(passes, options, bool(calibration))
     check_budget(passes, budget, bool(calibration))
@@ -93,11 +95,12 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
             raise EffcError(f"ONNX Runtime cannot run the model on the given inputs ({exc.reason})") from None
         raise EffcError(f"ONNX Runtime cannot run the model on effc's generated inputs ({exc.reason}); give "
                         "inputs it accepts with --inputs FILE.npz (one array per input, first axis = samples)") from None
-    holdout = holdout_reference = None
+    holdout = holdout_reference = budget_info = None
     if budget is not None:
-        from effc.budget import split
+        from effc.budget import split, summary
 
-        calibration, holdout = split(calibration)
+        calibration, holdout = split(calibration, budget.holdout)
+        budget_info = summary(budget, len(calibration), len(holdout))
         holdout_reference = OrtRunner(model).run_all(holdout)
     records: list[PassRecord] = []
     intermediates: list[ir.Model] = []
@@ -146,4 +149,4 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
                     intermediates.append(copy_model(model))
         record.seconds = time.perf_counter() - start
         records.append(record)
-    return PipelineResult(model=model, records=records, feeds=feeds, intermediates=intermediates)
+    return PipelineResult(model=model, records=records, feeds=feeds, intermediates=intermediates, budget=budget_info)

@@ -37,12 +37,13 @@ class Recipe:
     precision: str = "fp32"  # as requested: fp32, bf16 or auto (codegen.json says what auto took)
     model: str | None = None  # what was compiled (informational: --recipe takes MODEL anew)
     budget: str | None = None  # --budget as given ('cosine>=0.99'); lossy passes chose their layers under it
+    budget_holdout: float | None = None  # --budget-holdout (None: effc.budget.HOLDOUT_FRACTION)
 
     def settings(self) -> dict[str, Any]:
         """The compile settings this recipe fixes, by command-line name (for override messages)."""
         return {"passes": self.passes, "calib": self.calib, "opset": self.opset, "inputs": self.inputs,
                 "target": self.target, "arch": self.arch, "records": self.records, "budget": self.budget,
-                "precision": self.precision}
+                "budget_holdout": self.budget_holdout, "precision": self.precision}
 
 
 def feeds_hash(feeds: list[dict[str, np.ndarray]] | None) -> str | None:

@@ -6,7 +6,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from effc.budget import Budget, Candidate, choose_layers, output_cosine, output_rel, split
+from effc.budget import (Budget, Candidate, Rate, UpperBound, choose_layers, output_cosine, output_rel, split,
+                         wilson_upper)
 from effc.errors import EffcError
 from effc.ir import const_value
 from effc.passes import get_pass
@@ -45,6 +46,65 @@ def test_split_holds_back_the_last_quarter():
     assert [int(f["x"][0]) for f in fit] == list(range(6)) and [int(h["x"][0]) for h in held] == [6, 7]
     with pytest.raises(EffcError, match="at least 2"):
         split(data[:1])
+
+
+@pytest.mark.parametrize("fraction, fit, held", [(0.75, 2, 6), (0.5, 4, 4), (0.1, 7, 1)])
+def test_split_holds_back_the_fraction_asked_for(fraction, fit, held):
+    data = [{"x": np.full((1,), i)} for i in range(8)]
+    got_fit, got_held = split(data, fraction)
+    assert (len(got_fit), len(got_held)) == (fit, held)
+    assert [int(h["x"][0]) for h in got_held] == list(range(fit, 8))  # the last ones, as before
+
+
+@pytest.mark.parametrize("fraction, says", [(0.97, "none to fit on"), (0.01, "none to measure on")])
+def test_split_refuses_a_fraction_that_empties_a_side(fraction, says):
+    with pytest.raises(EffcError, match=says):
+        split([{"x": np.zeros(1)}] * 8, fraction)
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.2, float("nan"), "abc"])
+def test_parse_refuses_a_holdout_outside_0_1(value):
+    with pytest.raises(EffcError, match="between 0 and 1"):
+        Budget.parse("rel<=0.01", holdout=value)
+
+
+def test_parse_keeps_the_holdout_default_a_quarter():
+    assert Budget.parse("rel<=0.01").holdout == 0.25 and Budget.parse("rel<=0.01", holdout=0.75).holdout == 0.75
+
+
+def test_wilson_upper_bound_follows_its_formula():
+    z2 = 1.2815515655446004 ** 2  # one-sided 90%
+    assert wilson_upper(0, 72) == pytest.approx(z2 / (72 + z2))
+    assert wilson_upper(0, 216) < 0.01 < wilson_upper(0, 150)  # 163 held-out samples are the least for 1%
+    assert wilson_upper(1, 72) > 1 / 72 and wilson_upper(36, 72) == pytest.approx(0.5 + 0.0749, abs=1e-3)
+    assert wilson_upper(72, 72) == pytest.approx(1.0) and wilson_upper(0, 0) == 1.0
+
+
+def test_a_count_metric_is_read_by_its_upper_bound_not_its_point_estimate():
+    budget = Budget.parse("metric<=2%", "vit-digits")
+    assert budget.counts == "changed top-1 predictions" and "Wilson" in budget.rule()
+
+    def readings(changed: int, samples: int):
+        logits = [{"logits": np.eye(10, dtype=np.float32)[i % 10][None]} for i in range(samples)]
+        moved = [{"logits": np.roll(x["logits"], 1)} if i < changed else x for i, x in enumerate(logits)]
+        return budget.value(moved, logits, [{} for _ in logits])
+
+    one_in_72 = readings(1, 72)  # 1.4% as a point estimate: under 2%, yet not shown to be
+    assert isinstance(one_in_72, UpperBound) and one_in_72.rate == Rate(1, 72)
+    assert not budget.holds(one_in_72) and "1 of 72 changed (90% upper bound 4.53%) > 2.00%" in \
+        budget.shortfall(one_in_72)
+    assert not budget.holds(readings(0, 72)) and "too few held-out samples" in budget.shortfall(readings(0, 72))
+    assert budget.holds(readings(0, 216)) and budget.holds(readings(1, 216))  # 1 of 216: bound 1.53%
+    assert not budget.holds(readings(2, 216))
+
+
+def test_a_mean_metric_is_read_as_measured():
+    budget = Budget.parse("metric<=1%", "gpt-text")
+    assert budget.counts is None and "as measured" in budget.rule()
+    ids = np.arange(128, dtype=np.int64)[None] % 7
+    logits = np.zeros((1, 128, 256), dtype=np.float32)
+    value = budget.value([{"logits": logits}], [{"logits": logits}], [{"input_ids": ids}])
+    assert type(value) is float and value == 0.0 and budget.holds(value)
 
 
 def test_measures_follow_their_definitions():
@@ -142,7 +202,12 @@ def test_the_pass_fits_only_on_the_calibration_not_held_out(monkeypatch):
     (["--budget", "cosine>=2"], "(0, 1]"),
     (["--budget", "cosine>=0.9", "--passes", "shift-add", "--set", "shift-add.compensate=false"], "needs calibration"),
     (["--budget", "cosine>=0.9", "--passes", "fold-batchnorm"], "applies to the lossy passes"),
-    (["--budget", "metric<=1%", "--passes", "shift-add", "--calib", "CALIB"], "needs a zoo model")])
+    (["--budget", "metric<=1%", "--passes", "shift-add", "--calib", "CALIB"], "needs a zoo model"),
+    (["--budget-holdout", "0.5", "--passes", "shift-add", "--calib", "CALIB"], "only with --budget"),
+    (["--budget", "cosine>=0.9", "--budget-holdout", "1.5", "--passes", "shift-add", "--calib", "CALIB"],
+     "between 0 and 1"),
+    (["--budget", "cosine>=0.9", "--budget-holdout", "x", "--passes", "shift-add", "--calib", "CALIB"],
+     "not a valid float")])
 def test_cli_refuses_a_budget_it_cannot_apply_in_one_line(tmp_path, args, says):
     model = tmp_path / "m.onnx"
     import onnx
@@ -168,12 +233,19 @@ def test_compile_records_the_budget_in_the_recipe_and_reasons_in_the_report(tmp_
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.concatenate([f["x"] for f in feeds(16, seed=1)]))
     proc = effc("compile", model, "-o", tmp_path / "out", "--passes", "shift-add", "--bits", "2",
-                "--layers", "fc*", "--calib", calib, "--budget", "cosine>=0.9999")
+                "--layers", "fc*", "--calib", calib, "--budget", "cosine>=0.9999", "--budget-holdout", "0.5")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "out" / "recipe.json").read_text())["budget"] == "cosine>=0.9999"
+    recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert (recipe["budget"], recipe["budget_holdout"]) == ("cosine>=0.9999", 0.5)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     skipped = [s for s in report["passes"][0]["skipped"] if s["reason"].startswith("kept in float")]
     assert skipped and "kept in float" in proc.stdout + proc.stderr
+    assert all("(8 samples)" in s["reason"] for s in skipped)
+    assert report["budget"] == {"budget": "cosine>=0.9999", "holdout_fraction": 0.5, "holdout_samples": 8,
+                                "fit_samples": 8, "rule": "mean output cosine on the held-out samples, as measured, "
+                                "must be >= 0.9999"}
+    assert "budget cosine>=0.9999: measured on 8 held-out calibration samples (0.5 of 16; the passes fit on the " \
+           "other 8)" in " ".join((proc.stdout + proc.stderr).split())
     again = effc("compile", model, "-o", tmp_path / "again", "--recipe", tmp_path / "out")
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "again" / "report.json").read_text())["passes"][0]["skipped"] == \

@@ -3,6 +3,8 @@ ONNX export through the build cache, ONNX Runtime agreement with torch and the t
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -89,14 +91,41 @@ def test_gpt_text_held_out_windows_are_frozen_and_split_by_file():
     assert 0.02 < len(held_out) / len(files) < 0.1
 
 
-def test_gpt_text_calibration_windows_come_from_training_files():
-    feeds = gpt_text.calibration_inputs(4, seed=1)
+def test_gpt_text_validation_windows_are_held_out_and_share_no_byte_with_the_evaluation_windows():
+    with np.load(gpt_text.VALIDATION) as data:
+        frozen = {name: data[name] for name in data.files}
+    windows, files, starts = frozen["windows"], frozen["files"], frozen["starts"]
+    assert windows.shape == (gpt_text.VALIDATION_WINDOWS, 128) and windows.dtype == np.uint8
+    # unseen by training: every window lies in a held-out file (training reads only the others)
+    assert all(gpt_text.is_held_out(str(f)) for f in files)
+    evaluation = {}
+    for f, s in zip(frozen["evaluation_files"], frozen["evaluation_starts"]):
+        evaluation.setdefault(str(f), []).append(int(s))
+    assert sum(map(len, evaluation.values())) == len(gpt_text.held_out_windows())
+    spans: dict[str, list[int]] = {}
+    for f, s in zip(files, starts):
+        spans.setdefault(str(f), []).append(int(s))
+    for f, own in spans.items():  # no byte in two windows: starts at least a window apart
+        every = sorted(own + evaluation.get(f, []))
+        assert all(b - a >= 128 for a, b in zip(every, every[1:])), f
+    assert not {w.tobytes() for w in windows} & {w.astype(np.uint8).tobytes() for w in gpt_text.held_out_windows()}
+    if str(frozen["python"]) == sys.version.split()[0]:  # the stdlib that made them: the recorded places hold them
+        root = gpt_text.stdlib_root()
+        for window, f, s in list(zip(windows, files, starts))[::97]:
+            assert (root / str(f)).read_bytes()[s : s + 128] == window.tobytes()
+        for window, f, s in zip(gpt_text.held_out_windows(), frozen["evaluation_files"], frozen["evaluation_starts"]):
+            assert (root / str(f)).read_bytes()[s : s + 128] == window.astype(np.uint8).tobytes()
+
+
+def test_gpt_text_calibration_draws_distinct_validation_windows():
+    feeds = gpt_text.calibration_inputs(64, seed=1)
     assert all(f["input_ids"].shape == (1, 128) and f["input_ids"].dtype == np.int64 for f in feeds)
-    held_out = b"".join(gpt_text.read_corpus(held_out=True))
-    training = gpt_text.training_stream().tobytes()
-    for feed in feeds:
-        window = feed["input_ids"].astype(np.uint8).tobytes()
-        assert window in training and window not in held_out
+    pool = {w.tobytes() for w in gpt_text.validation_windows()}
+    drawn = [f["input_ids"][0].tobytes() for f in feeds]
+    assert set(drawn) <= pool and len(set(drawn)) == 64
+    assert len(gpt_text.calibration_inputs(gpt_text.VALIDATION_WINDOWS)) == gpt_text.VALIDATION_WINDOWS
+    with pytest.raises(EffcError, match="2048 validation windows to calibrate on; asked for 2049"):
+        gpt_text.calibration_inputs(gpt_text.VALIDATION_WINDOWS + 1)
 
 
 def test_gpt_text_onnx_perplexity_matches_torch_and_is_good():

@@ -342,6 +342,10 @@ def inspect_cmd(out: str, layers: bool) -> None:
             console.print(f"  [{p['name']}] skipped {skip['node']}: {skip['reason']}", markup=False)
         if p.get("note"):
             console.print(f"  [{p['name']}] note: {p['note']}", markup=False)
+    if report.get("budget"):
+        from effc.budget import summary_line
+
+        console.print(summary_line(report["budget"]), markup=False)
 
 
 @cli.command("diff")

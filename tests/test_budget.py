@@ -246,6 +246,8 @@ def test_compile_records_the_budget_in_the_recipe_and_reasons_in_the_report(tmp_
                                 "must be >= 0.9999"}
     assert "budget cosine>=0.9999: measured on 8 held-out calibration samples (0.5 of 16; the passes fit on the " \
            "other 8)" in " ".join((proc.stdout + proc.stderr).split())
+    shown = effc("inspect", tmp_path / "out")
+    assert shown.returncode == 0 and "measured on 8 held-out calibration samples" in " ".join(shown.stdout.split())
     again = effc("compile", model, "-o", tmp_path / "again", "--recipe", tmp_path / "out")
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "again" / "report.json").read_text())["passes"][0]["skipped"] == \

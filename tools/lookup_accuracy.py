@@ -128,15 +128,18 @@ def main() -> None:
                         help="MODEL=BUDGET instead of the 1%% defaults (e.g. vit-digits='metric<=0%%')")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("-o", "--out", type=Path, default=None, help="also write the markdown table here")
+    parser.add_argument("--work", type=Path, default=None, help="keep the compiled models and reports here")
     args = parser.parse_args()
     budgets = dict(BUDGETS)
     budgets.update(item.split("=", 1) for item in args.budgets)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for name in args.models.split(","):
             for encoder in args.encoders.split(","):
                 for budget in ([budgets[name], None] if args.all else [budgets[name]]):
-                    row = measure(name, encoder, budget, Path(tmp), args.sets)
+                    row = measure(name, encoder, budget, work, args.sets)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     text = render(rows)

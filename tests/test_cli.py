@@ -142,3 +142,9 @@ def test_zoo_calib_beyond_vit_digits_validation_pool_exits_2(tmp_path):
     out = tmp_path / "calib.npz"
     line = _one_line_error(effc("zoo", "calib", "vit-digits", "-o", str(out), "--count", "300"))
     assert "vit-digits has 288 validation images to calibrate on; asked for 300" in line and not out.exists()
+
+
+def test_zoo_calib_beyond_gpt_text_validation_windows_exits_2(tmp_path):
+    out = tmp_path / "calib.npz"
+    line = _one_line_error(effc("zoo", "calib", "gpt-text", "-o", str(out), "--count", "2049"))
+    assert "gpt-text has 2048 validation windows to calibrate on; asked for 2049" in line and not out.exists()

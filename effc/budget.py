@@ -17,7 +17,7 @@ decision must not be finer than that error:
 
 - Means over many outputs (cosine, rel, perplexity over thousands of predicted bytes) are
   compared as measured; their standard error over a few hundred held-out samples is small next
-  to a 1% bound.
+  to a 1% bound (gpt-text's perplexity change over 256 held-out windows: 0.08%, paired by window).
 - A count of rare events is not: a zoo metric that counts changed predictions returns a
   :class:`Rate` (``changed`` of ``samples``), and the budget compares the rate's one-sided
   Wilson upper bound at :data:`CONFIDENCE` with its bound, not the point estimate. Over 72
@@ -57,7 +57,6 @@ CONFIDENCE = 0.90  # one-sided level of the upper bound on a count metric's rate
 _SYNTAX = re.compile(r"^\s*(cosine|rel|metric)\s*(>=|<=)\s*([0-9.eE+-]+)\s*(%?)\s*$")
 _DIRECTION = {"cosine": ">=", "rel": "<=", "metric": "<="}
 _EXAMPLES = "'cosine>=0.99', 'rel<=0.01' or 'metric<=1%'"
-
 
 
 class Rate(NamedTuple):
@@ -140,7 +139,7 @@ class Budget:
         if self.measure == "rel":
             return output_rel(outputs, reference)
         got = self.metric(feeds, outputs, reference)
-        return UpperBound(Rate(*got)) if isinstance(got, Rate) else float(got)
+        return UpperBound(got) if isinstance(got, Rate) else float(got)
 
     def rule(self) -> str:
         """How a reading is compared with the bound, for the report."""

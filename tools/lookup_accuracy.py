@@ -4,8 +4,9 @@
                                     [-o docs/lookup.md] [--all]
 
 Each row is what a user runs: `effc compile zoo:NAME --passes lookup --set lookup.encoder=E
---calib zoo:NAME --budget B [--budget-holdout F]` (the zoo's calibration split, all 288 validation images
-for vit-digits; under a budget the pipeline holds its last quarter, or F, out for choosing layers), then `effc eval OUT`, which measures the task metric on the zoo's
+--calib zoo:NAME --budget B [--budget-holdout F]` (the zoo's calibration split: all 288 validation images
+for vit-digits, 1024 validation windows for gpt-text; under a budget the pipeline holds its last quarter, or
+F, out for choosing layers), then `effc eval OUT`, which measures the task metric on the zoo's
 held-out evaluation data, never on calibration data, against the fp32 model it came from.
 Columns: linears converted (of those the pass could take), the fraction of the model's linear
 MACs per token row they carry, their table bytes (centroids/centres + tables + scales) against

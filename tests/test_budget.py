@@ -149,6 +149,22 @@ def test_choose_layers_keeps_the_harmful_ones_in_float_and_meets_the_budget():
     assert changed == set(choice.accepted)  # refused layers are left exactly as they were
 
 
+def test_choose_layers_refuses_by_a_count_metrics_upper_bound():
+    """One changed sample of 8 (12.5%) is under a 20% bound as a point estimate, not as a 90% upper bound."""
+    def changed_samples(feeds, outputs, reference):
+        moved = sum(not np.allclose(o["y"], r["y"]) for o, r in zip(outputs[:1], reference[:1]))
+        return Rate(int(moved), len(reference))  # at most the first sample counts as changed
+
+    budget = Budget("metric", 0.20, "metric<=20%", changed_samples, counts="changed samples")
+    model = ir.serde.deserialize_model(mlp(dims=(32, 32, 32)))
+    choice = choose_layers(model, [Candidate("W0", _perturb("W0", 0.5))], budget, feeds(8, seed=2))
+    assert choice.accepted == [] and choice.alone["W0"].rate == Rate(1, 8)
+    assert "alone it gives 1 of 8 changed (90% upper bound" in choice.refused["W0"]
+    point = Budget("metric", 0.20, "metric<=20%", lambda f, o, r: changed_samples(f, o, r).changed / len(r))
+    assert choose_layers(ir.serde.deserialize_model(mlp(dims=(32, 32, 32))), [Candidate("W0", _perturb("W0", 0.5))],
+                         point, feeds(8, seed=2)).accepted == ["W0"]
+
+
 def test_choose_layers_measures_against_the_given_reference():
     model = ir.serde.deserialize_model(mlp(dims=(32, 32, 32, 32)))
     holdout = feeds(4, seed=5)

@@ -10,7 +10,8 @@ Methods, all on the same layers (the shift-add pass's selection) with the same c
   and group of 8 inputs (dense fake-quantized weights; no shift-add kernel exists for it).
 Storage counts planes and scales (bias excluded): bits/weight in the table.
 Calibration activations are captured once per model and shared by all rows (the zoo's default
-set unless --calib-count: 64 training samples; for minilm-l6 its 238 calibration sentences).
+set unless --calib-count: 64 samples, vit-digits' from its validation images and gpt-text's from its
+validation windows; for minilm-l6 its 238 calibration sentences).
 """
 
 from __future__ import annotations

@@ -98,8 +98,8 @@ def cli() -> None:
               "(one array per input, first axis = samples) or zoo:NAME (that model's calibration set).")
 @click.option("--budget", "budget", default=None, metavar="BOUND",
               help="Accuracy budget for the lossy passes: 'cosine>=0.99' or 'rel<=0.01' on the model's outputs, or "
-              "'metric<=1%' for a zoo model with a task metric. Measured on a held-out part of --calib (a quarter, or --budget-holdout); layers "
-              "that would break it stay in float, each with its measured reason.")
+              "'metric<=1%' for a zoo model with a task metric. Measured on a held-out part of --calib (a quarter, "
+              "or --budget-holdout); layers that would break it stay in float, each with its measured reason.")
 @click.option("--budget-holdout", "budget_holdout", type=float, default=None, metavar="FRACTION",
               help="The fraction of --calib held out for --budget to measure on (default 0.25); the passes fit "
               "on the rest. Hold out more where the budget's reading is coarse (a count of changed "

@@ -109,11 +109,13 @@ def within(row: dict) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| model | encoder | v / codes | budget | linears converted | linear MACs replaced | table bytes "
+    lines = ["| model | encoder | v / codes | budget (held out) | linears converted | linear MACs replaced | table bytes "
              "(dense bytes) | metric | fp32 | lookup | within budget |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['encoder']} | {r['v']} / {r['codes']}{' soft' if r.get('soft') else ''} | {r['budget']} | {r['converted']} | "
+        held = f" ({r['holdout']['holdout_samples']})" if r.get("holdout") else ""
+        lines.append(f"| {r['model']} | {r['encoder']} | {r['v']} / {r['codes']}{' soft' if r.get('soft') else ''} | "
+                     f"{r['budget']}{held} | {r['converted']} | "
                      f"{100 * r['mac_fraction']:.1f}% | {r['table_bytes']:,} ({r['dense_bytes']:,}) | {r['metric']} | "
                      f"{r['fp32']:.4f} | {r['value']:.4f} | {within(r)} |")
     return "\n".join(lines) + "\n"

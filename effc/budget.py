@@ -251,6 +251,29 @@ def split(calibration: Feeds, fraction: float = HOLDOUT_FRACTION) -> tuple[Feeds
     return calibration[:-held], calibration[-held:]
 
 
+def least_holdout(bound: float, confidence: float = CONFIDENCE) -> int:
+    """The fewest held-out samples on which a count metric with no change at all reads within
+    ``bound``: the upper bound of 0 of n is z^2 / (n + z^2), so n >= z^2 (1 - bound) / bound."""
+    if bound <= 0:
+        return math.inf
+    z2 = NormalDist().inv_cdf(confidence) ** 2
+    return math.ceil(z2 * (1 - bound) / bound - 1e-9)
+
+
+def check_resolution(budget: Budget, fit: int, held: int) -> None:
+    """EffcError (exit 2) before any pass runs where a count budget cannot hold on ``held`` samples
+    whatever the passes do (even no changed sample reads above the bound): every layer would be
+    refused after minutes of fitting, so say up front how much to hold out instead."""
+    if not budget.counts or wilson_upper(0, held) <= budget.bound:
+        return
+    need, total = least_holdout(budget.bound), fit + held
+    advice = (f"pass --budget-holdout {math.ceil(need / total * 100) / 100:g} or more" if need < total
+              else f"give at least {need + 1} calibration samples (--calib) and --budget-holdout")
+    raise EffcError(f"--budget '{budget.text}' counts {budget.counts}: even none changed of {held} held-out "
+                    f"samples reads {wilson_upper(0, held):.2%} at its {CONFIDENCE:.0%} upper bound, above "
+                    f"{budget.bound:.2%}; it needs at least {need} held out: {advice}")
+
+
 def summary(budget: Budget, fit: int, held: int) -> dict:
     """What the report says about the budget: its text, the holdout's size and the rule applied."""
     return {"budget": budget.text, "holdout_fraction": budget.holdout, "holdout_samples": held,

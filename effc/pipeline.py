@@ -97,9 +97,10 @@ def run_pipeline(model: ir.Model, passes: list[Pass], feeds: Feeds | None = None
                         "inputs it accepts with --inputs FILE.npz (one array per input, first axis = samples)") from None
     holdout = holdout_reference = budget_info = None
     if budget is not None:
-        from effc.budget import split, summary
+        from effc.budget import check_resolution, split, summary
 
         calibration, holdout = split(calibration, budget.holdout)
+        check_resolution(budget, len(calibration), len(holdout))
         budget_info = summary(budget, len(calibration), len(holdout))
         holdout_reference = OrtRunner(model).run_all(holdout)
     records: list[PassRecord] = []

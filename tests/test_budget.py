@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from effc.budget import (Budget, Candidate, Rate, UpperBound, choose_layers, output_cosine, output_rel, split,
-                         wilson_upper)
+from effc.budget import (Budget, Candidate, Rate, UpperBound, check_resolution, choose_layers, least_holdout,
+                         output_cosine, output_rel, split, wilson_upper)
 from effc.errors import EffcError
 from effc.ir import const_value
 from effc.passes import get_pass
@@ -163,6 +163,36 @@ def test_choose_layers_refuses_by_a_count_metrics_upper_bound():
     point = Budget("metric", 0.20, "metric<=20%", lambda f, o, r: changed_samples(f, o, r).changed / len(r))
     assert choose_layers(ir.serde.deserialize_model(mlp(dims=(32, 32, 32))), [Candidate("W0", _perturb("W0", 0.5))],
                          point, feeds(8, seed=2)).accepted == ["W0"]
+
+
+def test_least_holdout_is_where_no_change_first_reads_within_the_bound():
+    for bound in (0.01, 0.02, 0.05):
+        need = least_holdout(bound)
+        assert wilson_upper(0, need) <= bound < wilson_upper(0, need - 1)
+    assert least_holdout(0.01) == 163
+
+
+@pytest.mark.parametrize("fit, held, says", [
+    (216, 72, "needs at least 163 held out: pass --budget-holdout 0.57 or more"),
+    (50, 100, "give at least 164 calibration samples")])
+def test_a_count_budget_too_fine_for_its_holdout_is_refused_up_front(fit, held, says):
+    budget = Budget.parse("metric<=1%", "vit-digits")
+    with pytest.raises(EffcError, match="even none changed of") as caught:
+        check_resolution(budget, fit, held)
+    assert says in str(caught.value)
+    if "budget-holdout 0.57" in says:  # the advice holds: 0.57 of 288 holds out enough
+        check_resolution(budget, *[len(part) for part in split(list(range(288)), 0.57)])
+    check_resolution(Budget.parse("metric<=3%", "vit-digits"), 216, 72)  # 72 can show 3%
+    check_resolution(Budget.parse("cosine>=0.999"), 15, 1)  # means are read as measured
+
+
+def test_pipeline_refuses_a_count_budget_before_any_pass_runs(monkeypatch):
+    shift_add = get_pass("shift-add")
+    monkeypatch.setattr(type(shift_add), "run", lambda *a, **k: pytest.fail("a pass ran"))
+    budget = Budget("metric", 0.01, "metric<=1%", lambda f, o, r: Rate(0, len(r)), counts="changed samples")
+    with pytest.raises(EffcError, match="counts changed samples: even none changed of 4"):
+        run_pipeline(ir.serde.deserialize_model(mlp()), [shift_add], feeds=feeds(2), calibration=feeds(16),
+                     budget=budget)
 
 
 def test_choose_layers_measures_against_the_given_reference():

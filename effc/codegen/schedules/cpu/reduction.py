@@ -2,7 +2,8 @@
 over the last axis followed by an elementwise pass over the same row.
 
 One parallel loop over rows; under it each stage runs on one row while it is in L1: the
-reductions with a vector of partial results (rfactor over ``lanes`` lanes, summed at the end),
+reductions with a vector of partial results (rfactor over ``lanes`` lanes, halved by vector adds
+down to TREE_LEFT, then summed),
 the elementwise stages vectorised. A stage read by several later stages (softmax's exp) is kept
 as a one-row buffer rather than recomputed; a stage with one reader is inlined into it.
 """

@@ -40,7 +40,6 @@ def drop_requantize(proto) -> int:
     def value(name):
         return numpy_helper.to_array(consts[name]) if name in consts else None
 
-    outputs = {o.name for o in graph.output}
     dropped, gone, stale = 0, set(), set()
     for q in nodes:
         if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx") or len(q.input) < 3:
@@ -52,8 +51,6 @@ def drop_requantize(proto) -> int:
         dq = producer.get(source)
         if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or dq.domain not in ("", "ai.onnx"):
             continue
-        if not chain and q.output[0] in outputs:
-            continue
         params = [(value(a), value(b)) for a, b in zip(dq.input[1:3], q.input[1:3])]
         if any(a is None or b is None or a.dtype != b.dtype or a != b for a, b in params):
             continue
@@ -64,9 +61,14 @@ def drop_requantize(proto) -> int:
             stale |= {n.output[0] for n in chain}  # float annotations of tensors that are bytes now
             chain[-1].input[0] = dq.input[0]
             chain[0].output[0] = q.output[0]
-        else:  # DQ -> Q directly: Q's readers take DQ's input
-            _rename(graph, q.output[0], dq.input[0])
-        gone.add(id(q))
+        else:  # DQ -> Q directly: Q becomes an Identity of DQ's input (no renaming of its readers,
+            # a subgraph's among them)
+            q.op_type, q.domain = "Identity", ""
+            del q.input[1:]
+            q.input[0] = dq.input[0]
+            del q.attribute[:]
+        if chain:
+            gone.add(id(q))
         uses[source] = uses.get(source, 0) - 1
         if uses[source] == 0:
             gone.add(id(dq))
@@ -89,13 +91,6 @@ def _uses(graph) -> dict[str, int]:
     for o in graph.output:
         uses[o.name] = uses.get(o.name, 0) + 2  # a graph output keeps its float form
     return uses
-
-
-def _rename(graph, old: str, new: str) -> None:
-    for n in graph.node:
-        for i, name in enumerate(n.input):
-            if name == old:
-                n.input[i] = new
 
 
 def hoist_quantize(proto) -> int:

@@ -100,6 +100,7 @@ def test_requantize_pairs_of_equal_parameters_drop_bit_exactly(direct, dq_extra_
     assert drop_requantize(model) == 2
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1 + dq_extra_use, ops
+    assert ops.count("Identity") == direct, ops  # a DQ -> Q pair with nothing between: Q(DQ(q)) = q
     assert not model.graph.value_info  # bytes now: no float annotation
     after = run(model, x)
     for a, b in zip(after, before):

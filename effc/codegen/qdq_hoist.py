@@ -9,11 +9,88 @@ quantisation is elementwise, so it commutes with any pure data movement; moved a
 it fuses into the producer's write-back (the projection's int8 kernel writes bytes), and the layout
 change moves bytes instead of reading floats: no separate quantising pass over float memory. The
 result is the same to the bit.
+
+A copy quantized with every op (``op_types_to_quantize`` all) also wraps each Reshape/Transpose in
+its own pair, ``DQ(s, z) -> Reshape -> Q(s, z)``, with the same scale and zero point on both sides
+(ORT makes those ops pass their input's parameters through). Then Q(DQ(q)) = q exactly: (q - z) * s
+divided by s is within 1e-4 of the integer q - z (|q - z| <= 255), so the rounding gives it back,
+and no clipping happens. ``drop_requantize`` lets such a chain move the bytes q themselves, as ONNX
+Runtime's own optimiser does (its DQ -> Reshape -> Q removal); the pairs were float passes over
+memory in their kernels, a DQ -> Q per head layout change.
 """
 
 from __future__ import annotations
 
 MOVES = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def drop_requantize(proto) -> int:
+    """Let every ``DQ(s, z) -> moves -> Q(s, z)`` chain (each link used only by the next, the same
+    constant per-tensor s and z, s finite and nonzero) carry DQ's input bytes instead; returns how many
+    Q were dropped. The DQ stays where it has other readers. ``proto`` is changed in place."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    nodes = list(graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    uses = _uses(graph)
+    consts = {t.name: t for t in graph.initializer if not t.dims}
+
+    def value(name):
+        return numpy_helper.to_array(consts[name]) if name in consts else None
+
+    dropped, gone, stale = 0, set(), set()
+    for q in nodes:
+        if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx") or len(q.input) < 3:
+            continue
+        chain, source = [], q.input[0]
+        while source in producer and producer[source].op_type in MOVES and uses.get(source) == 1:
+            chain.append(producer[source])
+            source = chain[-1].input[0]
+        dq = producer.get(source)
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or dq.domain not in ("", "ai.onnx"):
+            continue
+        params = [(value(a), value(b)) for a, b in zip(dq.input[1:3], q.input[1:3])]
+        if any(a is None or b is None or a.dtype != b.dtype or a != b for a, b in params):
+            continue
+        scale = float(params[0][0])
+        if not np.isfinite(scale) or scale == 0.0:
+            continue
+        if chain:  # the chain reads the bytes; its last link writes Q's output name
+            stale |= {n.output[0] for n in chain}  # float annotations of tensors that are bytes now
+            chain[-1].input[0] = dq.input[0]
+            chain[0].output[0] = q.output[0]
+        else:  # DQ -> Q directly: Q becomes an Identity of DQ's input (no renaming of its readers,
+            # a subgraph's among them)
+            q.op_type, q.domain = "Identity", ""
+            del q.input[1:]
+            q.input[0] = dq.input[0]
+            del q.attribute[:]
+        if chain:
+            gone.add(id(q))
+        uses[source] = uses.get(source, 0) - 1
+        if uses[source] == 0:
+            gone.add(id(dq))
+        dropped += 1
+    if dropped:
+        kept = [n for n in nodes if id(n) not in gone]
+        del graph.node[:]
+        graph.node.extend(kept)
+        values = [v for v in graph.value_info if v.name not in stale]
+        del graph.value_info[:]
+        graph.value_info.extend(values)
+    return dropped
+
+
+def _uses(graph) -> dict[str, int]:
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in graph.output:
+        uses[o.name] = uses.get(o.name, 0) + 2  # a graph output keeps its float form
+    return uses
 
 
 def hoist_quantize(proto) -> int:
@@ -22,12 +99,7 @@ def hoist_quantize(proto) -> int:
     graph = proto.graph
     nodes = list(graph.node)
     producer = {o: n for n in nodes for o in n.output}
-    uses: dict[str, int] = {}
-    for n in nodes:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-    for o in graph.output:
-        uses[o.name] = uses.get(o.name, 0) + 2  # a graph output keeps its float form
+    uses = _uses(graph)
     scalars = {t.name for t in graph.initializer if not t.dims}
     moved, order, stale = 0, list(nodes), set()
     for q in nodes:

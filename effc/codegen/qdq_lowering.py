@@ -61,6 +61,7 @@ class ProtoLowering:
     target: object
     plans: list = field(default_factory=list)  # each with .node and .reason ("" when taken)
     hoisted: int = 0  # QuantizeLinear moved ahead of data movement (effc.codegen.qdq_hoist)
+    dropped: int = 0  # DQ -> Reshape/Transpose -> Q pairs of equal parameters dropped (qdq_hoist)
     _lifted: list = field(default_factory=list)  # (relax Var, array) in call order
     rule = RULE
 
@@ -107,8 +108,9 @@ class QdqLowering(ProtoLowering):
             self.plans = [Plan(n.name or f"{n.op_type}_{i}", reason) for i, n in enumerate(proto.graph.node)
                           if n.op_type in ("MatMul", "Gemm") and _producer_op(proto, n.input[0]) == "DequantizeLinear"]
             return proto
-        from effc.codegen.qdq_hoist import hoist_quantize
+        from effc.codegen.qdq_hoist import drop_requantize, hoist_quantize
 
+        self.dropped = drop_requantize(proto)
         self.hoisted = hoist_quantize(proto)
         graph = _Graph(proto)
         for i, node in enumerate(list(proto.graph.node)):
@@ -130,6 +132,8 @@ class QdqLowering(ProtoLowering):
     def summary(self, what: str = "QDQ matmuls") -> str:
         text = super().summary(what)
         moved = f"; {self.hoisted} QuantizeLinear moved ahead of Reshape/Transpose" if self.hoisted else ""
+        if self.dropped:
+            moved += f"; {self.dropped} DequantizeLinear/QuantizeLinear pairs around Reshape/Transpose dropped"
         return text + moved if text else text
 
     def table(self) -> dict:

@@ -74,15 +74,15 @@ def test_softmax_kernel_writes_bf16_rounded_to_nearest(shape):
     assert (got[..., -1] == 0).all()
 
 
-@pytest.mark.parametrize("cols", [128, 197])
+@pytest.mark.parametrize("cols", [128, 197, 384, 48])
 @pytest.mark.parametrize("op", ["LayerNormalization", "RMSNormalization"])
 def test_norms(tmp_path, op, cols):
     rng = np.random.default_rng(3)
     inits = [numpy_helper.from_array(rng.standard_normal(cols).astype(np.float32), "g"),
              numpy_helper.from_array(rng.standard_normal(cols).astype(np.float32), "b")]
     inputs = ["x", "g", "b"] if op == "LayerNormalization" else ["x", "g"]
-    model = model_from_nodes([helper.make_node(op, inputs, ["y"], axis=-1, epsilon=1e-5)], [("x", [1, 21, cols])],
-                   [("y", [1, 21, cols])], inits, opset=23 if op == "RMSNormalization" else 17)
+    model = model_from_nodes([helper.make_node(op, inputs, ["y"], axis=-1, epsilon=1e-5)], [("x", [2, 21, cols])],
+                   [("y", [2, 21, cols])], inits, opset=23 if op == "RMSNormalization" else 17)
     result = compile_and_compare(model, tmp_path)
     assert set(result.kernels.values()) == {"reduction"}, result.kernels
 
@@ -94,3 +94,37 @@ def test_bare_row_reduction_is_taken_by_the_reduction_rule(tmp_path, op):
                              [("y", [2, 3, 5, 1])], opset=13 if op == "ReduceMax" else 11)
     result = compile_and_compare(model, tmp_path)
     assert set(result.kernels.values()) == {"reduction"}, result.kernels
+
+
+@pytest.mark.parametrize("cols, halvings", [(384, 3), (48, 2), (40, 0)])
+def test_row_statistics_are_halved_in_vectors_before_the_scalar_sum(cols, halvings):
+    """A layer norm row's lane partials (32 lanes for 384 columns, 16 for 48) are halved by vector adds
+    down to TREE_LEFT before the final scalar sum (was: 32 dependent scalar adds per statistic); a row
+    that does not split into lanes keeps its scalar loop. Same values as numpy."""
+    import tvm
+    from tvm import te
+
+    from effc.codegen.schedules.cpu.reduction import TREE_LEFT, RowReduction
+    from effc.codegen.target import llvm_target
+
+    rows = 7
+    x = te.placeholder((rows, cols), "float32", name="x")
+    k1, k2 = te.reduce_axis((0, cols), "k1"), te.reduce_axis((0, cols), "k2")
+    total = te.compute((rows,), lambda i: te.sum(x[i, k1], axis=k1), name="total")
+    mean = te.compute((rows,), lambda i: total[i] / cols, name="mean")
+    sq = te.compute((rows,), lambda i: te.sum((x[i, k2] - mean[i]) * (x[i, k2] - mean[i]), axis=k2), name="sq")
+    y = te.compute((rows, cols), lambda i, j: (x[i, j] - mean[i]) * te.rsqrt(sq[i] / cols + 1e-5), name="y")
+    target = llvm_target(2).tvm()
+    sch = RowReduction().apply(te.create_prim_func([x, y]), target, False)
+    assert sch is not None
+    text = sch.mod["main"].script()
+    assert text.count("_rf_update") == 2 * (1 + halvings) if halvings else "_rf" not in text, text
+    if halvings:
+        assert f"T.axis.reduce({TREE_LEFT}," in text, text  # the final sum: TREE_LEFT scalar steps
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target).jit()
+    data = (np.random.default_rng(4).standard_normal((rows, cols)) * 3 + 1).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((rows, cols), np.float32))
+    lib["main"](tvm.runtime.tensor(data), out)
+    centred = data - data.mean(-1, keepdims=True)
+    np.testing.assert_allclose(out.numpy(), centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5),
+                               rtol=1e-5, atol=1e-5)

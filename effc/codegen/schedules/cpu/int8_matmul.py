@@ -20,6 +20,7 @@ from tvm import s_tir
 
 from effc.codegen.schedules.cpu import panels
 from effc.codegen.schedules.cpu.base import RegisterTileRule, single_reduction
+from effc.codegen.peel_tail import FULL_PANELS_KEY
 from effc.codegen.vnni_pass import MARK
 
 LANES = 16  # int32 lanes of a zmm register: output columns per vpdpbusd
@@ -77,6 +78,8 @@ class Int8Matmul(RegisterTileRule):
         sch.unroll(jv)
         outer = sch.fuse(batch, jo)
         sch.parallel(outer)
+        if padded:  # full panels without column checks (effc.codegen.peel_tail.full_panel_pass)
+            sch.annotate(outer, FULL_PANELS_KEY, -(-n // nr))
         if a_pad is not None:  # the zero-padded copy of A: once per call, before the tiles
             loops = sch.get_loops(a_pad)
             sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from tvm import s_tir
 
-from effc.codegen.peel_tail import PEEL_KEY
+from effc.codegen.peel_tail import FULL_PANELS_KEY, PEEL_KEY
 from effc.codegen.records import knobs_for
 from effc.codegen.schedules.cpu.base import CPURule, one_reduction
 from effc.codegen.schedules.cpu.panels import (
@@ -101,7 +101,10 @@ class Matmul(CPURule):
         sch.set_scope(main, 0, "local")
         sch.unroll(ii)
         vectorize(sch, ji, lanes)
-        sch.parallel(sch.fuse(batch, jo))
+        outer = sch.fuse(batch, jo)
+        sch.parallel(outer)
+        if padded:  # full panels without column checks (effc.codegen.peel_tail.full_panel_pass)
+            sch.annotate(outer, FULL_PANELS_KEY, -(-n // nr))
         sch.decompose_reduction(main, k)
         sch.annotate(k, PREFETCH_KEY, nr)  # effc.codegen.prefetch streams the next panel in
         if m % mr:

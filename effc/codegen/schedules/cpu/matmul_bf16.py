@@ -21,6 +21,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from effc.codegen.bf16_tile_call import LANES, TILE_KEY
+from effc.codegen.peel_tail import FULL_PANELS_KEY
 from effc.codegen.schedules.cpu.base import RegisterTileRule, extent, one_reduction
 from effc.codegen.schedules.cpu.matmul import _pick_mr
 from effc.codegen.schedules.cpu.panels import matmul_gemm, write_back_at
@@ -98,7 +99,10 @@ class MatmulBf16(RegisterTileRule):
         if not write_back_at(sch, main, io, nr, LANES, c_map, mr):
             return None
         sch.set_scope(main, 0, "local")
-        sch.parallel(sch.fuse(batch, jo))
+        outer = sch.fuse(batch, jo)
+        sch.parallel(outer)
+        if pads[2] != 1:  # full panels without column checks (effc.codegen.peel_tail.full_panel_pass)
+            sch.annotate(outer, FULL_PANELS_KEY, -(-n // nr))
         k_pad = extent(sch, k)
         tile = sch.blockize(k)  # the tile's block keeps its loop nest: effc.codegen.bf16_tile_call lowers it
         sch.annotate(tile, TILE_KEY, [mr, nr, k_pad, m, n, kk, int(b_plain)])

@@ -2,7 +2,8 @@
 over the last axis followed by an elementwise pass over the same row.
 
 One parallel loop over rows; under it each stage runs on one row while it is in L1: the
-reductions with a vector of partial results (rfactor over ``lanes`` lanes, summed at the end),
+reductions with a vector of partial results (rfactor over ``lanes`` lanes, halved by vector adds
+down to TREE_LEFT, then summed),
 the elementwise stages vectorised. A stage read by several later stages (softmax's exp) is kept
 as a one-row buffer rather than recomputed; a stage with one reader is inlined into it.
 """
@@ -13,6 +14,8 @@ from tvm import s_tir
 from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
 
 from effc.codegen.schedules.cpu.base import CPURule, extent, vector_lanes
+
+TREE_LEFT = 4  # partials the final reduction still sums one by one
 
 
 class RowReduction(CPURule):
@@ -52,7 +55,15 @@ class RowReduction(CPURule):
         stages = []
         for block in blocks[:-1]:
             partial = _rfactor_lanes(sch, block, lanes) if _is_reduction(sch, block) else None
-            stages += [(partial, "partial"), (block, "final")] if partial is not None else [(block, None)]
+            if partial is None:
+                stages.append((block, None))
+                continue
+            stages.append((partial, "partial"))
+            width = lanes
+            while width > TREE_LEFT:  # halve the partials with vector adds before the scalar sum
+                width //= 2
+                stages.append((_halve(sch, block, width), width))
+            stages.append((block, "final"))
         row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         sch.parallel(row)
         _vectorize_inner(sch, out, lanes)
@@ -61,6 +72,8 @@ class RowReduction(CPURule):
         for block, role in stages:
             if role == "partial":
                 _vectorize_partial(sch, block, lanes)
+            elif isinstance(role, int):  # a halving stage of ``role`` lanes
+                _vectorize_half(sch, block, role)
             elif role == "final":
                 continue  # `lanes` scalar steps; its init stays inline
             elif _is_reduction(sch, block):  # a row not split into lanes: scalar loop
@@ -128,6 +141,27 @@ def _rfactor_lanes(sch, block, lanes: int):
         return None
     _, lane = sch.split(inner, [None, lanes])
     return sch.rfactor(lane, 0)
+
+
+def _halve(sch, final, half: int):
+    """The final reduction sums 2 * half partials one by one (dependent scalar adds: 32 of them per
+    statistic made a layer norm row wait ~100 cycles per statistic); rfactor its loop into a stage of
+    ``half`` sums of two, a vector add, after which the final sums ``half``."""
+    loop = sch.get_loops(final)[-1]
+    _, low = sch.split(loop, [2, half])
+    return sch.rfactor(low, 0)
+
+
+def _vectorize_half(sch, stage, half: int) -> None:
+    """Under the row loop a halving stage runs over (its ``half`` lanes, the 2 halves, the row's unit
+    loop): the halves outer, the lanes vectorised (half >= TREE_LEFT > 2, so the extents differ)."""
+    loops = sch.get_loops(stage)
+    lane = [lp for lp in loops if extent(sch, lp) == half][-1]
+    pair = [lp for lp in loops if extent(sch, lp) == 2][-1]
+    sch.reorder(pair, lane)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(stage, pair)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _vectorize_partial(sch, partial, lanes: int) -> None:

@@ -3,8 +3,11 @@
 The generic row-reduction rule vectorises a row only when its length is a multiple of the vector
 lanes (16 float32 on AVX-512, 8 on AVX2): TVM 0.27 vectorises a bounded (masked) access only when
 every access in the loop shares the bound's index, and its rfactor drops the bound of a ragged
-split, so ViT's 197-token rows ran scalar, polynomial exp included. Here each row is written out directly: whole vector chunks as vectors, the ragged
-tail (less than a vector) as scalars, rows in parallel.
+split, so ViT's 197-token rows ran scalar, polynomial exp included. Here each row is written out directly, rows
+in parallel, in whole vectors: a ragged tail (less than a vector) is covered by the row's last whole
+vector, x[n - lanes : n], which overlaps the chunk before it. The overlap is harmless where it is
+recomputed (max is idempotent; exp and the normalised value of an element come out the same) and
+masked out of the sum. (Scalar, the tail's 5 elements of a 197-wide row had cost a third of the row.)
 
     y[r, :] = e / sum(e),   e = exp(x[r, :] - max(x[r, :]))
 
@@ -156,6 +159,9 @@ def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16, epilogue=Non
             return T.Cast(out_dtype, value)
 
     full, tail = n // lanes, n % lanes
+    last = n - lanes  # the row's last whole vector (it covers the tail; n >= lanes)
+    has_tail = tail > 0  # a Python bool: TVMScript keeps or drops the branch when parsing
+    in_tail = tirx.Ramp(0, 1, lanes) >= tirx.Broadcast(lanes - tail, lanes)  # its lanes past the chunks
     lead = [int(d) for d in shape[:-1]]
 
     def at(row, col) -> list:  # N-d index of element col of flat row ``row``
@@ -202,33 +208,40 @@ def softmax_kernel(shape: list, rows: int, n: int, lanes: int = 16, epilogue=Non
                 acc = T.alloc_buffer((rows * lanes,), "float32")
                 stat = T.alloc_buffer((rows,), "float32")
                 e = T.alloc_buffer((rows * n if epilogue is not None else 1,), "float32")
-                # max: lane-wise over whole chunks, then across the lanes and the tail
+                # max: lane-wise over whole chunks and the last vector, then across the lanes
                 acc[chunk(v * lanes)] = load(x, v, chunk(0))
                 for c in range(1, full):
                     acc[chunk(v * lanes)] = T.max(acc[chunk(v * lanes)], load(x, v, chunk(c * lanes)))
+                if has_tail:
+                    acc[chunk(v * lanes)] = T.max(acc[chunk(v * lanes)], load(x, v, chunk(last)))
                 stat[v] = acc[v * lanes]
                 for u in range(1, lanes):
                     stat[v] = T.max(stat[v], acc[v * lanes + u])
-                for t in range(tail):
-                    stat[v] = T.max(stat[v], load(x, v, full * lanes + t))
-                # e = exp(x - max), summed lane-wise
+                # e = exp(x - max), summed lane-wise (of the last vector only the tail's lanes)
                 acc[chunk(v * lanes)] = T.Broadcast(T.float32(0), lanes)
                 for c in range(full):
                     T.buffer_store(e_of(y, e), _exp(load(x, v, chunk(c * lanes)) - T.Broadcast(stat[v], lanes), lanes),
                                    e_at(v, chunk(c * lanes)))
                     acc[chunk(v * lanes)] = acc[chunk(v * lanes)] + e_load(y, e, v, chunk(c * lanes))
-                for t in range(tail):
-                    T.buffer_store(e_of(y, e), _exp(load(x, v, full * lanes + t) - stat[v]), e_at(v, full * lanes + t))
-                    acc[v * lanes] = acc[v * lanes] + e_load(y, e, v, full * lanes + t)
+                if has_tail:
+                    T.buffer_store(e_of(y, e), _exp(load(x, v, chunk(last)) - T.Broadcast(stat[v], lanes), lanes),
+                                   e_at(v, chunk(last)))
+                    acc[chunk(v * lanes)] = acc[chunk(v * lanes)] + T.Select(
+                        in_tail, e_load(y, e, v, chunk(last)), T.Broadcast(T.float32(0), lanes))
                 stat[v] = acc[v * lanes]
                 for u in range(1, lanes):
                     stat[v] = stat[v] + acc[v * lanes + u]
-                # normalise by one reciprocal per row (the epilogue on each vector, TVM vectorising it)
+                # normalise by one reciprocal per row (the epilogue on each vector, TVM vectorising it);
+                # the last vector's probabilities are taken first (where e lives in y, the chunk before
+                # it overwrites the overlap) and written last
                 stat[v] = T.float32(1) / stat[v]
+                if has_tail:
+                    acc[chunk(v * lanes)] = e_load(y, e, v, chunk(last)) * T.Broadcast(stat[v], lanes)
                 for c in range(full):
                     for u in T.vectorized(lanes):
                         T.buffer_store(y, written(e_load(y, e, v, c * lanes + u) * stat[v]), at(v, c * lanes + u))
-                for t in range(tail):
-                    T.buffer_store(y, written(e_load(y, e, v, full * lanes + t) * stat[v]), at(v, full * lanes + t))
+                if has_tail:
+                    for u in T.vectorized(lanes):
+                        T.buffer_store(y, written(acc[v * lanes + u]), at(v, last + u))
 
     return softmax

@@ -111,6 +111,7 @@ class Outcome:
     cosine: float | None = None
     bound: float = TOLERANCE  # the max_rel allowed (int8: from ONNX Runtime's own rounding)
     ort_rounding: float | None = None  # int8: ONNX Runtime's fused kernels against the QDQ graph as written
+    vs_written: float | None = None  # int8: max_rel of the module against the QDQ graph as written (float ops)
     custom_ops: list = field(default_factory=list)  # how each QDQ / effc op node was lowered
     quantized_ops: dict[str, str] = field(default_factory=dict)  # int8: node -> op type of each QDQ conv/matmul
 
@@ -238,6 +239,19 @@ def quantized_compute_ops(path: Path) -> dict[str, str]:
             and n.input[0] in dequantized and n.input[1] in dequantized}
 
 
+def run_as_written(path: Path, feeds: list[dict]) -> list[dict]:
+    """ONNX Runtime with its graph optimisations off: a QDQ graph read as written (DequantizeLinear,
+    then float ops), no integer kernels."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(names, feed))) for feed in feeds]
+
+
 def compile_case(exported: Exported, out_dir: Path, precision: str = "fp32") -> Outcome:
     """Default passes, llvm build at ``precision``, run and compare; every failure is caught into the
     Outcome. int8 builds (and is compared on) the QDQ copy of make_qdq.
@@ -287,6 +301,7 @@ def compile_case(exported: Exported, out_dir: Path, precision: str = "fp32") -> 
         from effc.codegen.qdq_tolerance import ort_rounding
 
         outcome.ort_rounding = ort_rounding(ir.load(str(source)), feeds)
+        outcome.vs_written = deviation(got, run_as_written(source, feeds)).max_rel
         outcome.quantized_ops = quantized_compute_ops(source)
         outcome.bound = max(TOLERANCE, INT8_ROUNDING_FACTOR * outcome.ort_rounding)
     return outcome

@@ -9,7 +9,9 @@ Each case runs at a precision (PRECISIONS):
   bounds below (BF16_MAX_REL, BF16_MIN_COSINE);
 - int8: a QDQ copy as ONNX Runtime's quantize_static makes it (make_qdq), built as it is (effc lowers
   the QDQ matmuls to its integer kernels), against ONNX Runtime on that same QDQ file, within
-  ONNX Runtime's own int8 rounding (INT8_ROUNDING_FACTOR, INT8_MIN_COSINE)."""
+  ONNX Runtime's own int8 rounding (INT8_ROUNDING_FACTOR, INT8_MIN_COSINE);
+- int8-effc: the same with effc's own quantize pass making the QDQ copy (make_effc_qdq: w8a8, every
+  linear, the first and last included)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from tests.generality.export import export
 
 TOLERANCE = 1e-4  # scale-relative (effc.verify.deviation's max_rel)
 IMPLS = ("sdpa", "eager")
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int8-effc")
 # bf16 keeps 8 significant bits: rounding an operand errs by up to u = 2^-8 (3.9e-3) relative, a
 # product of two rounded operands by 2u. These models chain about 8 matmuls per output (embedding or
 # patch projection, then q/k/v, q k^T, p v, out, fc1, fc2 in each of 2 layers, norms between them
@@ -107,7 +109,8 @@ class Outcome:
     rule_errors: list[str] = field(default_factory=list)
     max_rel: float | None = None
     precision: str = "fp32"  # the one asked for (PRECISIONS)
-    built_precision: str = "fp32"  # the one effc took (bf16 asked on a CPU without it: fp32)
+    built_precision: str = "fp32"  # the one effc took (bf16 asked on a CPU without it: fp32, said in built_note)
+    built_note: str = ""
     cosine: float | None = None
     bound: float = TOLERANCE  # the max_rel allowed (int8: from ONNX Runtime's own rounding)
     ort_rounding: float | None = None  # int8: ONNX Runtime's fused kernels against the QDQ graph as written
@@ -121,7 +124,7 @@ class Outcome:
             return False
         if self.precision == "bf16":
             return self.max_rel <= BF16_MAX_REL and self.cosine >= BF16_MIN_COSINE
-        if self.precision == "int8":
+        if self.precision.startswith("int8"):
             return self.max_rel <= self.bound and self.cosine >= INT8_MIN_COSINE
         return self.max_rel <= self.bound
 
@@ -143,7 +146,7 @@ class Outcome:
         if self.precision == "bf16":
             return {k: f"{rule}: " + ",".join(ops) for k, rule in self.kernels.items()
                     if rule != BF16_RULE and (ops := _GEMM_OP.findall(k))}
-        if self.precision != "int8":
+        if not self.precision.startswith("int8"):
             return {}
         lowered = {op["node"]: op for op in self.custom_ops if "node" in op}
         off = {}
@@ -227,6 +230,30 @@ def make_qdq(exported: Exported) -> Path:
     return path
 
 
+def make_effc_qdq(exported: Exported) -> Path:
+    """A QDQ copy of the exported file made by effc's quantize pass (w8a8, u8 activations, the first
+    and last linears too, calibrated on calibration_feeds); written beside the export, reused when
+    there. EffcError when the pass does not apply (its reason)."""
+    from effc.errors import EffcError
+    from effc.frontend.onnx import load
+    from effc.ir import save
+    from effc.passes import get_pass
+    from effc.pipeline import run_pipeline
+
+    path = exported.path.with_name(exported.path.stem + "-effcq.onnx")
+    if path.exists():
+        return path
+    result = run_pipeline(load(exported.path), [get_pass("quantize")], feeds=[exported.feed],
+                          options={"quantize": {"mode": "w8a8", "ends": True}},
+                          calibration=calibration_feeds(exported.feed, 8))
+    record = result.records[0]
+    if record.status != "applied":
+        reasons = "; ".join(s.reason for s in record.skipped[:2]) or record.note or record.status
+        raise EffcError(f"effc's quantize pass did not apply: {reasons}")
+    save(result.model, path)
+    return path
+
+
 def quantized_compute_ops(path: Path) -> dict[str, str]:
     """node name -> op type of each Conv / ConvTranspose / MatMul / Gemm of a QDQ file whose first
     two inputs both come out of a DequantizeLinear (what ONNX Runtime runs as an integer kernel)."""
@@ -270,7 +297,7 @@ def compile_case(exported: Exported, out_dir: Path, precision: str = "fp32") -> 
     outcome = Outcome(precision=precision, bound=BF16_MAX_REL if precision == "bf16" else TOLERANCE)
     feeds = [exported.feed]
     try:
-        source = make_qdq(exported) if precision == "int8" else exported.path
+        source = {"int8": make_qdq, "int8-effc": make_effc_qdq}.get(precision, lambda e: e.path)(exported)
         result = run_pipeline(load(source), parse_pass_list(None), feeds=feeds)
         outcome.records = result.records
         save(result.model, out_dir / "model.onnx")  # as `effc compile` writes it (`effc bench` reads it)
@@ -285,9 +312,7 @@ def compile_case(exported: Exported, out_dir: Path, precision: str = "fp32") -> 
     outcome.out_dir, outcome.kernels = built.out_dir, dict(built.kernels)
     outcome.built_precision, outcome.custom_ops = built.precision, list(built.custom_ops)
     outcome.rule_errors = json.loads((built.out_dir / "codegen.json").read_text()).get("rule_errors", [])
-    if precision == "bf16" and built.precision != "bf16":
-        outcome.error = f"refused: {built.precision_reason}"
-        return outcome
+    outcome.built_note = built.precision_reason if precision == "bf16" and built.precision != "bf16" else ""
     try:
         got = [load_compiled(built.out_dir)(feed) for feed in feeds]
     except Exception as exc:
@@ -295,7 +320,7 @@ def compile_case(exported: Exported, out_dir: Path, precision: str = "fp32") -> 
         return outcome
     dev = deviation(got, OrtRunner(source).run_all(feeds))
     outcome.max_rel, outcome.cosine = dev.max_rel, dev.cosine
-    if precision == "int8":
+    if precision.startswith("int8"):
         import onnx_ir as ir
 
         from effc.codegen.qdq_tolerance import ort_rounding

@@ -12,9 +12,17 @@ from __future__ import annotations
 import pytest
 
 from tests.generality.architectures import ARCHITECTURES
-from tests.generality.check import TOLERANCE, Case, all_cases, compile_case, export_case
+from tests.devices import requires_avx512_bf16, requires_vnni
+from tests.generality.check import (BF16_RULE, INT8_RULE, TOLERANCE, Case, all_cases, compile_case,
+                                    export_case)
 
 CASES = all_cases()
+# bf16 and int8 on a few cases of different patterns (the sweep, tools/generality_sweep.py
+# --precision bf16,int8, runs all of them): a ViT (patch conv, ONNX Attention op), BERT (padding
+# mask, post-LN), a LLaMA decoder (RMSNorm, rotary, causal eager attention), a ResNet (convs).
+LOW_PRECISION_CASES = [Case("vit", "sdpa", 2), Case("bert", "sdpa", 2), Case("llama", "eager", 2),
+                       Case("resnet", "default", 2)]
+LOW_PRECISIONS = ("bf16", "int8")
 
 class Suite:
     """Exports and builds shared by every test of a session (each done at most once)."""
@@ -28,10 +36,11 @@ class Suite:
             self._exported[case] = export_case(case, self.root / "onnx")
         return self._exported[case]
 
-    def outcome(self, case: Case):
-        if case not in self._outcomes:
-            self._outcomes[case] = compile_case(self.exported(case), self.root / "build" / case.id)
-        return self._outcomes[case]
+    def outcome(self, case: Case, precision: str = "fp32"):
+        if (case, precision) not in self._outcomes:
+            self._outcomes[case, precision] = compile_case(self.exported(case),
+                                                           self.root / "build" / f"{case.id}-{precision}", precision)
+        return self._outcomes[case, precision]
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +86,42 @@ def test_passes_apply_or_refuse_with_the_right_reason(suite, case):
     assert set(records) == {"fold-batchnorm", "layernorm-to-rmsnorm"}
     check_fold_batchnorm(case, exported.ops, records["fold-batchnorm"])
     check_layernorm_to_rmsnorm(case, exported.ops, records["layernorm-to-rmsnorm"])
+
+
+def _low(precision):
+    return [pytest.param(c, precision, id=f"{c.id}-{precision}") for c in LOW_PRECISION_CASES]
+
+
+@pytest.mark.parametrize("case, precision", _low("bf16") + _low("int8"))
+def test_low_precision_module_matches_onnx_runtime(suite, case, precision):
+    """bf16: against ONNX Runtime fp32 within bf16's bounds; int8 (ONNX Runtime's quantize_static QDQ
+    copy): against ONNX Runtime on that file within twice its own int8 rounding, and exactly what the
+    QDQ graph as written computes up to a step flipped here and there."""
+    outcome = suite.outcome(case, precision)
+    assert outcome.error is None, outcome.error
+    assert outcome.ok, (f"max_rel {outcome.max_rel:.3g} (bound {outcome.bound:.3g}), cosine {outcome.cosine:.6f} "
+                        f"against ONNX Runtime")
+    if precision == "int8":
+        assert outcome.vs_written <= outcome.bound, outcome.vs_written
+
+
+@requires_avx512_bf16
+@pytest.mark.parametrize("case, precision", _low("bf16"))
+def test_bf16_build_takes_the_bf16_rule(suite, case, precision):
+    """Every matmul kernel on the bf16 rule; what stays fp32 is the convolutions' (conv_gemm / window)."""
+    outcome = suite.outcome(case, precision)
+    assert outcome.built_precision == "bf16" and BF16_RULE in outcome.kernels.values()
+    assert not [k for k, where in outcome.off_low_precision().items() if "matmul" in where.split(": ")[1]]
+
+
+@requires_vnni
+@pytest.mark.parametrize("case, precision", _low("int8"))
+def test_int8_build_takes_every_qdq_matmul(suite, case, precision):
+    """Every MatMul/Gemm the QDQ graph quantizes runs on the int8 kernels; its convs stay float (said)."""
+    outcome = suite.outcome(case, precision)
+    off = outcome.off_low_precision()
+    assert not [n for n, where in off.items() if not where.startswith("float: Conv")], off
+    assert (INT8_RULE in outcome.kernels.values()) == (case.arch != "resnet")
 
 
 def check_fold_batchnorm(case, ops, record):

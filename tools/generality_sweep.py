@@ -35,7 +35,7 @@ LOW_COLUMNS = {
     "bf16": ("arch", "impl", "batch", "compile", "max_rel vs ORT fp32 (bound)", "cosine",
              "off the bf16 rule (op, rule)", "off a real rule (op, rule)", "effc/ORT"),
     "int8": ("arch", "impl", "batch", "compile", "max_rel vs ORT on the QDQ file (bound)", "cosine",
-             "ORT's own rounding", "max_rel vs the QDQ graph as written", "off the int8 kernels (op, where)",
+             "ORT's own rounding (fused vs as written; flip sensitivity)", "max_rel vs the QDQ graph as written", "off the int8 kernels (op, where)",
              "off a real rule (op, rule)", "effc/ORT"),
 }
 LOW_COLUMNS["int8-effc"] = LOW_COLUMNS["int8"]
@@ -75,7 +75,7 @@ def low_row(case, outcome, ratio: str) -> list[str]:
     cells = [case.arch, case.impl, str(case.batch), _cell(compiled, 80),
              f"{rel} ({outcome.bound:.1e})" if built else "-", f"{outcome.cosine:.6f}" if built else "-"]
     if outcome.precision.startswith("int8"):
-        cells += [f"{outcome.ort_rounding:.2e}" if outcome.ort_rounding is not None else "-",
+        cells += [f"{outcome.ort_rounding:.2e}; {outcome.flips:.2e}" if outcome.ort_rounding is not None else "-",
                   f"{outcome.vs_written:.2e}" if outcome.vs_written is not None else "-"]
     cells += [_cell(off_low_precision_summary(outcome), 90) if built else "-",
               _cell(off_rule_summary(outcome), 60) if built else "-", ratio]

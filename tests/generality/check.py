@@ -36,8 +36,10 @@ PRECISIONS = ("fp32", "bf16", "int8", "int8-effc")
 BF16_MAX_REL = 6e-2  # scale-relative, against ONNX Runtime fp32
 BF16_MIN_COSINE = 0.999
 # A QDQ model's output is defined only up to its rounding (effc.codegen.qdq_tolerance): effc's integer
-# kernels are held to twice ONNX Runtime's own rounding (its fused integer kernels against the graph as
-# written, on the same feed), as `effc compile` holds them, and to a cosine no wrong kernel reaches.
+# kernels are held, as `effc compile` holds them, to twice the larger of ONNX Runtime's own rounding (its
+# fused integer kernels against the graph as written, on the same feed) and the graph's flip sensitivity
+# (the graph as written with its QuantizeLinear scales moved by float-rounding amounts), and to a
+# cosine no wrong kernel reaches.
 INT8_ROUNDING_FACTOR = 2.0
 INT8_MIN_COSINE = 0.99
 CALIBRATION_FEEDS = 4  # random feeds of the case's shapes for quantize_static (MinMax)
@@ -114,6 +116,7 @@ class Outcome:
     cosine: float | None = None
     bound: float = TOLERANCE  # the max_rel allowed (int8: from ONNX Runtime's own rounding)
     ort_rounding: float | None = None  # int8: ONNX Runtime's fused kernels against the QDQ graph as written
+    flips: float | None = None  # int8: the QDQ graph's flip sensitivity (effc.codegen.qdq_tolerance)
     vs_written: float | None = None  # int8: max_rel of the module against the QDQ graph as written (float ops)
     custom_ops: list = field(default_factory=list)  # how each QDQ / effc op node was lowered
     quantized_ops: dict[str, str] = field(default_factory=dict)  # int8: node -> op type of each QDQ conv/matmul
@@ -323,12 +326,13 @@ def compile_case(exported: Exported, out_dir: Path, precision: str = "fp32") -> 
     if precision.startswith("int8"):
         import onnx_ir as ir
 
-        from effc.codegen.qdq_tolerance import ort_rounding
+        from effc.codegen.qdq_tolerance import flip_sensitivity, ort_rounding
 
-        outcome.ort_rounding = ort_rounding(ir.load(str(source)), feeds)
+        model = ir.load(str(source))
+        outcome.ort_rounding, outcome.flips = ort_rounding(model, feeds), flip_sensitivity(model, feeds)
         outcome.vs_written = deviation(got, run_as_written(source, feeds)).max_rel
         outcome.quantized_ops = quantized_compute_ops(source)
-        outcome.bound = max(TOLERANCE, INT8_ROUNDING_FACTOR * outcome.ort_rounding)
+        outcome.bound = max(TOLERANCE, INT8_ROUNDING_FACTOR * max(outcome.ort_rounding, outcome.flips))
     return outcome
 
 

@@ -284,7 +284,7 @@ def run_as_written(path: Path, feeds: list[dict]) -> list[dict]:
 
 def compile_case(exported: Exported, out_dir: Path, precision: str = "fp32") -> Outcome:
     """Default passes, llvm build at ``precision``, run and compare; every failure is caught into the
-    Outcome. int8 builds (and is compared on) the QDQ copy of make_qdq.
+    Outcome. int8 builds (and is compared on) the QDQ copy of make_qdq, int8-effc that of make_effc_qdq.
 
     ``out_dir`` must be unique per build: a process that loaded one model.so gets the same
     library back for any later file at that path (dlopen caches by path)."""
@@ -362,12 +362,13 @@ def off_rule_summary(outcome: Outcome) -> str:
 
 
 def off_low_precision_summary(outcome: Outcome) -> str:
-    """"matmul x2 (matmul); Conv x1 (float: no int8 lowering for Conv)": what did not compute at the
-    case's low precision (Outcome.off_low_precision), counted."""
-    counts: dict[str, int] = {}
+    """"conv_gemm x5 (matmul); Conv x1 (float: no int8 lowering for Conv)": what did not compute at
+    the case's low precision (Outcome.off_low_precision), counted."""
+    counts: dict[tuple[str, str], int] = {}
     for where in outcome.off_low_precision().values():
         rule, what = where.split(": ", 1)
-        key = f"{what.split(': ', 1)[0]} x{{}} (float: {what.split(': ', 1)[1]})" if rule == "float" else \
-            f"{what} x{{}} ({rule})"
-        counts[key] = counts.get(key, 0) + 1
-    return "; ".join(key.format(n) for key, n in sorted(counts.items())) or "-"
+        if rule == "float":  # "float: Conv: reason"
+            what, reason = what.split(": ", 1)
+            rule = f"float: {reason}"
+        counts[what, rule] = counts.get((what, rule), 0) + 1
+    return "; ".join(f"{what} x{n} ({rule})" for (what, rule), n in sorted(counts.items())) or "-"

@@ -12,6 +12,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from effc.codegen.qdq_tolerance import flip_sensitivity, is_quantized, ort_rounding, tolerance_for
+from tests.devices import requires_vnni
 
 SCALE = 0.1
 
@@ -70,3 +71,26 @@ def test_a_bf16_build_of_a_qdq_model_is_held_to_the_steps_bf16_rounding_flips():
     flipped = SimpleNamespace(max_rel=0.12, cosine=0.9998)
     assert within_tolerance("bf16", flipped, tol) and not within_tolerance("bf16", flipped, 1e-4)
     assert not within_tolerance("bf16", SimpleNamespace(max_rel=0.12, cosine=0.99), tol)  # a wrong kernel's cosine
+
+
+@requires_vnni
+def test_a_wrong_int8_kernel_still_fails_the_compile(tmp_path, monkeypatch, capsys):
+    """The widened tolerance is a few flipped steps, not a licence: integer matmuls that drop their
+    zero-point correction (a legal, wrong kernel) are still called wrong (exit 1)."""
+    from effc.codegen import qdq_lowering
+    from effc.cli import run
+    from tests.codegen.qdq_models import calibration, float_mlp, quantize_qdq
+
+    real = qdq_lowering._plan
+
+    def without_correction(*args):
+        plan = real(*args)
+        if plan is not None and plan.comp is not None:
+            plan.comp = np.zeros_like(plan.comp)
+        return plan
+
+    monkeypatch.setattr(qdq_lowering, "_plan", without_correction)
+    path = quantize_qdq(float_mlp(2, (5,), 24, 40), tmp_path / "q.onnx", calibration([2, 5, 24]))
+    code = run(["compile", str(path), "-o", str(tmp_path / "out"), "--target", "llvm", "--passes", "none"])
+    err = capsys.readouterr().err
+    assert code == 1 and "disagrees with ONNX Runtime" in err, err

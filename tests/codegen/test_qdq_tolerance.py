@@ -94,3 +94,36 @@ def test_a_wrong_int8_kernel_still_fails_the_compile(tmp_path, monkeypatch, caps
     code = run(["compile", str(path), "-o", str(tmp_path / "out"), "--target", "llvm", "--passes", "none"])
     err = capsys.readouterr().err
     assert code == 1 and "disagrees with ONNX Runtime" in err, err
+
+
+def test_verify_build_holds_a_bf16_qdq_module_to_its_flipped_steps(tmp_path, monkeypatch):
+    """effc.codegen.check.verify_build (what `effc compile --precision bf16` runs) on a module 0.12 from
+    ONNX Runtime at cosine 0.9998: right for a QDQ graph whose steps bf16 flips that far, wrong for a
+    float graph (there the bf16 bound, 0.1, is all there is)."""
+    import json
+
+    import pytest
+
+    from effc.codegen import check
+    from effc.codegen.runtime import MANIFEST
+    from effc.codegen.target import make_target
+    from effc.errors import EffcFault
+    from effc.verify import Deviation
+
+    (tmp_path / MANIFEST).write_text(json.dumps({}))
+    monkeypatch.setattr(check, "compare_with_ort", lambda out_dir, model, feeds: Deviation(0.4, 0.12, 0.9998))
+    monkeypatch.setattr(check, "find_wrong_kernels", lambda *args, **kwargs: [])  # no build to search
+    monkeypatch.setattr("effc.codegen.build.front_half", lambda *args, **kwargs: (None, None, None))
+    weight = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+    x = np.zeros((1, 64), np.float32)
+    x[0, :8] = 1.248  # within bf16's rounding of a step (as above)
+    quantized = activation_qdq_matmul(weight, scale=0.5)
+    dev = check.verify_build(tmp_path, quantized, [{"x": x}], make_target("llvm"), None, precision="bf16")
+    assert dev.max_rel == 0.12 and json.loads((tmp_path / MANIFEST).read_text())["deviation_vs_ort"]
+    floating = ir.from_proto(helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(weight, "w")]),
+        opset_imports=[helper.make_opsetid("", 21)]))
+    with pytest.raises(EffcFault, match="bf16 allows 0.1"):
+        check.verify_build(tmp_path, floating, [{"x": x}], make_target("llvm"), None, precision="bf16")

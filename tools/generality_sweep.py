@@ -3,13 +3,14 @@ compile result, deviation from ONNX Runtime, kernels off a real rule, and latenc
 Runtime (effc/codegen/bench.py, interleaved).
 
     PYTHONPATH=$PWD python tools/generality_sweep.py [--arch vit,bert] [--impl sdpa,eager,default]
-                                                     [--batch 1,2] [--precision fp32,bf16,int8]
+                                                     [--batch 1,2] [--precision fp32,bf16,int8,int8-effc]
                                                      [--runs 15] [--no-bench] [--work DIR]
 
 One table per precision (tests/generality/check.py says what each compares with and at what
 tolerance): fp32 as above; bf16 (`--precision bf16` on the exported file, against ONNX Runtime
-fp32) and int8 (ONNX Runtime's quantize_static QDQ copy, against ONNX Runtime on it) with their
-deviation, the bound it is held to, and what fell off the bf16 / int8 rules.
+fp32), int8 (ONNX Runtime's quantize_static QDQ copy, against ONNX Runtime on it) and int8-effc
+(the same on effc's quantize pass's QDQ copy) with their deviation, the bound it is held to, and
+what fell off the bf16 / int8 kernels. A bf16 or int8 case takes 5-30 s on this 2-core machine.
 
 Heavy (a build and a benchmark per case): run it on an otherwise idle machine. The models are tiny
 (0.05-0.5 ms a call), so the latency ratios are noisy on a shared machine; repeat before relying on one.
@@ -35,8 +36,8 @@ LOW_COLUMNS = {
     "bf16": ("arch", "impl", "batch", "compile", "max_rel vs ORT fp32 (bound)", "cosine",
              "off the bf16 rule (op, rule)", "off a real rule (op, rule)", "effc/ORT"),
     "int8": ("arch", "impl", "batch", "compile", "max_rel vs ORT on the QDQ file (bound)", "cosine",
-             "ORT's own rounding (fused vs as written; flip sensitivity)", "max_rel vs the QDQ graph as written", "off the int8 kernels (op, where)",
-             "off a real rule (op, rule)", "effc/ORT"),
+             "ORT's own rounding (fused vs as written; flip sensitivity)", "max_rel vs the QDQ graph as written",
+             "off the int8 kernels (op, where)", "off a real rule (op, rule)", "effc/ORT"),
 }
 LOW_COLUMNS["int8-effc"] = LOW_COLUMNS["int8"]
 

@@ -180,14 +180,15 @@ def test_compute_ops_are_read_from_kernel_names():
 def test_what_fell_off_the_low_precision_kernels_is_read_from_the_build():
     from tests.generality.check import Outcome, off_low_precision_summary
 
-    bf16 = Outcome(precision="bf16", kernels={"fused_conv_gemm1_add3_relu2": "matmul", "fused_matmul2_add": "matmul-bf16",
-                                              "fused_conv2d_add_relu1": "window", "fused_matmul3": "gemv",
-                                              "layer_norm1": "reduction"})
+    bf16 = Outcome(precision="bf16", kernels={"fused_conv_gemm1_add3_relu2": "matmul",
+                                              "fused_matmul2_add": "matmul-bf16", "fused_conv2d_add_relu1": "window",
+                                              "fused_matmul3": "gemv", "layer_norm1": "reduction"})
     assert off_low_precision_summary(bf16) == "conv2d x1 (window); conv_gemm x1 (matmul); matmul x1 (gemv)"
     int8 = Outcome(precision="int8", quantized_ops={"c1": "Conv", "c2": "Conv", "m1": "MatMul", "m2": "MatMul"},
                    custom_ops=[{"node": "m1", "lowering": "float (DQ folded)", "reason": "weight of rank 3"},
                                {"node": "m2", "lowering": "int8-vnni", "reason": ""}])
-    assert off_low_precision_summary(int8) == "Conv x2 (float: no int8 lowering for Conv); MatMul x1 (float: weight of rank 3)"
+    assert off_low_precision_summary(int8) == ("Conv x2 (float: no int8 lowering for Conv); "
+                                               "MatMul x1 (float: weight of rank 3)")
     assert off_low_precision_summary(Outcome(kernels={"fused_matmul1": "matmul"})) == "-"  # fp32: nothing is off
 
 

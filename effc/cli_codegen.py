@@ -87,21 +87,24 @@ def run_cmd(out: str, inputs: str, output: str, threads: int | None, check: bool
         from effc.verify import OrtRunner, deviation
 
         dev = deviation(results, OrtRunner(Path(out) / "model.onnx").run_all(feeds))
-        _fail_on_disagreement(dev.max_rel, dev.cosine, compiled.manifest.get("precision", "fp32"),
-                              _tolerance(Path(out) / "model.onnx", feeds, dev.max_rel))
+        precision = compiled.manifest.get("precision", "fp32")
+        _fail_on_disagreement(dev.max_rel, dev.cosine, precision,
+                              _tolerance(Path(out) / "model.onnx", feeds, dev.max_rel, precision))
 
 
-def _tolerance(model_path: Path, feeds: list[dict], max_rel: float) -> float:
-    """TOLERANCE, or for a quantized model beyond it, ONNX Runtime's own rounding (qdq_tolerance)."""
+def _tolerance(model_path: Path, feeds: list[dict], max_rel: float, precision: str = "fp32") -> float:
+    """TOLERANCE, or for a quantized model beyond it (a bf16 module: beyond the bf16 bound), ONNX
+    Runtime's own rounding and the graph's flip sensitivity (qdq_tolerance; bf16: to bf16's rounding)."""
     from effc.codegen.check import TOLERANCE
+    from effc.codegen.precision import BF16_MAX_REL, BF16_ROUNDING
 
-    if max_rel <= TOLERANCE:
+    if max_rel <= (BF16_MAX_REL if precision == "bf16" else TOLERANCE):
         return TOLERANCE
     import onnx_ir as ir
 
-    from effc.codegen.qdq_tolerance import tolerance_for
+    from effc.codegen.qdq_tolerance import FLIP_EPS, tolerance_for
 
-    return tolerance_for(ir.load(str(model_path)), feeds, TOLERANCE)
+    return tolerance_for(ir.load(str(model_path)), feeds, TOLERANCE, BF16_ROUNDING if precision == "bf16" else FLIP_EPS)
 
 
 def _fail_on_disagreement(max_rel: float, cosine: float = 1.0, precision: str = "fp32",
@@ -187,7 +190,8 @@ def bench_cmd(out: str, vs: str, inputs: str | None, runs: int, warmup: int, thr
 
         max_rel = result["max_rel_err"]
         tolerance = TOLERANCE if max_rel <= TOLERANCE else _tolerance(
-            Path(out) / "model.onnx", feeds or [_default_feed(out, load_compiled(out, threads))], max_rel)
+            Path(out) / "model.onnx", feeds or [_default_feed(out, load_compiled(out, threads))], max_rel,
+            result["precision"])
         _fail_on_disagreement(max_rel, result["cosine_vs_ort"], result["precision"], tolerance)
 
 

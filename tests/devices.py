@@ -37,7 +37,23 @@ def host_has_avx512() -> bool:
     return bool(llvm_cpu_has_features(["avx512f"], make_target("llvm").tvm()))
 
 
+def host_has(feature: str) -> bool:
+    """Whether the llvm target effc builds for on this host has ``feature`` (LLVM's name: avx512bf16,
+    avx512vnni, ...)."""
+    try:
+        from tvm.target.codegen import llvm_cpu_has_features
+    except ImportError:
+        return False
+    from effc.codegen.target import make_target
+
+    return bool(llvm_cpu_has_features([feature], make_target("llvm").tvm()))
+
+
 requires_gpu = pytest.mark.skipif(not gpu_present(), reason="no CUDA GPU visible to TVM here")
 requires_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA builds need it")
 requires_avx512 = pytest.mark.skipif(not host_has_avx512(),
                                      reason="this CPU lacks AVX-512F: the CPU shift-add kernels are not built here")
+requires_avx512_bf16 = pytest.mark.skipif(not host_has("avx512bf16"),
+                                          reason="this CPU lacks AVX-512 BF16: --precision bf16 builds fp32 here")
+requires_vnni = pytest.mark.skipif(not host_has("avx512vnni"),
+                                   reason="this CPU lacks AVX-512 VNNI: QDQ matmuls run on the float path here")

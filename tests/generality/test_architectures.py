@@ -12,9 +12,17 @@ from __future__ import annotations
 import pytest
 
 from tests.generality.architectures import ARCHITECTURES
-from tests.generality.check import TOLERANCE, Case, all_cases, compile_case, export_case
+from tests.devices import requires_avx512_bf16, requires_vnni
+from tests.generality.check import (BF16_RULE, INT8_RULE, TOLERANCE, Case, all_cases, compile_case,
+                                    export_case)
 
 CASES = all_cases()
+# bf16 and int8 on a few cases of different patterns (the sweep, tools/generality_sweep.py
+# --precision bf16,int8, runs all of them): a ViT (patch conv, ONNX Attention op), BERT (padding
+# mask, post-LN), a LLaMA decoder (RMSNorm, rotary, causal eager attention), a ResNet (convs).
+LOW_PRECISION_CASES = [Case("vit", "sdpa", 2), Case("bert", "sdpa", 2), Case("llama", "eager", 2),
+                       Case("resnet", "default", 2)]
+LOW_PRECISIONS = ("bf16", "int8")
 
 class Suite:
     """Exports and builds shared by every test of a session (each done at most once)."""
@@ -28,10 +36,11 @@ class Suite:
             self._exported[case] = export_case(case, self.root / "onnx")
         return self._exported[case]
 
-    def outcome(self, case: Case):
-        if case not in self._outcomes:
-            self._outcomes[case] = compile_case(self.exported(case), self.root / "build" / case.id)
-        return self._outcomes[case]
+    def outcome(self, case: Case, precision: str = "fp32"):
+        if (case, precision) not in self._outcomes:
+            self._outcomes[case, precision] = compile_case(self.exported(case),
+                                                           self.root / "build" / f"{case.id}-{precision}", precision)
+        return self._outcomes[case, precision]
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +86,44 @@ def test_passes_apply_or_refuse_with_the_right_reason(suite, case):
     assert set(records) == {"fold-batchnorm", "layernorm-to-rmsnorm"}
     check_fold_batchnorm(case, exported.ops, records["fold-batchnorm"])
     check_layernorm_to_rmsnorm(case, exported.ops, records["layernorm-to-rmsnorm"])
+
+
+def _low(precision):
+    return [pytest.param(c, precision, id=f"{c.id}-{precision}") for c in LOW_PRECISION_CASES]
+
+
+@pytest.mark.parametrize("case, precision", _low("bf16") + _low("int8"))
+def test_low_precision_module_matches_onnx_runtime(suite, case, precision):
+    """bf16: against ONNX Runtime fp32 within bf16's bounds; int8 (ONNX Runtime's quantize_static QDQ
+    copy): against ONNX Runtime on that file within twice its own int8 rounding, and exactly what the
+    QDQ graph as written computes up to a step flipped here and there."""
+    outcome = suite.outcome(case, precision)
+    assert outcome.error is None, outcome.error
+    assert outcome.ok, (f"max_rel {outcome.max_rel:.3g} (bound {outcome.bound:.3g}), cosine {outcome.cosine:.6f} "
+                        f"against ONNX Runtime")
+    if precision == "int8":
+        assert outcome.vs_written <= outcome.bound, outcome.vs_written
+
+
+@requires_avx512_bf16
+@pytest.mark.parametrize("case, precision", _low("bf16"))
+def test_bf16_build_takes_the_bf16_rule(suite, case, precision):
+    """Every matmul kernel on the bf16 rule; what stays fp32 is the convolutions' (conv_gemm / window:
+    ResNet's every product)."""
+    outcome = suite.outcome(case, precision)
+    assert outcome.built_precision == "bf16"
+    assert (BF16_RULE in outcome.kernels.values()) == (case.arch != "resnet"), outcome.kernels
+    assert not [k for k, where in outcome.off_low_precision().items() if "matmul" in where.split(": ")[1]]
+
+
+@requires_vnni
+@pytest.mark.parametrize("case, precision", _low("int8"))
+def test_int8_build_takes_every_qdq_matmul(suite, case, precision):
+    """Every MatMul/Gemm the QDQ graph quantizes runs on the int8 kernels; its convs stay float (said)."""
+    outcome = suite.outcome(case, precision)
+    off = outcome.off_low_precision()
+    assert not [n for n, where in off.items() if not where.startswith("float: Conv")], off
+    assert (INT8_RULE in outcome.kernels.values()) == (case.arch != "resnet")
 
 
 def check_fold_batchnorm(case, ops, record):
@@ -128,6 +175,21 @@ def test_compute_ops_are_read_from_kernel_names():
                                "add2": "unscheduled"})
     assert outcome.off_rule() == {"conv1d1": "fallback: conv1d", "add2": "unscheduled: injective"}
     assert off_rule_summary(outcome) == "conv1d x1 (fallback), injective x1 (unscheduled); injective x1 (fallback)"
+
+
+def test_what_fell_off_the_low_precision_kernels_is_read_from_the_build():
+    from tests.generality.check import Outcome, off_low_precision_summary
+
+    bf16 = Outcome(precision="bf16", kernels={"fused_conv_gemm1_add3_relu2": "matmul",
+                                              "fused_matmul2_add": "matmul-bf16", "fused_conv2d_add_relu1": "window",
+                                              "fused_matmul3": "gemv", "layer_norm1": "reduction"})
+    assert off_low_precision_summary(bf16) == "conv2d x1 (window); conv_gemm x1 (matmul); matmul x1 (gemv)"
+    int8 = Outcome(precision="int8", quantized_ops={"c1": "Conv", "c2": "Conv", "m1": "MatMul", "m2": "MatMul"},
+                   custom_ops=[{"node": "m1", "lowering": "float (DQ folded)", "reason": "weight of rank 3"},
+                               {"node": "m2", "lowering": "int8-vnni", "reason": ""}])
+    assert off_low_precision_summary(int8) == ("Conv x2 (float: no int8 lowering for Conv); "
+                                               "MatMul x1 (float: weight of rank 3)")
+    assert off_low_precision_summary(Outcome(kernels={"fused_matmul1": "matmul"})) == "-"  # fp32: nothing is off
 
 
 def test_the_suite_covers_what_issue_10_asks():

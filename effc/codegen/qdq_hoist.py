@@ -74,13 +74,18 @@ def drop_requantize(proto) -> int:
             gone.add(id(dq))
         dropped += 1
     if dropped:
-        kept = [n for n in nodes if id(n) not in gone]
-        del graph.node[:]
-        graph.node.extend(kept)
-        values = [v for v in graph.value_info if v.name not in stale]
-        del graph.value_info[:]
-        graph.value_info.extend(values)
+        _write_back(graph, [n for n in nodes if id(n) not in gone], stale)
     return dropped
+
+
+def _write_back(graph, nodes: list, stale: set[str]) -> None:
+    """Replace ``graph``'s nodes by ``nodes`` (extend copies the messages: the ones given are the
+    originals) and drop the type annotations of ``stale`` tensors (bytes now, or gone)."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [v for v in graph.value_info if v.name not in stale]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
 
 
 def _uses(graph) -> dict[str, int]:
@@ -124,11 +129,6 @@ def hoist_quantize(proto) -> int:
         order.insert(order.index(first), q)
         stale |= moved_tensors | {old_out}
         moved += 1
-    if moved:  # written back once: extend copies the messages, the ones above are the originals
-        del graph.node[:]
-        graph.node.extend(order)
-        # the chain's tensors are bytes now: drop their float type annotations
-        kept = [v for v in graph.value_info if v.name not in stale]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
+    if moved:  # written back once, after every move: the chain's tensors are bytes now
+        _write_back(graph, order, stale)
     return moved

@@ -148,22 +148,23 @@ def write_validation_windows(path: Path = VALIDATION, count: int = VALIDATION_WI
     return len(data["windows"])
 
 
+def _frozen_windows(path: Path, what: str, tool: str) -> np.ndarray:
+    if not path.exists():
+        raise EffcError(f"gpt-text {what} data missing at {path} (run tools/{tool})")
+    with np.load(path) as data:
+        return data["windows"].astype(np.int64)
+
+
 @lru_cache(maxsize=1)
 def held_out_windows() -> np.ndarray:
     """The frozen [128, 128] held-out windows as int64 token ids."""
-    if not HELD_OUT.exists():
-        raise EffcError(f"gpt-text held-out data missing at {HELD_OUT} (run tools/train_gpt_text.py)")
-    with np.load(HELD_OUT) as data:
-        return data["windows"].astype(np.int64)
+    return _frozen_windows(HELD_OUT, "held-out", "train_gpt_text.py")
 
 
 @lru_cache(maxsize=1)
 def validation_windows() -> np.ndarray:
     """The frozen [2048, 128] validation windows as int64 token ids."""
-    if not VALIDATION.exists():
-        raise EffcError(f"gpt-text validation data missing at {VALIDATION} (run tools/freeze_gpt_text_validation.py)")
-    with np.load(VALIDATION) as data:
-        return data["windows"].astype(np.int64)
+    return _frozen_windows(VALIDATION, "validation", "freeze_gpt_text_validation.py")
 
 
 # ---- model -----------------------------------------------------------------------------------

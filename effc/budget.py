@@ -267,8 +267,10 @@ def check_resolution(budget: Budget, fit: int, held: int) -> None:
     if not budget.counts or wilson_upper(0, held) <= budget.bound:
         return
     need, total = least_holdout(budget.bound), fit + held
-    advice = (f"pass --budget-holdout {math.ceil(need / total * 100) / 100:g} or more" if need < total
-              else f"give at least {need + 1} calibration samples (--calib) and --budget-holdout")
+    fraction = math.ceil(need / total * 100) / 100  # in hundredths, as a user types it
+    leaves_fit = fraction < 1 and int(round(total * fraction)) < total
+    advice = (f"pass --budget-holdout {fraction:g} or more" if leaves_fit
+              else f"give more calibration samples (--calib), e.g. {math.ceil(need / 0.75)} with --budget-holdout 0.75")
     raise EffcError(f"--budget '{budget.text}' counts {budget.counts}: even none changed of {held} held-out "
                     f"samples reads {wilson_upper(0, held):.2%} at its {CONFIDENCE:.0%} upper bound, above "
                     f"{budget.bound:.2%}; it needs at least {need} held out: {advice}")

@@ -174,7 +174,7 @@ def test_least_holdout_is_where_no_change_first_reads_within_the_bound():
 
 @pytest.mark.parametrize("fit, held, says", [
     (216, 72, "needs at least 163 held out: pass --budget-holdout 0.57 or more"),
-    (50, 100, "give at least 164 calibration samples")])
+    (50, 100, "give more calibration samples (--calib), e.g. 218 with --budget-holdout 0.75")])
 def test_a_count_budget_too_fine_for_its_holdout_is_refused_up_front(fit, held, says):
     budget = Budget.parse("metric<=1%", "vit-digits")
     with pytest.raises(EffcError, match="even none changed of") as caught:

@@ -96,15 +96,15 @@ def _tolerance(model_path: Path, feeds: list[dict], max_rel: float, precision: s
     """TOLERANCE, or for a quantized model beyond it (a bf16 module: beyond the bf16 bound), ONNX
     Runtime's own rounding and the graph's flip sensitivity (qdq_tolerance; bf16: to bf16's rounding)."""
     from effc.codegen.check import TOLERANCE
-    from effc.codegen.precision import BF16_MAX_REL, BF16_ROUNDING
+    from effc.codegen.precision import float_bound
 
-    if max_rel <= (BF16_MAX_REL if precision == "bf16" else TOLERANCE):
+    if max_rel <= float_bound(precision, TOLERANCE):
         return TOLERANCE
     import onnx_ir as ir
 
-    from effc.codegen.qdq_tolerance import FLIP_EPS, tolerance_for
+    from effc.codegen.qdq_tolerance import flip_eps, tolerance_for
 
-    return tolerance_for(ir.load(str(model_path)), feeds, TOLERANCE, BF16_ROUNDING if precision == "bf16" else FLIP_EPS)
+    return tolerance_for(ir.load(str(model_path)), feeds, TOLERANCE, flip_eps(precision))
 
 
 def _fail_on_disagreement(max_rel: float, cosine: float = 1.0, precision: str = "fp32",

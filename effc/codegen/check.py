@@ -112,16 +112,16 @@ def verify_build(out_dir, model, feeds: list[dict], bt, records, tol: float = TO
     EffcFault naming the first wrong kernel (CPU builds: each kernel against its unscheduled form,
     with the rules the build used; that check stays at ``tol``, bf16 kernels included)."""
     from effc.codegen.build import build_rules, front_half
-    from effc.codegen.precision import BF16_MAX_REL, BF16_MIN_COSINE, BF16_ROUNDING, within_tolerance
-    from effc.codegen.qdq_tolerance import tolerance_for
+    from effc.codegen.precision import BF16_MAX_REL, BF16_MIN_COSINE, float_bound, within_tolerance
+    from effc.codegen.qdq_tolerance import flip_eps, tolerance_for
     from effc.errors import EffcFault
 
     dev = compare_with_ort(out_dir, model, feeds)
     record_deviation(out_dir, dev)
-    if dev.max_rel > tol and precision == "fp32":  # a quantized model: ONNX Runtime's own rounding is the yardstick
-        tol = tolerance_for(model, feeds, tol)
-    elif dev.max_rel > BF16_MAX_REL and precision == "bf16":  # a quantized model: steps flipped by bf16 rounding
-        tol = tolerance_for(model, feeds, tol, eps=BF16_ROUNDING)
+    # beyond the float bound, a quantized model is held to ONNX Runtime's own rounding and the steps the
+    # module's float rounding (bf16: bf16's) may flip
+    if precision in ("fp32", "bf16") and dev.max_rel > float_bound(precision, tol):
+        tol = tolerance_for(model, feeds, tol, eps=flip_eps(precision))
     if within_tolerance(precision, dev, tol):
         return dev
     where = "no single kernel was found to disagree with its unscheduled form"

@@ -46,6 +46,11 @@ def choose(requested: str, tvm_target) -> tuple[str, str]:
     return "fp32", f"{why}: fp32 matmuls" + (" (bf16 requested)" if requested == "bf16" else "")
 
 
+def float_bound(precision: str, fp32_tol: float) -> float:
+    """The max_rel a float (unquantized) module of ``precision`` is held to."""
+    return BF16_MAX_REL if precision == "bf16" else fp32_tol
+
+
 def within_tolerance(precision: str, dev, fp32_tol: float) -> bool:
     """Whether a module of ``precision`` deviating ``dev`` (effc.verify.Deviation) from fp32 ONNX
     Runtime is right."""

@@ -40,6 +40,13 @@ FLIP_EPS = 1e-6  # relative: how far a float value computed in another order lan
 FLIP_TRIALS = 3
 
 
+def flip_eps(precision: str) -> float:
+    """How far a float value a module of ``precision`` computes may land from ONNX Runtime's."""
+    from effc.codegen.precision import BF16_ROUNDING
+
+    return BF16_ROUNDING if precision == "bf16" else FLIP_EPS
+
+
 def flip_sensitivity(model, feeds: list[dict], trials: int = FLIP_TRIALS, eps: float = FLIP_EPS) -> float:
     """The largest max_rel over ``trials`` runs of ONNX Runtime on the graph as written with every
     QuantizeLinear's constant scale moved by ``eps`` relative (all up, all down, then seeded random

@@ -19,20 +19,9 @@ RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
 
 def requant_casts_pass():
     """A TIR module pass: the rewrite above in every PrimFunc."""
-    import tvm
-    import tvm_ffi
-    from tvm import tirx
+    from effc.codegen.tir_rewrite import marked_stmt_pass
 
-    @tvm.transform.module_pass(opt_level=0, name="EffcRequantCasts")
-    def _pass(mod, _ctx):
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, tirx.PrimFunc):
-                body = tvm_ffi.structural_map(func.body, _rewrite)
-                if not body.same_as(func.body):
-                    mod[gv] = func.with_body(body)
-        return mod
-
-    return _pass
+    return marked_stmt_pass("EffcRequantCasts", None, _rewrite)
 
 
 def _rewrite(node):

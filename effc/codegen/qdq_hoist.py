@@ -61,14 +61,13 @@ def drop_requantize(proto) -> int:
             stale |= {n.output[0] for n in chain}  # float annotations of tensors that are bytes now
             chain[-1].input[0] = dq.input[0]
             chain[0].output[0] = q.output[0]
+            gone.add(id(q))
         else:  # DQ -> Q directly: Q becomes an Identity of DQ's input (no renaming of its readers,
             # a subgraph's among them)
             q.op_type, q.domain = "Identity", ""
             del q.input[1:]
             q.input[0] = dq.input[0]
             del q.attribute[:]
-        if chain:
-            gone.add(id(q))
         uses[source] = uses.get(source, 0) - 1
         if uses[source] == 0:
             gone.add(id(dq))

@@ -97,6 +97,14 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
+def in_memory_proto(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as a proto holding every weight, those still in a ``.data`` file read in (``model``'s
+    tensors become in-memory ones): what ONNX Runtime is given as bytes, which have no directory to
+    find a ``.data`` file in (a compiled model.onnx keeps weights over 1 MiB beside it)."""
+    ir.external_data.load_to_model(model)
+    return to_proto(model)
+
+
 def save(model: ir.Model, path: str | os.PathLike) -> Path:
     """Write ``model`` to ``path`` atomically; large weights go to ``<name>.data`` beside it.
 

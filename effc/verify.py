@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.errors import EffcError
-from effc.ir import const_value, to_proto
+from effc.ir import const_value, in_memory_proto
 
 # Symbolic dims get these sizes when no concrete shape is known.
 DEFAULT_BATCH = 1
@@ -267,7 +267,7 @@ class OrtRunner:
 
             memory_guard.check(model)  # before anything runs: a memory bomb is refused, not run
             if _weight_bytes(model) < IN_MEMORY_BYTES:
-                source = to_proto(model).SerializeToString()
+                source = in_memory_proto(model).SerializeToString()
             else:
                 # A proto, its serialized bytes and ORT's copy would each hold every weight once more
                 # (bert-base: 2.9 GiB peak); from a file with external data ORT reads them once.

@@ -30,10 +30,10 @@ def ort_rounding(model, feeds: list[dict]) -> float:
     graph as written, over ``feeds``; 0.0 for a model without QDQ."""
     if not is_quantized(model):
         return 0.0
-    from effc.ir import to_proto
+    from effc.ir import in_memory_proto
     from effc.verify import OrtRunner, deviation
 
-    return deviation(OrtRunner(model).run_all(feeds), _as_written(to_proto(model), feeds)).max_rel
+    return deviation(OrtRunner(model).run_all(feeds), _as_written(in_memory_proto(model), feeds)).max_rel
 
 
 FLIP_EPS = 1e-6  # relative: how far a float value computed in another order lands (fast erf/exp, sums)
@@ -55,10 +55,10 @@ def flip_sensitivity(model, feeds: list[dict], trials: int = FLIP_TRIALS, eps: f
     import numpy as np
     from onnx import numpy_helper
 
-    from effc.ir import to_proto
+    from effc.ir import in_memory_proto
     from effc.verify import deviation
 
-    proto = to_proto(model)
+    proto = in_memory_proto(model)
     scales = {n.input[1] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx")}
     moved = [t for t in proto.graph.initializer if t.name in scales]
     if not moved:

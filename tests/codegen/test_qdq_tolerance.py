@@ -127,3 +127,19 @@ def test_verify_build_holds_a_bf16_qdq_module_to_its_flipped_steps(tmp_path, mon
         opset_imports=[helper.make_opsetid("", 21)]))
     with pytest.raises(EffcFault, match="bf16 allows 0.1"):
         check.verify_build(tmp_path, floating, [{"x": x}], make_target("llvm"), None, precision="bf16")
+
+
+def test_a_model_read_back_with_its_weights_in_a_data_file(tmp_path):
+    """A compiled model.onnx keeps weights over 1 MiB in model.onnx.data; `effc bench` on a compiled
+    ResNet-18 QDQ copy failed after its timings (ONNX Runtime given bytes cannot find a .data file)."""
+    from effc.ir import EXTERNAL_DATA_THRESHOLD, save
+
+    weight = np.random.default_rng(0).standard_normal((512, 1024)).astype(np.float32)
+    assert weight.nbytes > EXTERNAL_DATA_THRESHOLD
+    path = save(activation_qdq_matmul(weight), tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx.data").exists()
+    x = np.full((1, 512), 1.0, np.float32)
+    x[0, 3] = np.float32(0.25)  # one value a float-rounding nudge moves to the next step
+    feeds = [{"x": x}]
+    assert ort_rounding(ir.load(str(path)), feeds) < 1e-6
+    assert tolerance_for(ir.load(str(path)), feeds, 1e-4) > 1e-3

@@ -13,7 +13,10 @@ An NCHW conv (1-D or 2-D, any stride, padding, dilation, groups) computes, per i
   variable, the matmul rule's S/I/J/K form with one loop per group (S = images and groups, I = o,
   J = pixels). W2 is the weight reshaped (and for several images broadcast: a loop fused from two
   in a group is what that rule gets wrong when it pads, so each image is a batch entry): weight-only,
-  so prefold evaluates it at compile time. The result is reshaped to NCHW; sink_reshape moves the
+  so prefold evaluates it at compile time. Where the pixels are no whole number of the rule's
+  j tiles (7 x 7 = 49 padded to 64 did 1.3x the work) and o is, the product's operands swap
+  (ConvShape.pixel_rows): pixels are the GEMM's rows, col read in place (its gather a kernel of
+  its own), W2 the packed operand, and the tile's write-back transposes. The result is reshaped to NCHW; sink_reshape moves the
   bias, activation and residual add above that reshape, into the GEMM's tile write-back.
 
 The matmul rule reads W2 in place (one broadcast per row and k step) and packs col into j-panels per
@@ -33,6 +36,7 @@ GEMM_PREFIX = "conv_gemm"  # the GEMM kernels' name (sink_reshape looks for it)
 IM2COL = "effc.im2col"  # the gather block's annotation: [channels per group, *kernel, *out] (its rule reads it)
 DIRECT_MAX_CHANNELS = 4  # convs with at most this many input channels ...
 DIRECT_MAX_TAPS = 256  # ... and taps per output (3 x 7 x 7 = 147) are left to the window rule
+PIXEL_TILE = 32  # the fp32 matmul rule's j tile (2 AVX-512 vectors): pixels not a multiple of it go on rows
 LAYOUTS = {"relax.nn.conv1d": ("NCW", "OIW", "NCW"), "relax.nn.conv2d": ("NCHW", "OIHW", "NCHW")}
 
 
@@ -56,7 +60,7 @@ def conv_gemm_pass():
             if conv.pointwise and conv.groups == 1:
                 col = emit(op.reshape(call.args[0], [conv.n, conv.c, conv.pixels]))
                 out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint=GEMM_PREFIX)
-            elif all(s == 1 for s in conv.stride):  # the gather runs in the GEMM's packing of col
+            elif all(s == 1 for s in conv.stride) and not conv.pixel_rows:  # the gather runs in the GEMM's packing of col
                 out = self.builder_.emit_te(lambda w, x: _gemm(w, _im2col(x, conv), conv), w2, call.args[0],
                                             primfunc_name_hint=GEMM_PREFIX)
             else:
@@ -92,6 +96,9 @@ class ConvShape:
         # as large as the input times the taps: the window rule convolves directly from the padded
         # input in cache instead, with no col buffer to write, pack and read again
         self.direct = self.groups == 1 and cg <= DIRECT_MAX_CHANNELS and self.k <= DIRECT_MAX_TAPS
+        # pixels as the GEMM's rows (o its columns) where a row of pixels is no whole number of
+        # register tiles: 7 x 7 = 49 columns padded to 64 computed 1.3x the work
+        self.pixel_rows = self.pixels % PIXEL_TILE != 0 and (self.o // self.groups) % PIXEL_TILE == 0
         self.pointwise = (all(kk == 1 for kk in self.kernel) and all(s == 1 for s in self.stride)
                           and not any(self.pad_before) and not any(pad_after))
 
@@ -160,6 +167,8 @@ def _gemm(w2, col, conv: ConvShape):
 
     def product(n, *idx):
         *g, o, p = idx
+        if conv.pixel_rows:  # the first operand is the matmul rule's rows
+            return te.sum(col[(n, *g, r, p)] * w2[(*([n] * lead), *g, o, r)], axis=r)
         return te.sum(w2[(*([n] * lead), *g, o, r)] * col[(n, *g, r, p)], axis=r)
 
     shape = [conv.n] + ([conv.groups] if conv.groups > 1 else []) + [conv.o // conv.groups, conv.pixels]

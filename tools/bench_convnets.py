@@ -15,7 +15,7 @@ and per layer with --profile), which other load on a shared machine barely moves
 --precisions writes one table instead (precision_table, docs/convnets.md): ORT fp32, OpenVINO f32
 and default, effc fp32, and per precision asked effc bf16 (`--precision bf16`) and the int8
 columns (ORT, OpenVINO and `effc compile` on a quantize_static QDQ copy), in one interleaved run per
-model, by tools/bench_precisions.py's engines, QDQ copy and table.
+model, by tools/bench_precisions.py's engines, QDQ copy and table (with --cpu-time: one thread, CPU time).
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def cpu_time_table(onnx_path: Path, out: Path, rounds: int) -> str:
 PRECISION_COLUMNS = {"bf16": ("effc bf16",), "int8": ("ORT int8 (QDQ)", "OpenVINO int8 (QDQ)", "effc int8 (QDQ)")}
 
 
-def precision_rows(names: list[str], work: Path, precisions: set[str], threads: int, runs: int) -> list[dict]:
+def precision_rows(names: list[str], work: Path, precisions: set[str], threads: int, runs: int,
+                   measure=None) -> list[dict]:
     """bench_precisions' rows for the ONNX files ``work``/NAME.onnx: the same engines and table,
     seeded random inputs (seed 0 the bench feed, seed 1 the QDQ copy's calibration), effc compiled
     as bench_convnets compiles (`--passes none`). Columns of precisions not asked say so."""
@@ -196,7 +197,7 @@ def precision_rows(names: list[str], work: Path, precisions: set[str], threads: 
         model = load(onnx_path)
         row = bp.bench_model(name, work, threads, runs, 2, offered, feed=make_inputs(model, 1, seed=0)[0],
                              model=onnx_path, samples=lambda m=model: make_inputs(m, bp.CALIBRATION, seed=1),
-                             flags=("--passes", "none"), int8="int8" in precisions)
+                             flags=("--passes", "none"), int8="int8" in precisions, measure=measure)
         for precision, columns in PRECISION_COLUMNS.items():
             if precision not in precisions:
                 row["missing"].update({c: "not asked" for c in columns})
@@ -206,7 +207,7 @@ def precision_rows(names: list[str], work: Path, precisions: set[str], threads: 
 
 
 def precision_page(rows: list[dict], started: str, load_before: str, load_after: str, threads: int,
-                   runs: int) -> str:
+                   runs: int, cpu_time: bool = False) -> str:
     import onnxruntime
     import openvino
 
@@ -216,14 +217,17 @@ def precision_page(rows: list[dict], started: str, load_before: str, load_after:
     default_precision = sorted({r["precision"].get("OpenVINO default") for r in rows} - {None})
     return "\n".join([
         "# Conv networks at every precision: effc beside ONNX Runtime and OpenVINO (CPU)", "",
-        f"Run {started} by `python tools/bench_convnets.py --precisions ...` on {bp.cpu_line()}; {threads} "
-        f"threads for every engine, batch 1. ONNX Runtime {onnxruntime.__version__}, OpenVINO "
+        f"Run {started} by `python tools/bench_convnets.py --precisions ...{' --cpu-time' if cpu_time else ''}` on "
+        f"{bp.cpu_line()}; {threads} thread(s) for every engine, batch 1, "
+        f"{'timed by the process CPU time of each call (other load barely moves it)' if cpu_time else 'wall time'}. "
+        f"ONNX Runtime {onnxruntime.__version__}, OpenVINO "
         f"{openvino.__version__.split('-')[0]}. Models: {', '.join(r['model'] for r in rows)} "
         "(tools/bench_convnets.py: random init, torch.onnx.export defaults; effc `--passes none`).", "",
         f"Machine load (`uptime`) before: `{load_before}`", f"after: `{load_after}`", "",
         ("**This machine is shared**: read the ratios, from one interleaved run per model (every engine "
          f"takes its turn in every round after an idle gap; 2 warm-up rounds dropped, then the median of {runs} "
-         f"rounds x 3 back-to-back calls; effc/codegen/bench.py).{bp._overload_note(load_before, load_after)}"), "",
+         f"rounds x 3 back-to-back calls; effc/codegen/bench.py)."
+         f"{'' if cpu_time else bp._overload_note(load_before, load_after)}"), "",
         (f"Columns: OpenVINO default = the precision it picks here (it reported {', '.join(default_precision) or '?'}); "
          "effc bf16 = `effc compile --precision bf16` (conv GEMMs and matmuls on bf16 operands, fp32 "
          "accumulation; a stem with a few input channels and depthwise convs stay fp32); int8 (QDQ) = a copy "
@@ -303,11 +307,12 @@ def precision_table(names: list[str], work: Path, args) -> int:
     if unknown:
         print(f"unknown precision(s): {', '.join(sorted(unknown))} (known: fp32, bf16, int8)", file=sys.stderr)
         return 2
-    configure_threads(args.threads)
+    threads = 1 if args.cpu_time else args.threads  # --cpu-time: one thread, as cpu_time_table
+    configure_threads(threads)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_before = bp.uptime()
-    rows = precision_rows(names, work, precisions, args.threads, args.runs)
-    text = precision_page(rows, started, load_before, bp.uptime(), args.threads, args.runs)
+    rows = precision_rows(names, work, precisions, threads, args.runs, cpu_seconds if args.cpu_time else None)
+    text = precision_page(rows, started, load_before, bp.uptime(), threads, args.runs, args.cpu_time)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -184,8 +184,9 @@ def engines_for(name: str, work: Path, feed: dict, threads: int, offered: set[st
 
 
 def bench_model(name: str, work: Path, threads: int, runs: int, warmup: int, offered: set[str],
-                feed: dict | None = None, **model) -> dict:
-    """One row of the tables; ``feed`` (default: the zoo's, `effc bench`'s) and ``model``: as engines_for."""
+                feed: dict | None = None, measure=None, **model) -> dict:
+    """One row of the tables; ``feed`` (default: the zoo's, `effc bench`'s) and ``model``: as engines_for;
+    ``measure``: turns' sample of one call (default wall time)."""
     import numpy as np
 
     from effc import zoo
@@ -195,7 +196,7 @@ def bench_model(name: str, work: Path, threads: int, runs: int, warmup: int, off
     feed = feed if feed is not None else zoo.get(name).sample_inputs(1, 0)[0]  # `effc bench`'s default feed
     engines, missing = engines_for(name, work, feed, threads, offered, **model)
     start = time.perf_counter()
-    steady, _ = turns(engines, warmup + runs, warmup)
+    steady, _ = turns(engines, warmup + runs, warmup, **({"measure": measure} if measure else {}))
     print(f"  timed {len(engines)} engines x {runs} rounds ({time.perf_counter() - start:.0f} s)", flush=True)
     row = {"model": name, "missing": missing, "ms": {}, "precision": {}, "max_rel": {}, "cosine": {}}
     reference = [engines["ORT fp32"].run(feed)] if "ORT fp32" in engines else None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 UNIT = 1e-4  # |s1 * c / s2 - 1| at most: 255 * 1e-4 + float rounding stays far from half a step
+BYTES = (np.dtype(np.uint8), np.dtype(np.int8))  # zero point types: |q - z| <= 255 (wider ones would need a tighter UNIT)
 MAX_CONST = 1 << 22  # elements of a constant operand worth evaluating
 
 
@@ -62,7 +63,7 @@ def drop_unit_requantize(proto) -> int:
 def _bytes_given_back(op, q, producer, consts, shapes) -> str | None:
     """The name of the bytes ``q`` gives back unchanged (its op's DQ input), or None."""
     s2, z2 = consts.scalar(q.input[1]), consts.scalar(q.input[2])
-    if s2 is None or z2 is None or not np.isfinite(s2) or float(s2) == 0.0:
+    if s2 is None or z2 is None or not np.isfinite(s2) or float(s2) == 0.0 or z2.dtype not in BYTES:
         return None
     sides = [0, 1] if op.op_type != "Div" else [0]  # Div: only DQ(q) / c
     for side in sides:

@@ -14,7 +14,7 @@ own DQ(s2, z)), exactly as ONNX Runtime's graph computes it, and the matmul's wr
 once instead of three times (each a division, a rounding and a clamp per score: with head_dim 64 that
 cost more than the 16 ``vpdpbusd`` a vector of scores takes).
 
-Matched (both operands' per-tensor constant parameters, the same zero point and its type):
+Matched (both operands' per-tensor constant parameters, the same 8-bit zero point and its type):
 ``Q(DQ(q) * c)`` and ``Q(DQ(q) / c)`` with c a positive constant scalar (or a DQ of one), and
 ``Q(DQ(q) + 0)`` with the other operand a constant that is 0 everywhere after its own Q/DQ and that
 broadcasts no wider than q. The float op must have no other reader.

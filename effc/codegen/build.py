@@ -137,7 +137,8 @@ def front_half(model: ir.Model, bt: BuildTarget, tvm_target=None, precision: str
 
 def prepare(imported, bt: BuildTarget, precision: str = "fp32"):
     """(module, params) of an imported model, ready to fuse: on CPU, convolutions become matmuls
-    (patch embeddings) or im2col + GEMM with their epilogues ahead of the NCHW reshape, float
+    (patch embeddings) or im2col + GEMM with their epilogues ahead of the NCHW reshape, a split's
+    pieces become strided slices that fuse into their readers, float
     matmuls (those included) take bf16 operands under ``precision`` bf16, and weight-only
     computations are evaluated once, here."""
     mod, params = imported.mod, imported.params
@@ -146,8 +147,10 @@ def prepare(imported, bt: BuildTarget, precision: str = "fp32"):
         from effc.codegen.patchify import patchify_conv
         from effc.codegen.prefold import fold_weight_transforms
         from effc.codegen.sink_reshape import sink_reshape_pass
+        from effc.codegen.split_views import split_views_pass
 
         mod = sink_reshape_pass()(conv_gemm_pass(precision)(patchify_conv()(mod)))
+        mod = split_views_pass()(mod)  # a split's pieces read in place by their (layout) kernels
         if precision == "bf16":
             from effc.codegen.bf16_matmul import bf16_matmul_pass
 

@@ -16,7 +16,9 @@ its own pair, ``DQ(s, z) -> Reshape -> Q(s, z)``, with the same scale and zero p
 divided by s is within 1e-4 of the integer q - z (|q - z| <= 255), so the rounding gives it back,
 and no clipping happens. ``drop_requantize`` lets such a chain move the bytes q themselves, as ONNX
 Runtime's own optimiser does (its DQ -> Reshape -> Q removal); the pairs were float passes over
-memory in their kernels, a DQ -> Q per head layout change.
+memory in their kernels, a DQ -> Q per head layout change. ``drop_split_requantize`` does the same
+for a Split (GPT-2's fused QKV projection split into Q, K and V): ``DQ -> Split -> Q`` on every
+piece, all with DQ's parameters, splits the bytes instead.
 """
 
 from __future__ import annotations
@@ -72,6 +74,58 @@ def drop_requantize(proto) -> int:
         if uses[source] == 0:
             gone.add(id(dq))
         dropped += 1
+    if dropped:
+        _write_back(graph, [n for n in nodes if id(n) not in gone], stale)
+    return dropped
+
+
+def drop_split_requantize(proto) -> int:
+    """Let every ``DQ(s, z) -> Split -> Q(s, z)`` (the DQ read by the Split only, each piece by one Q
+    only, the same constant per-tensor s and z, s finite and nonzero) split DQ's input bytes; returns
+    how many Q were dropped. ``proto`` is changed in place."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    nodes = list(graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    readers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    uses = _uses(graph)
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer if not t.dims}
+
+    def same(a: str, b: str) -> bool:
+        x, y = consts.get(a), consts.get(b)
+        return x is not None and y is not None and x.dtype == y.dtype and x == y
+
+    dropped, gone, stale = 0, set(), set()
+    for split in nodes:
+        if split.op_type != "Split" or split.domain not in ("", "ai.onnx"):
+            continue
+        dq = producer.get(split.input[0])
+        if (dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx")
+                or len(dq.input) < 3 or uses.get(split.input[0]) != 1):
+            continue
+        qs = [readers.get(o, []) for o in split.output]
+        if not all(len(r) == 1 and uses.get(o) == 1 for r, o in zip(qs, split.output)):
+            continue
+        qs = [r[0] for r in qs]
+        if not all(q.op_type == "QuantizeLinear" and q.domain in ("", "ai.onnx") and len(q.input) >= 3
+                   and q.input[0] == o and same(dq.input[1], q.input[1]) and same(dq.input[2], q.input[2])
+                   for q, o in zip(qs, split.output)):
+            continue
+        scale = float(consts[dq.input[1]])
+        if not np.isfinite(scale) or scale == 0.0:
+            continue
+        stale |= set(split.output) | {split.input[0]}
+        split.input[0] = dq.input[0]
+        for i, q in enumerate(qs):
+            split.output[i] = q.output[0]
+            gone.add(id(q))
+        gone.add(id(dq))
+        dropped += len(qs)
     if dropped:
         _write_back(graph, [n for n in nodes if id(n) not in gone], stale)
     return dropped

@@ -61,7 +61,7 @@ class ProtoLowering:
     target: object
     plans: list = field(default_factory=list)  # each with .node and .reason ("" when taken)
     hoisted: int = 0  # QuantizeLinear moved ahead of data movement (effc.codegen.qdq_hoist)
-    dropped: int = 0  # DQ -> Reshape/Transpose -> Q pairs of equal parameters dropped (qdq_hoist)
+    dropped: int = 0  # DQ -> Reshape/Transpose/Split -> Q pairs of equal parameters dropped (qdq_hoist)
     unit: int = 0  # Q(DQ(q) * c) / Q(DQ(q) + 0) giving back q, dropped (effc.codegen.qdq_identity)
     _lifted: list = field(default_factory=list)  # (relax Var, array) in call order
     rule = RULE
@@ -109,11 +109,11 @@ class QdqLowering(ProtoLowering):
             self.plans = [Plan(n.name or f"{n.op_type}_{i}", reason) for i, n in enumerate(proto.graph.node)
                           if n.op_type in ("MatMul", "Gemm") and _producer_op(proto, n.input[0]) == "DequantizeLinear"]
             return proto
-        from effc.codegen.qdq_hoist import drop_requantize, hoist_quantize
+        from effc.codegen.qdq_hoist import drop_requantize, drop_split_requantize, hoist_quantize
         from effc.codegen.qdq_identity import drop_unit_requantize
 
         self.unit = drop_unit_requantize(proto)
-        self.dropped = drop_requantize(proto)
+        self.dropped = drop_split_requantize(proto) + drop_requantize(proto)
         self.hoisted = hoist_quantize(proto)
         graph = _Graph(proto)
         for i, node in enumerate(list(proto.graph.node)):
@@ -136,7 +136,7 @@ class QdqLowering(ProtoLowering):
         text = super().summary(what)
         moved = f"; {self.hoisted} QuantizeLinear moved ahead of Reshape/Transpose" if self.hoisted else ""
         if self.dropped:
-            moved += f"; {self.dropped} DequantizeLinear/QuantizeLinear pairs around Reshape/Transpose dropped"
+            moved += f"; {self.dropped} DequantizeLinear/QuantizeLinear pairs around Reshape/Transpose/Split dropped"
         if self.unit:
             moved += f"; {self.unit} QuantizeLinear giving back their input's bytes (scale by 1, add 0) dropped"
         return text + moved if text else text

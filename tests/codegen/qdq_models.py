@@ -87,12 +87,13 @@ def int4_matmul(m_rows: tuple, k: int, n: int, block: int = 32, seed: int = 0, s
 
 
 def float_attention(batch: int = 2, seq: int = 9, heads: int = 3, head_dim: int = 8, seed: int = 0,
-                    mask: bool | str = True) -> onnx.ModelProto:
+                    mask: bool | str = True, fused_qkv: bool = False) -> onnx.ModelProto:
     """x[batch, seq, heads * head_dim] -> LayerNorm -> q, k, v projections (+ bias) -> heads ->
     softmax(q k^T * scale + mask) v -> merge -> output projection + bias + x: the attention of an
     exported ViT/BERT, whose two activation x activation MatMuls quantize_static gives DQ on both
     inputs. ``mask``: True (the last key masked), False (none) or "zero" (a constant 0 added, as an
-    exported ViT does)."""
+    exported ViT does, or "causal": GPT-2's lower triangle). ``fused_qkv``: one projection to
+    3 * dim split into q, k and v, as GPT-2's c_attn is."""
     rng = np.random.default_rng(seed)
     dim = heads * head_dim
     inits, nodes = [], []
@@ -114,14 +115,24 @@ def float_attention(batch: int = 2, seq: int = 9, heads: int = 3, head_dim: int 
     flat_shape = const("flat_shape", np.array([batch, seq, dim], np.int64))
     h = node("LayerNormalization", ["x", const("ln_w", np.ones(dim, np.float32)),
                                      const("ln_b", np.zeros(dim, np.float32))], "ln", axis=-1)
-    q, k, v = (linear(n, h) for n in "qkv")
+    if fused_qkv:
+        w = const("Wqkv", (rng.standard_normal((dim, 3 * dim)) / np.sqrt(dim)).astype(np.float32))
+        b = const("bqkv", (rng.standard_normal(3 * dim) * 0.1).astype(np.float32))
+        qkv = node("Add", [node("MatMul", [h, w], "qkv"), b], "qkv_bias")
+        nodes.append(helper.make_node("Split", [qkv, const("qkv_split", np.array([dim] * 3, np.int64))],
+                                      ["q_bias", "k_bias", "v_bias"], name="split", axis=-1))
+        q, k, v = "q_bias", "k_bias", "v_bias"
+    else:
+        q, k, v = (linear(n, h) for n in "qkv")
     qh = node("Transpose", [node("Reshape", [q, heads_shape], "q4")], "qh", perm=[0, 2, 1, 3])
     kh = node("Transpose", [node("Reshape", [k, heads_shape], "k4")], "kh", perm=[0, 2, 3, 1])
     vh = node("Transpose", [node("Reshape", [v, heads_shape], "v4")], "vh", perm=[0, 2, 1, 3])
     scores = node("Mul", [node("MatMul", [qh, kh], "qk"), const("scale", np.float32(head_dim ** -0.5))], "scores")
     if mask:  # the last key masked out, as padding would be
-        bias = np.zeros((1, 1, seq, seq) if mask == "zero" else (1, 1, 1, seq), np.float32)
-        if mask != "zero":
+        bias = np.zeros((1, 1, seq, seq) if mask in ("zero", "causal") else (1, 1, 1, seq), np.float32)
+        if mask == "causal":
+            bias[0, 0][np.triu_indices(seq, 1)] = -1e4
+        elif mask != "zero":
             bias[..., -1] = -1e4
         scores = node("Add", [scores, const("mask", bias)], "masked")
     attn = node("MatMul", [node("Softmax", [scores], "probs", axis=-1), vh], "pv")

@@ -30,8 +30,11 @@ def family(name: str) -> str:
         return "Q.K^T" if re.search(r"dequantize\d+$", name) else "P.V"
     if "matmul" in name:
         return "linears (+ patch embedding, head)"
-    if "transpose" in name or "reshape" in name:
-        return "layout"
+    if any(op in name for op in ("tanh", "erf", "gelu")):  # GELU's chain (QDQ: requantised after each op)
+        return "GELU (elementwise)"
+    if any(op in name for op in ("transpose", "reshape", "split", "strided_slice")):
+        # a residual add's kernel starts with the reshape of the linear's output: arithmetic, not layout
+        return "residual add" if "add" in name else "layout"
     if "_sum" in name:
         return "row/column sums"
     if "layer_norm" in name:

@@ -64,7 +64,9 @@ def test_split_stays_where_a_piece_has_its_own_parameters(tmp_path, per_piece_sc
 def test_int8_causal_attention_has_no_split_or_float_head_pass(tmp_path):
     path = qdq_copy(tmp_path)
     feed = {"x": calibration(SHAPE, 1, seed=9)[0]}
-    res, _ = compile_and_compare(path, tmp_path / "out", feed, step_of(path, "y_scale"))
+    # one step of y (in float32: a hair over it), as without this change: a few outputs round the
+    # other way in the float softmax, not in the moved bytes
+    res, _ = compile_and_compare(path, tmp_path / "out", feed, step_of(path, "y_scale") * (1 + 1e-5))
     assert not [k for k in res.kernels if "split" in k], list(res.kernels)
     heads = [k for k in res.kernels if "transpose" in k and "matmul" not in k]
     assert heads and not [k for k in heads if "dequantize" in k], heads  # heads move bytes, no float pass

@@ -26,7 +26,9 @@ def family(name: str) -> str:
         return "vm builtins"
     if "softmax" in name:
         return "softmax"
-    if "matmul" in name and "subtract" in name:  # a zero-point correction: attention's products
+    if "matmul" in name and "subtract" in name and "prepacked" not in name:
+        # a zero-point correction on an activation B (packed per call): attention's products; a
+        # prepacked weight is a linear's (the LM head's corrections included)
         return "Q.K^T" if re.search(r"dequantize\d+$", name) else "P.V"
     if "matmul" in name:
         return "linears (+ patch embedding, head)"

@@ -121,7 +121,8 @@ def _int8_reduction(sch):
     block = sch.get(reduction.block_rv)
     if str(block.writes[0].source.dtype) != "int32" or len(block.reads) != 2:
         return None
-    if [str(r.source.dtype) for r in block.reads] != ["uint8", "int8"]:
+    # u8 rows x s8 columns (a linear), or s8 rows x u8 columns (a conv: W x col, effc.codegen.qdq_conv)
+    if [str(r.source.dtype) for r in block.reads] not in (["uint8", "int8"], ["int8", "uint8"]):
         return None
     return reduction.block_rv
 
@@ -147,6 +148,8 @@ def _b_panel(sch, main, b_copy, padded: bool, a_pad):
     for block in sch.get_producers(main):
         if not sch.get(block).same_as(sch.get(panel)) and (a_pad is None or not sch.get(block).same_as(sch.get(a_pad))):
             sch.compute_inline(block)
+    for block in sch.get_producers(panel):  # a conv's im2col gather: computed in the packing
+        sch.compute_inline(block)
     return panel
 
 

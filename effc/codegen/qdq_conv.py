@@ -107,8 +107,13 @@ def convert_conv(lowering, bb, x, plan: ConvPlan):
     w = lowering._lift(f"{plan.node}.weight_s8", plan.weight)
     if conv.n > 1:  # the image axis in every operand, as conv_gemm's float GEMM (its module doc)
         w = bb.emit(relax.op.broadcast_to(w, [conv.n, o, kp]))
-    acc = bb.emit_te(lambda wt, xt: _gemm(wt, _gather(xt, conv, plan, kp), conv, kp), w, x,
-                     primfunc_name_hint=GEMM_PREFIX)
+    if all(v == 1 for v in conv.stride):  # the gather runs in the GEMM's packing of col
+        acc = bb.emit_te(lambda wt, xt: _gemm(wt, _pad_k(_gather(xt, conv, plan), conv, plan, kp), conv, kp), w, x,
+                         primfunc_name_hint=GEMM_PREFIX)
+    else:  # strided: a gather kernel of its own (the im2col rule), as conv_gemm's float convs
+        col = bb.emit_te(lambda xt: _gather(xt, conv, plan), x, primfunc_name_hint="im2col")
+        acc = bb.emit_te(lambda wt, ct: _gemm(wt, _pad_k(ct, conv, plan, kp), conv, kp), w, col,
+                         primfunc_name_hint=GEMM_PREFIX)
     if len(conv.out) > 1:  # NCHW at once: sink_reshape moves the epilogue below back into the GEMM
         acc = bb.emit(relax.op.reshape(acc, [conv.n, o, *conv.out]))
     column = [o] + [1] * len(conv.out)  # per output channel, broadcast over the pixels
@@ -121,36 +126,47 @@ def convert_conv(lowering, bb, x, plan: ConvPlan):
     return y
 
 
-def _gather(x, conv, plan: ConvPlan, kp: int):
-    """col[n, k, p] as u8: k = (channel, *taps) row-major, padded to kp; a padding tap (and a
-    padded k) reads the zero point."""
+def _gather(x, conv, plan: ConvPlan):
+    """col[n, k, p] as u8: k = (channel, *taps), p = output pixel, row-major; a padding tap reads
+    the zero point. Annotated for the im2col rule (schedules/cpu/im2col.py) when it is a kernel."""
     from tvm import te, tirx
 
+    from effc.codegen.conv_gemm import IM2COL
+
     zero = tirx.const(plan.x_zero, "uint8")
-    padded_k = kp != conv.k
+    bounded = any(conv.pad_before) or not _inside(conv)
 
     def gather(n, k, p):
-        taps, out, rest = [], [], k
+        taps, out = [], []
         for size in reversed(conv.kernel):  # peel the row-major indices apart, last axis first
-            taps.insert(0, rest % size)
-            rest = rest // size
+            taps.insert(0, k % size)
+            k = k // size
         for size in reversed(conv.out):
             out.insert(0, p % size)
             p = p // size
-        c = tirx.min(rest, conv.c - 1) if padded_k else rest
         pos = [q * s + t * d - b for q, s, t, d, b in zip(out, conv.stride, taps, conv.dilation, conv.pad_before)]
-        conds = [tirx.all(q >= 0, q < size) for q, size in zip(pos, conv.spatial)] if any(conv.pad_before) or \
-            not _inside(conv) else []
-        if padded_k:
-            conds.append(k < conv.k)
         # the load is clamped into the input too: a vectorised select may evaluate both sides
-        safe = [tirx.max(tirx.min(q, size - 1), 0) for q, size in zip(pos, conv.spatial)] if conds else pos
-        value = x[(n, c, *safe)]
+        safe = [tirx.max(tirx.min(q, size - 1), 0) for q, size in zip(pos, conv.spatial)] if bounded else pos
+        value = x[(n, k, *safe)]
         if plan.x_signed:  # s8 -> u8, the zero point moved alike (plan_conv)
             value = tirx.Cast("uint8", tirx.Cast("int32", value) + 128)
-        return tirx.if_then_else(tirx.all(*conds), value, zero) if conds else value
+        if not bounded:
+            return value
+        inside = tirx.all(*[tirx.all(q >= 0, q < size) for q, size in zip(pos, conv.spatial)])
+        return tirx.if_then_else(inside, value, zero)
 
-    return te.compute([conv.n, kp, conv.pixels], gather, name="im2col_u8")
+    return te.compute([conv.n, conv.k, conv.pixels], gather, name="im2col_u8",
+                      attrs={IM2COL: [conv.c, *conv.kernel, *conv.out]})
+
+
+def _pad_k(col, conv, plan: ConvPlan, kp: int):
+    """col with k padded to kp (the padded rows meet zero weights; any byte would do)."""
+    from tvm import te, tirx
+
+    if kp == conv.k:
+        return col
+    return te.compute([conv.n, kp, conv.pixels], lambda n, k, p: tirx.if_then_else(
+        k < conv.k, col[n, tirx.min(k, conv.k - 1), p], tirx.const(plan.x_zero, "uint8")), name="col_padded")
 
 
 def _inside(conv) -> bool:

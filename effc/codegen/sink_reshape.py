@@ -110,6 +110,12 @@ def sink_reshape_pass():
             aligned = [1] * (len(full) - len(shape)) + shape
             lead = len(merged) - 1
             if aligned == full:
+                bound = self.lookup_binding(arg) if isinstance(arg, relax.Var) else None
+                if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.dequantize" and \
+                        all(_static(a) in ([], [1]) for a in bound.args[1:]):
+                    # a residual read as bytes: the reshape a view of them, the dequantize in the write-back
+                    data = self.builder_.emit(relax.op.reshape(bound.args[0], merged))
+                    return self.builder_.emit(relax.Call(bound.op, [data, *bound.args[1:]], bound.attrs, bound.ty_args))
                 return self.builder_.emit(relax.op.reshape(arg, merged))
             if all(d == 1 for d in aligned[lead:]) and all(a in (1, f) for a, f in zip(aligned, full)):
                 return self.builder_.emit(relax.op.reshape(arg, aligned[:lead] + [1]))

@@ -25,6 +25,7 @@ from effc.codegen.vnni_pass import MARK
 
 LANES = 16  # int32 lanes of a zmm register: output columns per vpdpbusd
 K_STEP = 4  # k-bytes per int32 lane
+FEW_PANELS = 8  # fewer (batch, panel) pairs than this: the row tiles run in parallel too
 
 
 def has_vnni(target) -> bool:
@@ -76,9 +77,12 @@ class Int8Matmul(RegisterTileRule):
         sch.set_scope(main, 0, "local")
         sch.unroll(ii)
         sch.unroll(jv)
-        outer = sch.fuse(batch, jo)
+        # few panels (a conv's late stage: 49 pixels are one panel) leave threads idle: the row tiles
+        # are shared out too, and the panels' column checks stay (their write-backs are small)
+        few = _few_panels(sch, batch, n, nr) and m > mr
+        outer = sch.fuse(batch, jo, io) if few else sch.fuse(batch, jo)
         sch.parallel(outer)
-        if padded:  # full panels without column checks (effc.codegen.peel_tail.full_panel_pass)
+        if padded and not few:  # full panels without column checks (effc.codegen.peel_tail.full_panel_pass)
             sch.annotate(outer, FULL_PANELS_KEY, -(-n // nr))
         if a_pad is not None:  # the zero-padded copy of A: once per call, before the tiles
             loops = sch.get_loops(a_pad)
@@ -88,6 +92,13 @@ class Int8Matmul(RegisterTileRule):
         # tensorize segfaults in this TVM; effc.codegen.vnni_pass puts vpdpbusd in place of the mark
         sch.annotate(ji, MARK, 1)
         return sch
+
+
+def _few_panels(sch, batch, n: int, nr: int) -> bool:
+    """Fewer (batch, panel) pairs than FEW_PANELS: too few to keep every thread busy alone."""
+    from effc.codegen.schedules.cpu.base import extent
+
+    return (extent(sch, batch) or 1) * -(-n // nr) < FEW_PANELS
 
 
 def _rows_in_registers(sch, block) -> None:

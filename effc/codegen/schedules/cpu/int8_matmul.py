@@ -19,13 +19,13 @@ from __future__ import annotations
 from tvm import s_tir
 
 from effc.codegen.schedules.cpu import panels
-from effc.codegen.schedules.cpu.base import RegisterTileRule, single_reduction
+from effc.codegen.schedules.cpu.base import RegisterTileRule, extent, single_reduction
 from effc.codegen.peel_tail import FULL_PANELS_KEY
 from effc.codegen.vnni_pass import MARK
 
 LANES = 16  # int32 lanes of a zmm register: output columns per vpdpbusd
 K_STEP = 4  # k-bytes per int32 lane
-FEW_PANELS = 8  # fewer (batch, panel) pairs than this: the row tiles run in parallel too
+FEW_PANELS = 4  # fewer (batch, panel) pairs than this: the row tiles run in parallel too
 
 
 def has_vnni(target) -> bool:
@@ -78,8 +78,9 @@ class Int8Matmul(RegisterTileRule):
         sch.unroll(ii)
         sch.unroll(jv)
         # few panels (a conv's late stage: 49 pixels are one panel) leave threads idle: the row tiles
-        # are shared out too, and the panels' column checks stay (their write-backs are small)
-        few = _few_panels(sch, batch, n, nr) and m > mr
+        # are shared out too; padded, only for a single panel (its column checks stay in the write-back)
+        pairs = (extent(sch, batch) or 1) * -(-n // nr)
+        few = m > mr and pairs < FEW_PANELS and (not padded or pairs == 1)
         outer = sch.fuse(batch, jo, io) if few else sch.fuse(batch, jo)
         sch.parallel(outer)
         if padded and not few:  # full panels without column checks (effc.codegen.peel_tail.full_panel_pass)
@@ -92,13 +93,6 @@ class Int8Matmul(RegisterTileRule):
         # tensorize segfaults in this TVM; effc.codegen.vnni_pass puts vpdpbusd in place of the mark
         sch.annotate(ji, MARK, 1)
         return sch
-
-
-def _few_panels(sch, batch, n: int, nr: int) -> bool:
-    """Fewer (batch, panel) pairs than FEW_PANELS: too few to keep every thread busy alone."""
-    from effc.codegen.schedules.cpu.base import extent
-
-    return (extent(sch, batch) or 1) * -(-n // nr) < FEW_PANELS
 
 
 def _rows_in_registers(sch, block) -> None:

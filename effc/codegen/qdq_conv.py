@@ -20,6 +20,7 @@ float path with their reason.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -114,6 +115,11 @@ def convert_conv(lowering, bb, x, plan: ConvPlan):
     else:
         # the gather as a kernel of its own (the im2col rule: row copies): inside the GEMM's packing
         # of col, its per-byte index arithmetic and bound checks made a 3x3 conv 2.5x slower
+        # read through a flat [n, c, pixels] view: the previous conv's [n, o, pixels] product itself
+        # once the reshapes cancel (through the NCHW view, the reshape fused into the gather gave it
+        # divisions and modulos per byte: a 3x3 gather at 28 x 28 ran 3x slower)
+        if _from_conv_product(bb, x):
+            x = bb.emit(relax.op.reshape(x, [conv.n, conv.c, math.prod(conv.spatial)]))
         col = bb.emit_te(lambda xt: _gather(xt, conv, plan), x, primfunc_name_hint="im2col")
         col_u8 = lambda ct: ct  # noqa: E731
     acc = bb.emit_te(lambda wt, ct: _gemm(wt, _pad_k(col_u8(ct), conv, plan, kp), conv, kp), w, col,
@@ -128,6 +134,32 @@ def convert_conv(lowering, bb, x, plan: ConvPlan):
     if plan.bias is not None:
         y = relax.op.add(y, per_channel("bias", plan.bias))
     return y
+
+
+def _from_conv_product(bb, x, depth: int = 8) -> bool:
+    """``x`` is an elementwise chain (its requantisation, a residual add) on a conv GEMM's product
+    reshaped to NC(H)W, as this module emits it (the gather then reads the product's flat view;
+    through anything else, a max pool's output, it keeps the NCHW indices)."""
+    from tvm import relax
+
+    from effc.codegen.conv_gemm import GEMM_PREFIX
+
+    for _ in range(depth):
+        bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else x  # the importer's unbound calls too
+        if not isinstance(bound, relax.Call):
+            return False
+        name = getattr(bound.op, "name", "")
+        if name == "relax.call_tir":
+            return getattr(bound.args[0], "name_hint", "").startswith(GEMM_PREFIX)
+        if name != "relax.reshape" and name not in ELEMENTWISE or not bound.args:
+            return False
+        x = bound.args[0]
+    return False
+
+
+ELEMENTWISE = ("relax.quantize", "relax.dequantize", "relax.add", "relax.multiply", "relax.astype",
+               "relax.nn.relu", "relax.clip", "relax.round", "relax.divide", "relax.subtract", "relax.maximum",
+               "relax.minimum")
 
 
 def _gather(x, conv, plan: ConvPlan):
@@ -151,6 +183,11 @@ def _gather(x, conv, plan: ConvPlan):
         pos = [q * s + t * d - b for q, s, t, d, b in zip(out, conv.stride, taps, conv.dilation, conv.pad_before)]
         # the load is clamped into the input too: a vectorised select may evaluate both sides
         safe = [tirx.max(tirx.min(q, size - 1), 0) for q, size in zip(pos, conv.spatial)] if bounded else pos
+        if len(x.shape) == 3 and len(conv.spatial) > 1:  # the flat view: a row-major offset
+            flat = 0
+            for q, size in zip(safe, conv.spatial):
+                flat = flat * size + q
+            safe = [flat]
         value = x[(n, k, *safe)]
         if plan.x_signed:  # s8 -> u8, the zero point moved alike (plan_conv)
             value = tirx.Cast("uint8", tirx.Cast("int32", value) + 128)

@@ -163,14 +163,44 @@ ELEMENTWISE = ("relax.quantize", "relax.dequantize", "relax.add", "relax.multipl
 
 
 def _gather(x, conv, plan: ConvPlan):
-    """col[n, k, p] as u8: k = (channel, *taps), p = output pixel, row-major; a padding tap reads
-    the zero point. Annotated for the im2col rule (schedules/cpu/im2col.py) when it is a kernel."""
+    """col[n, k, p] as u8: k = (channel, *taps), p = output pixel, row-major. A padded conv first
+    copies its input into a zero-point-padded buffer (the gather's kernel computes it once, the
+    im2col rule's MATERIALIZE): the taps then read it with no bound checks or clamped indices,
+    and a stride-1 tap row is one contiguous vector load."""
     from tvm import te, tirx
 
     from effc.codegen.conv_gemm import IM2COL
+    from effc.codegen.schedules.cpu.im2col import MATERIALIZE
 
-    zero = tirx.const(plan.x_zero, "uint8")
+    flat = len(x.shape) == 3 and len(conv.spatial) > 1  # the previous conv's [n, c, pixels] product
+
+    def read(n, c, pos):  # x at spatial position pos, as u8
+        if flat:
+            offset = 0
+            for q, size in zip(pos, conv.spatial):
+                offset = offset * size + q
+            pos = [offset]
+        value = x[(n, c, *pos)]
+        if plan.x_signed:  # s8 -> u8, the zero point moved alike (plan_conv)
+            value = tirx.Cast("uint8", tirx.Cast("int32", value) + 128)
+        return value
+
     bounded = any(conv.pad_before) or not _inside(conv)
+    if bounded:
+        extents = [(q - 1) * s + (kk - 1) * d + 1 for q, s, kk, d in zip(conv.out, conv.stride, conv.kernel,
+                                                                          conv.dilation)]
+
+        def pad(n, c, *idx):
+            pos = [i - b for i, b in zip(idx, conv.pad_before)]
+            inside = tirx.all(*[tirx.all(q >= 0, q < size) for q, size in zip(pos, conv.spatial)])
+            # the load is clamped into the input too: a vectorised select may evaluate both sides
+            safe = [tirx.max(tirx.min(q, size - 1), 0) for q, size in zip(pos, conv.spatial)]
+            return tirx.if_then_else(inside, read(n, c, safe), tirx.const(plan.x_zero, "uint8"))
+
+        source = te.compute([conv.n, conv.c, *extents], pad, name="im2col_pad", attrs={MATERIALIZE: 1})
+        at = lambda n, c, pos: source[(n, c, *pos)]  # noqa: E731
+    else:
+        at = read
 
     def gather(n, k, p):
         taps, out = [], []
@@ -180,21 +210,9 @@ def _gather(x, conv, plan: ConvPlan):
         for size in reversed(conv.out):
             out.insert(0, p % size)
             p = p // size
-        pos = [q * s + t * d - b for q, s, t, d, b in zip(out, conv.stride, taps, conv.dilation, conv.pad_before)]
-        # the load is clamped into the input too: a vectorised select may evaluate both sides
-        safe = [tirx.max(tirx.min(q, size - 1), 0) for q, size in zip(pos, conv.spatial)] if bounded else pos
-        if len(x.shape) == 3 and len(conv.spatial) > 1:  # the flat view: a row-major offset
-            flat = 0
-            for q, size in zip(safe, conv.spatial):
-                flat = flat * size + q
-            safe = [flat]
-        value = x[(n, k, *safe)]
-        if plan.x_signed:  # s8 -> u8, the zero point moved alike (plan_conv)
-            value = tirx.Cast("uint8", tirx.Cast("int32", value) + 128)
-        if not bounded:
-            return value
-        inside = tirx.all(*[tirx.all(q >= 0, q < size) for q, size in zip(pos, conv.spatial)])
-        return tirx.if_then_else(inside, value, zero)
+        offset = [0] * len(out) if bounded else conv.pad_before  # the padded buffer starts at -pad
+        pos = [q * s + t * d - b for q, s, t, d, b in zip(out, conv.stride, taps, conv.dilation, offset)]
+        return at(n, k, pos)
 
     return te.compute([conv.n, conv.k, conv.pixels], gather, name="im2col_u8",
                       attrs={IM2COL: [conv.c, *conv.kernel, *conv.out]})

@@ -2,6 +2,7 @@
 
     python tools/bench_convnets.py [--models resnet18,audio-stem] [--work DIR] [--runs 15] [--repeat 2]
                                    [--threads 2] [--profile] [--cpu-time]
+                                   [--precisions fp32,bf16,int8 [--out docs/convnets.md]]
 
 resnet18: transformers' ResNetModel with a ResNet-18 configuration (basic blocks, depths 2-2-2-2),
 random init, exported by torch.onnx.export with its default settings at [1, 3, 224, 224].
@@ -11,6 +12,10 @@ llvm`); `effc bench` (effc/codegen/bench.py: interleaved engines, ORT not spinni
 run --repeat times, since the machine may be shared; --profile adds `effc bench --profile`'s table
 and a per-layer table (layer_table); --cpu-time compares one-thread CPU time instead (cpu_time_table,
 and per layer with --profile), which other load on a shared machine barely moves.
+--precisions writes one table instead (precision_table, docs/convnets.md): ORT fp32, OpenVINO f32
+and default, effc fp32, and per precision asked effc bf16 (`--precision bf16`) and the int8
+columns (ORT, OpenVINO and `effc compile` on a quantize_static QDQ copy), in one interleaved run per
+model, by tools/bench_precisions.py's engines, QDQ copy and table (with --cpu-time: one thread, CPU time).
 """
 
 from __future__ import annotations
@@ -169,6 +174,69 @@ def cpu_time_table(onnx_path: Path, out: Path, rounds: int) -> str:
     return f"1 thread, CPU time: effc {effc_ms:.2f} ms, ORT {ort_ms:.2f} ms, effc/ORT {effc_ms / ort_ms:.3f}"
 
 
+PRECISION_COLUMNS = {"bf16": ("effc bf16",), "int8": ("ORT int8 (QDQ)", "OpenVINO int8 (QDQ)", "effc int8 (QDQ)")}
+
+
+def precision_rows(names: list[str], work: Path, precisions: set[str], threads: int, runs: int,
+                   measure=None) -> list[dict]:
+    """bench_precisions' rows for the ONNX files ``work``/NAME.onnx: the same engines and table,
+    seeded random inputs (seed 0 the bench feed, seed 1 the QDQ copy's calibration), effc compiled
+    as bench_convnets compiles (`--passes none`). Columns of precisions not asked say so."""
+    import gc
+
+    import bench_precisions as bp
+
+    from effc.frontend.onnx import load
+    from effc.verify import make_inputs
+
+    offered = bp.effc_precisions() & precisions
+    rows = []
+    for name in names:
+        print(f"{name}:", flush=True)
+        onnx_path = work / f"{name}.onnx"
+        model = load(onnx_path)
+        row = bp.bench_model(name, work, threads, runs, 2, offered, feed=make_inputs(model, 1, seed=0)[0],
+                             model=onnx_path, samples=lambda m=model: make_inputs(m, bp.CALIBRATION, seed=1),
+                             flags=("--passes", "none"), int8="int8" in precisions, measure=measure)
+        for precision, columns in PRECISION_COLUMNS.items():
+            if precision not in precisions:
+                row["missing"].update({c: "not asked" for c in columns})
+        rows.append(row)
+        gc.collect()
+    return rows
+
+
+def precision_page(rows: list[dict], started: str, load_before: str, load_after: str, threads: int,
+                   runs: int, cpu_time: bool = False) -> str:
+    import onnxruntime
+    import openvino
+
+    import bench_precisions as bp
+
+    latency, accuracy = bp.markdown(rows)
+    default_precision = sorted({r["precision"].get("OpenVINO default") for r in rows} - {None})
+    return "\n".join([
+        "# Conv networks at every precision: effc beside ONNX Runtime and OpenVINO (CPU)", "",
+        f"Run {started} by `python tools/bench_convnets.py --precisions ...{' --cpu-time' if cpu_time else ''}` on "
+        f"{bp.cpu_line()}; {threads} thread(s) for every engine, batch 1, "
+        f"{'timed by the process CPU time of each call (other load barely moves it)' if cpu_time else 'wall time'}. "
+        f"ONNX Runtime {onnxruntime.__version__}, OpenVINO "
+        f"{openvino.__version__.split('-')[0]}. Models: {', '.join(r['model'] for r in rows)} "
+        "(tools/bench_convnets.py: random init, torch.onnx.export defaults; effc `--passes none`).", "",
+        f"Machine load (`uptime`) before: `{load_before}`", f"after: `{load_after}`", "",
+        ("**This machine is shared**: read the ratios, from one interleaved run per model (every engine "
+         f"takes its turn in every round after an idle gap; 2 warm-up rounds dropped, then the median of {runs} "
+         f"rounds x 3 back-to-back calls; effc/codegen/bench.py)."
+         f"{'' if cpu_time else bp._overload_note(load_before, load_after)}"), "",
+        (f"Columns: OpenVINO default = the precision it picks here (it reported {', '.join(default_precision) or '?'}); "
+         "effc bf16 = `effc compile --precision bf16` (conv GEMMs and matmuls on bf16 operands, fp32 "
+         "accumulation; a stem with a few input channels and depthwise convs stay fp32); int8 (QDQ) = a copy "
+         f"made by ONNX Runtime's `quantize_static` (QDQ, u8 activations, per-channel s8 weights, MinMax over "
+         f"{bp.CALIBRATION} seeded random inputs), run as is by each engine, effc's column by `effc compile` of it."), "",
+        "## Latency relative to ONNX Runtime fp32 (lower is faster)", "", latency,
+        "## Deviation from ONNX Runtime fp32 on the bench feed (max scale-relative error / cosine)", "", accuracy])
+
+
 def effc(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "effc.cli", *args], capture_output=True, text=True, check=False)
 
@@ -183,13 +251,20 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cpu-time", action="store_true", help="instead of `effc bench`: 1-thread CPU time (cpu_time_table; "
                         "with --profile, per layer too)")
+    parser.add_argument("--precisions", help="comma-separated fp32,bf16,int8: write the table of engines x "
+                        "these precisions to --out instead (precision_table)")
+    parser.add_argument("--out", default="docs/convnets.md", help="the --precisions table's page")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    for name in names:
+        if not (work / f"{name}.onnx").exists():
+            export(name, work / f"{name}.onnx")
+    if args.precisions:
+        return precision_table(names, work, args)
+    for name in names:
         onnx_path, out = work / f"{name}.onnx", work / name
-        if not onnx_path.exists():
-            export(name, onnx_path)
         if not (out / "model.so").exists():
             proc = effc("compile", str(onnx_path), "-o", str(out), "--passes", "none", "--target", "llvm")
             if proc.returncode != 0:
@@ -217,6 +292,32 @@ def main() -> int:
                 print(proc.stdout)
                 print(layer_table(onnx_path, work / f"{name}-layers", args.threads, args.runs))
 
+    return 0
+
+
+def precision_table(names: list[str], work: Path, args) -> int:
+    import datetime
+
+    import bench_precisions as bp
+
+    from effc.codegen.runtime import configure_threads
+
+    precisions = set(args.precisions.split(","))
+    unknown = precisions - {"fp32", "bf16", "int8"}
+    if unknown:
+        print(f"unknown precision(s): {', '.join(sorted(unknown))} (known: fp32, bf16, int8)", file=sys.stderr)
+        return 2
+    threads = 1 if args.cpu_time else args.threads  # --cpu-time: one thread, as cpu_time_table
+    configure_threads(threads)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_before = bp.uptime()
+    rows = precision_rows(names, work, precisions, threads, args.runs, cpu_seconds if args.cpu_time else None)
+    text = precision_page(rows, started, load_before, bp.uptime(), threads, args.runs, args.cpu_time)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    (work / "precisions.json").write_text(json.dumps(rows, indent=1))
+    print(text)
     return 0
 
 

@@ -71,8 +71,9 @@ def compiled(out: Path, source: str, *extra: str) -> tuple[Path | None, str]:
     return out, ""
 
 
-def qdq_copy(name: str, fp32: Path, work: Path) -> tuple[Path | None, str]:
-    """ONNX Runtime's static QDQ int8 copy of ``fp32`` (cached), or (None, why not)."""
+def qdq_copy(name: str, fp32: Path, work: Path, samples=None) -> tuple[Path | None, str]:
+    """ONNX Runtime's static QDQ int8 copy of ``fp32`` (cached), or (None, why not); calibrated on
+    ``samples()`` (a list of feeds; default: CALIBRATION zoo samples of ``name``)."""
     path = work / f"{name}-qdq.onnx"
     if path.exists():
         return path, ""
@@ -83,7 +84,7 @@ def qdq_copy(name: str, fp32: Path, work: Path) -> tuple[Path | None, str]:
 
     class Samples(CalibrationDataReader):
         def __init__(self):
-            self.feeds = iter(zoo.get(name).sample_inputs(CALIBRATION, 1))
+            self.feeds = iter(samples() if samples else zoo.get(name).sample_inputs(CALIBRATION, 1))
 
         def get_next(self):
             return next(self.feeds, None)
@@ -129,12 +130,16 @@ class OrtEngine:
         return self.runner(feed)
 
 
-def engines_for(name: str, work: Path, feed: dict, threads: int, offered: set[str]) -> tuple[dict, dict]:
-    """(column -> engine, column -> why it has none) for one model; builds what is not cached."""
+def engines_for(name: str, work: Path, feed: dict, threads: int, offered: set[str], model: Path | None = None,
+                samples=None, flags: tuple = (), int8: bool = True) -> tuple[dict, dict]:
+    """(column -> engine, column -> why it has none) for one model; builds what is not cached.
+    ``model``: an ONNX file instead of the zoo's ``name``, with ``samples`` for qdq_copy; ``flags``:
+    more `effc compile` options for every effc column; ``int8``: False leaves the QDQ columns out."""
     from effc.codegen.openvino_engine import OpenVinoEngine
     from effc.zoo.cache import cached_model_path
 
-    fp32 = cached_model_path(name)
+    fp32 = model or cached_model_path(name)
+    source = str(model) if model else f"zoo:{name}"
     engines, missing = {}, {}
 
     def add(column, make):
@@ -145,7 +150,7 @@ def engines_for(name: str, work: Path, feed: dict, threads: int, offered: set[st
 
     def effc_column(column, out, source, *extra):
         start = time.perf_counter()
-        built, error = compiled(out, source, *extra)
+        built, error = compiled(out, source, *extra, *flags)
         print(f"  {column}: {'built' if built else error} ({time.perf_counter() - start:.0f} s)", flush=True)
         if built:
             add(column, lambda: EffcEngine(built, feed, threads))
@@ -155,13 +160,15 @@ def engines_for(name: str, work: Path, feed: dict, threads: int, offered: set[st
     add("ORT fp32", lambda: OrtEngine(fp32, feed, threads))
     add("OpenVINO f32", lambda: OpenVinoEngine(fp32, feed, threads, "f32"))
     add("OpenVINO default", lambda: OpenVinoEngine(fp32, feed, threads))
-    effc_column("effc fp32", work / f"{name}-fp32", f"zoo:{name}")
+    effc_column("effc fp32", work / f"{name}-fp32", source)
     if "bf16" in offered:
-        effc_column("effc bf16", work / f"{name}-bf16", f"zoo:{name}", "--precision", "bf16")
+        effc_column("effc bf16", work / f"{name}-bf16", source, "--precision", "bf16")
     else:
         missing["effc bf16"] = NOT_BUILT
+    if not int8:
+        return engines, missing
     start = time.perf_counter()
-    qdq, why = qdq_copy(name, fp32, work)
+    qdq, why = qdq_copy(name, fp32, work, samples)
     print(f"  QDQ copy: {qdq or why} ({time.perf_counter() - start:.0f} s)", flush=True)
     if qdq is None:
         missing.update({c: why for c in ("ORT int8 (QDQ)", "OpenVINO int8 (QDQ)", "effc int8 (QDQ)")})
@@ -176,17 +183,20 @@ def engines_for(name: str, work: Path, feed: dict, threads: int, offered: set[st
     return engines, missing
 
 
-def bench_model(name: str, work: Path, threads: int, runs: int, warmup: int, offered: set[str]) -> dict:
+def bench_model(name: str, work: Path, threads: int, runs: int, warmup: int, offered: set[str],
+                feed: dict | None = None, measure=None, **model) -> dict:
+    """One row of the tables; ``feed`` (default: the zoo's, `effc bench`'s) and ``model``: as engines_for;
+    ``measure``: turns' sample of one call (default wall time)."""
     import numpy as np
 
     from effc import zoo
     from effc.codegen.bench import turns
     from effc.verify import deviation
 
-    feed = zoo.get(name).sample_inputs(1, 0)[0]  # `effc bench`'s default feed
-    engines, missing = engines_for(name, work, feed, threads, offered)
+    feed = feed if feed is not None else zoo.get(name).sample_inputs(1, 0)[0]  # `effc bench`'s default feed
+    engines, missing = engines_for(name, work, feed, threads, offered, **model)
     start = time.perf_counter()
-    steady, _ = turns(engines, warmup + runs, warmup)
+    steady, _ = turns(engines, warmup + runs, warmup, **({"measure": measure} if measure else {}))
     print(f"  timed {len(engines)} engines x {runs} rounds ({time.perf_counter() - start:.0f} s)", flush=True)
     row = {"model": name, "missing": missing, "ms": {}, "precision": {}, "max_rel": {}, "cosine": {}}
     reference = [engines["ORT fp32"].run(feed)] if "ORT fp32" in engines else None

@@ -147,7 +147,7 @@ def prepare(imported, bt: BuildTarget, precision: str = "fp32"):
         from effc.codegen.prefold import fold_weight_transforms
         from effc.codegen.sink_reshape import sink_reshape_pass
 
-        mod = sink_reshape_pass()(conv_gemm_pass()(patchify_conv()(mod)))
+        mod = sink_reshape_pass()(conv_gemm_pass(precision)(patchify_conv()(mod)))
         if precision == "bf16":
             from effc.codegen.bf16_matmul import bf16_matmul_pass
 

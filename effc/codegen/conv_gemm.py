@@ -13,7 +13,10 @@ An NCHW conv (1-D or 2-D, any stride, padding, dilation, groups) computes, per i
   variable, the matmul rule's S/I/J/K form with one loop per group (S = images and groups, I = o,
   J = pixels). W2 is the weight reshaped (and for several images broadcast: a loop fused from two
   in a group is what that rule gets wrong when it pads, so each image is a batch entry): weight-only,
-  so prefold evaluates it at compile time. The result is reshaped to NCHW; sink_reshape moves the
+  so prefold evaluates it at compile time. Where the pixels are no whole number of the rule's
+  j tiles (7 x 7 = 49 padded to 64 did 1.3x the work) and o is, the product's operands swap
+  (ConvShape.pixel_rows): pixels are the GEMM's rows, col read in place (its gather a kernel of
+  its own), W2 the packed operand, and the tile's write-back transposes. The result is reshaped to NCHW; sink_reshape moves the
   bias, activation and residual add above that reshape, into the GEMM's tile write-back.
 
 The matmul rule reads W2 in place (one broadcast per row and k step) and packs col into j-panels per
@@ -33,10 +36,15 @@ GEMM_PREFIX = "conv_gemm"  # the GEMM kernels' name (sink_reshape looks for it)
 IM2COL = "effc.im2col"  # the gather block's annotation: [channels per group, *kernel, *out] (its rule reads it)
 DIRECT_MAX_CHANNELS = 4  # convs with at most this many input channels ...
 DIRECT_MAX_TAPS = 256  # ... and taps per output (3 x 7 x 7 = 147) are left to the window rule
+PIXEL_TILE = 32  # the fp32 matmul rule's j tile (2 AVX-512 vectors) ...
+BF16_PIXEL_TILE = 16  # ... and the bf16 rule's granule (one vector: its edge panel computes whole vectors)
+MAX_PIXEL_PAD = 1 / 8  # padded pixel columns (of the pixels) beyond which the pixels become the rows
+BF16 = "bfloat16"
 LAYOUTS = {"relax.nn.conv1d": ("NCW", "OIW", "NCW"), "relax.nn.conv2d": ("NCHW", "OIHW", "NCHW")}
 
 
-def conv_gemm_pass():
+def conv_gemm_pass(precision: str = "fp32"):
+    """``precision`` bf16: the GEMMs take bf16 operands with fp32 accumulation (module doc)."""
     from tvm import relax
     from tvm.relax import PyExprMutator, expr_functor
 
@@ -53,20 +61,41 @@ def conv_gemm_pass():
             w2 = emit(op.reshape(call.args[1], lead[len(lead) - (conv.groups > 1):] + [conv.o // conv.groups, conv.k]))
             if conv.n > 1:  # the images as the batch axis S of every operand (see the module doc)
                 w2 = emit(op.broadcast_to(w2, lead + [conv.o // conv.groups, conv.k]))
+            if precision == "bf16":
+                conv.pixel_rows = conv.pads_pixels(BF16_PIXEL_TILE)
+                return self.bf16_gemm(call, conv, w2)
             if conv.pointwise and conv.groups == 1:
                 col = emit(op.reshape(call.args[0], [conv.n, conv.c, conv.pixels]))
                 out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint=GEMM_PREFIX)
-            elif all(s == 1 for s in conv.stride):  # the gather runs in the GEMM's packing of col
+            elif all(s == 1 for s in conv.stride) and not conv.pixel_rows:  # the gather runs in the GEMM's packing of col
                 out = self.builder_.emit_te(lambda w, x: _gemm(w, _im2col(x, conv), conv), w2, call.args[0],
                                             primfunc_name_hint=GEMM_PREFIX)
             else:
                 col = self.builder_.emit_te(lambda x: _im2col(x, conv), call.args[0], primfunc_name_hint="im2col")
                 out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint=GEMM_PREFIX)
-            if conv.groups == 1 and len(conv.out) == 1:
-                return out  # a conv1d's [n, o, pixels] already is its NCW output
-            return op.reshape(out, [conv.n, conv.o, *conv.out])
+            return _to_output(out, conv)
+
+        def bf16_gemm(self, call, conv, w2):
+            """The GEMM on bf16 operands: W2 cast (weight-only: at compile time) and col written
+            as bf16 by its gather (or, pointwise, cast from the input), once per call."""
+            emit, op = self.builder_.emit, relax.op
+            w2 = emit(op.astype(w2, BF16))
+            if conv.pointwise and conv.groups == 1:
+                col = emit(op.astype(emit(op.reshape(call.args[0], [conv.n, conv.c, conv.pixels])), BF16))
+            else:
+                col = self.builder_.emit_te(lambda x: _im2col(x, conv, BF16), call.args[0], primfunc_name_hint="im2col")
+            out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint=GEMM_PREFIX)
+            return _to_output(out, conv)
 
     return mutator_pass(ConvGemm, "EffcConvGemm")
+
+
+def _to_output(out, conv):
+    from tvm import relax
+
+    if conv.groups == 1 and len(conv.out) == 1:
+        return out  # a conv1d's [n, o, pixels] already is its NCW output
+    return relax.op.reshape(out, [conv.n, conv.o, *conv.out])
 
 
 class ConvShape:
@@ -92,8 +121,18 @@ class ConvShape:
         # as large as the input times the taps: the window rule convolves directly from the padded
         # input in cache instead, with no col buffer to write, pack and read again
         self.direct = self.groups == 1 and cg <= DIRECT_MAX_CHANNELS and self.k <= DIRECT_MAX_TAPS
+        # pixels as the GEMM's rows (o its columns) where pixels as columns would pad more than
+        # MAX_PIXEL_PAD of them: 7 x 7 = 49 columns padded to 64 computed 1.3x the work
+        self.pixel_rows = self.pads_pixels(PIXEL_TILE)
         self.pointwise = (all(kk == 1 for kk in self.kernel) and all(s == 1 for s in self.stride)
                           and not any(self.pad_before) and not any(pad_after))
+
+
+    def pads_pixels(self, tile: int) -> bool:
+        """Whether the pixels as columns of ``tile``-wide tiles pad more than MAX_PIXEL_PAD and o
+        as columns would not."""
+        padding = -(-self.pixels // tile) * tile - self.pixels
+        return padding > MAX_PIXEL_PAD * self.pixels and (self.o // self.groups) % tile == 0
 
 
 def conv_shape(call) -> ConvShape | None:
@@ -116,8 +155,9 @@ def conv_shape(call) -> ConvShape | None:
     return ConvShape(x_shape, w_shape, a)
 
 
-def _im2col(x, conv: ConvShape):
-    """col[n, (g,) k, p]: k = (channel in group, *kernel taps) and p = output pixel, row-major."""
+def _im2col(x, conv: ConvShape, dtype: str | None = None):
+    """col[n, (g,) k, p]: k = (channel in group, *kernel taps) and p = output pixel, row-major;
+    ``dtype``: converted to it as gathered (bf16: the conversion's one pass over col)."""
     from tvm import te, tirx
 
     grouped = conv.groups > 1
@@ -134,11 +174,14 @@ def _im2col(x, conv: ConvShape):
         c = g * conv.cg + k
         pos = [o * s + t * d - b for o, s, t, d, b in zip(out, conv.stride, taps, conv.dilation, conv.pad_before)]
         if not any(conv.pad_before) and _no_pad_after(conv):
-            return x[(n, c, *pos)]
+            return cast(x[(n, c, *pos)])
         inside = tirx.all(*[tirx.all(q >= 0, q < size) for q, size in zip(pos, conv.spatial)])
         # the load is clamped into the input too: a vectorised select may evaluate both sides
         safe = [tirx.max(tirx.min(q, size - 1), 0) for q, size in zip(pos, conv.spatial)]
-        return tirx.if_then_else(inside, x[(n, c, *safe)], tirx.const(0, x.dtype))
+        return tirx.if_then_else(inside, cast(x[(n, c, *safe)]), tirx.const(0, dtype or x.dtype))
+
+    def cast(value):
+        return value.astype(dtype) if dtype and dtype != x.dtype else value
 
     shape = [conv.n] + ([conv.groups] if grouped else []) + [conv.k, conv.pixels]
     return te.compute(shape, gather, name="im2col", attrs={IM2COL: [conv.cg, *conv.kernel, *conv.out]})
@@ -158,9 +201,13 @@ def _gemm(w2, col, conv: ConvShape):
     r = te.reduce_axis((0, conv.k), name="k")
     lead = int(conv.n > 1)
 
+    def f32(value):  # bf16 operands accumulate in fp32, as a bf16 matmul's
+        return value.astype("float32") if str(value.dtype) != "float32" else value
+
     def product(n, *idx):
         *g, o, p = idx
-        return te.sum(w2[(*([n] * lead), *g, o, r)] * col[(n, *g, r, p)], axis=r)
+        w, x = f32(w2[(*([n] * lead), *g, o, r)]), f32(col[(n, *g, r, p)])
+        return te.sum(x * w if conv.pixel_rows else w * x, axis=r)  # the first operand: the rule's rows
 
     shape = [conv.n] + ([conv.groups] if conv.groups > 1 else []) + [conv.o // conv.groups, conv.pixels]
     return te.compute(shape, product, name="conv_gemm")

@@ -77,6 +77,10 @@ CONV2D = [  # n, c, size, o, k, stride, pad, dilation, groups, epilogue
     (2, 16, 13, 32, 3, 1, 1, 1, 4, "relu"),  # grouped
     (2, 8, 7, 16, 1, 1, 0, 1, 1, "residual"),  # pointwise: no im2col
     (1, 8, 13, 16, 3, 2, 1, 1, 1, "residual"),  # a ResNet downsampling block (1x1 stride-2 shortcut)
+    # pixels as the GEMM's rows (ConvShape.pixel_rows): 7 x 7 and 9 x 9 are no multiple of 32
+    (2, 16, 7, 32, 3, 1, 1, 1, 1, "residual"),
+    (2, 16, 9, 64, 3, 1, 1, 1, 2, "relu"),
+    (2, 24, 7, 32, 1, 1, 0, 1, 1, "gelu"),
 ]
 
 
@@ -86,8 +90,11 @@ def test_conv2d_as_gemm(tmp_path, n, c, size, o, k, stride, pad, dilation, group
                                                epilogue=epilogue), tmp_path)
     _assert_scheduled(kernels, "conv_gemm")
     assert all(r == "matmul" for k_, r in kernels.items() if "conv_gemm" in k_), kernels
-    # a strided gather is a kernel of its own; a stride-1 one runs in the GEMM's packing of col
-    assert any(r == "im2col" for r in kernels.values()) == (stride > 1), kernels
+    # a strided gather is a kernel of its own, and so is one whose pixels are the GEMM's rows (a
+    # pixel count that 32-wide tiles pad by over 1/8, o no: col is read in place); else it runs in the packing of col
+    pixels = _out_size(size, k, stride, pad, dilation) ** 2
+    pixel_rows = (-pixels) % 32 > pixels / 8 and (o // groups) % 32 == 0
+    assert any(r == "im2col" for r in kernels.values()) == (stride > 1 or pixel_rows and k > 1), kernels
     if groups == 1:  # the epilogue runs in the GEMM's write-back, no kernel of its own
         assert all("conv_gemm" in k_ or r == "im2col" or "reshape" in k_ and "add" not in k_
                    for k_, r in kernels.items()), kernels

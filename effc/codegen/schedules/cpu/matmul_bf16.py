@@ -115,7 +115,7 @@ def _read_in_place(sch, main, a_copy) -> bool:
     trial = sch.copy()
     trial.compute_inline(a_copy)
     a_read = [r for r in trial.get(main).reads if str(r.source.dtype) == "bfloat16"][0]  # A, then B
-    if not all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in a_read.region):
+    if not all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in a_read.region) or not _rows_of_k(trial, main, a_read):
         return False
     sch.compute_inline(a_copy)
     return True
@@ -130,11 +130,19 @@ def _read_padded_in_place(sch, main, a_copy) -> bool:
     pad = _stage(trial, main, a_copy, 0)
     trial.compute_inline(pad)
     a_read = [r for r in trial.get(main).reads if str(r.source.dtype) == "bfloat16"]
-    if len(a_read) != 2 or not all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in a_read[0].region):
+    if (len(a_read) != 2 or not all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in a_read[0].region)
+            or not _rows_of_k(trial, main, a_read[0])):
         return False
     pad = _stage(sch, main, a_copy, 0)
     sch.compute_inline(pad)
     return True
+
+
+def _rows_of_k(sch, main, a_read) -> bool:
+    """A is read as rows [.., i, k] (k contiguous, what the C tile reads k pairs from), not
+    transposed (a conv's col with its pixels as the rows: [.., k, i])."""
+    k = sch.get(main).iter_vars[-1].var
+    return a_read.region[-1].min.same_as(k)
 
 
 def _read_b_in_place(sch, func, main, b_copy) -> bool:

@@ -7,15 +7,16 @@ quantize_static writes) becomes, per image, conv_gemm's NCHW product with bytes 
     acc[n, o, p] = sum_k W_s8[o, k] * col_u8[n, k, p]             (vpdpbusd: W broadcast, col packed)
     y[n, o, p]   = float(acc + comp[o]) * scale[o] (+ bias[o])    comp = -zx * sum_k W[o, k]
 
-``col`` gathers the (channel, tap) bytes each output pixel reads (conv_gemm's im2col, a kernel of
-its own; a pointwise conv's col is its input); a tap on the padding reads the zero point zx, the
-byte whose real value is 0, so the one correction comp holds for every pixel. The int8 rule packs
-col into its panels per call. The
-product keeps the output channels as rows: the result is NCHW with no transpose, and sink_reshape
-moves what follows (the output QuantizeLinear, a residual DQ + Add, ReLU) into the tile write-back.
-An s8 activation is moved to u8 in the gather (x + 128, zx + 128). k is padded to whole 4-byte steps
-with zero weights. Grouped and depthwise convs, and anything not fitting the above, stay on the
-float path with their reason.
+``col`` gathers the (channel, tap) bytes each output pixel reads: conv_gemm's im2col as a kernel of
+its own (the im2col rule's row copies), from the input copied once into a buffer padded with the zero
+point zx, the byte whose real value is 0 (so the one correction comp holds for every pixel, and the
+taps read with no bound checks); a pointwise conv's col is its input. An input that is the previous
+conv's product is read through its flat [n, c, pixels] view (sink_reshape folds the reshape pair).
+The int8 rule packs col into its panels per call. The product keeps the output channels as rows: the
+result is NC(H)W with no transpose, and sink_reshape moves what follows (the output QuantizeLinear, a
+residual DQ + Add, ReLU) into the tile write-back. An s8 activation is moved to u8 on the way
+(x + 128, zx + 128); k is padded to whole 4-byte steps with zero weights. Grouped and depthwise
+convs, and anything not fitting the above, stay on the float path with their reason.
 """
 
 from __future__ import annotations
@@ -113,10 +114,9 @@ def convert_conv(lowering, bb, x, plan: ConvPlan):
         col = bb.emit(relax.op.reshape(x, [conv.n, conv.c, conv.pixels]))
         col_u8 = lambda ct: _as_u8(ct) if plan.x_signed else ct  # noqa: E731
     else:
-        # the gather as a kernel of its own (the im2col rule: row copies): inside the GEMM's packing
-        # of col, its per-byte index arithmetic and bound checks made a 3x3 conv 2.5x slower
-        # read through a flat [n, c, pixels] view: the previous conv's [n, o, pixels] product itself
-        # once the reshapes cancel (through the NCHW view, the reshape fused into the gather gave it
+        # the gather as a kernel of its own (inside the GEMM's packing of col, its per-byte index
+        # arithmetic and bound checks made a 3x3 conv 2.5x slower), reading a previous conv's product
+        # through its flat view (through the NCHW view, the reshape fused into the gather cost
         # divisions and modulos per byte: a 3x3 gather at 28 x 28 ran 3x slower)
         if _from_conv_product(bb, x):
             x = bb.emit(relax.op.reshape(x, [conv.n, conv.c, math.prod(conv.spatial)]))

@@ -25,6 +25,8 @@ time with the row sums of A and the column sums of B:
     sum_k (a - za)(b - zb) = acc - zb * rowsum(a) - za * colsum(b) + K za zb,  acc = a_u8 . b_s8
 
 each sum emitted only where the zero point it multiplies is not 0 (P from a softmax has za = 0).
+
+A QDQ Conv is planned and converted by effc.codegen.qdq_conv (W_s8 x a u8 im2col on the same rule).
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ class ProtoLowering:
 
 @dataclass
 class QdqLowering(ProtoLowering):
-    """Plans every MatMul/Gemm of a proto for ``target`` and converts the taken ones during import."""
+    """Plans every MatMul/Gemm/Conv of a proto for ``target`` and converts the taken ones during import."""
+
+    convs: int = 0  # Conv plans among them (effc.codegen.qdq_conv)
 
     def rewrite(self, proto):
         from onnx import helper
@@ -107,8 +111,12 @@ class QdqLowering(ProtoLowering):
         if not _has_vnni(self.target):
             reason = "the CPU has no AVX-512 VNNI"
             self.plans = [Plan(n.name or f"{n.op_type}_{i}", reason) for i, n in enumerate(proto.graph.node)
-                          if n.op_type in ("MatMul", "Gemm") and _producer_op(proto, n.input[0]) == "DequantizeLinear"]
+                          if n.op_type in ("MatMul", "Gemm", "Conv")
+                          and _producer_op(proto, n.input[0]) == "DequantizeLinear"]
+            self.convs = sum(n.op_type == "Conv" and _producer_op(proto, n.input[0]) == "DequantizeLinear"
+                             for n in proto.graph.node)
             return proto
+        from effc.codegen.qdq_conv import plan_conv
         from effc.codegen.qdq_hoist import drop_requantize, drop_split_requantize, hoist_quantize
         from effc.codegen.qdq_identity import drop_unit_requantize
 
@@ -117,11 +125,13 @@ class QdqLowering(ProtoLowering):
         self.hoisted = hoist_quantize(proto)
         graph = _Graph(proto)
         for i, node in enumerate(list(proto.graph.node)):
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            if node.op_type not in ("MatMul", "Gemm", "Conv") or node.domain not in ("", "ai.onnx"):
                 continue
-            plan = _plan(graph, node, node.name or f"{node.op_type}_{i}")
+            name = node.name or f"{node.op_type}_{i}"
+            plan = plan_conv(graph, node, name) if node.op_type == "Conv" else _plan(graph, node, name)
             if plan is None:
                 continue
+            self.convs += node.op_type == "Conv"
             self.plans.append(plan)
             if plan.reason:
                 continue
@@ -132,8 +142,8 @@ class QdqLowering(ProtoLowering):
             node.attribute.append(helper.make_attribute(INDEX_ATTR, len(self.plans) - 1))
         return proto
 
-    def summary(self, what: str = "QDQ matmuls") -> str:
-        text = super().summary(what)
+    def summary(self, what: str = "") -> str:
+        text = super().summary(what or ("QDQ matmuls and convs" if self.convs else "QDQ matmuls"))
         moved = f"; {self.hoisted} QuantizeLinear moved ahead of Reshape/Transpose" if self.hoisted else ""
         if self.dropped:
             moved += f"; {self.dropped} DequantizeLinear/QuantizeLinear pairs around Reshape/Transpose/Split dropped"
@@ -147,7 +157,11 @@ class QdqLowering(ProtoLowering):
     def _convert(self, bb, inputs, attr):
         from tvm import relax
 
+        from effc.codegen.qdq_conv import ConvPlan, convert_conv
+
         plan = self.plans[attr[INDEX_ATTR]]
+        if isinstance(plan, ConvPlan):  # the gather moves an s8 activation to u8 itself
+            return convert_conv(self, bb, inputs[0], plan)
         x = _as_u8(inputs[0]) if plan.x_signed else inputs[0]  # vpdpbusd: the left operand unsigned
         if plan.y:
             return _activation_product(bb, x, inputs[1], plan)

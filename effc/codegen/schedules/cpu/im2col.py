@@ -17,6 +17,10 @@ from effc.codegen.conv_gemm import IM2COL
 from effc.codegen.schedules.cpu.base import CPURule, extent, row_vector_width, vector_lanes
 
 
+MATERIALIZE = "effc.im2col_materialize"  # a block before the gather computed once (an int8 conv's padded input)
+FEW_PLANES = 8  # fewer (image, channel) planes than this: rows run in parallel too
+
+
 class Im2col(CPURule):
     name = "im2col"
 
@@ -30,6 +34,9 @@ class Im2col(CPURule):
             return None
         geometry = [int(v) for v in sch.get(gather).annotations[IM2COL]]  # channels per group, *kernel, *out
         for block in blocks[:-1]:  # what the fused kernel computes before the gather (a ReLU)
+            if _quantizes(sch, block) or MATERIALIZE in sch.get(block).annotations:
+                _materialize(sch, block, target)
+                continue
             try:
                 sch.compute_inline(block)
             except Exception:  # not elementwise: left to the fallback
@@ -43,6 +50,8 @@ class Im2col(CPURule):
         *rows, col = sch.split(p, out)
         sch.reorder(*lead, c, *rows, *taps, col)
         plane = sch.fuse(*lead, c)
+        if (extent(sch, plane) or 0) < FEW_PLANES and rows:  # an RGB stem: its output rows shared out too
+            plane = sch.fuse(plane, rows[0])
         lanes = vector_lanes(str(sch.get(gather).writes[0].source.dtype), target)
         width = row_vector_width(out[-1], lanes)
         if width != out[-1]:
@@ -50,6 +59,29 @@ class Im2col(CPURule):
         sch.vectorize(col)
         sch.parallel(plane)
         return sch
+
+
+def _quantizes(sch, block) -> bool:
+    """A float -> 8-bit block (a QDQ stem's input QuantizeLinear): inlined, the gather would round
+    every input byte once per tap that reads it (49 times for a 7 x 7 kernel)."""
+    stmt = sch.get(block)
+    return str(stmt.writes[0].source.dtype) in ("uint8", "int8") and \
+        any(str(r.source.dtype).startswith("float") for r in stmt.reads)
+
+
+def _materialize(sch, block, target) -> None:
+    """``block`` computed once before the gather: parallel over its outer loops, its rows vectorised."""
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    lanes = vector_lanes(str(sch.get(block).writes[0].source.dtype), target)
+    width = extent(sch, loops[-1]) or 1
+    vector = row_vector_width(width, lanes)
+    if vector != width:
+        _, inner = sch.split(loops[-1], [None, vector])
+        sch.vectorize(inner)
+    else:
+        sch.vectorize(loops[-1])
 
 
 def _prod(values) -> int:

@@ -106,17 +106,20 @@ class QdqLowering(ProtoLowering):
         if not _has_vnni(self.target):
             reason = "the CPU has no AVX-512 VNNI"
             self.plans = [Plan(n.name or f"{n.op_type}_{i}", reason) for i, n in enumerate(proto.graph.node)
-                          if n.op_type in ("MatMul", "Gemm") and _producer_op(proto, n.input[0]) == "DequantizeLinear"]
+                          if n.op_type in ("MatMul", "Gemm", "Conv")
+                          and _producer_op(proto, n.input[0]) == "DequantizeLinear"]
             return proto
+        from effc.codegen.qdq_conv import plan_conv
         from effc.codegen.qdq_hoist import drop_requantize, hoist_quantize
 
         self.dropped = drop_requantize(proto)
         self.hoisted = hoist_quantize(proto)
         graph = _Graph(proto)
         for i, node in enumerate(list(proto.graph.node)):
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            if node.op_type not in ("MatMul", "Gemm", "Conv") or node.domain not in ("", "ai.onnx"):
                 continue
-            plan = _plan(graph, node, node.name or f"{node.op_type}_{i}")
+            name = node.name or f"{node.op_type}_{i}"
+            plan = plan_conv(graph, node, name) if node.op_type == "Conv" else _plan(graph, node, name)
             if plan is None:
                 continue
             self.plans.append(plan)
@@ -142,7 +145,11 @@ class QdqLowering(ProtoLowering):
     def _convert(self, bb, inputs, attr):
         from tvm import relax
 
+        from effc.codegen.qdq_conv import ConvPlan, convert_conv
+
         plan = self.plans[attr[INDEX_ATTR]]
+        if isinstance(plan, ConvPlan):  # the gather moves an s8 activation to u8 itself
+            return convert_conv(self, bb, inputs[0], plan)
         x = _as_u8(inputs[0]) if plan.x_signed else inputs[0]  # vpdpbusd: the left operand unsigned
         if plan.y:
             return _activation_product(bb, x, inputs[1], plan)

@@ -6,7 +6,8 @@ residual add that follow a conv would be a separate kernel re-reading the whole 
 as ``reshape(op(out, other'), NCHW)`` (other' the per-channel bias as [1, o, 1], a scalar as is, or a
 same-shaped tensor in the unsplit layout) they fuse into the GEMM's tile write-back; the reshape
 that is left is a view. Repeated, a whole chain (bias, GELU's multiplies and erf, a residual add)
-moves above the reshape.
+moves above the reshape; so do per-tensor QuantizeLinear/DequantizeLinear (a QDQ conv's
+requantisation and a residual Add between DQs: effc.codegen.qdq_conv).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import math
 from effc.codegen.conv_gemm import GEMM_PREFIX
 from effc.codegen.relax_rewrite import mutator_pass
 
-UNARY = ("relax.nn.relu", "relax.nn.gelu", "relax.nn.silu", "relax.sigmoid", "relax.tanh", "relax.erf",
+UNARY = ("relax.nn.relu", "relax.astype", "relax.nn.gelu", "relax.nn.silu", "relax.sigmoid", "relax.tanh", "relax.erf",
          "relax.exp", "relax.sqrt", "relax.negative", "relax.abs")
+QDQ = ("relax.quantize", "relax.dequantize")  # a QDQ conv's output QuantizeLinear, its residual's DQ
 BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum")
 
 
@@ -44,6 +46,15 @@ def sink_reshape_pass():
         def visit_call_(self, call):
             call = super().visit_call_(call)
             name = getattr(call.op, "name", None)
+            if name in QDQ:  # (de)quantize per tensor: the data moves, the scalar scale and zero point stay
+                if len(call.args) != 3 or any(_static(a) not in ([], [1]) for a in call.args[1:]):
+                    return call
+                split = self._split(call.args[0])
+                if split is None:
+                    return call
+                inner = self.builder_.emit(relax.Call(call.op, [split[0], *call.args[1:]], call.attrs, call.ty_args))
+                self.sunk.add(inner)
+                return relax.op.reshape(inner, split[1])
             if name not in UNARY + BINARY or len(call.args) != (1 if name in UNARY else 2):
                 return call
             split = next((s for s in (self._split(a) for a in call.args) if s is not None), None)
@@ -99,6 +110,12 @@ def sink_reshape_pass():
             aligned = [1] * (len(full) - len(shape)) + shape
             lead = len(merged) - 1
             if aligned == full:
+                bound = self.lookup_binding(arg) if isinstance(arg, relax.Var) else None
+                if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.dequantize" and \
+                        all(_static(a) in ([], [1]) for a in bound.args[1:]):
+                    # a residual read as bytes: the reshape a view of them, the dequantize in the write-back
+                    data = self.builder_.emit(relax.op.reshape(bound.args[0], merged))
+                    return self.builder_.emit(relax.Call(bound.op, [data, *bound.args[1:]], bound.attrs, bound.ty_args))
                 return self.builder_.emit(relax.op.reshape(arg, merged))
             if all(d == 1 for d in aligned[lead:]) and all(a in (1, f) for a, f in zip(aligned, full)):
                 return self.builder_.emit(relax.op.reshape(arg, aligned[:lead] + [1]))

@@ -6,6 +6,8 @@ pass, run before TVM's own lowering, does the substitution itself: the marked lo
 
     for j in 16: for k in 4: block: C[.., c + j] += int32(A[.., a + k]) * int32(B[.., b_j + j, k])
 
+(A u8 and B s8, or A s8 and B u8: vpdpbusd's unsigned operand is then B's panel)
+
 with C and A contiguous along j and k and B's last two dims [.., 16 * t, 4]; it becomes
 
     C[.., c:c+16] = vpdpbusd(C[.., c:c+16], broadcast(A[.., a:a+4] as int32), B[.., b_j, 0:64])
@@ -96,7 +98,8 @@ def _replace(loop_j):
     if not isinstance(acc, TensorLoad) or not acc.source.same_as(store.buffer) or None in loads:
         return None
     a, b = loads
-    if str(a.source.dtype) != "uint8" or str(b.source.dtype) != "int8" or str(store.buffer.dtype) != "int32":
+    if str(store.buffer.dtype) != "int32" or \
+            {str(a.source.dtype), str(b.source.dtype)} != {"uint8", "int8"}:
         return None
     c_base, c_dj, c_dk = strides(store.indices)
     a_base, a_dj, a_dk = strides(a.indices)
@@ -114,8 +117,12 @@ def _replace(loop_j):
     a_vec = tirx.BufferLoad(a.source, a_base[:-1] + [ramp(a_base[-1], 4)])
     b_vec = tirx.BufferLoad(b.source, b_base[:-1] + [ramp(b_base[-1], 64)])  # 16 rows x 4 bytes, flattened
     a_word = tirx.reinterpret("int32", a_vec)
-    dot = tirx.call_llvm_pure_intrin("int32x16", VPDPBUSD, tirx.BufferLoad(store.buffer, c_idx),
-                                     tirx.reinterpret("int8x64", tirx.Broadcast(a_word, 16)), b_vec)
+    broadcast = tirx.reinterpret("int8x64", tirx.Broadcast(a_word, 16))
+    # vpdpbusd's first operand is the unsigned one: the broadcast row of A (a linear's u8
+    # activation) or the packed panel of B (a conv's u8 im2col, A its s8 weight)
+    unsigned, signed = (broadcast, b_vec) if str(a.source.dtype) == "uint8" else \
+        (tirx.reinterpret("int8x64", b_vec), broadcast)
+    dot = tirx.call_llvm_pure_intrin("int32x16", VPDPBUSD, tirx.BufferLoad(store.buffer, c_idx), unsigned, signed)
     new = tirx.BufferStore(store.buffer, dot, c_idx)
     predicate = at(realize.predicate, 0, 0)
     if not (isinstance(predicate, tirx.IntImm) and predicate.value == 1):

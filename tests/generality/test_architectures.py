@@ -120,11 +120,12 @@ def test_bf16_build_takes_the_bf16_rule(suite, case, precision):
 @requires_vnni
 @pytest.mark.parametrize("case, precision", _low("int8"))
 def test_int8_build_takes_every_qdq_matmul(suite, case, precision):
-    """Every MatMul/Gemm the QDQ graph quantizes runs on the int8 kernels; its convs stay float (said)."""
+    """Every MatMul/Gemm/Conv the QDQ graph quantizes runs on the int8 kernels (ResNet's convs and a
+    ViT's patch conv included); only grouped/depthwise convs may stay float (said)."""
     outcome = suite.outcome(case, precision)
     off = outcome.off_low_precision()
-    assert not [n for n, where in off.items() if not where.startswith("float: Conv")], off
-    assert (INT8_RULE in outcome.kernels.values()) == (case.arch != "resnet")
+    assert not [n for n, where in off.items() if not where.startswith("float: Conv: a grouped")], off
+    assert INT8_RULE in outcome.kernels.values()
 
 
 def check_fold_batchnorm(case, ops, record):

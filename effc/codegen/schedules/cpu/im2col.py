@@ -17,6 +17,9 @@ from effc.codegen.conv_gemm import IM2COL
 from effc.codegen.schedules.cpu.base import CPURule, extent, row_vector_width, vector_lanes
 
 
+FEW_PLANES = 8  # fewer (image, channel) planes than this: rows run in parallel too
+
+
 class Im2col(CPURule):
     name = "im2col"
 
@@ -30,6 +33,9 @@ class Im2col(CPURule):
             return None
         geometry = [int(v) for v in sch.get(gather).annotations[IM2COL]]  # channels per group, *kernel, *out
         for block in blocks[:-1]:  # what the fused kernel computes before the gather (a ReLU)
+            if _quantizes(sch, block):
+                _materialize(sch, block, target)
+                continue
             try:
                 sch.compute_inline(block)
             except Exception:  # not elementwise: left to the fallback
@@ -43,6 +49,8 @@ class Im2col(CPURule):
         *rows, col = sch.split(p, out)
         sch.reorder(*lead, c, *rows, *taps, col)
         plane = sch.fuse(*lead, c)
+        if (extent(sch, plane) or 0) < FEW_PLANES and rows:  # an RGB stem: its output rows shared out too
+            plane = sch.fuse(plane, rows[0])
         lanes = vector_lanes(str(sch.get(gather).writes[0].source.dtype), target)
         width = row_vector_width(out[-1], lanes)
         if width != out[-1]:
@@ -50,6 +58,28 @@ class Im2col(CPURule):
         sch.vectorize(col)
         sch.parallel(plane)
         return sch
+
+
+def _quantizes(sch, block) -> bool:
+    """A float -> 8-bit block (a QDQ stem's input QuantizeLinear): inlined, the gather would round
+    every input byte once per tap that reads it (49 times for a 7 x 7 kernel)."""
+    stmt = sch.get(block)
+    return str(stmt.writes[0].source.dtype) in ("uint8", "int8") and \
+        any(str(r.source.dtype).startswith("float") for r in stmt.reads)
+
+
+def _materialize(sch, block, target) -> None:
+    """``block`` computed once before the gather: its loops fused, vectorised and parallel."""
+    loops = sch.get_loops(block)
+    flat = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    lanes = vector_lanes(str(sch.get(block).writes[0].source.dtype), target)
+    total = extent(sch, flat)
+    if total and total % lanes == 0:
+        outer, inner = sch.split(flat, [None, lanes])
+        sch.vectorize(inner)
+        sch.parallel(outer)
+    else:
+        sch.parallel(flat)
 
 
 def _prod(values) -> int:

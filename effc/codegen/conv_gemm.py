@@ -38,8 +38,6 @@ DIRECT_MAX_CHANNELS = 4  # convs with at most this many input channels ...
 DIRECT_MAX_TAPS = 256  # ... and taps per output (3 x 7 x 7 = 147) are left to the window rule
 PIXEL_TILE = 32  # the fp32 matmul rule's j tile (2 AVX-512 vectors) ...
 BF16_PIXEL_TILE = 16  # ... and the bf16 rule's granule (one vector: its edge panel computes whole vectors)
-MAX_JUNK = 1 / 8  # junk columns (of the pixels) beyond which the flat gather is not taken
-FLAT_GATHER = True
 MAX_PIXEL_PAD = 1 / 8  # padded pixel columns (of the pixels) beyond which the pixels become the rows
 BF16 = "bfloat16"
 LAYOUTS = {"relax.nn.conv1d": ("NCW", "OIW", "NCW"), "relax.nn.conv2d": ("NCHW", "OIHW", "NCHW")}
@@ -69,12 +67,6 @@ def conv_gemm_pass(precision: str = "fp32"):
             if conv.pointwise and conv.groups == 1:
                 col = emit(op.reshape(call.args[0], [conv.n, conv.c, conv.pixels]))
                 out = self.builder_.emit_te(lambda w, x: _gemm(w, x, conv), w2, col, primfunc_name_hint=GEMM_PREFIX)
-            elif conv.shifted and FLAT_GATHER:  # col's rows: shifted slices of the padded input (module doc)
-                xp = self.builder_.emit_te(lambda x: _pad_flat(x, conv), call.args[0], primfunc_name_hint="conv_pad")
-                xp = emit(op.reshape(xp, [conv.n, conv.c, math.prod(conv.flat_shape)]))
-                out = self.builder_.emit_te(lambda w, x: _gemm(w, _shifted(x, conv), conv, conv.flat_pixels), w2, xp,
-                                            primfunc_name_hint=GEMM_PREFIX)
-                return _crop_output(out, conv)
             elif all(s == 1 for s in conv.stride) and not conv.pixel_rows:  # the gather runs in the GEMM's packing of col
                 out = self.builder_.emit_te(lambda w, x: _gemm(w, _im2col(x, conv), conv), w2, call.args[0],
                                             primfunc_name_hint=GEMM_PREFIX)
@@ -96,16 +88,6 @@ def conv_gemm_pass(precision: str = "fp32"):
             return _to_output(out, conv)
 
     return mutator_pass(ConvGemm, "EffcConvGemm")
-
-
-def _crop_output(out, conv):
-    """The flat GEMM's [n, (g,) o, out rows * padded width] as NCHW: its junk columns cropped."""
-    from tvm import relax
-
-    if len(conv.out) == 1:  # a conv1d's padded width has no junk columns
-        return _to_output(out, conv)
-    wide = relax.op.reshape(out, [conv.n, conv.o, *conv.out[:-1], conv.flat_width])
-    return relax.op.strided_slice(wide, axes=[len(conv.out) + 1], begin=[0], end=[conv.out[-1]])
 
 
 def _to_output(out, conv):
@@ -144,18 +126,6 @@ class ConvShape:
         self.pixel_rows = self.pads_pixels(PIXEL_TILE)
         self.pointwise = (all(kk == 1 for kk in self.kernel) and all(s == 1 for s in self.stride)
                           and not any(self.pad_before) and not any(pad_after))
-        # the flat gather (_pad_flat, _shifted): a stride-1 conv's input zero-padded once, rows of
-        # flat_width, so that tap t of pixel q reads padded[q + offset(t)]; the GEMM computes
-        # flat_width - out[-1] junk columns per output row, which the crop drops
-        self.padded = [size + pb + pa for size, pb, pa in zip(self.spatial, self.pad_before, pad_after)]
-        self.flat_width = self.padded[-1]
-        self.flat_pixels = math.prod(self.out[:-1]) * self.flat_width if len(self.out) > 1 else self.pixels
-        reach = self.dilation[-1] * (self.kernel[-1] - 1)  # the last row's junk columns read past the end
-        self.flat_shape = list(self.padded)  # a conv1d has no junk columns: it reads no further
-        if len(self.padded) > 1:
-            self.flat_shape[0] += -(-reach // self.flat_width)
-        self.shifted = (all(s == 1 for s in self.stride) and not self.pointwise and not self.pixel_rows
-                        and self.flat_pixels - self.pixels <= MAX_JUNK * self.pixels)
 
 
     def pads_pixels(self, tile: int) -> bool:
@@ -217,47 +187,13 @@ def _im2col(x, conv: ConvShape, dtype: str | None = None):
     return te.compute(shape, gather, name="im2col", attrs={IM2COL: [conv.cg, *conv.kernel, *conv.out]})
 
 
-def _pad_flat(x, conv: ConvShape):
-    """xp[n, c, *conv.flat_shape]: the input zero-padded (conv.padded), with the zeros after it that
-    the last row's junk columns read (one more row, or a conv1d's longer tail); reshaped flat."""
-    from tvm import te, tirx
-
-    def pad(n, c, *pos):
-        src = [q - b for q, b in zip(pos, conv.pad_before)]
-        inside = tirx.all(*[tirx.all(q >= 0, q < size) for q, size in zip(src, conv.spatial)])
-        safe = [tirx.max(tirx.min(q, size - 1), 0) for q, size in zip(src, conv.spatial)]
-        return tirx.if_then_else(inside, x[(n, c, *safe)], tirx.const(0, x.dtype))
-
-    return te.compute([conv.n, conv.c, *conv.flat_shape], pad, name="conv_pad")
-
-
-def _shifted(xp, conv: ConvShape):
-    """col[n, (g,) k, q] = xp[n, c, q + offset(taps)]: q runs over out rows x conv.flat_width, so
-    every col row is a contiguous slice of xp (no per-pixel index arithmetic, no bounds test)."""
-    from tvm import te
-
-    grouped = conv.groups > 1
-    strides = [math.prod(conv.padded[a + 1:]) for a in range(len(conv.padded))]
-
-    def gather(n, *idx):
-        g, k, q = idx if grouped else (0, *idx)
-        offset = 0
-        for size, d, stride in reversed(list(zip(conv.kernel, conv.dilation, strides))):
-            offset = offset + (k % size) * (d * stride)
-            k = k // size
-        return xp[n, g * conv.cg + k, q + offset]
-
-    shape = [conv.n] + ([conv.groups] if grouped else []) + [conv.k, conv.flat_pixels]
-    return te.compute(shape, gather, name="im2col")
-
-
 def _no_pad_after(conv: ConvShape) -> bool:
     """True when no output tap reads past the input's end (only the padding after can cause it)."""
     return all((o - 1) * s + (kk - 1) * d < size for o, s, kk, d, size in
                zip(conv.out, conv.stride, conv.kernel, conv.dilation, conv.spatial))
 
 
-def _gemm(w2, col, conv: ConvShape, pixels: int | None = None):
+def _gemm(w2, col, conv: ConvShape):
     """out[n, (g,) o, p] = sum_k w2[(n,) (g,) o, k] * col[n, (g,) k, p]: w2 carries the image axis
     when there are several images (broadcast at compile time), so that every operand has it."""
     from tvm import te
@@ -273,5 +209,5 @@ def _gemm(w2, col, conv: ConvShape, pixels: int | None = None):
         w, x = f32(w2[(*([n] * lead), *g, o, r)]), f32(col[(n, *g, r, p)])
         return te.sum(x * w if conv.pixel_rows else w * x, axis=r)  # the first operand: the rule's rows
 
-    shape = [conv.n] + ([conv.groups] if conv.groups > 1 else []) + [conv.o // conv.groups, pixels or conv.pixels]
+    shape = [conv.n] + ([conv.groups] if conv.groups > 1 else []) + [conv.o // conv.groups, conv.pixels]
     return te.compute(shape, product, name="conv_gemm")

@@ -20,7 +20,9 @@ An NCHW conv (1-D or 2-D, any stride, padding, dilation, groups) computes, per i
   bias, activation and residual add above that reshape, into the GEMM's tile write-back.
 
 The matmul rule reads W2 in place (one broadcast per row and k step) and packs col into j-panels per
-call (k * pixels, against the GEMM's o * k * pixels). A depthwise conv (one input channel per
+call (k * pixels, against the GEMM's o * k * pixels). That gather's index arithmetic is not what
+the stride-1 convs lose to ONNX Runtime: gathering from a once-padded input instead (every col row a
+contiguous shifted slice, junk columns cropped) left the GEMM's time unchanged (docs/convnets.md). A depthwise conv (one input channel per
 group) is no GEMM (k = the taps alone): it stays a conv, for the window rule; so does a conv with a
 few input channels (ConvShape.direct: an image's or a waveform's stem).
 """

@@ -100,10 +100,13 @@ def _inline(sch, blocks: list) -> list:
 
 
 def _strided_rows(block, inner: int) -> bool:
-    """Whether ``block`` reads rows at another pitch than its ``inner`` extent: an index of a last
-    axis that is the innermost iterator (plus a constant) of a longer axis, or row * pitch + it.
+    """Whether ``block`` pads (an if_then_else) or reads rows at another pitch than its ``inner``
+    extent: an index of a last axis that is the innermost iterator (plus a constant) of a longer
+    axis, or row * pitch + it.
     A fused loop would locate those by div/mod per element. (A reshape reads row * inner + it:
     fused, that cancels.)"""
+    if "if_then_else" in str(block.body):  # a padding (bounds tests): its row is the inner loop
+        return True
     var = block.iter_vars[-1].var
     for region in block.reads:
         index = region.region[-1].min

@@ -7,19 +7,21 @@ quantize_static writes) becomes, per image, conv_gemm's NCHW product with bytes 
     acc[n, o, p] = sum_k W_s8[o, k] * col_u8[n, k, p]             (vpdpbusd: W broadcast, col packed)
     y[n, o, p]   = float(acc + comp[o]) * scale[o] (+ bias[o])    comp = -zx * sum_k W[o, k]
 
-``col`` gathers the (channel, tap) bytes each output pixel reads (conv_gemm's im2col, a kernel of
-its own; a pointwise conv's col is its input); a tap on the padding reads the zero point zx, the
-byte whose real value is 0, so the one correction comp holds for every pixel. The int8 rule packs
-col into its panels per call. The
-product keeps the output channels as rows: the result is NCHW with no transpose, and sink_reshape
-moves what follows (the output QuantizeLinear, a residual DQ + Add, ReLU) into the tile write-back.
-An s8 activation is moved to u8 in the gather (x + 128, zx + 128). k is padded to whole 4-byte steps
-with zero weights. Grouped and depthwise convs, and anything not fitting the above, stay on the
-float path with their reason.
+``col`` gathers the (channel, tap) bytes each output pixel reads: conv_gemm's im2col as a kernel of
+its own (the im2col rule's row copies), from the input copied once into a buffer padded with the zero
+point zx, the byte whose real value is 0 (so the one correction comp holds for every pixel, and the
+taps read with no bound checks); a pointwise conv's col is its input. An input that is the previous
+conv's product is read through its flat [n, c, pixels] view (sink_reshape folds the reshape pair).
+The int8 rule packs col into its panels per call. The product keeps the output channels as rows: the
+result is NC(H)W with no transpose, and sink_reshape moves what follows (the output QuantizeLinear, a
+residual DQ + Add, ReLU) into the tile write-back. An s8 activation is moved to u8 on the way
+(x + 128, zx + 128); k is padded to whole 4-byte steps with zero weights. Grouped and depthwise
+convs, and anything not fitting the above, stay on the float path with their reason.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -112,8 +114,12 @@ def convert_conv(lowering, bb, x, plan: ConvPlan):
         col = bb.emit(relax.op.reshape(x, [conv.n, conv.c, conv.pixels]))
         col_u8 = lambda ct: _as_u8(ct) if plan.x_signed else ct  # noqa: E731
     else:
-        # the gather as a kernel of its own (the im2col rule: row copies): inside the GEMM's packing
-        # of col, its per-byte index arithmetic and bound checks made a 3x3 conv 2.5x slower
+        # the gather as a kernel of its own (inside the GEMM's packing of col, its per-byte index
+        # arithmetic and bound checks made a 3x3 conv 2.5x slower), reading a previous conv's product
+        # through its flat view (through the NCHW view, the reshape fused into the gather cost
+        # divisions and modulos per byte: a 3x3 gather at 28 x 28 ran 3x slower)
+        if _from_conv_product(bb, x):
+            x = bb.emit(relax.op.reshape(x, [conv.n, conv.c, math.prod(conv.spatial)]))
         col = bb.emit_te(lambda xt: _gather(xt, conv, plan), x, primfunc_name_hint="im2col")
         col_u8 = lambda ct: ct  # noqa: E731
     acc = bb.emit_te(lambda wt, ct: _gemm(wt, _pad_k(col_u8(ct), conv, plan, kp), conv, kp), w, col,
@@ -130,15 +136,71 @@ def convert_conv(lowering, bb, x, plan: ConvPlan):
     return y
 
 
+def _from_conv_product(bb, x, depth: int = 8) -> bool:
+    """``x`` is an elementwise chain (its requantisation, a residual add) on a conv GEMM's product
+    reshaped to NC(H)W, as this module emits it (the gather then reads the product's flat view;
+    through anything else, a max pool's output, it keeps the NCHW indices)."""
+    from tvm import relax
+
+    from effc.codegen.conv_gemm import GEMM_PREFIX
+
+    for _ in range(depth):
+        bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else x  # the importer's unbound calls too
+        if not isinstance(bound, relax.Call):
+            return False
+        name = getattr(bound.op, "name", "")
+        if name == "relax.call_tir":
+            return getattr(bound.args[0], "name_hint", "").startswith(GEMM_PREFIX)
+        if name != "relax.reshape" and name not in ELEMENTWISE or not bound.args:
+            return False
+        x = bound.args[0]
+    return False
+
+
+ELEMENTWISE = ("relax.quantize", "relax.dequantize", "relax.add", "relax.multiply", "relax.astype",
+               "relax.nn.relu", "relax.clip", "relax.round", "relax.divide", "relax.subtract", "relax.maximum",
+               "relax.minimum")
+
+
 def _gather(x, conv, plan: ConvPlan):
-    """col[n, k, p] as u8: k = (channel, *taps), p = output pixel, row-major; a padding tap reads
-    the zero point. Annotated for the im2col rule (schedules/cpu/im2col.py) when it is a kernel."""
+    """col[n, k, p] as u8: k = (channel, *taps), p = output pixel, row-major. A padded conv first
+    copies its input into a zero-point-padded buffer (the gather's kernel computes it once, the
+    im2col rule's MATERIALIZE): the taps then read it with no bound checks or clamped indices,
+    and a stride-1 tap row is one contiguous vector load."""
     from tvm import te, tirx
 
     from effc.codegen.conv_gemm import IM2COL
+    from effc.codegen.schedules.cpu.im2col import MATERIALIZE
 
-    zero = tirx.const(plan.x_zero, "uint8")
+    flat = len(x.shape) == 3 and len(conv.spatial) > 1  # the previous conv's [n, c, pixels] product
+
+    def read(n, c, pos):  # x at spatial position pos, as u8
+        if flat:
+            offset = 0
+            for q, size in zip(pos, conv.spatial):
+                offset = offset * size + q
+            pos = [offset]
+        value = x[(n, c, *pos)]
+        if plan.x_signed:  # s8 -> u8, the zero point moved alike (plan_conv)
+            value = tirx.Cast("uint8", tirx.Cast("int32", value) + 128)
+        return value
+
     bounded = any(conv.pad_before) or not _inside(conv)
+    if bounded:
+        extents = [(q - 1) * s + (kk - 1) * d + 1 for q, s, kk, d in zip(conv.out, conv.stride, conv.kernel,
+                                                                          conv.dilation)]
+
+        def pad(n, c, *idx):
+            pos = [i - b for i, b in zip(idx, conv.pad_before)]
+            inside = tirx.all(*[tirx.all(q >= 0, q < size) for q, size in zip(pos, conv.spatial)])
+            # the load is clamped into the input too: a vectorised select may evaluate both sides
+            safe = [tirx.max(tirx.min(q, size - 1), 0) for q, size in zip(pos, conv.spatial)]
+            return tirx.if_then_else(inside, read(n, c, safe), tirx.const(plan.x_zero, "uint8"))
+
+        source = te.compute([conv.n, conv.c, *extents], pad, name="im2col_pad", attrs={MATERIALIZE: 1})
+        at = lambda n, c, pos: source[(n, c, *pos)]  # noqa: E731
+    else:
+        at = read
 
     def gather(n, k, p):
         taps, out = [], []
@@ -148,16 +210,9 @@ def _gather(x, conv, plan: ConvPlan):
         for size in reversed(conv.out):
             out.insert(0, p % size)
             p = p // size
-        pos = [q * s + t * d - b for q, s, t, d, b in zip(out, conv.stride, taps, conv.dilation, conv.pad_before)]
-        # the load is clamped into the input too: a vectorised select may evaluate both sides
-        safe = [tirx.max(tirx.min(q, size - 1), 0) for q, size in zip(pos, conv.spatial)] if bounded else pos
-        value = x[(n, k, *safe)]
-        if plan.x_signed:  # s8 -> u8, the zero point moved alike (plan_conv)
-            value = tirx.Cast("uint8", tirx.Cast("int32", value) + 128)
-        if not bounded:
-            return value
-        inside = tirx.all(*[tirx.all(q >= 0, q < size) for q, size in zip(pos, conv.spatial)])
-        return tirx.if_then_else(inside, value, zero)
+        offset = [0] * len(out) if bounded else conv.pad_before  # the padded buffer starts at -pad
+        pos = [q * s + t * d - b for q, s, t, d, b in zip(out, conv.stride, taps, conv.dilation, offset)]
+        return at(n, k, pos)
 
     return te.compute([conv.n, conv.k, conv.pixels], gather, name="im2col_u8",
                       attrs={IM2COL: [conv.c, *conv.kernel, *conv.out]})

@@ -25,6 +25,8 @@ time with the row sums of A and the column sums of B:
     sum_k (a - za)(b - zb) = acc - zb * rowsum(a) - za * colsum(b) + K za zb,  acc = a_u8 . b_s8
 
 each sum emitted only where the zero point it multiplies is not 0 (P from a softmax has za = 0).
+
+A QDQ Conv is planned and converted by effc.codegen.qdq_conv (W_s8 x a u8 im2col on the same rule).
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ class ProtoLowering:
 
 @dataclass
 class QdqLowering(ProtoLowering):
-    """Plans every MatMul/Gemm of a proto for ``target`` and converts the taken ones during import."""
+    """Plans every MatMul/Gemm/Conv of a proto for ``target`` and converts the taken ones during import."""
+
+    convs: int = 0  # Conv plans among them (effc.codegen.qdq_conv)
 
     def rewrite(self, proto):
         from onnx import helper
@@ -108,6 +112,8 @@ class QdqLowering(ProtoLowering):
             self.plans = [Plan(n.name or f"{n.op_type}_{i}", reason) for i, n in enumerate(proto.graph.node)
                           if n.op_type in ("MatMul", "Gemm", "Conv")
                           and _producer_op(proto, n.input[0]) == "DequantizeLinear"]
+            self.convs = sum(n.op_type == "Conv" and _producer_op(proto, n.input[0]) == "DequantizeLinear"
+                             for n in proto.graph.node)
             return proto
         from effc.codegen.qdq_conv import plan_conv
         from effc.codegen.qdq_hoist import drop_requantize, hoist_quantize
@@ -122,6 +128,7 @@ class QdqLowering(ProtoLowering):
             plan = plan_conv(graph, node, name) if node.op_type == "Conv" else _plan(graph, node, name)
             if plan is None:
                 continue
+            self.convs += node.op_type == "Conv"
             self.plans.append(plan)
             if plan.reason:
                 continue
@@ -132,8 +139,8 @@ class QdqLowering(ProtoLowering):
             node.attribute.append(helper.make_attribute(INDEX_ATTR, len(self.plans) - 1))
         return proto
 
-    def summary(self, what: str = "QDQ matmuls") -> str:
-        text = super().summary(what)
+    def summary(self, what: str = "") -> str:
+        text = super().summary(what or ("QDQ matmuls and convs" if self.convs else "QDQ matmuls"))
         moved = f"; {self.hoisted} QuantizeLinear moved ahead of Reshape/Transpose" if self.hoisted else ""
         if self.dropped:
             moved += f"; {self.dropped} DequantizeLinear/QuantizeLinear pairs around Reshape/Transpose dropped"

@@ -46,6 +46,8 @@ def sink_reshape_pass():
         def visit_call_(self, call):
             call = super().visit_call_(call)
             name = getattr(call.op, "name", None)
+            if name == "relax.reshape":  # of a reshape: one reshape, or none (an int8 conv's flat view
+                return self._fold_reshapes(call)  # of the previous conv's product: effc.codegen.qdq_conv)
             if name in QDQ:  # (de)quantize per tensor: the data moves, the scalar scale and zero point stay
                 if len(call.args) != 3 or any(_static(a) not in ([], [1]) for a in call.args[1:]):
                     return call
@@ -68,6 +70,15 @@ def sink_reshape_pass():
             inner = self.builder_.emit(relax.Call(call.op, args, call.attrs, call.ty_args))
             self.sunk.add(inner)
             return relax.op.reshape(inner, full)
+
+        def _fold_reshapes(self, call):
+            source = self.lookup_binding(call.args[0]) if isinstance(call.args[0], relax.Var) else None
+            if not isinstance(source, relax.Call) or getattr(source.op, "name", None) != "relax.reshape":
+                return call
+            inner, shape = source.args[0], getattr(call.args[1], "values", None)
+            if shape is not None and _static(inner) == [int(v) for v in shape]:
+                return inner
+            return relax.op.reshape(inner, call.args[1])
 
         def _split(self, arg):
             """(source, shape) when ``arg`` is reshape(source, shape) that splits source's last axis."""

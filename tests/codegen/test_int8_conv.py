@@ -44,6 +44,7 @@ def test_qdq_conv_on_int8_kernels_matches_ort(tmp_path, case):
     res, manifest = compile_and_compare(path, tmp_path / "out", feed, step_of(path, "y_scale"))
     assert [(c["node"], c["lowering"]) for c in manifest["custom_ops"]] == [("conv", "int8-vnni")]
     assert res.rule_hits.get("int8-matmul") == 1, res.kernels
+    assert "QDQ matmuls and convs: 1 of 1 on the int8-vnni kernels" in res.custom_summary, res.custom_summary
     # the output QuantizeLinear (and a residual Add) run in the GEMM's write-back, not over float memory
     gemm = next(k for k, r in res.kernels.items() if r == "int8-matmul")
     assert "quantize" in gemm, res.kernels

@@ -17,6 +17,7 @@ from effc.codegen.conv_gemm import IM2COL
 from effc.codegen.schedules.cpu.base import CPURule, extent, row_vector_width, vector_lanes
 
 
+MATERIALIZE = "effc.im2col_materialize"  # a block before the gather computed once (an int8 conv's padded input)
 FEW_PLANES = 8  # fewer (image, channel) planes than this: rows run in parallel too
 
 
@@ -33,7 +34,7 @@ class Im2col(CPURule):
             return None
         geometry = [int(v) for v in sch.get(gather).annotations[IM2COL]]  # channels per group, *kernel, *out
         for block in blocks[:-1]:  # what the fused kernel computes before the gather (a ReLU)
-            if _quantizes(sch, block):
+            if _quantizes(sch, block) or MATERIALIZE in sch.get(block).annotations:
                 _materialize(sch, block, target)
                 continue
             try:
@@ -69,17 +70,18 @@ def _quantizes(sch, block) -> bool:
 
 
 def _materialize(sch, block, target) -> None:
-    """``block`` computed once before the gather: its loops fused, vectorised and parallel."""
+    """``block`` computed once before the gather: parallel over its outer loops, its rows vectorised."""
     loops = sch.get_loops(block)
-    flat = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
     lanes = vector_lanes(str(sch.get(block).writes[0].source.dtype), target)
-    total = extent(sch, flat)
-    if total and total % lanes == 0:
-        outer, inner = sch.split(flat, [None, lanes])
+    width = extent(sch, loops[-1]) or 1
+    vector = row_vector_width(width, lanes)
+    if vector != width:
+        _, inner = sch.split(loops[-1], [None, vector])
         sch.vectorize(inner)
-        sch.parallel(outer)
     else:
-        sch.parallel(flat)
+        sch.vectorize(loops[-1])
 
 
 def _prod(values) -> int:

@@ -22,7 +22,7 @@ An NCHW conv (1-D or 2-D, any stride, padding, dilation, groups) computes, per i
 The matmul rule reads W2 in place (one broadcast per row and k step) and packs col into j-panels per
 call (k * pixels, against the GEMM's o * k * pixels).
 
-The flat gather (ConvShape.shifted: stride 1, pixels as columns, junk within MAX_JUNK): the input
+The flat gather (ConvShape.shifted: 2-D, stride 1, pixels as columns, junk within MAX_JUNK): the input
 is zero-padded once (``conv_pad``, rows of flat_width = the padded width), and tap t of output pixel
 q = y * flat_width + x reads padded[q + offset(t)]: every col row is a contiguous slice, so the
 matmul rule reads it in place (IN_PLACE) with no per-call packing of col. The GEMM computes
@@ -112,11 +112,9 @@ def _crop_output(out, conv):
     from tvm import relax
 
     op = relax.op
-    rows = math.prod(conv.out[:-1]) * conv.flat_width if len(conv.out) > 1 else conv.pixels
+    rows = math.prod(conv.out[:-1]) * conv.flat_width
     if rows < conv.flat_pixels:  # the tail that rounds the columns up to whole tiles
         out = op.strided_slice(out, axes=[2 + (conv.groups > 1)], begin=[0], end=[rows])
-    if len(conv.out) == 1:  # a conv1d's padded width has no junk columns
-        return _to_output(out, conv)
     wide = op.reshape(out, [conv.n, conv.o, *conv.out[:-1], conv.flat_width])
     return op.strided_slice(wide, axes=[len(conv.out) + 1], begin=[0], end=[conv.out[-1]])
 
@@ -169,8 +167,10 @@ class ConvShape:
         reach = sum(d * (kk - 1) * st for d, kk, st in zip(self.dilation, self.kernel, strides))
         inner = math.prod(self.padded[1:])  # the zeros after the input: rows of the first spatial axis
         self.flat_shape = [-(-(self.flat_pixels + reach) // inner), *self.padded[1:]]
-        self.shifted = (all(s == 1 for s in self.stride) and not self.pointwise and not self.pixel_rows
-                        and self.flat_pixels - self.pixels <= MAX_JUNK * self.pixels)
+        # 2-D only: a conv1d's packed gather has no row index to split (the audio stem's conv1 was
+        # as fast either way)
+        self.shifted = (len(self.out) == 2 and all(s == 1 for s in self.stride) and not self.pointwise
+                        and not self.pixel_rows and self.flat_pixels - self.pixels <= MAX_JUNK * self.pixels)
 
 
     def pads_pixels(self, tile: int) -> bool:
@@ -234,7 +234,7 @@ def _im2col(x, conv: ConvShape, dtype: str | None = None):
 
 def _pad_flat(x, conv: ConvShape):
     """xp[n, c, *conv.flat_shape]: the input zero-padded (conv.padded), with the zeros after it
-    that the last row's junk columns and the tail read (more rows, or a conv1d's longer end)."""
+    that the last row's junk columns and the tail read (more rows)."""
     from tvm import te, tirx
 
     def pad(n, c, *pos):

@@ -49,7 +49,6 @@ CASES = [  # n, c, spatial, o, k, pad, dilation, groups, residual
     (2, 12, (11, 13), 32, 3, 2, 2, 1, False),  # dilated: taps 2 apart, 2 rows of zeros
     (2, 16, (9, 10), 32, 3, 1, 1, 2, False),  # two groups
     (1, 8, (10, 7), 16, 5, 2, 1, 1, False),  # 5 x 5
-    (2, 24, (45,), 40, 3, 1, 1, 1, False),  # conv1d: no junk, only the tail to whole tiles
 ]
 
 
@@ -65,7 +64,7 @@ def test_flat_gather_matches_ort(tmp_path, monkeypatch, n, c, hw, o, k, pad, dil
 
 def test_flat_gather_taken_where_junk_is_small():
     """56 x 56 (ResNet's first stage): 2 junk columns of 58, taken; 28 x 28 (30 wide: 10% junk
-    with the tail) and 7 x 7 (pixels as rows) keep the packed gather; strided convs never take it."""
+    with the tail), 7 x 7 (pixels as rows), strided convs and conv1d keep the packed gather."""
     from types import SimpleNamespace
 
     def shape(c, size, stride=1):  # the conv attributes ConvShape reads
@@ -74,3 +73,6 @@ def test_flat_gather_taken_where_junk_is_small():
 
     assert shape(64, 56).shifted and shape(64, 56).flat_pixels == 56 * 58 + 16
     assert not shape(128, 28).shifted and not shape(512, 7).shifted and not shape(64, 56, 2).shifted
+    conv1d = conv_gemm.ConvShape([1, 80, 3000], [384, 80, 3], SimpleNamespace(groups=1, strides=[1], dilation=[1],
+                                                                            padding=[1, 1]))
+    assert not conv1d.shifted  # 2-D only (the audio stem's conv1 was as fast either way)

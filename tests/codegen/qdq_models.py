@@ -37,8 +37,9 @@ def calibration(shape, count: int = 4, seed: int = 1) -> list[np.ndarray]:
 
 
 def quantize_qdq(model: onnx.ModelProto, path, samples: list[np.ndarray], op_types=("MatMul",),
-                 per_channel: bool = True, activation: str = "u8") -> str:
-    """``model`` quantized by ORT's quantize_static into ``path`` (QDQ, MinMax, s8 weights)."""
+                 per_channel: bool = True, activation: str = "u8", symmetric: bool = False) -> str:
+    """``model`` quantized by ORT's quantize_static into ``path`` (QDQ, MinMax, s8 weights);
+    ``symmetric``: activation zero points 0 (s8) or 128 (u8)."""
     import onnxruntime.quantization as q
 
     class Reader(q.CalibrationDataReader):
@@ -53,7 +54,8 @@ def quantize_qdq(model: onnx.ModelProto, path, samples: list[np.ndarray], op_typ
     q.quantize_static(src, str(path), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
                       activation_type=q.QuantType.QUInt8 if activation == "u8" else q.QuantType.QInt8,
                       weight_type=q.QuantType.QInt8, op_types_to_quantize=list(op_types),
-                      calibrate_method=q.CalibrationMethod.MinMax)
+                      calibrate_method=q.CalibrationMethod.MinMax,
+                      extra_options={"ActivationSymmetric": True} if symmetric else None)
     return str(path)
 
 
@@ -85,11 +87,12 @@ def int4_matmul(m_rows: tuple, k: int, n: int, block: int = 32, seed: int = 0, s
 
 
 def float_attention(batch: int = 2, seq: int = 9, heads: int = 3, head_dim: int = 8, seed: int = 0,
-                    mask: bool = True) -> onnx.ModelProto:
+                    mask: bool | str = True) -> onnx.ModelProto:
     """x[batch, seq, heads * head_dim] -> LayerNorm -> q, k, v projections (+ bias) -> heads ->
     softmax(q k^T * scale + mask) v -> merge -> output projection + bias + x: the attention of an
     exported ViT/BERT, whose two activation x activation MatMuls quantize_static gives DQ on both
-    inputs."""
+    inputs. ``mask``: True (the last key masked), False (none) or "zero" (a constant 0 added, as an
+    exported ViT does)."""
     rng = np.random.default_rng(seed)
     dim = heads * head_dim
     inits, nodes = [], []
@@ -117,8 +120,9 @@ def float_attention(batch: int = 2, seq: int = 9, heads: int = 3, head_dim: int 
     vh = node("Transpose", [node("Reshape", [v, heads_shape], "v4")], "vh", perm=[0, 2, 1, 3])
     scores = node("Mul", [node("MatMul", [qh, kh], "qk"), const("scale", np.float32(head_dim ** -0.5))], "scores")
     if mask:  # the last key masked out, as padding would be
-        bias = np.zeros((1, 1, 1, seq), np.float32)
-        bias[..., -1] = -1e4
+        bias = np.zeros((1, 1, seq, seq) if mask == "zero" else (1, 1, 1, seq), np.float32)
+        if mask != "zero":
+            bias[..., -1] = -1e4
         scores = node("Add", [scores, const("mask", bias)], "masked")
     attn = node("MatMul", [node("Softmax", [scores], "probs", axis=-1), vh], "pv")
     merged = node("Reshape", [node("Transpose", [attn], "attn_t", perm=[0, 2, 1, 3]), flat_shape], "merged")

@@ -152,3 +152,53 @@ def test_cpu_without_vnni_takes_the_float_path(tmp_path):
     res, manifest = compile_and_compare(path, tmp_path / "out", feed, step_of(path, "m2_scale"), target)
     assert "int8-matmul" not in res.rule_hits
     assert {c["reason"] for c in manifest["custom_ops"]} == {"the CPU has no AVX-512 VNNI"}
+
+
+ALL_OPS = ("MatMul", "Mul", "Add", "Softmax", "Reshape", "Transpose")
+
+
+@requires_vnni
+@pytest.mark.parametrize("seq, head_dim, activation, symmetric, mask", [
+    (37, 32, "u8", False, True),     # nonzero zero points on both sides, a real mask, 1/sqrt(32)
+    (197, 64, "s8", True, "zero"),   # ViT's shape: zero points 0, a constant zero mask, 1/8
+])
+def test_all_ops_attention_quantizes_the_scores_once(tmp_path, seq, head_dim, activation, symmetric, mask):
+    """A copy quantized with every op (as the benchmarked ViT/BERT copies are) requantises the scores
+    after Q.K^T, after the 1/sqrt(d) Mul and after the mask Add; the Mul's (and a zero mask's) Q give
+    back their input's bytes and are dropped (effc.codegen.qdq_identity), so Q.K^T's write-back
+    quantizes once (twice with a real mask). Batch 2, 3 heads; agrees with ORT within one step."""
+    batch, heads = 2, 3
+    shape = [batch, seq, heads * head_dim]
+    path = quantize_qdq(float_attention(batch, seq, heads, head_dim, mask=mask), tmp_path / "a.onnx",
+                        calibration(shape), op_types=ALL_OPS, activation=activation, symmetric=symmetric)
+    zps = {t.name: int(numpy_helper.to_array(t)) for t in onnx.load(path).graph.initializer
+           if t.name.endswith("_zero_point") and t.dims == []}
+    assert all((zps[f"{t}_bias_zero_point"] == 0) == symmetric for t in "qkv"), zps
+    feed = {"x": calibration(shape, 1, seed=9)[0]}
+    res, manifest = compile_and_compare(path, tmp_path / "out", feed, step_of(path, "y_scale"))
+    lowered = {c["node"]: c["lowering"] for c in manifest["custom_ops"]}
+    assert lowered["qk"] == lowered["pv"] == "int8-vnni"
+    unit = 1 if mask is True else 2
+    assert f"{unit} QuantizeLinear giving back their input's bytes" in res.custom_summary, res.custom_summary
+    qk = [k for k in res.kernels if k.startswith("fused_matmul") and "subtract" in k and k.count("quantize") > 0]
+    assert qk and min(k.count("quantize") - k.count("dequantize") for k in qk) <= (2 if mask is True else 1), qk
+
+
+def test_k_transposed_heads_are_read_as_rows():
+    """Q.K^T's B = Transpose(K heads, perm 0,2,3,1) is taken as B^T = one permute of K's rows that
+    keeps their 64 bytes contiguous (0,2,1,3), no byte transpose; V's heads (0,2,1,3) stay B."""
+    from tvm import relax
+
+    from effc.codegen.qdq_lowering import _rows_transposed
+
+    bb = relax.BlockBuilder()
+    k = relax.Var("k", relax.TensorType([1, 197, 6, 64], "uint8"))
+    with bb.function("f", [k]):
+        k_t = bb.emit(relax.op.permute_dims(k, [0, 2, 3, 1]))
+        rows = _rows_transposed(bb, k_t)
+        assert rows is not None and [int(a) for a in rows.attrs.axes] == [0, 2, 1, 3]
+        assert [int(d) for d in bb.normalize(rows).ty.shape] == [1, 6, 197, 64]
+        v_heads = bb.emit(relax.op.permute_dims(k, [0, 2, 1, 3]))
+        assert _rows_transposed(bb, v_heads) is None
+        assert _rows_transposed(bb, k) is None
+        bb.emit_func_output(k_t)

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 MODELS = ("resnet18", "audio-stem")
+NOTES = "## Notes"  # the --precisions page keeps what follows this heading when it is rewritten
 
 
 def resnet18():
@@ -315,6 +316,8 @@ def precision_table(names: list[str], work: Path, args) -> int:
     text = precision_page(rows, started, load_before, bp.uptime(), threads, args.runs, args.cpu_time)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and NOTES in out.read_text():  # the page's hand-written notes survive a rerun
+        text = text.rstrip("\n") + "\n\n" + NOTES + out.read_text().split(NOTES, 1)[1]
     out.write_text(text)
     (work / "precisions.json").write_text(json.dumps(rows, indent=1))
     print(text)

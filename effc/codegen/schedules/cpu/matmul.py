@@ -88,12 +88,14 @@ class Matmul(CPURule):
         mr = _pick_mr(mr, m, nr_vectors, nr, lanes)
 
         sch.compute_inline(a_copy)
-        panel = b_panel(sch, main, b_copy, padded)
+        in_place = not padded and _reads_in_place(sch, b_copy)
+        panel = None if in_place else b_panel(sch, main, b_copy, padded)
         batch, i, j, k = sch.get_loops(main)
         io, ii = sch.split(i, [None, mr])
         jo, ji = sch.split(j, [None, nr])
         sch.reorder(batch, jo, io, k, ii, ji)
-        pack_panel(sch, func, panel, nr)
+        if panel is not None:
+            pack_panel(sch, func, panel, nr)
         # The epilogue becomes the tile write-back: it runs right after each tile's k loop, while
         # the accumulator shrinks to one mr x nr register tile.
         if not write_back_at(sch, main, io, nr, lanes, c_map, mr):
@@ -106,10 +108,25 @@ class Matmul(CPURule):
         if padded:  # full panels without column checks (effc.codegen.peel_tail.full_panel_pass)
             sch.annotate(outer, FULL_PANELS_KEY, -(-n // nr))
         sch.decompose_reduction(main, k)
-        sch.annotate(k, PREFETCH_KEY, nr)  # effc.codegen.prefetch streams the next panel in
+        if panel is not None:
+            sch.annotate(k, PREFETCH_KEY, nr)  # effc.codegen.prefetch streams the next panel in
         if m % mr:
             sch.annotate(io, PEEL_KEY, True)  # full tiles without row checks (effc.codegen.peel_tail)
         return sch
+
+
+def _reads_in_place(sch, b_copy) -> bool:
+    """B is conv_gemm's flat gather (IN_PLACE): its rows are contiguous slices of the padded input,
+    so the kernel reads them in place, vector by vector, instead of packing panels per call. Then
+    the gather and B's copy are inlined into the matmul."""
+    from effc.codegen.conv_gemm import IN_PLACE
+
+    producers = sch.get_producers(b_copy)
+    if len(producers) != 1 or IN_PLACE not in sch.get(producers[0]).annotations:
+        return False
+    sch.compute_inline(producers[0])
+    sch.compute_inline(b_copy)
+    return True
 
 
 def _pick_mr(mr: int, m: int, nr_vectors: int, nr: int, lanes: int) -> int:

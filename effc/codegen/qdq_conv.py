@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from effc.codegen.qdq_lowering import Plan, _attr, _bias, _dq
+from effc.codegen.qdq_lowering import Plan, _attr, _bias, activation_dtype, dq_operands, weight_refusal
 
 K_STEP = 4  # vpdpbusd's k-bytes per int32 lane: k is padded to a multiple
 
@@ -41,22 +41,17 @@ class ConvPlan(Plan):
 
 def plan_conv(graph, node, name: str) -> Plan | None:
     """The plan for one Conv, or None when it is no QDQ conv at all (float, untouched)."""
-    a, why_a = _dq(graph, node.input[0])
-    b, why_b = _dq(graph, node.input[1])
-    if a is None and b is None:
-        return None
-    if a is None or b is None:
-        return Plan(name, why_a or why_b)
-    _, x, sx, zx = a
-    dq_w, w_name, sw, zw = b
+    operands = dq_operands(graph, node, name)
+    if not isinstance(operands, tuple):
+        return operands
+    (_, x, sx, zx), (dq_w, w_name, sw, zw) = operands
     wq = graph.const(w_name)
     if wq is None:
         return Plan(name, "the weight is not a constant")
-    if sx.size != 1 or (zx is not None and zx.size != 1):
-        return Plan(name, "the activation is not quantized per tensor")
-    x_dtype = zx.dtype if zx is not None else np.dtype(np.uint8)
-    if x_dtype not in (np.uint8, np.int8) or wq.dtype not in (np.uint8, np.int8):
-        return Plan(name, f"not 8-bit ({x_dtype} x {wq.dtype})")
+    refusal = weight_refusal(name, sx, zx, wq)
+    if refusal is not None:
+        return refusal
+    x_dtype = activation_dtype(zx)
     if wq.ndim not in (3, 4):
         return Plan(name, f"a {wq.ndim - 2}-D conv")
     if _attr(node, "group", 1) != 1:

@@ -324,24 +324,47 @@ def _dq(graph: _Graph, name: str):
     return (node, node.input[0], scale.astype(np.float32), zp), ""
 
 
-def _plan(graph: _Graph, node, name: str) -> Plan | None:
-    """The plan for one MatMul/Gemm, or None when it is no QDQ matmul at all (float, untouched)."""
+def dq_operands(graph: _Graph, node, name: str):
+    """A MatMul/Gemm/Conv's two DequantizeLinear inputs as ``_dq`` reads them, (a, b); None when
+    neither input is one (a float op, left alone); a refusing Plan when only one is."""
     a, why_a = _dq(graph, node.input[0])
     b, why_b = _dq(graph, node.input[1])
     if a is None and b is None:
         return None
     if a is None or b is None:
         return Plan(name, why_a or why_b)
+    return a, b
+
+
+def weight_refusal(name: str, sx: np.ndarray, zx: np.ndarray | None, wq: np.ndarray) -> Plan | None:
+    """Why an activation times a constant weight stays float (not per-tensor, not 8-bit), or None."""
+    if sx.size != 1 or (zx is not None and zx.size != 1):
+        return Plan(name, "the activation is not quantized per tensor")
+    x_dtype = activation_dtype(zx)
+    if x_dtype not in (np.uint8, np.int8) or wq.dtype not in (np.uint8, np.int8):
+        return Plan(name, f"not 8-bit ({x_dtype} x {wq.dtype})")
+    return None
+
+
+def activation_dtype(zx: np.ndarray | None) -> np.dtype:
+    return zx.dtype if zx is not None else np.dtype(np.uint8)  # no zero point: u8, ONNX's default
+
+
+def _plan(graph: _Graph, node, name: str) -> Plan | None:
+    """The plan for one MatMul/Gemm, or None when it is no QDQ matmul at all (float, untouched)."""
+    operands = dq_operands(graph, node, name)
+    if not isinstance(operands, tuple):
+        return operands
+    a, b = operands
     _, x, sx, zx = a
     dq_w, w_name, sw, zw = b
     wq = graph.const(w_name)
     if wq is None:
         return _activation_plan(name, node, a, b)
-    if sx.size != 1 or (zx is not None and zx.size != 1):
-        return Plan(name, "the activation is not quantized per tensor")
-    x_dtype = zx.dtype if zx is not None else np.dtype(np.uint8)
-    if x_dtype not in (np.uint8, np.int8) or wq.dtype not in (np.uint8, np.int8):
-        return Plan(name, f"not 8-bit ({x_dtype} x {wq.dtype})")
+    refusal = weight_refusal(name, sx, zx, wq)
+    if refusal is not None:
+        return refusal
+    x_dtype = activation_dtype(zx)
     if wq.ndim != 2:
         return Plan(name, f"weight of rank {wq.ndim}")
     bias = None

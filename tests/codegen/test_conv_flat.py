@@ -10,8 +10,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from effc.codegen import conv_gemm
-from effc.verify import OrtRunner, deviation, make_inputs
 from tests.codegen.blocks import model_from_nodes
+from tests.codegen.checks import compile_and_compare
 
 pytest.importorskip("tvm")
 
@@ -34,13 +34,7 @@ def _conv(n, c, hw, o, k, pad, dilation, groups, residual=False, seed=0):
 
 
 def _compile_and_compare(model, tmp_path):
-    from effc.codegen.build import compile_model, run_compiled
-
-    result = compile_model(model, "llvm", tmp_path)
-    feeds = make_inputs(model, 1, seed=3)
-    dev = deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds))
-    assert dev.max_rel < TOL, dev
-    return result.kernels
+    return compile_and_compare(model, tmp_path, TOL).kernels
 
 
 CASES = [  # n, c, spatial, o, k, pad, dilation, groups, residual

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from effc.verify import OrtRunner, deviation, make_inputs
 from tests.codegen.blocks import model_from_nodes
+from tests.codegen.checks import compile_and_compare
 
 pytest.importorskip("tvm")
 
@@ -52,13 +52,7 @@ def _conv_model(n, c, size, o, k, stride, pad, dilation, groups, dims=2, epilogu
 
 
 def _compile_and_compare(model, tmp_path):
-    from effc.codegen.build import compile_model, run_compiled
-
-    result = compile_model(model, "llvm", tmp_path)
-    feeds = make_inputs(model, 1, seed=3)
-    dev = deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds))
-    assert dev.max_rel < TOL, dev
-    return result.kernels
+    return compile_and_compare(model, tmp_path, TOL).kernels
 
 
 def _assert_scheduled(kernels, *names):

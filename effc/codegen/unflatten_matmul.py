@@ -17,6 +17,8 @@ quantize's / dequantize's axis is moved from the 2-D last axis to the N-D one.
 
 from __future__ import annotations
 
+import numpy as np
+
 from effc.codegen.relax_rewrite import mutator_pass
 
 # elementwise ops that may sit between the 2-D product and the reshape back (the QDQ write-back,
@@ -98,7 +100,8 @@ def unflatten_matmul_pass():
 
         def _flattened_input(self, call):
             """(x, product, write-back chain, last op first) when ``call`` is
-            reshape(chain(matmul(reshape(x, [M, K]), W)), x.shape[:-1] + [N])."""
+            reshape(chain(matmul(reshape(s, [M, K]), W)), [..., N]) with M the product of the
+            leading dims; x is s, or s reshaped to [..., K] where s has another shape."""
             if getattr(call.op, "name", None) != "relax.reshape" or not isinstance(call.args[0], relax.Var):
                 return None
             var, chain = call.args[0], []
@@ -120,11 +123,17 @@ def unflatten_matmul_pass():
                 return None
             x, weight = flatten.args[0], product.args[1]
             x_shape, w_shape = _static(x.ty.shape), _static(weight.ty.shape)
-            out_shape = _static(call.ty.shape)
-            if not x_shape or not w_shape or not out_shape or len(w_shape) != 2 or len(x_shape) < 3:
+            flat_shape, out_shape = _static(flatten.ty.shape), _static(call.ty.shape)
+            if not x_shape or not w_shape or not flat_shape or not out_shape or len(w_shape) != 2:
                 return None
-            if x_shape[-1] != w_shape[0] or out_shape != x_shape[:-1] + [w_shape[1]]:
+            if len(flat_shape) != 2 or len(out_shape) < 3 or out_shape[-1] != w_shape[1]:
                 return None
+            if int(np.prod(out_shape[:-1])) != flat_shape[0]:
+                return None
+            if x_shape != out_shape[:-1] + [w_shape[0]]:
+                # flattened from another layout (attention's merged heads, [B, S, H, D] -> [B*S, H*D]):
+                # reshape it to the output's rows instead, a layout op like the one it replaces
+                x = self.builder_.emit(relax.op.reshape(x, out_shape[:-1] + [w_shape[0]]))
             return x, product, chain
 
     return mutator_pass(UnflattenMatmul, "EffcUnflattenMatmul")

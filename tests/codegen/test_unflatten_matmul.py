@@ -56,3 +56,23 @@ def test_epilogue_fuses_and_matches_ort(tmp_path):
     result = compile_and_compare(flattened_linear(), tmp_path)
     fused = [k for k, rule in result.kernels.items() if rule == "matmul"]
     assert len(fused) == 1 and "tanh" in fused[0], result.kernels  # one kernel: product and its tanh
+
+
+def merged_heads_linear():
+    """x[2, 5, 4, 8] (heads not yet merged) -> Reshape [10, 32] -> MatMul -> Reshape [2, 5, 48] -> Tanh:
+    attention's output projection, whose flatten also merges the heads."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, N)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([10, 32], np.int64), "flat"),
+             numpy_helper.from_array(np.array([2, 5, N], np.int64), "back")]
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["x2"]), helper.make_node("MatMul", ["x2", "W"], ["p"]),
+             helper.make_node("Reshape", ["p", "back"], ["p3"]), helper.make_node("Tanh", ["p3"], ["y"])]
+    return model_from_nodes(nodes, [("x", [2, 5, 4, 8])], [("y", [2, 5, N])], inits)
+
+
+def test_merged_heads_are_reshaped_to_the_output_rows(tmp_path):
+    text = rewritten(merged_heads_linear())["main"].script()
+    assert text.count("R.reshape") == 1 and "R.shape([2, 5, 32])" in text, text
+    result = compile_and_compare(merged_heads_linear(), tmp_path)
+    fused = [k for k, rule in result.kernels.items() if rule == "matmul"]
+    assert len(fused) == 1 and "tanh" in fused[0], result.kernels

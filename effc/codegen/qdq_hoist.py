@@ -36,7 +36,7 @@ def drop_requantize(proto) -> int:
     graph = proto.graph
     nodes = list(graph.node)
     producer = {o: n for n in nodes for o in n.output}
-    uses = _uses(graph)
+    uses = value_uses(graph)
     consts = {t.name: t for t in graph.initializer if not t.dims}
 
     def value(name):
@@ -75,7 +75,7 @@ def drop_requantize(proto) -> int:
             gone.add(id(dq))
         dropped += 1
     if dropped:
-        _write_back(graph, [n for n in nodes if id(n) not in gone], stale)
+        write_back(graph, [n for n in nodes if id(n) not in gone], stale)
     return dropped
 
 
@@ -93,7 +93,7 @@ def drop_split_requantize(proto) -> int:
     for n in nodes:
         for i in n.input:
             readers.setdefault(i, []).append(n)
-    uses = _uses(graph)
+    uses = value_uses(graph)
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer if not t.dims}
 
     def same(a: str, b: str) -> bool:
@@ -127,11 +127,11 @@ def drop_split_requantize(proto) -> int:
         gone.add(id(dq))
         dropped += len(qs)
     if dropped:
-        _write_back(graph, [n for n in nodes if id(n) not in gone], stale)
+        write_back(graph, [n for n in nodes if id(n) not in gone], stale)
     return dropped
 
 
-def _write_back(graph, nodes: list, stale: set[str]) -> None:
+def write_back(graph, nodes: list, stale: set[str]) -> None:
     """Replace ``graph``'s nodes by ``nodes`` (extend copies the messages: the ones given are the
     originals) and drop the type annotations of ``stale`` tensors (bytes now, or gone)."""
     del graph.node[:]
@@ -141,7 +141,7 @@ def _write_back(graph, nodes: list, stale: set[str]) -> None:
     graph.value_info.extend(kept)
 
 
-def _uses(graph) -> dict[str, int]:
+def value_uses(graph) -> dict[str, int]:
     uses: dict[str, int] = {}
     for n in graph.node:
         for i in n.input:
@@ -157,7 +157,7 @@ def hoist_quantize(proto) -> int:
     graph = proto.graph
     nodes = list(graph.node)
     producer = {o: n for n in nodes for o in n.output}
-    uses = _uses(graph)
+    uses = value_uses(graph)
     scalars = {t.name for t in graph.initializer if not t.dims}
     moved, order, stale = 0, list(nodes), set()
     for q in nodes:
@@ -183,5 +183,5 @@ def hoist_quantize(proto) -> int:
         stale |= moved_tensors | {old_out}
         moved += 1
     if moved:  # written back once, after every move: the chain's tensors are bytes now
-        _write_back(graph, order, stale)
+        write_back(graph, order, stale)
     return moved

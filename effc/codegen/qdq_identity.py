@@ -32,12 +32,12 @@ MAX_CONST = 1 << 22  # elements of a constant operand worth evaluating
 def drop_unit_requantize(proto) -> int:
     """Every matched Q (see the module doc) becomes an Identity of the bytes its DQ read; returns how
     many. ``proto`` is changed in place; nodes left without readers are removed."""
-    from effc.codegen.qdq_hoist import _uses, _write_back
+    from effc.codegen.qdq_hoist import value_uses, write_back
 
     graph = proto.graph
     consts = _Constants(graph)
     producer = {o: n for n in graph.node for o in n.output}
-    uses = _uses(graph)
+    uses = value_uses(graph)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in list(graph.value_info) + list(graph.input) if v.type.tensor_type.HasField("shape")}
     dropped = 0
@@ -56,7 +56,7 @@ def drop_unit_requantize(proto) -> int:
         del q.attribute[:]
         dropped += 1
     if dropped:
-        _write_back(graph, _live(graph), set())
+        write_back(graph, _live(graph), set())
     return dropped
 
 

@@ -23,7 +23,7 @@ QDQ = ("relax.quantize", "relax.dequantize")  # a QDQ conv's output QuantizeLine
 BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum")
 
 
-def _static(expr) -> list[int] | None:
+def static_shape(expr) -> list[int] | None:
     from tvm import tirx
 
     shape = getattr(getattr(expr, "ty", None), "shape", None)
@@ -49,7 +49,7 @@ def sink_reshape_pass():
             if name == "relax.reshape":  # of a reshape: one reshape, or none (an int8 conv's flat view
                 return self._fold_reshapes(call)  # of the previous conv's product: effc.codegen.qdq_conv)
             if name in QDQ:  # (de)quantize per tensor: the data moves, the scalar scale and zero point stay
-                if len(call.args) != 3 or any(_static(a) not in ([], [1]) for a in call.args[1:]):
+                if len(call.args) != 3 or any(static_shape(a) not in ([], [1]) for a in call.args[1:]):
                     return call
                 split = self._split(call.args[0])
                 if split is None:
@@ -63,7 +63,7 @@ def sink_reshape_pass():
             if split is None:
                 return call
             source, full = split
-            merged = _static(source)
+            merged = static_shape(source)
             args = [self._in_merged(a, merged, full) for a in call.args]
             if any(a is None for a in args):
                 return call
@@ -76,7 +76,7 @@ def sink_reshape_pass():
             if not isinstance(source, relax.Call) or getattr(source.op, "name", None) != "relax.reshape":
                 return call
             inner, shape = source.args[0], getattr(call.args[1], "values", None)
-            if shape is not None and _static(inner) == [int(v) for v in shape]:
+            if shape is not None and static_shape(inner) == [int(v) for v in shape]:
                 return inner
             return relax.op.reshape(inner, call.args[1])
 
@@ -87,10 +87,10 @@ def sink_reshape_pass():
             bound = self.lookup_binding(arg)
             if not isinstance(bound, relax.Call) or getattr(bound.op, "name", None) != "relax.reshape":
                 return None
-            source, full = bound.args[0], _static(arg)
+            source, full = bound.args[0], static_shape(arg)
             if not self._from_gemm(source):
                 return None
-            merged = _static(source)
+            merged = static_shape(source)
             if merged is None or full is None or len(merged) < 1 or len(full) <= len(merged):
                 return None
             lead = len(merged) - 1
@@ -110,20 +110,20 @@ def sink_reshape_pass():
 
         def _in_merged(self, arg, merged, full):
             """``arg`` (broadcast against ``full``) in the merged layout, or None if it has none."""
-            shape = _static(arg)
+            shape = static_shape(arg)
             if shape is None:
                 return None
             if not shape or math.prod(shape) == 1 and len(shape) <= len(full):
                 return arg if not shape else relax.op.reshape(arg, [1] * len(merged))
             split = self._split(arg)
-            if split is not None and _static(split[0]) == merged and split[1] == full:
+            if split is not None and static_shape(split[0]) == merged and split[1] == full:
                 return split[0]
             aligned = [1] * (len(full) - len(shape)) + shape
             lead = len(merged) - 1
             if aligned == full:
                 bound = self.lookup_binding(arg) if isinstance(arg, relax.Var) else None
                 if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.dequantize" and \
-                        all(_static(a) in ([], [1]) for a in bound.args[1:]):
+                        all(static_shape(a) in ([], [1]) for a in bound.args[1:]):
                     # a residual read as bytes: the reshape a view of them, the dequantize in the write-back
                     data = self.builder_.emit(relax.op.reshape(bound.args[0], merged))
                     return self.builder_.emit(relax.Call(bound.op, [data, *bound.args[1:]], bound.attrs, bound.ty_args))

@@ -11,7 +11,7 @@ where it lies; the split is dead code and goes. The same values, to the bit.
 from __future__ import annotations
 
 from effc.codegen.relax_rewrite import mutator_pass
-from effc.codegen.sink_reshape import _static
+from effc.codegen.sink_reshape import static_shape
 
 
 def split_views_pass():
@@ -26,7 +26,7 @@ def split_views_pass():
             bound = self.lookup_binding(source) if isinstance(source, relax.Var) else None
             if not isinstance(bound, relax.Call) or getattr(bound.op, "name", None) != "relax.split":
                 return op
-            shape = _static(bound.args[0])
+            shape = static_shape(bound.args[0])
             bounds = _piece_bounds(shape, bound.attrs) if shape is not None else None
             if bounds is None or not 0 <= op.index < len(bounds):
                 return op

@@ -1,7 +1,8 @@
 """--precision for --target llvm: which arithmetic the float matmuls get, and why.
 
 fp32: every matmul in fp32 (the default). bf16: matmuls from bf16 operands with fp32 accumulation
-(effc.codegen.bf16_matmul) where the CPU has AVX-512 BF16 (vdpbf16ps); elsewhere fp32, said so,
+(effc.codegen.bf16_matmul) where the CPU has AVX-512 BF16: on AMX tiles (tdpbf16ps) where it has
+AMX-BF16 and Linux grants the process tile state, else vdpbf16ps; elsewhere fp32, said so,
 never a crash. auto: bf16 where the CPU has avx512bf16 or amx-bf16 (as OpenVINO's default does),
 else fp32. A bf16 module is verified against fp32 ONNX Runtime at BF16_TOLERANCE, not at fp32's."""
 
@@ -39,9 +40,11 @@ def choose(requested: str, tvm_target) -> tuple[str, str]:
         return "fp32", "fp32 requested" if requested == "fp32" else "bf16 is for --target llvm only"
     features = cpu_features(tvm_target)
     cpu = str(tvm_target.attrs.get("mcpu", "generic"))
+    if "avx512bf16" in features and "amx-bf16" in features:
+        return "bf16", (f"{cpu} has amx-bf16: bf16 matmuls on AMX tiles (tdpbf16ps), fp32 accumulation; "
+                        "avx512bf16 (vdpbf16ps) where the OS grants no tile state")
     if "avx512bf16" in features:
-        amx = " (has amx-bf16 too; its tile kernel is not built yet: vdpbf16ps)" if "amx-bf16" in features else ""
-        return "bf16", f"{cpu} has avx512bf16: bf16 matmuls on vdpbf16ps, fp32 accumulation{amx}"
+        return "bf16", f"{cpu} has avx512bf16: bf16 matmuls on vdpbf16ps, fp32 accumulation"
     why = f"{cpu} has no avx512bf16"
     return "fp32", f"{why}: fp32 matmuls" + (" (bf16 requested)" if requested == "bf16" else "")
 

@@ -49,7 +49,41 @@ def llvm_target(threads: int | None = None, mcpu: str | None = None) -> BuildTar
     threads = threads or host_threads()
     spec = {"kind": "llvm", "mtriple": detected.get("mtriple", "x86_64-linux-gnu"),
             "mcpu": mcpu or detected.get("mcpu", "generic"), "num-cores": threads}
+    extra = [] if mcpu else host_mattr(spec["mcpu"], _cpuinfo_flags())
+    if extra:
+        spec["mattr"] = extra
     return BuildTarget("llvm", spec, threads)
+
+
+# /proc/cpuinfo flag -> LLVM feature, for the features effc's rules and kernels select on
+CPUINFO_FEATURES = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni", "avx512_fp16": "avx512fp16",
+                    "avx_vnni": "avxvnni", "amx_tile": "amx-tile", "amx_bf16": "amx-bf16", "amx_int8": "amx-int8"}
+
+
+def host_mattr(mcpu: str, flags: set[str]) -> list[str]:
+    """``+feature`` for each feature the host reports (``flags``, /proc/cpuinfo's names) that LLVM's
+    ``mcpu`` lacks. A VM may report a CPU model older than its features (an Emerald Rapids guest seen
+    as model 167, which LLVM names rocketlake: no avx512bf16, no AMX), so the name alone would
+    silently build bf16 as fp32."""
+    import tvm
+
+    wanted = [CPUINFO_FEATURES[f] for f in sorted(flags) if f in CPUINFO_FEATURES]
+    if not wanted:
+        return []
+    named = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))}
+    return [f"+{f}" for f in wanted if f not in named]
+
+
+def _cpuinfo_flags() -> set[str]:
+    """The CPU flags Linux reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def vector_bytes(target=None) -> int:

@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx.h"
+
 #define MAX_ROWS 16
 #define MAX_VECS 4
 #define CHUNK_K 256 /* k per converted chunk: MAX_ROWS rows of a, or a panel of 64 columns, in 32 KiB */
@@ -101,10 +103,16 @@ static const uint16_t *panel_of_rows(const char *b, int es, int64_t ldb, int64_t
     }                                                                                          \
   } while (0)
 
+/* The lanes of a 16-column vector inside c when `left` columns of its row remain: c's rows may be
+   just n wide (TVM sizes the tile's buffer to the matrix), so nothing is stored past them. */
+static inline __mmask16 column_mask(int left) {
+  return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+}
+
 /* c[mr, 16 nv] = a[mr, kk] x the first nv vectors of a panel ldb columns wide (ldb >= 16 nv). */
 static inline __attribute__((always_inline)) void tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_f32,
                                                        const void *b, int64_t ldb, int64_t kk, const int mr,
-                                                       const int nv) {
+                                                       const int nv, int cols) {
   __m512 acc[MAX_ROWS][MAX_VECS];
   uint16_t a_buf[MAX_ROWS * CHUNK_K];
   for (int r = 0; r < mr; ++r)
@@ -125,11 +133,135 @@ static inline __attribute__((always_inline)) void tile(float *c, int64_t ldc, co
     if (kc & 1) STEP(1);
   }
   for (int r = 0; r < mr; ++r)
-    for (int v = 0; v < nv; ++v) _mm512_storeu_ps(c + r * ldc + v * 16, acc[r][v]);
+    for (int v = 0; v < nv; ++v) _mm512_mask_storeu_ps(c + r * ldc + v * 16, column_mask(cols - v * 16), acc[r][v]);
 }
 
-#define CASE(R, V) case (R) * 8 + (V): tile(c, ldc, a, lda, a_f32, b, 16 * nv, k, R, V); return 0;
+
+/* ---- AMX (tdpbf16ps): where the CPU and the OS allow it (amx.h), the whole tile in 16 x 16 tiles. ----
+   A row block is 16 rows of a (fewer at the bottom edge: the tiles are configured with just those
+   rows), a column block 16 columns of the panel; a k step 32 values (16 pairs: one 64-byte tile
+   row). Two row blocks x two column blocks (4 accumulators, 2 A and 2 B tiles) or one row block x
+   up to four column blocks (B tiles reloaded). The last k step, when k is no multiple of 32, reads
+   zero-padded copies of a's and b's last columns and pairs (a tile row is always 64 bytes). */
+#define AMX_K 32
+
+#define DP(C, A, B) _tile_dpbf16ps(C, A, B)
+/* one k step of rb row blocks x cb column blocks: a row block's A from ap[r] (stride as), column v's B
+   from bp[v] (stride bs) */
+static inline __attribute__((always_inline)) void amx_step(int rb, int cb, const void *const ap[2], int64_t as,
+                                                           const void *const bp[4], int64_t bs) {
+  if (rb == 2) {
+    _tile_loadd(4, ap[0], as);
+    _tile_loadd(5, ap[1], as);
+    _tile_loadd(6, bp[0], bs);
+    DP(0, 4, 6);
+    DP(2, 5, 6);
+    if (cb == 2) {
+      _tile_loadd(7, bp[1], bs);
+      DP(1, 4, 7);
+      DP(3, 5, 7);
+    }
+    return;
+  }
+  _tile_loadd(4, ap[0], as);
+  _tile_loadd(6, bp[0], bs);
+  DP(0, 4, 6);
+  if (cb > 1) { _tile_loadd(7, bp[1], bs); DP(1, 4, 7); }
+  if (cb > 2) { _tile_loadd(6, bp[2], bs); DP(2, 4, 6); }
+  if (cb > 3) { _tile_loadd(7, bp[3], bs); DP(3, 4, 7); }
+}
+
+#define STORE(T, R, V)                                                                          \
+  do {                                                                                          \
+    float *dst = c + (R) * 16 * ldc + (V) * 16;                                                 \
+    if ((V) * 16 + 16 <= cols) {                                                                \
+      _tile_stored(T, dst, ldc * 4);                                                            \
+    } else { /* the right edge: c's rows may be only cols wide */                               \
+      _tile_stored(T, edge, 64);                                                                \
+      for (int r = 0; r < ((R) ? rows1 : rows0); ++r)                                           \
+        memcpy(dst + r * ldc, edge + r * 16, (cols - (V) * 16) * sizeof(float));                \
+    }                                                                                           \
+  } while (0)
+
+/* The accumulators to c (rows0 and rows1 rows in the two row blocks), its columns below cols. */
+static inline void amx_store(int rb, int cb, float *c, int64_t ldc, int rows0, int rows1, int cols) {
+  float edge[16 * 16];
+  if (rb == 2) {
+    STORE(0, 0, 0);
+    STORE(2, 1, 0);
+    if (cb == 2) { STORE(1, 0, 1); STORE(3, 1, 1); }
+    return;
+  }
+  STORE(0, 0, 0);
+  if (cb > 1) STORE(1, 0, 1);
+  if (cb > 2) STORE(2, 0, 2);
+  if (cb > 3) STORE(3, 0, 3);
+}
+
+/* c[rows, 16 vecs] = a[rows, k] (bf16, rows lda apart) x panel b (k2 pairs x ldb columns, pairs
+   side by side). */
+static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb,
+                     int64_t k, int rows, int vecs, int cols) {
+  uint16_t a_tail[2][16 * AMX_K], b_tail[4][16 * AMX_K];
+  int64_t k_full = k / AMX_K * AMX_K, tail = k - k_full;
+  for (int r0 = 0; r0 < rows; r0 += 32) {
+    int rows0 = rows - r0 < 16 ? rows - r0 : 16, rows1 = rows - r0 - 16;
+    rows1 = rows1 <= 0 ? 0 : rows1 > 16 ? 16 : rows1;
+    int rb = rows1 ? 2 : 1;
+    effc_amx_configure(rows0, rows1);
+    const uint16_t *ar = a + r0 * lda;
+    if (tail) /* a's last columns, zero-padded to a whole k step */
+      for (int r = 0; r < rows0 + rows1; ++r) {
+        uint16_t *dst = a_tail[r / 16] + (r % 16) * AMX_K;
+        memset(dst, 0, AMX_K * sizeof *dst);
+        memcpy(dst, ar + r * lda + k_full, tail * sizeof *dst);
+      }
+    for (int v0 = 0; v0 < vecs; v0 += rb == 2 ? 2 : 4) {
+      int cb = vecs - v0 < (rb == 2 ? 2 : 4) ? vecs - v0 : (rb == 2 ? 2 : 4);
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k0 = 0; k0 < k_full; k0 += AMX_K) {
+        const void *ap[2] = {ar + k0, ar + 16 * lda + k0};
+        const uint16_t *bk = b + (k0 / 2 * ldb + v0 * 16) * 2;
+        const void *bp[4] = {bk, bk + 32, bk + 64, bk + 96};
+        amx_step(rb, cb, ap, lda * 2, bp, ldb * 4);
+      }
+      if (tail) {
+        int64_t pairs = (tail + 1) / 2;
+        for (int v = 0; v < cb; ++v) {
+          memset(b_tail[v], 0, sizeof b_tail[v]);
+          for (int64_t p = 0; p < pairs; ++p)
+            memcpy(b_tail[v] + p * AMX_K, b + ((k_full / 2 + p) * ldb + (v0 + v) * 16) * 2, AMX_K * sizeof(uint16_t));
+        }
+        const void *ap[2] = {a_tail[0], a_tail[1]};
+        const void *bp[4] = {b_tail[0], b_tail[1], b_tail[2], b_tail[3]};
+        amx_step(rb, cb, ap, AMX_K * 2, bp, AMX_K * 2);
+      }
+      amx_store(rb, cb, c + r0 * ldc + v0 * 16, ldc, rows0, rows1, cols - v0 * 16);
+    }
+  }
+}
+
+static __thread uint16_t *a_bf16; /* this thread's bf16 copy of an fp32 a tile */
+static __thread int64_t a_capacity;
+
+#define CASE(R, V) case (R) * 8 + (V): tile(c, ldc, a, lda, a_f32, b, 16 * nv, k, R, V, cols); return 0;
 #define ROWS(R) CASE(R, 1) CASE(R, 2) CASE(R, 3) CASE(R, 4)
+static const int VECTOR_ROWS[5] = {0, 16, 12, 8, 6}; /* vectors -> most rows of a compiled vector tile */
+
+/* The vector (vdpbf16ps) tile: rows <= VECTOR_ROWS[vecs]; 0, or -1 where none is compiled. */
+static int vector_tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_f32, const void *b, int nv, int64_t k,
+                       int rows, int vecs, int cols) {
+  switch (rows * 8 + vecs) {
+    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
+    CASE(7, 1) CASE(7, 2) CASE(7, 3) CASE(8, 1) CASE(8, 2) CASE(8, 3)
+    CASE(9, 1) CASE(9, 2) CASE(10, 1) CASE(10, 2) CASE(11, 1) CASE(11, 2) CASE(12, 1) CASE(12, 2)
+    CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
+  }
+  return -1;
+}
 
 /* Addresses: c, c one row down; a, a one element on, a one row down; b, b one element on, b one row
    down. The tile is mr x 16 nv over k2 pairs of k; first: this is the first row tile of b's panel.
@@ -157,13 +289,29 @@ int32_t effc_bf16_tile_part(float *c, float *c_row, const char *a, const char *a
     if (!b) return -1;
   }
   if (rows <= 0 || vecs <= 0) return 0;
-  switch (rows * 8 + vecs) {
-    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
-    CASE(7, 1) CASE(7, 2) CASE(7, 3) CASE(8, 1) CASE(8, 2) CASE(8, 3)
-    CASE(9, 1) CASE(9, 2) CASE(10, 1) CASE(10, 2) CASE(11, 1) CASE(11, 2) CASE(12, 1) CASE(12, 2)
-    CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
+  if (effc_amx() & EFFC_AMX_BF16) {
+    const uint16_t *ab = (const uint16_t *)a;
+    if (a_f32) { /* rounded to bf16 once per tile, as the vector path does chunk by chunk */
+      int64_t n = (int64_t)rows * k;
+      if (n > a_capacity) {
+        free(a_bf16);
+        a_bf16 = (uint16_t *)malloc(n * sizeof(uint16_t));
+        a_capacity = a_bf16 ? n : 0;
+        if (!a_bf16) return -1;
+      }
+      for (int r = 0; r < rows; ++r) to_bf16(a_bf16 + r * k, (const float *)a + r * lda, k);
+      ab = a_bf16, lda = k;
+    }
+    amx_tile(c, ldc, ab, lda, (const uint16_t *)b, 16 * nv, k, rows, vecs, cols);
+    return 0;
   }
-  return -1;
+  /* taller tiles than the vector registers hold (the AMX rule's) run as several vector tiles */
+  int64_t a_step = lda * (a_f32 ? 4 : 2);
+  for (int r0 = 0; r0 < rows; r0 += VECTOR_ROWS[vecs]) {
+    int part = rows - r0 < VECTOR_ROWS[vecs] ? rows - r0 : VECTOR_ROWS[vecs];
+    if (vector_tile(c + r0 * ldc, ldc, a + r0 * a_step, lda, a_f32, b, nv, k, part, vecs, cols)) return -1;
+  }
+  return 0;
 }
 
 /* The whole tile (rows = mr, cols = 16 nv, k = 2 k2) of a packed b: the entry point of modules built
@@ -172,3 +320,6 @@ int32_t effc_bf16_tile(float *c, float *c_row, const char *a, const char *a_next
                        const char *b_next, int64_t k2, int32_t mr, int32_t nv, int32_t first) {
   return effc_bf16_tile_part(c, c_row, a, a_next, a_row, b, b_next, b, k2, mr, nv, first, mr, 16 * nv, 2 * k2);
 }
+
+/* 1 when this process's tiles run on AMX (amx.h), else 0: for tests and `effc bench`'s notes. */
+int32_t effc_bf16_tile_amx(void) { return (effc_amx() & EFFC_AMX_BF16) != 0; }

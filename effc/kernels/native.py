@@ -15,7 +15,7 @@ from pathlib import Path
 from effc.errors import EffcError
 
 HERE = Path(__file__).parent
-FLAGS = {"bf16_tile": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fPIC"]}
+FLAGS = {"bf16_tile": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fPIC"]}
 _loaded: dict[str, ctypes.CDLL] = {}
 
 
@@ -37,7 +37,8 @@ def _build(name: str, suffix: str, extra: list[str]) -> Path:
     """``name``.c compiled with its flags (+ ``extra``) into the cache, once per source and flags."""
     source = HERE / f"{name}.c"
     flags = FLAGS[name] + extra
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(HERE.glob("*.h")))  # amx.h: a change rebuilds
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()).hexdigest()[:16]
     out = _cache() / f"{name}-{digest}{suffix}"
     if not out.exists():
         tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")

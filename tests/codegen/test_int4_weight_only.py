@@ -35,7 +35,7 @@ def ort_exact(model, feed):
 
 def exact_target():
     """skylake-avx512: AVX-512 without VNNI, so the exact kernel."""
-    return BuildTarget("llvm", {**llvm_target().spec, "mcpu": "skylake-avx512"}, host_threads())
+    return BuildTarget("llvm", llvm_target(mcpu="skylake-avx512").spec, host_threads())
 
 
 def host_has_vnni() -> bool:

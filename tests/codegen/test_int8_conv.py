@@ -79,7 +79,7 @@ def test_cpu_without_vnni_keeps_convs_float(tmp_path):
 
     if not host_has_avx512():
         pytest.skip("this CPU lacks AVX-512F: a skylake-avx512 build cannot run here")
-    target = BuildTarget("llvm", {**llvm_target().spec, "mcpu": "skylake-avx512"}, host_threads())
+    target = BuildTarget("llvm", llvm_target(mcpu="skylake-avx512").spec, host_threads())
     path, feed = qdq_conv(tmp_path, *CASES["3x3 s2 per-tensor, no bias"])
     res, manifest = compile_and_compare(path, tmp_path / "out", feed, step_of(path, "y_scale"), target)
     assert "int8-matmul" not in res.rule_hits

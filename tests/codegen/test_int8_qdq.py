@@ -145,7 +145,7 @@ def test_cpu_without_vnni_takes_the_float_path(tmp_path):
 
     if not host_has_avx512():
         pytest.skip("this CPU lacks AVX-512F: a skylake-avx512 build cannot run here")
-    spec = {**llvm_target().spec, "mcpu": "skylake-avx512"}
+    spec = llvm_target(mcpu="skylake-avx512").spec
     target = BuildTarget("llvm", spec, host_threads())
     path = quantize_qdq(float_mlp(2, (5,), 37, 50), tmp_path / "q.onnx", calibration([2, 5, 37]))
     feed = {"x": calibration([2, 5, 37], 1, seed=9)[0]}

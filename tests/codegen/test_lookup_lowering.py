@@ -108,7 +108,7 @@ def test_cpu_without_avx512_takes_the_plain_kernel(tmp_path):
     """Built for Haswell (AVX2, which this host runs): the same model takes the plain kernel."""
     from effc.codegen.target import BuildTarget, llvm_target
 
-    spec = {**llvm_target(2).spec, "mcpu": "haswell"}
+    spec = llvm_target(2, mcpu="haswell").spec
     target = BuildTarget("llvm", spec, 2)
     manifest = compile_and_compare(lookup_model([3, 7], [PQ16, SOFT16]), tmp_path, [3, 7], target=target)  # M=21
     assert all(name.startswith("lookup_plain") for name in kernels_of(manifest)), manifest["custom_ops"]

@@ -98,9 +98,9 @@ def test_shuffle_needs_its_layout_and_avx512bw():
     from effc.codegen.target import llvm_target
 
     rng = np.random.default_rng(0)
-    haswell = tvm.target.Target({**llvm_target(1).spec, "mcpu": "haswell"})
+    haswell = tvm.target.Target(llvm_target(1, mcpu="haswell").spec)
     assert cpu.shuffle_misfit(random_layer(rng, "pq", 2, 4, 16, 8), haswell) == "no AVX-512BW"
-    znver4 = tvm.target.Target({**llvm_target(1).spec, "mcpu": "znver4"})
+    znver4 = tvm.target.Target(llvm_target(1, mcpu="znver4").spec)
     assert cpu.shuffle_misfit(random_layer(rng, "pq", 2, 4, 16, 8), znver4) is None
     assert "k=8" in cpu.shuffle_misfit(random_layer(rng, "pq", 2, 4, 8, 8), znver4)
     assert "float tables" in cpu.shuffle_misfit(random_layer(rng, "pq", 2, 4, 16, 8, "float32"), znver4)

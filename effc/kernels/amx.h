@@ -1,0 +1,75 @@
+/* Intel AMX for effc's C tiles (bf16_tile.c, int8_tile.c): whether this process may use the tile
+   units, and the one tile configuration they use.
+
+   AMX is used only when the CPU has it (CPUID.7.0:EDX bits 22 AMX-BF16, 24 AMX-TILE, 25 AMX-INT8),
+   the OS saves tile state (XCR0 bits 17, 18) and Linux granted this process tile data
+   (arch_prctl ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18; without it the first tile
+   instruction kills the process with SIGILL). The request runs once, when the library holding the
+   kernels is loaded (a constructor), so it precedes the first call on any thread; the answer is
+   cached. EFFC_AMX=0 in the environment turns the tile path off (the AVX-512 path runs instead:
+   for comparisons, and for tests of both paths on one machine).
+
+   The configuration (palette 1): tiles 0-3 accumulators (16 x 16 fp32 or int32), 4-5 A (16 rows x
+   64 bytes), 6-7 B (16 rows of k pairs / quads x 64 bytes); a row block with fewer than 16 rows
+   configures its A and C tiles with just those rows, so a tile never reads or writes past a matrix.
+   ldtilecfg runs per call: another library in the process (ONNX Runtime, oneDNN) may reconfigure a
+   thread between calls, and it costs far less than one call's tile products. */
+#ifndef EFFC_AMX_H
+#define EFFC_AMX_H
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+enum { EFFC_AMX_BF16 = 1, EFFC_AMX_INT8 = 2 };
+
+static int effc_amx_granted = -1; /* EFFC_AMX_* bits, once known */
+
+static int effc_amx_probe(void) {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24))) return 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return 0; /* OSXSAVE */
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & (3u << 17)) != (3u << 17)) return 0;
+  const char *env = getenv("EFFC_AMX");
+  if (env && strcmp(env, "0") == 0) return 0;
+  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return 0;
+  __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx);
+  return ((edx >> 22) & 1 ? EFFC_AMX_BF16 : 0) | ((edx >> 25) & 1 ? EFFC_AMX_INT8 : 0);
+}
+
+static inline int effc_amx(void) {
+  int granted = __atomic_load_n(&effc_amx_granted, __ATOMIC_RELAXED);
+  if (granted < 0) {
+    granted = effc_amx_probe();
+    __atomic_store_n(&effc_amx_granted, granted, __ATOMIC_RELAXED);
+  }
+  return granted;
+}
+
+__attribute__((constructor)) static void effc_amx_request(void) { effc_amx(); }
+
+typedef struct {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} effc_tilecfg;
+
+/* Load the configuration for a block of row blocks of rows0 and rows1 rows (rows1 0: one block). */
+static inline void effc_amx_configure(int rows0, int rows1) {
+  effc_tilecfg cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64;
+  cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = (uint8_t)rows0;
+  cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = (uint8_t)(rows1 ? rows1 : rows0);
+  cfg.rows[6] = cfg.rows[7] = 16;
+  _tile_loadconfig(&cfg);
+}
+
+#endif

@@ -62,14 +62,15 @@ typedef struct {
 
 /* Load the configuration for a block of row blocks of rows0 and rows1 rows (rows1 0: one block). */
 static inline void effc_amx_configure(int rows0, int rows1) {
-  effc_tilecfg cfg;
+  effc_tilecfg cfg, now;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
   for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64;
   cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = (uint8_t)rows0;
   cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = (uint8_t)(rows1 ? rows1 : rows0);
   cfg.rows[6] = cfg.rows[7] = 16;
-  _tile_loadconfig(&cfg);
+  _tile_storeconfig(&now);
+  if (memcmp(&now, &cfg, sizeof cfg) != 0) _tile_loadconfig(&cfg);
 }
 
 #endif

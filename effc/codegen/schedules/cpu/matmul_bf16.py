@@ -11,12 +11,15 @@ row-major [k, n], and the C tile packs each panel once per call. A is read in pl
 needs padding, the C tile computes the edge tiles' rows and columns only (a stage, zero-padded, is
 left for A reached through a gather or rows fused across batch dims). A ragged n keeps the full
 nr (the edge panel computes only its vectors).
-Knobs as matmul's: mr, nr_vectors. Only on CPUs with avx512bf16: elsewhere the fp32 matmul rule
+Knobs as matmul's: mr, nr_vectors; on a CPU with AMX-BF16 the tile defaults to 32 x 2 vectors
+(AMX_FITTING) and the C tile computes it in 16 x 16 AMX tiles. Only on CPUs with avx512bf16: elsewhere the fp32 matmul rule
 takes these kernels (TVM's bf16 legalisation computes them in fp32), and --precision never makes
 them there (effc.codegen.precision).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from tvm import s_tir, tirx
 
@@ -28,23 +31,39 @@ from effc.codegen.schedules.cpu.panels import matmul_gemm, write_back_at
 
 FITTING = ((6, 4), (8, 3), (12, 2), (8, 2), (4, 4))  # tiles near the peak, best first (mr, nr_vectors)
 MAX_ROWS = {1: 16, 2: 12, 3: 8, 4: 6}  # nr_vectors -> most rows of a tile bf16_tile.c has (<= 24 of 32 zmm)
+# AMX: the tile is 16 x 16 tiles (bf16_tile.c's amx_tile): two row blocks x two column blocks reuse each
+# A and B tile twice; one row block x four columns where m is small. bf16_tile.c alone, 1 thread,
+# 128 x 768 x 3072: 32 x 2 1131 GFLOP/s, 32 x 4 1078, 16 x 4 1018 (vdpbf16ps 6 x 4: ~190)
+AMX_FITTING = ((32, 2), (16, 4), (32, 1), (16, 2), (16, 1))
+AMX_MAX_ROWS = 32
 
 
 def has_avx512_bf16(target) -> bool:
     """Whether ``target`` (a tvm llvm Target) may run vdpbf16ps."""
+    return _has(target, "avx512bf16")
+
+
+def has_amx_bf16(target) -> bool:
+    """Whether ``target``'s CPU has AMX-BF16 tiles (the kernel still checks at run time that the OS
+    granted them, and falls back to vdpbf16ps)."""
+    return _has(target, "amx-bf16")
+
+
+def _has(target, feature: str) -> bool:
     import tvm
 
     try:
-        return bool(tvm.target.codegen.target_has_features("avx512bf16", target))
+        return bool(tvm.target.codegen.target_has_features(feature, target))
     except Exception:  # noqa: BLE001 (no LLVM feature query for this target)
         return False
 
 
 class MatmulBf16(RegisterTileRule):
     """Default tile 6 x 4 vectors: 24 accumulators and 10 loads per 24 vdpbf16ps (165 GFLOP/s per core
-    on znver4 at 2.6 GHz, ~ its peak; 8 x 2: 149)."""
+    on znver4 at 2.6 GHz, ~ its peak; 8 x 2: 149); with AMX, 32 x 2."""
 
     name = "matmul-bf16"
+    KNOBS: ClassVar[dict] = {"mr": (4, 6, 8, 12, 16, 32), "nr_vectors": (1, 2, 3, 4)}  # 16, 32: AMX tiles
 
     def is_target_available(self, target) -> bool:
         return target.kind.name == "llvm" and has_avx512_bf16(target)
@@ -53,15 +72,18 @@ class MatmulBf16(RegisterTileRule):
         if not self.is_target_available(target):
             return None
         recorded = self.recorded(func, target)
-        sch = self.schedule(func, **{**self.default_knobs(), **recorded}, fit=not recorded)
+        amx = has_amx_bf16(target)
+        knobs = {**self.default_knobs(), **({"mr": AMX_FITTING[0][0], "nr_vectors": AMX_FITTING[0][1]} if amx else {})}
+        sch = self.schedule(func, **{**knobs, **recorded}, fit=not recorded, amx=amx)
         if sch is not None:
             from effc.kernels import native
 
             native.load("bf16_tile")  # the tile's symbol, for modules built and run in this process
         return sch
 
-    def schedule(self, func, mr: int, nr_vectors: int, fit: bool = False, target=None):
-        """``fit``: rather a tile among FITTING that divides m and n (no padding, A read in place)."""
+    def schedule(self, func, mr: int, nr_vectors: int, fit: bool = False, target=None, amx: bool = False):
+        """``fit``: rather a tile among FITTING (AMX_FITTING with ``amx``) that divides m and n (no
+        padding, A read in place)."""
         sch = s_tir.Schedule(func)
         found = one_reduction(sch, target)
         if found is None:
@@ -75,13 +97,18 @@ class MatmulBf16(RegisterTileRule):
         if gemm is None:
             return None
         a_copy, b_copy, c_copy, c_map, (batch, i, j, k), (m, n, kk) = gemm
-        if fit:
+        if fit and amx:  # AMX computes partial row blocks as fast: fit the columns only
+            mr, nr_vectors = next(((r, v) for r, v in AMX_FITTING if n % (v * LANES) == 0), (mr, nr_vectors))
+        elif fit:
             mr, nr_vectors = next(((r, v) for r, v in FITTING if m % r == 0 and n % (v * LANES) == 0),
                                   (mr, nr_vectors))
         # the C tile computes only the vectors of an edge panel inside n: a ragged n costs at most
         # 15 columns, so the tile keeps its width (pick_nr would narrow it to pad less)
         nr = min(nr_vectors, -(-n // LANES)) * LANES
-        mr = min(_pick_mr(mr, m, nr_vectors, nr, LANES), MAX_ROWS[nr // LANES])
+        if amx:
+            mr = min(mr, m, AMX_MAX_ROWS)
+        else:
+            mr = min(_pick_mr(mr, m, nr_vectors, nr, LANES), MAX_ROWS[nr // LANES])
         pads = [1, mr if m % mr else 1, nr if n % nr else 1, 2 if kk % 2 else 1]
         if pads != [1, 1, 1, 1]:
             sch.pad_einsum(main, pads)

@@ -109,6 +109,38 @@ def test_model_so_computes_with_vdpbf16ps(built):
     _, out, _ = built
     asm = subprocess.run(["objdump", "-d", str(out / "model.so")], capture_output=True, text=True).stdout
     assert "vdpbf16ps" in asm
+    assert "tdpbf16ps" in asm  # the AMX path is in every bf16 model.so: the CPU that runs it picks
+
+
+def _run_in_child(out, feeds, amx: str):
+    """The compiled module's outputs from a fresh process with EFFC_AMX=``amx`` (the tile path is
+    chosen once per process)."""
+    import os
+    import sys
+
+    np.savez(out / f"feeds{amx}.npz", **feeds)
+    code = ("import sys, numpy as np; from effc.codegen.build import run_compiled; "
+            "f = dict(np.load(sys.argv[2])); r = run_compiled(sys.argv[1], [f])[0]; "
+            "np.savez(sys.argv[3], **r)")
+    result = out / f"out{amx}.npz"
+    subprocess.run([sys.executable, "-c", code, str(out), str(out / f"feeds{amx}.npz"), str(result)], check=True,
+                   env={**os.environ, "EFFC_AMX": amx})
+    return dict(np.load(result))
+
+
+@requires_bf16
+def test_amx_and_vector_paths_agree_in_a_compiled_module(built):
+    """A module built on an AMX host runs on a CPU (or OS) without tile state: the same tiles then
+    run on vdpbf16ps, rows split to what the registers hold, with the same results up to fp32
+    summation order."""
+    from effc.verify import make_inputs
+
+    model, out, _ = built
+    feeds = make_inputs(model, 1, seed=7)[0]
+    vector, amx = _run_in_child(out, feeds, "0"), _run_in_child(out, feeds, "1")
+    for name in vector:
+        scale = np.abs(vector[name]).max()
+        assert np.abs(vector[name] - amx[name]).max() <= 1e-4 * scale, name
 
 
 def test_a_cpu_without_avx512_bf16_gets_fp32(tmp_path):

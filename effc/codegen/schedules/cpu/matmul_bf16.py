@@ -11,7 +11,7 @@ row-major [k, n], and the C tile packs each panel once per call. A is read in pl
 needs padding, the C tile computes the edge tiles' rows and columns only (a stage, zero-padded, is
 left for A reached through a gather or rows fused across batch dims). A ragged n keeps the full
 nr (the edge panel computes only its vectors).
-Knobs as matmul's: mr, nr_vectors; on a CPU with AMX-BF16 the tile defaults to 32 x 2 vectors
+Knobs as matmul's: mr, nr_vectors; on a CPU with AMX-BF16 the tile defaults to all rows x 2 vectors
 (AMX_FITTING) and the C tile computes it in 16 x 16 AMX tiles. Only on CPUs with avx512bf16: elsewhere the fp32 matmul rule
 takes these kernels (TVM's bf16 legalisation computes them in fp32), and --precision never makes
 them there (effc.codegen.precision).
@@ -31,11 +31,13 @@ from effc.codegen.schedules.cpu.panels import matmul_gemm, write_back_at
 
 FITTING = ((6, 4), (8, 3), (12, 2), (8, 2), (4, 4))  # tiles near the peak, best first (mr, nr_vectors)
 MAX_ROWS = {1: 16, 2: 12, 3: 8, 4: 6}  # nr_vectors -> most rows of a tile bf16_tile.c has (<= 24 of 32 zmm)
-# AMX: the tile is 16 x 16 tiles (bf16_tile.c's amx_tile): two row blocks x two column blocks reuse each
-# A and B tile twice; one row block x four columns where m is small. bf16_tile.c alone, 1 thread,
-# 128 x 768 x 3072: 32 x 2 1131 GFLOP/s, 32 x 4 1078, 16 x 4 1018 (vdpbf16ps 6 x 4: ~190)
-AMX_FITTING = ((32, 2), (16, 4), (32, 1), (16, 2), (16, 1))
-AMX_MAX_ROWS = 32
+# AMX: a call computes a whole panel's rows (up to AMX_MAX_ROWS) in 16 x 16 tiles (bf16_tile.c's
+# amx_tile: two row blocks x two column blocks, each A and B tile used twice). Fewer, longer calls
+# amortise the tile configuration check (sttilecfg, hundreds of cycles): 1 thread, against 32-row
+# tiles, vit-s16's linears 16.4 -> 15.0 ms, bert-base's 33.6 -> 32.1. Two vectors a panel: four
+# (64 columns) was within noise of it on vit and 3% slower on bert (whose weights stream from memory)
+AMX_FITTING = ((256, 2), (256, 1))
+AMX_MAX_ROWS = 256
 
 
 def has_avx512_bf16(target) -> bool:
@@ -60,10 +62,10 @@ def _has(target, feature: str) -> bool:
 
 class MatmulBf16(RegisterTileRule):
     """Default tile 6 x 4 vectors: 24 accumulators and 10 loads per 24 vdpbf16ps (165 GFLOP/s per core
-    on znver4 at 2.6 GHz, ~ its peak; 8 x 2: 149); with AMX, 32 x 2."""
+    on znver4 at 2.6 GHz, ~ its peak; 8 x 2: 149); with AMX, all rows (up to 256) x 2."""
 
     name = "matmul-bf16"
-    KNOBS: ClassVar[dict] = {"mr": (4, 6, 8, 12, 16, 32), "nr_vectors": (1, 2, 3, 4)}  # 16, 32: AMX tiles
+    KNOBS: ClassVar[dict] = {"mr": (4, 6, 8, 12, 16, 32, 256), "nr_vectors": (1, 2, 3, 4)}  # 16+: AMX tiles
 
     def is_target_available(self, target) -> bool:
         return target.kind.name == "llvm" and has_avx512_bf16(target)

@@ -10,10 +10,10 @@
    for comparisons, and for tests of both paths on one machine).
 
    The configuration (palette 1): tiles 0-3 accumulators (16 x 16 fp32 or int32), 4-5 A (16 rows x
-   64 bytes), 6-7 B (16 rows of k pairs / quads x 64 bytes); a row block with fewer than 16 rows
-   configures its A and C tiles with just those rows, so a tile never reads or writes past a matrix.
-   ldtilecfg runs per call: another library in the process (ONNX Runtime, oneDNN) may reconfigure a
-   thread between calls, and it costs far less than one call's tile products. */
+   64 bytes), 6-7 B (16 rows of k pairs / quads x 64 bytes); a matrix of fewer than 16 rows
+   configures its A and C tiles with just those rows, so a tile never reads or writes past it.
+   Each call checks the thread's configuration once (effc_amx_configure): another library in the
+   process (ONNX Runtime, oneDNN) may have loaded its own on this thread since effc's last call. */
 #ifndef EFFC_AMX_H
 #define EFFC_AMX_H
 
@@ -60,17 +60,22 @@ typedef struct {
   uint8_t rows[16];
 } effc_tilecfg;
 
-/* Load the configuration for a block of row blocks of rows0 and rows1 rows (rows1 0: one block). */
-static inline void effc_amx_configure(int rows0, int rows1) {
+/* The tile configuration of one call, checked against the thread's once (sttilecfg, some hundred
+   cycles): another library may have loaded its own on this thread since effc's last call. */
+typedef struct {
+  int rows; /* the rows of the A and accumulator tiles loaded now; -1: not yet checked */
+} effc_amx_state;
+
+/* Tiles 0-5 of `rows` rows (A and accumulators), 6-7 of 16 (B), all 64 bytes a row. */
+static inline void effc_amx_configure(effc_amx_state *state, int rows) {
+  if (state->rows == rows) return;
   effc_tilecfg cfg, now;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64;
-  cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = (uint8_t)rows0;
-  cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = (uint8_t)(rows1 ? rows1 : rows0);
-  cfg.rows[6] = cfg.rows[7] = 16;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = (uint8_t)(t < 6 ? rows : 16);
   _tile_storeconfig(&now);
-  if (memcmp(&now, &cfg, sizeof cfg) != 0) _tile_loadconfig(&cfg);
+  if (state->rows >= 0 || memcmp(&now, &cfg, sizeof cfg) != 0) _tile_loadconfig(&cfg);
+  state->rows = rows;
 }
 
 #endif

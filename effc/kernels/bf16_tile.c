@@ -173,18 +173,17 @@ static inline __attribute__((always_inline)) void amx_step(int rb, int cb, const
 
 #define STORE(T, R, V)                                                                          \
   do {                                                                                          \
-    float *dst = c + (R) * 16 * ldc + (V) * 16;                                                 \
+    float *dst = cr[R] + (V) * 16;                                                              \
     if ((V) * 16 + 16 <= cols) {                                                                \
       _tile_stored(T, dst, ldc * 4);                                                            \
     } else { /* the right edge: c's rows may be only cols wide */                               \
       _tile_stored(T, edge, 64);                                                                \
-      for (int r = 0; r < ((R) ? rows1 : rows0); ++r)                                           \
-        memcpy(dst + r * ldc, edge + r * 16, (cols - (V) * 16) * sizeof(float));                \
+      for (int r = 0; r < n; ++r) memcpy(dst + r * ldc, edge + r * 16, (cols - (V) * 16) * sizeof(float)); \
     }                                                                                           \
   } while (0)
 
-/* The accumulators to c (rows0 and rows1 rows in the two row blocks), its columns below cols. */
-static inline void amx_store(int rb, int cb, float *c, int64_t ldc, int rows0, int rows1, int cols) {
+/* The accumulators to c: row block r's n rows at cr[r], columns below cols. */
+static inline void amx_store(int rb, int cb, float *const cr[2], int64_t ldc, int n, int cols) {
   float edge[16 * 16];
   if (rb == 2) {
     STORE(0, 0, 0);
@@ -199,23 +198,29 @@ static inline void amx_store(int rb, int cb, float *c, int64_t ldc, int rows0, i
 }
 
 /* c[rows, 16 vecs] = a[rows, k] (bf16, rows lda apart) x panel b (k2 pairs x ldb columns, pairs
-   side by side). */
+   side by side). With 16 rows or more every row block has 16 rows: one that would pass the last
+   row starts earlier instead, overlapping the block before it (recomputing rows to the same
+   values), so the tiles keep one configuration: a reload (ldtilecfg) costs about as much as one
+   32 x 32 x 64 product, and a ragged m (vit's 197 tokens) would need two a call. */
 static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb,
                      int64_t k, int rows, int vecs, int cols) {
   uint16_t a_tail[2][16 * AMX_K], b_tail[4][16 * AMX_K];
   int64_t k_full = k / AMX_K * AMX_K, tail = k - k_full;
+  int n = rows < 16 ? rows : 16; /* rows of every row block */
+  effc_amx_state state = {-1};
+  effc_amx_configure(&state, n);
   for (int r0 = 0; r0 < rows; r0 += 32) {
-    int rows0 = rows - r0 < 16 ? rows - r0 : 16, rows1 = rows - r0 - 16;
-    rows1 = rows1 <= 0 ? 0 : rows1 > 16 ? 16 : rows1;
-    int rb = rows1 ? 2 : 1;
-    effc_amx_configure(rows0, rows1);
-    const uint16_t *ar = a + r0 * lda;
+    int rb = rows - r0 > 16 ? 2 : 1;
+    int start[2] = {r0 + n > rows ? rows - n : r0, r0 + 16 + n > rows ? rows - n : r0 + 16};
+    const uint16_t *ar[2] = {a + start[0] * lda, a + start[1] * lda};
+    float *const cr[2] = {c + start[0] * ldc, c + start[1] * ldc};
     if (tail) /* a's last columns, zero-padded to a whole k step */
-      for (int r = 0; r < rows0 + rows1; ++r) {
-        uint16_t *dst = a_tail[r / 16] + (r % 16) * AMX_K;
-        memset(dst, 0, AMX_K * sizeof *dst);
-        memcpy(dst, ar + r * lda + k_full, tail * sizeof *dst);
-      }
+      for (int blk = 0; blk < rb; ++blk)
+        for (int r = 0; r < n; ++r) {
+          uint16_t *dst = a_tail[blk] + r * AMX_K;
+          memset(dst, 0, AMX_K * sizeof *dst);
+          memcpy(dst, ar[blk] + r * lda + k_full, tail * sizeof *dst);
+        }
     for (int v0 = 0; v0 < vecs; v0 += rb == 2 ? 2 : 4) {
       int cb = vecs - v0 < (rb == 2 ? 2 : 4) ? vecs - v0 : (rb == 2 ? 2 : 4);
       _tile_zero(0);
@@ -223,7 +228,7 @@ static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, cons
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t k0 = 0; k0 < k_full; k0 += AMX_K) {
-        const void *ap[2] = {ar + k0, ar + 16 * lda + k0};
+        const void *ap[2] = {ar[0] + k0, ar[1] + k0};
         const uint16_t *bk = b + (k0 / 2 * ldb + v0 * 16) * 2;
         const void *bp[4] = {bk, bk + 32, bk + 64, bk + 96};
         amx_step(rb, cb, ap, lda * 2, bp, ldb * 4);
@@ -239,7 +244,8 @@ static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, cons
         const void *bp[4] = {b_tail[0], b_tail[1], b_tail[2], b_tail[3]};
         amx_step(rb, cb, ap, AMX_K * 2, bp, AMX_K * 2);
       }
-      amx_store(rb, cb, c + r0 * ldc + v0 * 16, ldc, rows0, rows1, cols - v0 * 16);
+      float *const cv[2] = {cr[0] + v0 * 16, cr[1] + v0 * 16};
+      amx_store(rb, cb, cv, ldc, n, cols - v0 * 16);
     }
   }
 }

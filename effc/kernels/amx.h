@@ -12,8 +12,9 @@
    The configuration (palette 1): tiles 0-3 accumulators (16 x 16 fp32 or int32), 4-5 A (16 rows x
    64 bytes), 6-7 B (16 rows of k pairs / quads x 64 bytes); a matrix of fewer than 16 rows
    configures its A and C tiles with just those rows, so a tile never reads or writes past it.
-   Each call checks the thread's configuration once (effc_amx_configure): another library in the
-   process (ONNX Runtime, oneDNN) may have loaded its own on this thread since effc's last call. */
+   Each call reads the thread's configuration once (effc_amx_begin), loads effc's only where it
+   differs, and puts back one another library in the process (ONNX Runtime, oneDNN) had loaded
+   (effc_amx_end). */
 #ifndef EFFC_AMX_H
 #define EFFC_AMX_H
 
@@ -60,22 +61,44 @@ typedef struct {
   uint8_t rows[16];
 } effc_tilecfg;
 
-/* The tile configuration of one call, checked against the thread's once (sttilecfg, some hundred
-   cycles): another library may have loaded its own on this thread since effc's last call. */
+/* One call's use of the tiles: the configuration the thread had when the call began, and the rows
+   effc loaded (-1: none yet). */
 typedef struct {
-  int rows; /* the rows of the A and accumulator tiles loaded now; -1: not yet checked */
+  effc_tilecfg saved;
+  int rows;
 } effc_amx_state;
 
-/* Tiles 0-5 of `rows` rows (A and accumulators), 6-7 of 16 (B), all 64 bytes a row. */
+static inline void effc_amx_fill(effc_tilecfg *cfg, int rows) {
+  memset(cfg, 0, sizeof *cfg);
+  cfg->palette = 1;
+  for (int t = 0; t < 8; ++t) cfg->colsb[t] = 64, cfg->rows[t] = (uint8_t)(t < 6 ? rows : 16);
+}
+
+/* Before a call's first tile: what the thread has loaded (sttilecfg, some hundred cycles). */
+static inline void effc_amx_begin(effc_amx_state *state) {
+  _tile_storeconfig(&state->saved);
+  state->rows = -1;
+}
+
+/* Tiles 0-5 of `rows` rows (A and accumulators), 6-7 of 16 (B), all 64 bytes a row; loaded only
+   when the thread has another (effc's own from its last call is the common case). */
 static inline void effc_amx_configure(effc_amx_state *state, int rows) {
   if (state->rows == rows) return;
-  effc_tilecfg cfg, now;
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = (uint8_t)(t < 6 ? rows : 16);
-  _tile_storeconfig(&now);
-  if (state->rows >= 0 || memcmp(&now, &cfg, sizeof cfg) != 0) _tile_loadconfig(&cfg);
+  effc_tilecfg cfg;
+  effc_amx_fill(&cfg, rows);
+  if (state->rows >= 0 || memcmp(&state->saved, &cfg, sizeof cfg) != 0) _tile_loadconfig(&cfg);
   state->rows = rows;
+}
+
+/* After a call's last tile: put back a configuration another library loaded. ONNX Runtime's MLAS and
+   oneDNN configure a thread once and keep it between their calls: their tile products under effc's
+   configuration raise #UD (a SIGILL) or compute on the wrong shapes. A thread that had none keeps
+   effc's (whoever uses tiles on it next configures them), so effc's next call needs no reload. */
+static inline void effc_amx_end(const effc_amx_state *state) {
+  if (state->rows < 0 || !state->saved.palette) return;
+  effc_tilecfg cfg;
+  effc_amx_fill(&cfg, state->rows);
+  if (memcmp(&state->saved, &cfg, sizeof cfg) != 0) _tile_loadconfig(&state->saved);
 }
 
 #endif

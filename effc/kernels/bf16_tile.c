@@ -207,7 +207,8 @@ static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, cons
   uint16_t a_tail[2][16 * AMX_K], b_tail[4][16 * AMX_K];
   int64_t k_full = k / AMX_K * AMX_K, tail = k - k_full;
   int n = rows < 16 ? rows : 16; /* rows of every row block */
-  effc_amx_state state = {-1};
+  effc_amx_state state;
+  effc_amx_begin(&state);
   effc_amx_configure(&state, n);
   for (int r0 = 0; r0 < rows; r0 += 32) {
     int rb = rows - r0 > 16 ? 2 : 1;
@@ -248,6 +249,7 @@ static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, cons
       amx_store(rb, cb, cv, ldc, n, cols - v0 * 16);
     }
   }
+  effc_amx_end(&state);
 }
 
 static __thread uint16_t *a_bf16; /* this thread's bf16 copy of an fp32 a tile */

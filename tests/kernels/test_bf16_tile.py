@@ -100,3 +100,50 @@ def test_amx_path_matches_numpy():
     used_amx, errors = _in_child("1")
     assert used_amx == 1
     assert max(errors) < 1e-5, errors
+
+
+FOREIGN_CONFIG_PROGRAM = r"""
+#include "bf16_tile.c"
+#include <stdio.h>
+/* A foreign library's configuration (palette 1, other rows) must survive effc's call; a thread with
+   none keeps effc's afterwards. Prints: foreign_kept effc_kept_after_none */
+int main(void) {
+  effc_amx();
+  static uint16_t a[32 * 64], b[32 * 32 * 2];
+  static float c[32 * 32];
+  effc_tilecfg foreign, now;
+  memset(&foreign, 0, sizeof foreign);
+  foreign.palette = 1;
+  for (int t = 0; t < 8; ++t) foreign.colsb[t] = 32, foreign.rows[t] = 8;
+  _tile_loadconfig(&foreign);
+  effc_bf16_tile_part(c, c + 32, (char *)a, (char *)(a + 1), (char *)(a + 64), (char *)b, (char *)(b + 1),
+                      (char *)b, 32, 32, 2, 1, 32, 32, 64);
+  _tile_storeconfig(&now);
+  int kept = memcmp(&now, &foreign, sizeof now) == 0;
+  _tile_release();
+  effc_bf16_tile_part(c, c + 32, (char *)a, (char *)(a + 1), (char *)(a + 64), (char *)b, (char *)(b + 1),
+                      (char *)b, 32, 32, 2, 1, 32, 32, 64);
+  _tile_storeconfig(&now);
+  printf("%d %d\n", kept, now.palette == 1 && now.rows[0] == 16);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="this CPU lacks AMX-BF16")
+def test_a_call_puts_back_the_threads_tile_configuration(tmp_path):
+    """ONNX Runtime's MLAS and oneDNN configure a thread's tiles once and keep them: effc's call must
+    leave a configuration it found as it was (else their next tile product faults or miscomputes)."""
+    import shutil
+
+    from effc.kernels import native
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    source = tmp_path / "foreign.c"
+    source.write_text(FOREIGN_CONFIG_PROGRAM)
+    exe = tmp_path / "foreign"
+    subprocess.run([cc, *[f for f in native.FLAGS["bf16_tile"] if f != "-fPIC"], f"-I{native.HERE}", str(source),
+                    "-o", str(exe)], check=True)
+    assert subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split() == ["1", "1"]

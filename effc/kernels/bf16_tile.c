@@ -255,13 +255,14 @@ static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, cons
 static __thread uint16_t *a_bf16; /* this thread's bf16 copy of an fp32 a tile */
 static __thread int64_t a_capacity;
 
-#define CASE(R, V) case (R) * 8 + (V): tile(c, ldc, a, lda, a_f32, b, 16 * nv, k, R, V, cols); return 0;
+#define CASE(R, V) case (R) * 8 + (V): tile(c, ldc, a, lda, a_f32, b, ldb, k, R, V, cols); return 0;
 #define ROWS(R) CASE(R, 1) CASE(R, 2) CASE(R, 3) CASE(R, 4)
 static const int VECTOR_ROWS[5] = {0, 16, 12, 8, 6}; /* vectors -> most rows of a compiled vector tile */
 
-/* The vector (vdpbf16ps) tile: rows <= VECTOR_ROWS[vecs]; 0, or -1 where none is compiled. */
-static int vector_tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_f32, const void *b, int nv, int64_t k,
-                       int rows, int vecs, int cols) {
+/* The vector (vdpbf16ps) tile: rows <= VECTOR_ROWS[vecs], vecs <= 4 of a panel ldb columns wide; 0,
+   or -1 where none is compiled. */
+static int vector_tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_f32, const void *b, int64_t ldb,
+                       int64_t k, int rows, int vecs, int cols) {
   switch (rows * 8 + vecs) {
     ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
     CASE(7, 1) CASE(7, 2) CASE(7, 3) CASE(8, 1) CASE(8, 2) CASE(8, 3)
@@ -313,11 +314,18 @@ int32_t effc_bf16_tile_part(float *c, float *c_row, const char *a, const char *a
     amx_tile(c, ldc, ab, lda, (const uint16_t *)b, 16 * nv, k, rows, vecs, cols);
     return 0;
   }
-  /* taller tiles than the vector registers hold (the AMX rule's) run as several vector tiles */
+  /* taller or wider tiles than the vector registers hold (the AMX rule's) run as several vector
+     tiles: groups of at most 4 vectors, each as many rows as its registers hold */
   int64_t a_step = lda * (a_f32 ? 4 : 2);
-  for (int r0 = 0; r0 < rows; r0 += VECTOR_ROWS[vecs]) {
-    int part = rows - r0 < VECTOR_ROWS[vecs] ? rows - r0 : VECTOR_ROWS[vecs];
-    if (vector_tile(c + r0 * ldc, ldc, a + r0 * a_step, lda, a_f32, b, nv, k, part, vecs, cols)) return -1;
+  for (int v0 = 0; v0 < vecs; v0 += 4) {
+    int group = vecs - v0 < 4 ? vecs - v0 : 4;
+    const uint16_t *bg = (const uint16_t *)b + v0 * 16 * 2;
+    for (int r0 = 0; r0 < rows; r0 += VECTOR_ROWS[group]) {
+      int part = rows - r0 < VECTOR_ROWS[group] ? rows - r0 : VECTOR_ROWS[group];
+      if (vector_tile(c + r0 * ldc + v0 * 16, ldc, a + r0 * a_step, lda, a_f32, bg, 16 * nv, k, part, group,
+                      cols - v0 * 16))
+        return -1;
+    }
   }
   return 0;
 }

@@ -38,6 +38,10 @@ MAX_ROWS = {1: 16, 2: 12, 3: 8, 4: 6}  # nr_vectors -> most rows of a tile bf16_
 # (64 columns) was within noise of it on vit and 3% slower on bert (whose weights stream from memory)
 AMX_FITTING = ((256, 2), (256, 1))
 AMX_MAX_ROWS = 256
+# a computed B (attention's K^T, V: packed by the C tile per panel) takes whole rows of C in one panel,
+# up to this many vectors: vit-s16's Q.K^T (197 x 197 x 64 a head), 1 thread, 0.133 ms in 2-vector
+# panels, 0.110 in 4, 0.103 in one 13-vector panel (C written row by row, B packed once a head)
+AMX_ACTIVATION_VECTORS = 16
 
 
 def has_avx512_bf16(target) -> bool:
@@ -99,7 +103,9 @@ class MatmulBf16(RegisterTileRule):
         if gemm is None:
             return None
         a_copy, b_copy, c_copy, c_map, (batch, i, j, k), (m, n, kk) = gemm
-        if fit and amx:  # AMX computes partial row blocks as fast: fit the columns only
+        if fit and amx and _b_computed(sch, func, main):
+            nr_vectors = min(-(-n // LANES), AMX_ACTIVATION_VECTORS)
+        elif fit and amx:  # AMX computes partial row blocks as fast: fit the columns only
             mr, nr_vectors = next(((r, v) for r, v in AMX_FITTING if n % (v * LANES) == 0), (mr, nr_vectors))
         elif fit:
             mr, nr_vectors = next(((r, v) for r, v in FITTING if m % r == 0 and n % (v * LANES) == 0),
@@ -136,6 +142,16 @@ class MatmulBf16(RegisterTileRule):
         tile = sch.blockize(k)  # the tile's block keeps its loop nest: effc.codegen.bf16_tile_call lowers it
         sch.annotate(tile, TILE_KEY, [mr, nr, k_pad, m, n, kk, int(b_plain)])
         return sch
+
+
+def _b_computed(sch, func, main) -> bool:
+    """Whether main's B is computed in the model (attention's K^T or V), not a weight."""
+    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    weights = [func.params[int(x)] for x in free] if free else []
+    b = sch.get(main).reads[1].source
+    producers = [sch.get(p) for p in sch.get_producers(main) if sch.get(p).writes[0].source.same_as(b)]
+    sources = [r.source for p in producers for r in p.reads] or [b]
+    return not any(s.same_as(w) for s in sources for w in weights)
 
 
 def _read_in_place(sch, main, a_copy) -> bool:

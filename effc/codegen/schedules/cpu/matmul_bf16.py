@@ -42,6 +42,10 @@ AMX_MAX_ROWS = 256
 # up to this many vectors: vit-s16's Q.K^T (197 x 197 x 64 a head), 1 thread, 0.133 ms in 2-vector
 # panels, 0.110 in 4, 0.103 in one 13-vector panel (C written row by row, B packed once a head)
 AMX_ACTIVATION_VECTORS = 16
+# an output larger than this goes to memory, not L2: 4-vector panels write whole rows of 256 bytes
+# (gpt2's LM head, 128 x 768 x 50257, 1 thread: 23.4 ms in 2-vector panels, 17.4 in 4, 18.3 in 8;
+# bert's linears, whose outputs stay in L2, 3-7% slower in 4 than in 2)
+AMX_WIDE_OUTPUT_BYTES = 4 << 20
 
 
 def has_avx512_bf16(target) -> bool:
@@ -106,7 +110,8 @@ class MatmulBf16(RegisterTileRule):
         if fit and amx and _b_computed(sch, func, main):
             nr_vectors = min(-(-n // LANES), AMX_ACTIVATION_VECTORS)
         elif fit and amx:  # AMX computes partial row blocks as fast: fit the columns only
-            mr, nr_vectors = next(((r, v) for r, v in AMX_FITTING if n % (v * LANES) == 0), (mr, nr_vectors))
+            choices = ((AMX_MAX_ROWS, 4),) + AMX_FITTING if m * n * 4 > AMX_WIDE_OUTPUT_BYTES else AMX_FITTING
+            mr, nr_vectors = next(((r, v) for r, v in choices if n % (v * LANES) == 0), choices[0])
         elif fit:
             mr, nr_vectors = next(((r, v) for r, v in FITTING if m % r == 0 and n % (v * LANES) == 0),
                                   (mr, nr_vectors))

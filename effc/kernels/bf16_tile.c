@@ -89,6 +89,54 @@ static const uint16_t *panel_of_rows(const char *b, int es, int64_t ldb, int64_t
   return panel_bf16;
 }
 
+/* The panel (k2 pairs x nr columns) of a b given by columns (column c's k values contiguous, columns
+   ld elements apart, element size es): its first `cols` columns, zero beyond and past k. Each k pair
+   of a column is one 32-bit word of that column: 16 columns' words gathered per store. Made when
+   first, as panel_of_rows. */
+static const uint16_t *panel_of_columns(const char *b, int es, int64_t ld, int64_t k, int cols, int nr, int64_t k2,
+                                        int first) {
+  int64_t n = 2 * k2 * nr;
+  if (n > panel_capacity) {
+    free(panel_bf16);
+    panel_bf16 = (uint16_t *)malloc(n * sizeof(uint16_t));
+    panel_capacity = panel_bf16 ? n : 0;
+    first = 1;
+  }
+  if (!first || !panel_bf16) return panel_bf16;
+  uint32_t *panel = (uint32_t *)panel_bf16;
+  int64_t whole = es == 2 ? k / 2 : 0; /* pairs read as words; an odd k's last pair, fp32 b: element-wise */
+  for (int c0 = 0; c0 < nr; c0 += 16) {
+    int left = cols - c0;
+    __mmask16 mask = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32((int)ld));
+    const char *base = b + (int64_t)c0 * ld * es;
+    for (int64_t kp = 0; kp < whole; ++kp) {
+      __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, column, base + kp * 4, 2);
+      _mm512_storeu_si512(panel + kp * nr + c0, words);
+    }
+    for (int64_t kp = whole; kp < k2; ++kp)
+      for (int c = 0; c < 16; ++c) {
+        uint32_t word = 0;
+        for (int e = 0; e < 2; ++e) {
+          int64_t kk = 2 * kp + e;
+          if (c >= left || kk >= k) continue;
+          uint16_t v;
+          if (es == 2) {
+            memcpy(&v, base + ((int64_t)c * ld + kk) * 2, 2);
+          } else {
+            uint32_t f; /* fp32 bits, rounded to bf16 (nearest even) as to_bf16 does */
+            memcpy(&f, base + ((int64_t)c * ld + kk) * 4, 4);
+            v = (uint16_t)((f + 0x7FFF + ((f >> 16) & 1)) >> 16);
+          }
+          word |= (uint32_t)v << (16 * e);
+        }
+        panel[kp * nr + c0 + c] = word;
+      }
+  }
+  return panel_bf16;
+}
+
 /* acc[r] += a's pair (a[r, 2 kp], a[r, 2 kp + 1]) x the panel's k pair row bp, for mr rows; odd: a's
    row ends after its first element (the second is taken as 0: no read past the row). */
 #define STEP(ODD)                                                                              \
@@ -281,15 +329,19 @@ static int vector_tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_
    up to whole vectors) from the first k of a's columns (k odd: a's rows are read in place,
    unpadded). 0 when (rows, vectors) has a compiled tile and memory for a converted panel; -1
    otherwise (the rule never asks for a missing tile). */
-int32_t effc_bf16_tile_part(float *c, float *c_row, const char *a, const char *a_next, const char *a_row,
-                            const char *b, const char *b_next, const char *b_row, int64_t k2, int32_t mr, int32_t nv,
-                            int32_t first, int32_t rows, int32_t cols, int64_t k) {
+static int32_t tile_part(float *c, float *c_row, const char *a, const char *a_next, const char *a_row, const char *b,
+                         const char *b_next, const char *b_row, int64_t k2, int32_t mr, int32_t nv, int32_t first,
+                         int32_t rows, int32_t cols, int64_t k, int b_transposed) {
   int64_t ldc = c_row - c;
   int a_f32 = a_next - a == 4;
   int64_t lda = (a_row - a) / (a_f32 ? 4 : 2);
   int vecs = (cols + 15) / 16;
   if (rows > mr || vecs > nv || k > 2 * k2) return -1;
-  if (b_row != b) {
+  if (b_transposed) {
+    int es = (int)(b_next - b);
+    b = (const char *)panel_of_columns(b, es, (b_row - b) / es, k, cols, nv * 16, k2, first);
+    if (!b) return -1;
+  } else if (b_row != b) {
     int es = (int)(b_next - b);
     b = (const char *)panel_of_rows(b, es, (b_row - b) / es, k, cols, nv * 16, k2, first);
     if (!b) return -1;
@@ -328,6 +380,20 @@ int32_t effc_bf16_tile_part(float *c, float *c_row, const char *a, const char *a
     }
   }
   return 0;
+}
+
+int32_t effc_bf16_tile_part(float *c, float *c_row, const char *a, const char *a_next, const char *a_row,
+                            const char *b, const char *b_next, const char *b_row, int64_t k2, int32_t mr, int32_t nv,
+                            int32_t first, int32_t rows, int32_t cols, int64_t k) {
+  return tile_part(c, c_row, a, a_next, a_row, b, b_next, b_row, k2, mr, nv, first, rows, cols, k, 0);
+}
+
+/* As effc_bf16_tile_part with b given as its columns: b_row is the address of b's next column, each
+   column k contiguous values (attention's K rows for Q.K^T, effc.codegen.product_nt). */
+int32_t effc_bf16_tile_rows(float *c, float *c_row, const char *a, const char *a_next, const char *a_row,
+                            const char *b, const char *b_next, const char *b_row, int64_t k2, int32_t mr, int32_t nv,
+                            int32_t first, int32_t rows, int32_t cols, int64_t k) {
+  return tile_part(c, c_row, a, a_next, a_row, b, b_next, b_row, k2, mr, nv, first, rows, cols, k, 1);
 }
 
 /* The whole tile (rows = mr, cols = 16 nv, k = 2 k2) of a packed b: the entry point of modules built

@@ -5,6 +5,7 @@ crash; a wrong bf16 tile fails the compile (exit 1)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -110,6 +111,8 @@ def test_model_so_computes_with_vdpbf16ps(built):
     asm = subprocess.run(["objdump", "-d", str(out / "model.so")], capture_output=True, text=True).stdout
     assert "vdpbf16ps" in asm
     assert "tdpbf16ps" in asm  # the AMX path is in every bf16 model.so: the CPU that runs it picks
+    # q k^T reads k's rows (effc.codegen.product_nt): the tile packs its panels from them
+    assert re.search(r"call.*<effc_bf16_tile_rows>", asm), "q k^T did not read k as rows"
 
 
 def _run_in_child(out, feeds, amx: str):

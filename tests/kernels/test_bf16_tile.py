@@ -44,25 +44,29 @@ def run_cases() -> tuple[int, list[float]]:
 
     native.load("bf16_tile")
     lib = native._loaded["bf16_tile"]
-    fn = lib.effc_bf16_tile_part
-    fn.restype = ctypes.c_int32
     P = ctypes.c_void_p
-    fn.argtypes = [P] * 8 + [ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-                             ctypes.c_int32, ctypes.c_int64]
+    for fn in (lib.effc_bf16_tile_part, lib.effc_bf16_tile_rows):
+        fn.restype = ctypes.c_int32
+        fn.argtypes = [P] * 8 + [ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                 ctypes.c_int32, ctypes.c_int64]
     rng = np.random.default_rng(1)
     errors = []
     for rows, cols, mr, nv, k in CASES:
         vecs = -(-cols // 16)
         for a_f32 in (False, True):
-            for b_plain in (False, True):
+            for b_form in ("packed", "plain", "columns"):
                 k2, nr = (k + 1) // 2, 16 * nv
                 a = rng.standard_normal((mr, k + 3)).astype(np.float32)  # rows 3 wider than k: a stride
                 w = rng.standard_normal((k, nr)).astype(np.float32)
                 wb = bf16(w)
                 ref = f32(bf16(a[:rows, :k])) @ f32(wb)[:, :cols]
                 a_arg = a if a_f32 else bf16(a)
-                if b_plain:
+                fn = lib.effc_bf16_tile_rows if b_form == "columns" else lib.effc_bf16_tile_part
+                if b_form == "plain":
                     b_arg = w if a_f32 else wb  # a plain [k, n] matrix, fp32 or bf16
+                    b_row = b_arg[1:]
+                elif b_form == "columns":  # its columns, k contiguous values each (attention's K rows)
+                    b_arg = np.ascontiguousarray((w if a_f32 else wb).T)
                     b_row = b_arg[1:]
                 else:  # the packed panel: [k2, nr, 2], zero past k
                     padded = np.zeros((2 * k2, nr), np.uint16)
@@ -73,7 +77,7 @@ def run_cases() -> tuple[int, list[float]]:
                 addr = lambda x: x.ctypes.data  # noqa: E731
                 es = a_arg.itemsize
                 rc = fn(addr(c), addr(c) + cols * 4, addr(a_arg), addr(a_arg) + es, addr(a_arg) + a_arg.shape[1] * es,
-                        addr(b_arg), addr(b_arg) + b_arg.itemsize, addr(b_row) if b_plain else addr(b_arg),
+                        addr(b_arg), addr(b_arg) + b_arg.itemsize, addr(b_row) if b_form != "packed" else addr(b_arg),
                         k2, mr, nv, 1, rows, cols, k)
                 assert rc == 0, (rows, cols, mr, nv, k)
                 assert np.isnan(c[rows:]).all(), (rows, cols, mr, nv, k)

@@ -128,8 +128,8 @@ class MatmulBf16(RegisterTileRule):
         if not ((pads[1] == 1 and pads[3] == 1 and _read_in_place(sch, main, a_copy))
                 or (pads != [1, 1, 1, 1] and _read_padded_in_place(sch, main, a_copy))):
             _parallel_copy(sch, _stage(sch, main, a_copy, 0))
-        b_plain = _read_b_in_place(sch, func, main, b_copy)
-        if not b_plain:
+        b_layout = _read_b_in_place(sch, func, main, b_copy)
+        if b_layout == B_PACKED:
             _pack_pairs(sch, func, _stage(sch, main, b_copy, 1), nr)
 
         batch, i, j, k = sch.get_loops(main)
@@ -145,7 +145,7 @@ class MatmulBf16(RegisterTileRule):
             sch.annotate(outer, FULL_PANELS_KEY, -(-n // nr))
         k_pad = extent(sch, k)
         tile = sch.blockize(k)  # the tile's block keeps its loop nest: effc.codegen.bf16_tile_call lowers it
-        sch.annotate(tile, TILE_KEY, [mr, nr, k_pad, m, n, kk, int(b_plain)])
+        sch.annotate(tile, TILE_KEY, [mr, nr, k_pad, m, n, kk, b_layout])
         return sch
 
 
@@ -195,29 +195,35 @@ def _rows_of_k(sch, main, a_read) -> bool:
     return a_read.region[-1].min.same_as(k)
 
 
-def _read_b_in_place(sch, func, main, b_copy) -> bool:
-    """Let main read a computed B (not a weight: those are packed at compile time) where it is, a
-    row-major [k, n] matrix whose panels the C tile packs, vectorised, by each panel's first row
-    tile: no per-call packing loop in TIR (a scalar scatter into a buffer TVM widens to fp32) and
-    no second conversion. False, unchanged, when B is a weight or is not read as [.., k, j]."""
+B_PACKED, B_PLAIN, B_ROWS = 0, 1, 2  # how the C tile reads B (TILE_KEY's last entry)
+
+
+def _read_b_in_place(sch, func, main, b_copy) -> int:
+    """Let main read a computed B (not a weight: those are packed at compile time) where it is: a
+    row-major [k, n] matrix (B_PLAIN: attention's V), or its rows [n, k] (B_ROWS: K's rows for
+    Q.K^T, effc.codegen.product_nt), whose panels the C tile packs, vectorised, by each panel's
+    first row tile: no per-call packing loop in TIR (a scalar scatter into a buffer TVM widens to
+    fp32) and no second conversion. B_PACKED, unchanged, when B is a weight or read otherwise."""
     free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
     weights = [func.params[int(x)] for x in free] if free else []
     trial = sch.copy()
     stage = _stage(trial, main, b_copy, 1)
     if any(r.source.same_as(w) for r in trial.get(stage).reads for w in weights):
-        return False
+        return B_PACKED
     trial.compute_inline(stage)
     block = trial.get(main)
     reads = [r for r in block.reads if str(r.source.dtype) == "bfloat16"]
     if len(reads) != 2 or reads[0].source.same_as(reads[1].source):
-        return False
+        return B_PACKED
     j, k = (iv.var for iv in block.iter_vars[-2:])
     region = reads[1].region
-    if not (region[-2].min.same_as(k) and region[-1].min.same_as(j)
-            and all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in region)):
-        return False
-    sch.compute_inline(_stage(sch, main, b_copy, 1))
-    return True
+    if not all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in region):
+        return B_PACKED
+    layout = (B_PLAIN if region[-2].min.same_as(k) and region[-1].min.same_as(j) else
+              B_ROWS if region[-2].min.same_as(j) and region[-1].min.same_as(k) else B_PACKED)
+    if layout != B_PACKED:
+        sch.compute_inline(_stage(sch, main, b_copy, 1))
+    return layout
 
 
 def _stage(sch, main, copy, operand: int):

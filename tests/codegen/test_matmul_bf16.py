@@ -111,8 +111,32 @@ def test_model_so_computes_with_vdpbf16ps(built):
     asm = subprocess.run(["objdump", "-d", str(out / "model.so")], capture_output=True, text=True).stdout
     assert "vdpbf16ps" in asm
     assert "tdpbf16ps" in asm  # the AMX path is in every bf16 model.so: the CPU that runs it picks
-    # q k^T reads k's rows (effc.codegen.product_nt): the tile packs its panels from them
+
+
+@requires_bf16
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
+def test_q_kt_reads_k_rows(tmp_path):
+    """Q.K^T with K^T a transpose of K's heads: the product reads K's rows (effc.codegen.product_nt),
+    no K^T kernel, the C tile packs the panel from them; agrees with fp32 ONNX Runtime."""
+    from effc.codegen.build import compile_model, run_compiled
+    from effc.verify import OrtRunner, deviation, make_inputs
+
+    rng = np.random.default_rng(3)
+    heads, d, s = 2, 24, 21  # 12 values a head: k even; 21 tokens: a ragged panel
+    inits = [numpy_helper.from_array((rng.standard_normal((d, d)) / 5).astype(np.float32), w) for w in ("Wq", "Wk")]
+    inits.append(numpy_helper.from_array(np.array([1, s, heads, d // heads], np.int64), "shape"))
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q0"]), helper.make_node("MatMul", ["x", "Wk"], ["k0"]),
+             helper.make_node("Reshape", ["q0", "shape"], ["q1"]), helper.make_node("Reshape", ["k0", "shape"], ["k1"]),
+             helper.make_node("Transpose", ["q1"], ["q"], perm=[0, 2, 1, 3]),
+             helper.make_node("Transpose", ["k1"], ["kt"], perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["y"])]
+    model = model_from_nodes(nodes, [("x", [1, s, d])], [("y", [1, heads, s, s])], inits)
+    result = compile_model(model, "llvm", tmp_path, precision="bf16")
+    asm = subprocess.run(["objdump", "-d", str(tmp_path / "model.so")], capture_output=True, text=True).stdout
     assert re.search(r"call.*<effc_bf16_tile_rows>", asm), "q k^T did not read k as rows"
+    feeds = make_inputs(model, 1, seed=2)
+    dev = deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds))
+    assert dev.cosine >= 0.999 and dev.max_rel < 2e-2, dev
 
 
 def _run_in_child(out, feeds, amx: str):

@@ -13,7 +13,8 @@
    64 bytes), 6-7 B (16 rows of k pairs / quads x 64 bytes); a row block with fewer than 16 rows
    configures its A and C tiles with just those rows, so a tile never reads or writes past a matrix.
    ldtilecfg runs per call: another library in the process (ONNX Runtime, oneDNN) may reconfigure a
-   thread between calls, and it costs far less than one call's tile products. */
+   thread between calls, and it costs far less than one call's tile products; for the same reason a
+   call puts back the configuration it found (effc_amx_save / effc_amx_restore). */
 #ifndef EFFC_AMX_H
 #define EFFC_AMX_H
 
@@ -70,6 +71,17 @@ static inline void effc_amx_configure(int rows0, int rows1) {
   cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = (uint8_t)(rows1 ? rows1 : rows0);
   cfg.rows[6] = cfg.rows[7] = 16;
   _tile_loadconfig(&cfg);
+}
+
+/* The caller's tile configuration, saved before effc's tiles and put back after them: ONNX Runtime's
+   MLAS (or oneDNN) may configure a thread's tiles once and keep that configuration between its calls,
+   and its tile products under effc's configuration (other rows) raise #UD, a SIGILL. A thread whose
+   tiles were unconfigured (palette 0) is released back to that state. */
+static inline void effc_amx_save(effc_tilecfg *saved) { _tile_storeconfig(saved); }
+
+static inline void effc_amx_restore(const effc_tilecfg *saved) {
+  if (saved->palette) _tile_loadconfig(saved);
+  else _tile_release();
 }
 
 #endif

@@ -194,8 +194,11 @@ int32_t effc_int8_tile(int32_t *c, int32_t *c_row, const uint8_t *a, const uint8
   }
   int blocks = (cols + 15) / 16;
   if (effc_amx() & EFFC_AMX_INT8) {
+    effc_tilecfg saved;
+    effc_amx_save(&saved);
     if (a_signed) amx_tile(1, c, ldc, a, lda, b, ldb, k, rows, blocks, cols);
     else amx_tile(0, c, ldc, a, lda, b, ldb, k, rows, blocks, cols);
+    effc_amx_restore(&saved);
   } else {
     vnni_tile(a_signed != 0, c, ldc, a, lda, b, ldb, k, rows, blocks, cols);
   }

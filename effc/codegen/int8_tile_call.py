@@ -12,6 +12,8 @@ whatever TVM later does to the buffers (compaction, flattening).
 
 from __future__ import annotations
 
+from effc.codegen.bf16_tile_call import element_address, tile_edge
+
 TILE_KEY = "effc.int8_tile"
 SYMBOL = "effc_int8_tile"
 INT8 = ("uint8", "int8")
@@ -19,8 +21,6 @@ INT8 = ("uint8", "int8")
 
 def int8_tile_pass():
     from tvm import s_tir, tirx
-
-    from effc.codegen.bf16_tile_call import element_address, tile_edge
 
     def lower(node):
         if not isinstance(node, s_tir.SBlock) or TILE_KEY not in node.annotations:

@@ -302,7 +302,10 @@ int32_t effc_bf16_tile_part(float *c, float *c_row, const char *a, const char *a
       for (int r = 0; r < rows; ++r) to_bf16(a_bf16 + r * k, (const float *)a + r * lda, k);
       ab = a_bf16, lda = k;
     }
+    effc_tilecfg saved;
+    effc_amx_save(&saved);
     amx_tile(c, ldc, ab, lda, (const uint16_t *)b, 16 * nv, k, rows, vecs, cols);
+    effc_amx_restore(&saved);
     return 0;
   }
   /* taller tiles than the vector registers hold (the AMX rule's) run as several vector tiles */

@@ -1,8 +1,9 @@
 """Lower the int8 matmul rule's AMX tiles to calls of effc/kernels/int8_tile.c.
 
 On a target with AMX-INT8 the rule (schedules/cpu/int8_matmul.py) blockizes each mr x nr tile's k
-loop and marks the block with TILE_KEY = (mr, nr, k padded to quads, m, n): the tiles at the edges
-of a matrix that no tile divides compute only their rows and columns inside m x n. The block still
+loop and marks the block with TILE_KEY = (mr, nr, k padded to quads, m, n, k): the tiles at the
+edges of a matrix that no tile divides compute only their rows and columns inside m x n, and read
+just k columns of A, so A is read in place, unpadded. The block still
 holds the plain loop nest (C[i, j] += int32(A[i, k]) * int32(B[k / 4, j, k % 4])), so a build
 without this pass (the kernel checks) computes the same. This pass, at the front of effc's CPU TIR
 pipeline (effc.codegen.bf16_tile_call.register_pipeline), replaces that body by one call. Row
@@ -25,12 +26,12 @@ def int8_tile_pass():
     def lower(node):
         if not isinstance(node, s_tir.SBlock) or TILE_KEY not in node.annotations:
             return node
-        mr, nr, k_pad, m, n = (int(v) for v in node.annotations[TILE_KEY])
+        mr, nr, _, m, n, k = (int(v) for v in node.annotations[TILE_KEY])
         c = node.writes[0]
         a, b = [r for r in node.reads if str(r.source.dtype) in INT8]  # A, then B (the body's order)
         call = tirx.call_extern("int32", SYMBOL, element_address(c), element_address(c, row=1), element_address(a),
                                 element_address(a, row=1), element_address(b), _next_quad(b),
-                                tirx.IntImm("int64", k_pad), tirx.IntImm("int32", mr), tirx.IntImm("int32", nr),
+                                tirx.IntImm("int64", k), tirx.IntImm("int32", mr), tirx.IntImm("int32", nr),
                                 tile_edge(c, -2, m, mr), tile_edge(c, -1, n, nr),
                                 tirx.IntImm("int32", int(str(a.source.dtype) == "int8")))
         annotations = {key: value for key, value in node.annotations.items() if key != TILE_KEY}

@@ -6,7 +6,8 @@
    (rows lda apart, k contiguous); b is one j-panel packed as [k / 4, nr, 4] (each k quad of a column
    side by side: the layout of an AMX B tile and of vpdpbusd's operand), quads ldb bytes apart. The
    signs: u8 a x s8 b (a linear: activation x weight, tdpbusd) or s8 a x u8 b (a conv: weight x
-   im2col, tdpbsud). k is a multiple of 4 (the rule pads it, with zeros in b's quads).
+   im2col, tdpbsud). Of a, just the first k bytes of each row are read (a is read in place, never
+   padded); b has ceil(k / 4) quads, zero past k (the rule packs it so).
    On AMX (amx.h) the tile runs in 16 x 16 int32 tiles: a row block is 16 rows of a (fewer at the
    bottom edge: tiles configured with just those rows), a column block 16 columns of b, a k step
    64 bytes (16 quads: one tile row). Two row blocks x two column blocks (4 accumulators, 2 A and 2 B
@@ -87,7 +88,7 @@ static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t
                                                            int64_t lda, const uint8_t *b, int64_t ldb, int64_t k,
                                                            int rows, int blocks, int cols) {
   uint8_t a_tail[2][16 * AMX_K], b_tail[4][16 * AMX_K];
-  int64_t k_full = k / AMX_K * AMX_K, tail = k - k_full;
+  int64_t k_full = k / AMX_K * AMX_K, tail = k - k_full, tail_quads = (tail + 3) / 4;
   for (int r0 = 0; r0 < rows; r0 += 32) {
     int rows0 = rows - r0 < 16 ? rows - r0 : 16, rows1 = rows - r0 - 16;
     rows1 = rows1 <= 0 ? 0 : rows1 > 16 ? 16 : rows1;
@@ -115,7 +116,7 @@ static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t
       if (tail) {
         for (int v = 0; v < cb; ++v) {
           memset(b_tail[v], 0, sizeof b_tail[v]);
-          for (int64_t q = 0; q < tail / 4; ++q) memcpy(b_tail[v] + q * 64, b + (k_full / 4 + q) * ldb + (v0 + v) * 64, 64);
+          for (int64_t q = 0; q < tail_quads; ++q) memcpy(b_tail[v] + q * 64, b + (k_full / 4 + q) * ldb + (v0 + v) * 64, 64);
         }
         const void *ap[2] = {a_tail[0], a_tail[1]};
         const void *bp[4] = {b_tail[0], b_tail[1], b_tail[2], b_tail[3]};
@@ -134,6 +135,20 @@ static inline __mmask16 column_mask(int left) {
   return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
 }
 
+/* acc += quad Q of R rows of a (its first BYTES bytes, the rest 0) x quad Q of V vectors of b */
+#define VNNI_STEP(Q, BYTES)                                                                     \
+  do {                                                                                          \
+    __m512i bv[MAX_VECS];                                                                       \
+    for (int v = 0; v < V; ++v) bv[v] = _mm512_loadu_si512(b + (Q) * ldb + v * 64);            \
+    for (int r = 0; r < R; ++r) {                                                               \
+      int32_t quad = 0;                                                                         \
+      memcpy(&quad, a + r * lda + 4 * (Q), (BYTES));                                            \
+      __m512i av = _mm512_set1_epi32(quad);                                                     \
+      for (int v = 0; v < V; ++v)                                                               \
+        acc[r][v] = sa ? _mm512_dpbusd_epi32(acc[r][v], bv[v], av) : _mm512_dpbusd_epi32(acc[r][v], av, bv[v]); \
+    }                                                                                           \
+  } while (0)
+
 /* c[R, 16 V] from R rows of a and V vectors of the panel; vpdpbusd's first operand is the unsigned
    one: the broadcast quad of a (u8 a) or b's vector (u8 b, sa) */
 static inline __attribute__((always_inline)) void vnni_block(const int sa, int32_t *c, int64_t ldc, const uint8_t *a,
@@ -142,17 +157,8 @@ static inline __attribute__((always_inline)) void vnni_block(const int sa, int32
   __m512i acc[MAX_ROWS][MAX_VECS];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_si512();
-  for (int64_t q = 0; q < k / 4; ++q) {
-    __m512i bv[MAX_VECS];
-    for (int v = 0; v < V; ++v) bv[v] = _mm512_loadu_si512(b + q * ldb + v * 64);
-    for (int r = 0; r < R; ++r) {
-      int32_t quad;
-      memcpy(&quad, a + r * lda + 4 * q, sizeof quad);
-      __m512i av = _mm512_set1_epi32(quad);
-      for (int v = 0; v < V; ++v)
-        acc[r][v] = sa ? _mm512_dpbusd_epi32(acc[r][v], bv[v], av) : _mm512_dpbusd_epi32(acc[r][v], av, bv[v]);
-    }
-  }
+  for (int64_t q = 0; q < k / 4; ++q) VNNI_STEP(q, 4);
+  if (k % 4) VNNI_STEP(k / 4, k % 4); /* a's last quad holds fewer than 4 of its bytes: no read past them */
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) _mm512_mask_storeu_epi32(c + r * ldc + v * 16, column_mask(cols - v * 16), acc[r][v]);
 }
@@ -180,14 +186,14 @@ static void vnni_tile(int sa, int32_t *c, int64_t ldc, const uint8_t *a, int64_t
 }
 
 /* Addresses: c, c one row down; a, a one row down; b (the panel's first quad), b one quad on. The
-   tile is mr x nr (nr a multiple of 16) over k (a multiple of 4) bytes of a's rows; of it, rows x
+   tile is mr x nr (nr a multiple of 16) over k bytes of a's rows; of it, rows x
    cols are computed (the rest of c is left as it was: the caller discards it, and nothing is stored
    past a row's cols). a_signed: s8 a x u8 b, else u8 a x s8 b. 0, or -1 for arguments out of range. */
 int32_t effc_int8_tile(int32_t *c, int32_t *c_row, const uint8_t *a, const uint8_t *a_row, const uint8_t *b,
                        const uint8_t *b_quad, int64_t k, int32_t mr, int32_t nr, int32_t rows, int32_t cols,
                        int32_t a_signed) {
   int64_t ldc = c_row - c, lda = a_row - a, ldb = b_quad - b;
-  if (rows > mr || cols > nr || nr % 16 || k % 4 || ldb < 4 * (int64_t)nr) return -1;
+  if (rows > mr || cols > nr || nr % 16 || ldb < 4 * (int64_t)nr) return -1;
   if (rows <= 0 || cols <= 0 || k <= 0) {
     for (int r = 0; r < rows; ++r) memset(c + r * ldc, 0, (cols > 0 ? cols : 0) * sizeof(int32_t));
     return 0;

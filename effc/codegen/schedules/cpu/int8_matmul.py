@@ -15,8 +15,9 @@ Knobs: mr, nr_vectors (as the float rule).
 On a target with AMX-INT8 (and EFFC_AMX not 0 when building) the tile is AMX-sized instead: its k
 loop is blockized and marked, and effc.codegen.int8_tile_call makes it one call of
 effc/kernels/int8_tile.c (tdpbusd / tdpbsud 16 x 16 tiles; vpdpbusd where the process gets no tile
-state). Same panels and padding, same write-back; the edge tiles compute only their rows and
-columns inside m x n, so padding m or n costs no tile products.
+state). Same panels and write-back; the edge tiles compute only their rows and columns inside
+m x n and read only k columns of A, so A is read in place (no padded copy per call) and padding m
+or n costs no tile products.
 """
 
 from __future__ import annotations
@@ -110,12 +111,11 @@ class Int8Matmul(RegisterTileRule):
         if padded or pad_k or pad_m:
             sch.pad_einsum(main, [1, mr, nr, K_STEP])
         a_pad = _a_padding(sch, main, a_copy) if pad_k or pad_m else None
-        a_stage = None
-        if a_pad is None and amx and not _rows_in_place(sch, main, a_copy):
-            a_stage = a_copy  # the C tile reads rows of A at one stride: a gathered A is copied first
+        if amx:  # the C tile reads A's rows in place, never the padding: a copy only for a gathered A
+            a_pad = _a_stage(sch, main, a_pad or a_copy)
         elif a_pad is None:
             sch.compute_inline(a_copy)
-        panel = _b_panel(sch, main, b_copy, padded or pad_k, a_pad or a_stage)
+        panel = _b_panel(sch, main, b_copy, padded or pad_k, a_pad)
         batch, i, j, k = sch.get_loops(main)
         io, ii = sch.split(i, [None, mr])
         if amx:
@@ -143,13 +143,13 @@ class Int8Matmul(RegisterTileRule):
         sch.parallel(outer)
         if padded and not few:  # full panels without column checks (effc.codegen.peel_tail.full_panel_pass)
             sch.annotate(outer, FULL_PANELS_KEY, -(-n // nr))
-        if a_pad is not None or a_stage is not None:  # the (zero-padded) copy of A: once per call, before the tiles
-            loops = sch.get_loops(a_pad or a_stage)
+        if a_pad is not None:  # the (zero-padded) copy of A: once per call, before the tiles
+            loops = sch.get_loops(a_pad)
             sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
         if amx:
             k_pad = extent(sch, k)
             tile = sch.blockize(k)  # the tile's block keeps its loop nest: effc.codegen.int8_tile_call lowers it
-            sch.annotate(tile, TILE_KEY, [mr, nr, k_pad, m, n])
+            sch.annotate(tile, TILE_KEY, [mr, nr, k_pad, m, n, kk])
             return sch
         init = sch.decompose_reduction(main, ko)
         sch.vectorize(sch.get_loops(init)[-1])
@@ -211,19 +211,24 @@ def _rows_in_registers(sch, block) -> None:
         sch.compute_at(cache, sch.get_loops(block)[-2])
 
 
-def _rows_in_place(sch, main, a_copy) -> bool:
-    """Whether main, with A's reindex copy inlined, reads A as plain rows [.., i, k] (what the C tile
-    reads at one row stride), not gathered or transposed; sch is left unchanged."""
+def _a_stage(sch, main, stage):
+    """Inline A's reindex copy, or its zero-padded copy (``stage``), into main when main then reads A
+    as plain rows [.., i, k] (what the C tile reads at one row stride, just the rows and k columns
+    inside the matrix: the padding is only a condition in the block's plain loop nest) and return
+    None; else (a gathered or transposed A) keep ``stage`` as A's copy and return it."""
     from tvm import tirx
 
     trial = sch.copy()
-    trial.compute_inline(a_copy)
+    trial.compute_inline(stage)
     block = trial.get(main)
-    a_read = block.reads[0]
+    reads = [r for r in block.reads if str(r.source.dtype) in ("uint8", "int8")]
     i, k = block.iter_vars[-3].var, block.iter_vars[-1].var
-    region = a_read.region
-    return (all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in region) and len(region) >= 2
-            and region[-1].min.same_as(k) and region[-2].min.same_as(i))
+    region = reads[0].region if len(reads) == 2 else []
+    if (len(region) >= 2 and all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in region)
+            and region[-1].min.same_as(k) and region[-2].min.same_as(i)):
+        sch.compute_inline(stage)
+        return None
+    return stage
 
 
 def _int8_reduction(sch):

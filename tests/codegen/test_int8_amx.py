@@ -97,3 +97,15 @@ def test_amx_module_runs_the_same_without_tile_state(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), next(iter(here.values())))
+
+
+def test_the_tuner_leaves_amx_tiles_alone():
+    """The tuner's int8 knobs are VNNI register tiles: on AMX nothing of the int8 rule is searched,
+    and records do not count as applied."""
+    from effc.codegen.schedules.cpu.int8_matmul import Int8Matmul
+    from effc.codegen.target import llvm_target
+    from effc.codegen.tune import tunable_rules
+
+    target = llvm_target().tvm()
+    assert "int8-matmul" not in [r.name for r in tunable_rules(target, "fp32")]
+    assert Int8Matmul(records={"any": {"rule": "int8-matmul", "knobs": {"mr": 4}}}).recorded(None, target) == {}

@@ -66,10 +66,14 @@ def has_amx_int8(target) -> bool:
 class Int8Matmul(RegisterTileRule):
     name = "int8-matmul"
 
+    def recorded(self, func, target) -> dict:
+        """Tuned knobs are VNNI register tiles: none apply where the rule builds AMX tiles."""
+        return {} if has_amx_int8(target) else super().recorded(func, target)
+
     def apply(self, func, target, tunable):
         if not self.is_target_available(target) or not has_vnni(target):
             return None
-        if has_amx_int8(target):  # recorded knobs are VNNI register tiles: not for AMX's
+        if has_amx_int8(target):
             sch = self.schedule(func, AMX_ROWS, AMX_VECTORS, amx=True)
             if sch is not None:
                 from effc.kernels import native

@@ -24,6 +24,10 @@
 #include "amx.h"
 
 #define AMX_K 64 /* bytes of k per tile row */
+/* a's rows are prefetched this many bytes (two k steps) ahead: the tile reads 32 row streams, which
+   the hardware prefetchers miss (measured on Emerald Rapids in the rule's loop order, 128 x 768 x 3072:
+   1.38 -> 1.73 int8 TOP/s; 64 and 192 bytes about as good, 512 no gain) */
+#define PREFETCH 128
 
 /* one tile product, signs per tile: u8 x s8 (tdpbusd) or s8 x u8 (tdpbsud) */
 #define DP(SA, C, A, B)              \
@@ -108,6 +112,8 @@ static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t k0 = 0; k0 < k_full; k0 += AMX_K) {
+        if (k0 + PREFETCH < k)
+          for (int r = 0; r < rows0 + rows1; ++r) _mm_prefetch((const char *)ar + r * lda + k0 + PREFETCH, _MM_HINT_T0);
         const void *ap[2] = {ar + k0, ar + 16 * lda + k0};
         const uint8_t *bk = b + k0 / 4 * ldb + v0 * 64;
         const void *bp[4] = {bk, bk + 64, bk + 128, bk + 192};

@@ -93,18 +93,18 @@ static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t
                                                            int rows, int blocks, int cols) {
   uint8_t a_tail[2][16 * AMX_K], b_tail[4][16 * AMX_K];
   int64_t k_full = k / AMX_K * AMX_K, tail = k - k_full, tail_quads = (tail + 3) / 4;
+  __mmask64 tail_mask = tail ? (__mmask64)((1ull << tail) - 1) : 0;
+  if (tail)
+    for (int v = 0; v < 4; ++v) memset(b_tail[v] + tail_quads * 64, 0, (16 - tail_quads) * 64);
   for (int r0 = 0; r0 < rows; r0 += 32) {
     int rows0 = rows - r0 < 16 ? rows - r0 : 16, rows1 = rows - r0 - 16;
     rows1 = rows1 <= 0 ? 0 : rows1 > 16 ? 16 : rows1;
     int rb = rows1 ? 2 : 1;
     effc_amx_configure(rows0, rows1);
     const uint8_t *ar = a + r0 * lda;
-    if (tail) /* a's last columns, zero-padded to a whole k step */
-      for (int r = 0; r < rows0 + rows1; ++r) {
-        uint8_t *dst = a_tail[r / 16] + (r % 16) * AMX_K;
-        memset(dst, 0, AMX_K);
-        memcpy(dst, ar + r * lda + k_full, tail);
-      }
+    if (tail) /* a's last columns, zero-padded to a whole k step (a masked load reads just them) */
+      for (int r = 0; r < rows0 + rows1; ++r)
+        _mm512_storeu_si512(a_tail[r / 16] + (r % 16) * AMX_K, _mm512_maskz_loadu_epi8(tail_mask, ar + r * lda + k_full));
     for (int v0 = 0; v0 < blocks; v0 += rb == 2 ? 2 : 4) {
       int cb = blocks - v0 < (rb == 2 ? 2 : 4) ? blocks - v0 : (rb == 2 ? 2 : 4);
       _tile_zero(0);
@@ -119,11 +119,10 @@ static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t
         const void *bp[4] = {bk, bk + 64, bk + 128, bk + 192};
         amx_step(sa, rb, cb, ap, lda, bp, ldb);
       }
-      if (tail) {
-        for (int v = 0; v < cb; ++v) {
-          memset(b_tail[v], 0, sizeof b_tail[v]);
-          for (int64_t q = 0; q < tail_quads; ++q) memcpy(b_tail[v] + q * 64, b + (k_full / 4 + q) * ldb + (v0 + v) * 64, 64);
-        }
+      if (tail) { /* b's last quads (its rows past them zeroed once, above) */
+        for (int v = 0; v < cb; ++v)
+          for (int64_t q = 0; q < tail_quads; ++q)
+            _mm512_storeu_si512(b_tail[v] + q * 64, _mm512_loadu_si512(b + (k_full / 4 + q) * ldb + (v0 + v) * 64));
         const void *ap[2] = {a_tail[0], a_tail[1]};
         const void *bp[4] = {b_tail[0], b_tail[1], b_tail[2], b_tail[3]};
         amx_step(sa, rb, cb, ap, AMX_K, bp, 64);

@@ -85,7 +85,7 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                         f"{lines[-1][:200] if lines else ''})") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    exe.export_library(str(out / LIBRARY), addons=native_objects(log.kernels))
+    exe.export_library(str(out / LIBRARY), addons=native_objects(log.kernels, tvm_target))
     tvm.runtime.save_param_dict_to_file({f"p{i:04d}": tvm.runtime.tensor(p) for i, p in enumerate(params)},
                                         str(out / PARAMS))
     seconds = round(time.perf_counter() - start, 2)
@@ -103,11 +103,17 @@ def compile_model(model: ir.Model, target: BuildTarget | str = "llvm", out_dir: 
                        precision, precision_reason, len(log.tuned))
 
 
-def native_objects(kernels: dict[str, str]) -> list[str]:
-    """The C kernels (effc/kernels/*.c) the rules that took ``kernels`` call, to link into model.so."""
+def native_objects(kernels: dict[str, str], tvm_target=None) -> list[str]:
+    """The C kernels (effc/kernels/*.c) the rules that took ``kernels`` call, to link into model.so:
+    bf16 matmuls' tiles, and int8 matmuls' where they were built as AMX tiles for ``tvm_target``."""
+    from effc.codegen.schedules.cpu.int8_matmul import has_amx_int8
     from effc.kernels import native
 
-    return [str(native.object_file("bf16_tile"))] if "matmul-bf16" in kernels.values() else []
+    rules = set(kernels.values())
+    names = ["bf16_tile"] if "matmul-bf16" in rules else []
+    if "int8-matmul" in rules and tvm_target is not None and has_amx_int8(tvm_target):
+        names.append("int8_tile")
+    return [str(native.object_file(name)) for name in names]
 
 
 def build_rules(bt: BuildTarget, records=SHIPPED) -> tuple[list, str | None]:

@@ -89,12 +89,13 @@ TUNED_RULES = ("int8-matmul", "matmul-bf16", "matmul")  # the rule names tunable
 
 def tunable_rules(target, precision: str) -> list:
     """The CPU matmul rules the tuner searches, in the build's order (effc.codegen.schedules.cpu):
-    int8 (kernels lowered from QDQ, on VNNI), then bf16 or fp32 as ``precision`` says."""
-    from effc.codegen.schedules.cpu.int8_matmul import Int8Matmul, has_vnni
+    int8 (kernels lowered from QDQ, on VNNI; on AMX its tile is fixed: nothing to search), then bf16
+    or fp32 as ``precision`` says."""
+    from effc.codegen.schedules.cpu.int8_matmul import Int8Matmul, has_amx_int8, has_vnni
     from effc.codegen.schedules.cpu.matmul import Matmul
     from effc.codegen.schedules.cpu.matmul_bf16 import MatmulBf16
 
-    rules = [Int8Matmul()] if has_vnni(target) else []
+    rules = [Int8Matmul()] if has_vnni(target) and not has_amx_int8(target) else []
     if precision == "bf16":
         from effc.kernels import native
 

@@ -12,12 +12,21 @@ as [n / nr, k / 4, nr, 4] (4 k-bytes interleaved per int32 lane). n is padded to
 whole row tiles and k to a multiple of 4, with zeros (padded A columns meet zero weights); A's
 padded copy is made once per call.
 Knobs: mr, nr_vectors (as the float rule).
+On a target with AMX-INT8 (and EFFC_AMX not 0 when building) the tile is AMX-sized instead: its k
+loop is blockized and marked, and effc.codegen.int8_tile_call makes it one call of
+effc/kernels/int8_tile.c (tdpbusd / tdpbsud 16 x 16 tiles; vpdpbusd where the process gets no tile
+state). Same panels and write-back; the edge tiles compute only their rows and columns inside
+m x n and read only k columns of A, so A is read in place (no padded copy per call) and padding m
+or n costs no tile products.
 """
 
 from __future__ import annotations
 
+import os
+
 from tvm import s_tir
 
+from effc.codegen.int8_tile_call import TILE_KEY
 from effc.codegen.schedules.cpu import panels
 from effc.codegen.schedules.cpu.base import RegisterTileRule, extent, single_reduction
 from effc.codegen.peel_tail import FULL_PANELS_KEY
@@ -33,6 +42,10 @@ K_STEP = 4  # k-bytes per int32 lane
 ACTIVATION_ACCUMULATORS = 16
 ACTIVATION_ROWS = 12
 FEW_PANELS = 4  # fewer (batch, panel) pairs than this: the row tiles run in parallel too
+# the AMX tile: 2 x 2 blocks of 16 x 16 int32 (4 accumulator tiles, 2 A and 2 B tiles per 64-byte k
+# step: 4 tile products per 4 loads)
+AMX_ROWS = 32
+AMX_VECTORS = 2
 
 
 def has_vnni(target) -> bool:
@@ -41,12 +54,32 @@ def has_vnni(target) -> bool:
     return target.kind.name == "llvm" and bool(target_has_features("avx512vnni", target))
 
 
+def has_amx_int8(target) -> bool:
+    """Whether the rule builds AMX tiles for ``target``: it has AMX-INT8, and EFFC_AMX is not 0 (which
+    also keeps the built tiles off AMX at run time: the VNNI register tiles are then the better ones)."""
+    from tvm.target.codegen import target_has_features
+
+    return (os.environ.get("EFFC_AMX") != "0" and target.kind.name == "llvm"
+            and bool(target_has_features("amx-int8", target)) and bool(target_has_features("amx-tile", target)))
+
+
 class Int8Matmul(RegisterTileRule):
     name = "int8-matmul"
+
+    def recorded(self, func, target) -> dict:
+        """Tuned knobs are VNNI register tiles: none apply where the rule builds AMX tiles."""
+        return {} if has_amx_int8(target) else super().recorded(func, target)
 
     def apply(self, func, target, tunable):
         if not self.is_target_available(target) or not has_vnni(target):
             return None
+        if has_amx_int8(target):
+            sch = self.schedule(func, AMX_ROWS, AMX_VECTORS, amx=True)
+            if sch is not None:
+                from effc.kernels import native
+
+                native.load("int8_tile")  # the tile's symbol, for modules built and run in this process
+            return sch
         recorded = self.recorded(func, target)
         pixels = _conv_pixels(func)
         if pixels is not None:  # a conv GEMM (its col packed per call too): its own tile, conv_knobs
@@ -54,21 +87,26 @@ class Int8Matmul(RegisterTileRule):
         return self.schedule(func, **{**self.default_knobs(), **recorded},
                              activation_tile=not recorded and _b_is_activation(func))
 
-    def schedule(self, func, mr: int, nr_vectors: int, target=None, activation_tile: bool = False):
+    def schedule(self, func, mr: int, nr_vectors: int, target=None, activation_tile: bool = False,
+                 amx: bool = False):
         """``func`` tiled mr x nr_vectors (``target``: unused, VNNI's tile is the same on every AVX-512 CPU), or None.
         ``activation_tile``: B is an activation (attention's K^T or V, packed per call): the tile holds
-        at most ACTIVATION_ACCUMULATORS vectors and ACTIVATION_ROWS rows, whatever mr says."""
+        at most ACTIVATION_ACCUMULATORS vectors and ACTIVATION_ROWS rows, whatever mr says.
+        ``amx``: one call of the C tile per mr x nr tile (int8_tile_call) instead of vpdpbusd steps."""
         sch = s_tir.Schedule(func)
         main = _int8_reduction(sch)
         gemm = None if main is None else panels.matmul_gemm(sch, main)
         if gemm is None:
             return None
         a_copy, b_copy, c_copy, c_map, (batch, i, j, k), (m, n, kk) = gemm
-        nr = panels.pick_nr(n, LANES, nr_vectors)
-        if activation_tile:
-            mr = min(m, ACTIVATION_ROWS, ACTIVATION_ACCUMULATORS // (nr // LANES))
+        if amx:  # an edge tile computes only its rows and columns: a ragged n keeps the tile's width
+            nr, mr = min(nr_vectors, -(-n // LANES)) * LANES, min(m, mr)
         else:
-            mr = min(m, mr * max(1, nr_vectors * LANES // nr))
+            nr = panels.pick_nr(n, LANES, nr_vectors)
+            if activation_tile:
+                mr = min(m, ACTIVATION_ROWS, ACTIVATION_ACCUMULATORS // (nr // LANES))
+            else:
+                mr = min(m, mr * max(1, nr_vectors * LANES // nr))
         padded = n % nr != 0
         pad_k = kk % K_STEP != 0
         # m is padded too: a bound check on the tile's rows would sit in the k loop (a branch per
@@ -77,14 +115,20 @@ class Int8Matmul(RegisterTileRule):
         if padded or pad_k or pad_m:
             sch.pad_einsum(main, [1, mr, nr, K_STEP])
         a_pad = _a_padding(sch, main, a_copy) if pad_k or pad_m else None
-        if a_pad is None:
+        if amx:  # the C tile reads A's rows in place, never the padding: a copy only for a gathered A
+            a_pad = _a_stage(sch, main, a_pad or a_copy)
+        elif a_pad is None:
             sch.compute_inline(a_copy)
         panel = _b_panel(sch, main, b_copy, padded or pad_k, a_pad)
         batch, i, j, k = sch.get_loops(main)
         io, ii = sch.split(i, [None, mr])
-        jo, jv, ji = sch.split(j, [None, nr // LANES, LANES])
-        ko, ki = sch.split(k, [None, K_STEP])
-        sch.reorder(batch, jo, io, ko, ii, jv, ji, ki)
+        if amx:
+            jo, ji = sch.split(j, [None, nr])
+            sch.reorder(batch, jo, io, k, ii, ji)
+        else:
+            jo, jv, ji = sch.split(j, [None, nr // LANES, LANES])
+            ko, ki = sch.split(k, [None, K_STEP])
+            sch.reorder(batch, jo, io, ko, ii, jv, ji, ki)
         _pack_panel(sch, func, panel, nr)
         if not panels.write_back_at(sch, main, io, nr, LANES, c_map, mr):
             return None
@@ -92,8 +136,9 @@ class Int8Matmul(RegisterTileRule):
             for block in sch.get_consumers(main):
                 _rows_in_registers(sch, block)
         sch.set_scope(main, 0, "local")
-        sch.unroll(ii)
-        sch.unroll(jv)
+        if not amx:
+            sch.unroll(ii)
+            sch.unroll(jv)
         # few panels (a conv's late stage: 49 pixels are one panel) leave threads idle: the row tiles
         # are shared out too; padded, only for a single panel (its column checks stay in the write-back)
         pairs = (extent(sch, batch) or 1) * -(-n // nr)
@@ -102,9 +147,14 @@ class Int8Matmul(RegisterTileRule):
         sch.parallel(outer)
         if padded and not few:  # full panels without column checks (effc.codegen.peel_tail.full_panel_pass)
             sch.annotate(outer, FULL_PANELS_KEY, -(-n // nr))
-        if a_pad is not None:  # the zero-padded copy of A: once per call, before the tiles
+        if a_pad is not None:  # the (zero-padded) copy of A: once per call, before the tiles
             loops = sch.get_loops(a_pad)
             sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+        if amx:
+            k_pad = extent(sch, k)
+            tile = sch.blockize(k)  # the tile's block keeps its loop nest: effc.codegen.int8_tile_call lowers it
+            sch.annotate(tile, TILE_KEY, [mr, nr, k_pad, m, n, kk])
+            return sch
         init = sch.decompose_reduction(main, ko)
         sch.vectorize(sch.get_loops(init)[-1])
         # tensorize segfaults in this TVM; effc.codegen.vnni_pass puts vpdpbusd in place of the mark
@@ -163,6 +213,29 @@ def _rows_in_registers(sch, block) -> None:
     for index in reversed(rows):
         cache = sch.cache_read(block, index, "local")
         sch.compute_at(cache, sch.get_loops(block)[-2])
+
+
+def _a_stage(sch, main, stage):
+    """Inline A's reindex copy, or its zero-padded copy (``stage``), into main when main then reads A
+    as plain rows [.., i, k] (what the C tile reads at one row stride, just the rows and k columns
+    inside the matrix: the padding is only a condition in the block's plain loop nest) and return
+    None; else (a gathered or transposed A) keep ``stage`` as A's copy and return it."""
+    from tvm import tirx
+
+    trial = sch.copy()
+    try:
+        trial.compute_inline(stage)
+    except Exception:  # noqa: BLE001 (TVM raises ScheduleError or TVMError: A stays a copy)
+        return stage
+    block = trial.get(main)
+    reads = [r for r in block.reads if str(r.source.dtype) in ("uint8", "int8")]
+    i, k = block.iter_vars[-3].var, block.iter_vars[-1].var
+    region = reads[0].region if len(reads) == 2 else []
+    if (len(region) >= 2 and all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for r in region)
+            and region[-1].min.same_as(k) and region[-2].min.same_as(i)):
+        sch.compute_inline(stage)
+        return None
+    return stage
 
 
 def _int8_reduction(sch):

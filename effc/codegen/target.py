@@ -49,7 +49,7 @@ def llvm_target(threads: int | None = None, mcpu: str | None = None) -> BuildTar
     threads = threads or host_threads()
     spec = {"kind": "llvm", "mtriple": detected.get("mtriple", "x86_64-linux-gnu"),
             "mcpu": mcpu or detected.get("mcpu", "generic"), "num-cores": threads}
-    extra = [] if mcpu else host_mattr(spec["mcpu"], _cpuinfo_flags())
+    extra = [] if mcpu else host_mattr(spec["mcpu"], cpuinfo_flags())
     if extra:
         spec["mattr"] = extra
     return BuildTarget("llvm", spec, threads)
@@ -74,7 +74,7 @@ def host_mattr(mcpu: str, flags: set[str]) -> list[str]:
     return [f"+{f}" for f in wanted if f not in named]
 
 
-def _cpuinfo_flags() -> set[str]:
+def cpuinfo_flags() -> set[str]:
     """The CPU flags Linux reports (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:

@@ -105,4 +105,35 @@ static inline void effc_amx_end(const effc_amx_state *state) {
   if (memcmp(&state->saved, &cfg, sizeof cfg) != 0) _tile_loadconfig(&state->saved);
 }
 
+/* Accumulator tile T (16 x 16 4-byte values: fp32 or int32), row block R's rows, column block V to
+   cr[R] + 64 V, rows ld bytes apart: just the columns below cols, since c's rows may be only that
+   wide (TVM sizes a ragged tile's buffer to the matrix). */
+#define EFFC_AMX_STORE(T, R, V)                                                                    \
+  do {                                                                                             \
+    char *dst = cr[R] + (V) * 64;                                                                  \
+    int n = (R) ? rows1 : rows0;                                                                   \
+    if ((V) * 16 + 16 <= cols) {                                                                   \
+      _tile_stored(T, dst, ld);                                                                    \
+    } else {                                                                                       \
+      _tile_stored(T, edge, 64);                                                                   \
+      for (int r = 0; r < n; ++r) memcpy(dst + r * ld, edge + r * 16, (cols - (V) * 16) * 4);      \
+    }                                                                                              \
+  } while (0)
+
+/* The accumulators of rb row blocks (rows0, rows1 rows at cr[0], cr[1]) x cb column blocks (tiles
+   0-3: r * 2 + v for two row blocks, v for one) to c, its columns below cols. */
+static inline void effc_amx_store(int rb, int cb, char *const cr[2], int64_t ld, int rows0, int rows1, int cols) {
+  uint32_t edge[16 * 16];
+  if (rb == 2) {
+    EFFC_AMX_STORE(0, 0, 0);
+    EFFC_AMX_STORE(2, 1, 0);
+    if (cb == 2) { EFFC_AMX_STORE(1, 0, 1); EFFC_AMX_STORE(3, 1, 1); }
+    return;
+  }
+  EFFC_AMX_STORE(0, 0, 0);
+  if (cb > 1) EFFC_AMX_STORE(1, 0, 1);
+  if (cb > 2) EFFC_AMX_STORE(2, 0, 2);
+  if (cb > 3) EFFC_AMX_STORE(3, 0, 3);
+}
+
 #endif

@@ -46,14 +46,20 @@ static __thread uint16_t *panel_bf16; /* this thread's converted fp32 panel */
 static __thread int64_t panel_capacity;
 
 /* The bf16 copy of fp32 panel b (2 k2 x nr values), converted when first, else the one made before. */
-static const uint16_t *panel_of(const float *b, int64_t n, int first) {
+/* This thread's panel buffer, at least n values (NULL when out of memory); a new buffer holds no
+   panel yet, so *first is set. */
+static uint16_t *panel_buffer(int64_t n, int *first) {
   if (n > panel_capacity) {
     free(panel_bf16);
     panel_bf16 = (uint16_t *)malloc(n * sizeof(uint16_t));
     panel_capacity = panel_bf16 ? n : 0;
-    first = 1;
+    *first = 1;
   }
-  if (first && panel_bf16) to_bf16(panel_bf16, b, n);
+  return panel_bf16;
+}
+
+static const uint16_t *panel_of(const float *b, int64_t n, int first) {
+  if (panel_buffer(n, &first) && first) to_bf16(panel_bf16, b, n);
   return panel_bf16;
 }
 
@@ -70,14 +76,7 @@ static inline __m256i row_of(const char *b, int es, int64_t ldb, int64_t row, in
    thread's buffer, which the panel's later tiles reuse. */
 static const uint16_t *panel_of_rows(const char *b, int es, int64_t ldb, int64_t k, int cols, int nr, int64_t k2,
                                      int first) {
-  int64_t n = 2 * k2 * nr;
-  if (n > panel_capacity) {
-    free(panel_bf16);
-    panel_bf16 = (uint16_t *)malloc(n * sizeof(uint16_t));
-    panel_capacity = panel_bf16 ? n : 0;
-    first = 1;
-  }
-  if (!first || !panel_bf16) return panel_bf16;
+  if (!panel_buffer(2 * k2 * nr, &first) || !first) return panel_bf16;
   for (int64_t kp = 0; kp < k2; ++kp)
     for (int c0 = 0; c0 < nr; c0 += 16) {
       int left = cols - c0;
@@ -95,14 +94,7 @@ static const uint16_t *panel_of_rows(const char *b, int es, int64_t ldb, int64_t
    first, as panel_of_rows. */
 static const uint16_t *panel_of_columns(const char *b, int es, int64_t ld, int64_t k, int cols, int nr, int64_t k2,
                                         int first) {
-  int64_t n = 2 * k2 * nr;
-  if (n > panel_capacity) {
-    free(panel_bf16);
-    panel_bf16 = (uint16_t *)malloc(n * sizeof(uint16_t));
-    panel_capacity = panel_bf16 ? n : 0;
-    first = 1;
-  }
-  if (!first || !panel_bf16) return panel_bf16;
+  if (!panel_buffer(2 * k2 * nr, &first) || !first) return panel_bf16;
   uint32_t *panel = (uint32_t *)panel_bf16;
   int64_t whole = es == 2 ? k / 2 : 0; /* pairs read as words; an odd k's last pair, fp32 b: element-wise */
   for (int c0 = 0; c0 < nr; c0 += 16) {
@@ -219,32 +211,6 @@ static inline __attribute__((always_inline)) void amx_step(int rb, int cb, const
   if (cb > 3) { _tile_loadd(7, bp[3], bs); DP(3, 4, 7); }
 }
 
-#define STORE(T, R, V)                                                                          \
-  do {                                                                                          \
-    float *dst = cr[R] + (V) * 16;                                                              \
-    if ((V) * 16 + 16 <= cols) {                                                                \
-      _tile_stored(T, dst, ldc * 4);                                                            \
-    } else { /* the right edge: c's rows may be only cols wide */                               \
-      _tile_stored(T, edge, 64);                                                                \
-      for (int r = 0; r < n; ++r) memcpy(dst + r * ldc, edge + r * 16, (cols - (V) * 16) * sizeof(float)); \
-    }                                                                                           \
-  } while (0)
-
-/* The accumulators to c: row block r's n rows at cr[r], columns below cols. */
-static inline void amx_store(int rb, int cb, float *const cr[2], int64_t ldc, int n, int cols) {
-  float edge[16 * 16];
-  if (rb == 2) {
-    STORE(0, 0, 0);
-    STORE(2, 1, 0);
-    if (cb == 2) { STORE(1, 0, 1); STORE(3, 1, 1); }
-    return;
-  }
-  STORE(0, 0, 0);
-  if (cb > 1) STORE(1, 0, 1);
-  if (cb > 2) STORE(2, 0, 2);
-  if (cb > 3) STORE(3, 0, 3);
-}
-
 /* c[rows, 16 vecs] = a[rows, k] (bf16, rows lda apart) x panel b (k2 pairs x ldb columns, pairs
    side by side). With 16 rows or more every row block has 16 rows: one that would pass the last
    row starts earlier instead, overlapping the block before it (recomputing rows to the same
@@ -293,8 +259,8 @@ static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, cons
         const void *bp[4] = {b_tail[0], b_tail[1], b_tail[2], b_tail[3]};
         amx_step(rb, cb, ap, AMX_K * 2, bp, AMX_K * 2);
       }
-      float *const cv[2] = {cr[0] + v0 * 16, cr[1] + v0 * 16};
-      amx_store(rb, cb, cv, ldc, n, cols - v0 * 16);
+      char *const cv[2] = {(char *)(cr[0] + v0 * 16), (char *)(cr[1] + v0 * 16)};
+      effc_amx_store(rb, cb, cv, ldc * 4, n, n, cols - v0 * 16);
     }
   }
   effc_amx_end(&state);

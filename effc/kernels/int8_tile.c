@@ -61,33 +61,6 @@ static inline __attribute__((always_inline)) void amx_step(const int sa, int rb,
   if (cb > 3) { _tile_loadd(7, bp[3], bs); DP(sa, 3, 4, 7); }
 }
 
-#define STORE(T, R, V)                                                                          \
-  do {                                                                                          \
-    int32_t *dst = c + (R) * 16 * ldc + (V) * 16;                                               \
-    if ((V) * 16 + 16 <= cols) {                                                                \
-      _tile_stored(T, dst, ldc * 4);                                                            \
-    } else { /* the right edge: c's rows may be only cols wide */                               \
-      _tile_stored(T, edge, 64);                                                                \
-      for (int r = 0; r < ((R) ? rows1 : rows0); ++r)                                           \
-        memcpy(dst + r * ldc, edge + r * 16, (cols - (V) * 16) * sizeof(int32_t));              \
-    }                                                                                           \
-  } while (0)
-
-/* The accumulators to c (rows0 and rows1 rows in the two row blocks), its columns below cols. */
-static inline void amx_store(int rb, int cb, int32_t *c, int64_t ldc, int rows0, int rows1, int cols) {
-  int32_t edge[16 * 16];
-  if (rb == 2) {
-    STORE(0, 0, 0);
-    STORE(2, 1, 0);
-    if (cb == 2) { STORE(1, 0, 1); STORE(3, 1, 1); }
-    return;
-  }
-  STORE(0, 0, 0);
-  if (cb > 1) STORE(1, 0, 1);
-  if (cb > 2) STORE(2, 0, 2);
-  if (cb > 3) STORE(3, 0, 3);
-}
-
 static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t *c, int64_t ldc, const uint8_t *a,
                                                            int64_t lda, const uint8_t *b, int64_t ldb, int64_t k,
                                                            int rows, int blocks, int cols, effc_amx_state *state) {
@@ -127,7 +100,8 @@ static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t
         const void *bp[4] = {b_tail[0], b_tail[1], b_tail[2], b_tail[3]};
         amx_step(sa, rb, cb, ap, AMX_K, bp, 64);
       }
-      amx_store(rb, cb, c + r0 * ldc + v0 * 16, ldc, rows0, rows1, cols - v0 * 16);
+      char *const cv[2] = {(char *)(c + r0 * ldc + v0 * 16), (char *)(c + (r0 + 16) * ldc + v0 * 16)};
+      effc_amx_store(rb, cb, cv, ldc * 4, rows0, rows1, cols - v0 * 16);
     }
   }
 }

@@ -6,18 +6,16 @@ numpy on the same bf16-rounded operands, on the AMX tile path and on the AVX-512
 from __future__ import annotations
 
 import ctypes
-import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from effc.codegen.target import _cpuinfo_flags
+from effc.codegen.target import cpuinfo_flags
+from tests.kernels.amx_child import run_cases_in_child
 
-HAS_BF16 = "avx512_bf16" in _cpuinfo_flags()
-HAS_AMX = {"amx_tile", "amx_bf16"} <= _cpuinfo_flags()
+HAS_BF16 = "avx512_bf16" in cpuinfo_flags()
+HAS_AMX = {"amx_tile", "amx_bf16"} <= cpuinfo_flags()
 pytestmark = pytest.mark.skipif(not HAS_BF16, reason="this CPU lacks AVX-512 BF16")
 
 # (rows, cols, mr, nv, k): vector-sized tiles, AMX-sized ones (two row blocks, four column blocks),
@@ -86,11 +84,8 @@ def run_cases() -> tuple[int, list[float]]:
     return int(lib.effc_bf16_tile_amx()), errors
 
 
-def _in_child(amx: str) -> tuple[int, list[float]]:
-    code = "import json; from tests.kernels.test_bf16_tile import run_cases; print(json.dumps(run_cases()))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "EFFC_AMX": amx}, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _in_child(amx: str):
+    return run_cases_in_child("tests.kernels.test_bf16_tile", amx)
 
 
 def test_vector_path_matches_numpy():

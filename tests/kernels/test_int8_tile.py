@@ -9,19 +9,16 @@ its last valid row kills the child."""
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from effc.codegen.target import _cpuinfo_flags
+from effc.codegen.target import cpuinfo_flags
+from tests.kernels.amx_child import run_cases_in_child
 
-HAS_VNNI = "avx512_vnni" in _cpuinfo_flags()
-HAS_AMX = {"amx_tile", "amx_int8"} <= _cpuinfo_flags()
+HAS_VNNI = "avx512_vnni" in cpuinfo_flags()
+HAS_AMX = {"amx_tile", "amx_int8"} <= cpuinfo_flags()
 pytestmark = pytest.mark.skipif(not HAS_VNNI, reason="this CPU lacks AVX-512 VNNI")
 GUARD = -123456789
 
@@ -91,11 +88,8 @@ def run_cases() -> tuple[int, list[bool]]:
     return int(lib.effc_int8_tile_amx()), ok
 
 
-def _in_child(amx: str) -> tuple[int, list[bool]]:
-    code = "import json; from tests.kernels.test_int8_tile import run_cases; print(json.dumps(run_cases()))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "EFFC_AMX": amx}, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _in_child(amx: str):
+    return run_cases_in_child("tests.kernels.test_int8_tile", amx)
 
 
 def test_vnni_path_is_exact():

@@ -5,11 +5,14 @@ astype is weight-only, so effc.codegen.prefold evaluates it once at compile time
 param is bf16, half the bytes); an activation's astype fuses into the kernel that produces it
 or, failing that, into the matmul kernel, where the bf16 matmul rule
 (schedules/cpu/matmul_bf16.py) converts it once per call, never per tile. The product keeps
-fp32 accumulation, so the epilogue (bias, GELU, residual add, scale) still runs in fp32.
+fp32 accumulation, so the epilogue (bias, GELU, residual add, scale) still runs in fp32. Where B is
+a transpose of its source's rows (attention's K^T), the product reads K's rows instead
+(effc.codegen.product_nt): no K^T kernel; the bf16 rule's C tile packs its panels from the rows.
 """
 
 from __future__ import annotations
 
+from effc.codegen.product_nt import product_nt, rows_transposed
 from effc.codegen.relax_rewrite import mutator_pass
 
 BF16 = "bfloat16"
@@ -36,6 +39,10 @@ def bf16_matmul_pass():
             out = str(getattr(call.attrs, "out_dtype", ""))
             if out not in ("", "void", "None", "float32"):
                 return call
+            b_t = rows_transposed(self.builder_, b)  # attention's K^T: read K's rows instead
+            if b_t is not None:
+                b_t = relax.op.permute_dims(self.as_bf16(b_t.args[0]), b_t.attrs.axes)
+                return product_nt(self.builder_, self.as_bf16(a), b_t, "float32")
             return relax.op.matmul(self.as_bf16(a), self.as_bf16(b), out_dtype="float32")
 
         def as_bf16(self, x):

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from effc.codegen.product_nt import product_nt, rows_transposed
+
 PRIVATE_OP = "EffcQdqMatMul"
 INDEX_ATTR = "effc_qdq_index"
 RULE = "int8-vnni"
@@ -200,10 +202,10 @@ def _activation_product(bb, a, b, plan: Plan):
     from tvm import relax
 
     za, zb = plan.zero_points
-    b_t = _rows_transposed(bb, b)
+    b_t = rows_transposed(bb, b)
     if b_t is not None:
         b_t = bb.emit(b_t if plan.y_signed else _flip(b_t, "int8"))  # one tensor for the product and its sums
-        acc = _product_nt(bb, a, b_t)
+        acc = product_nt(bb, a, b_t, "int32")
         b_rows = b_t
     else:
         b = b if plan.y_signed else _flip(b, "int8")
@@ -222,46 +224,6 @@ def _activation_product(bb, a, b, plan: Plan):
             k = int(bb.normalize(a).ty.shape[-1])
             acc = relax.op.add(acc, relax.const(k * za * zb, "int32"))
     return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(float(plan.scale.reshape(())), "float32"))
-
-
-def _rows_transposed(bb, b):
-    """B^T as one permute_dims of B's source that keeps the source's last axis last, when B is a
-    permute_dims (its binding or the expression itself) putting that axis at -2; else None."""
-    from tvm import ir, relax
-
-    expr = b
-    if isinstance(expr, relax.Var):
-        expr = bb.lookup_binding(expr)
-    if not isinstance(expr, relax.Call) or expr.op != ir.Op.get("relax.permute_dims"):
-        return None
-    source = expr.args[0]
-    rank = len(bb.normalize(source).ty.shape)
-    axes = [int(x) for x in expr.attrs.axes] if expr.attrs.axes is not None else list(range(rank))[::-1]
-    composed = axes[:-2] + [axes[-1], axes[-2]]
-    if rank < 2 or composed[-1] != rank - 1:
-        return None
-    return relax.op.permute_dims(source, composed)
-
-
-def _product_nt(bb, a, b_t):
-    """int32 a @ b_t^T: a [.., M, K] u8, b_t [.., N, K] s8 with the same leading dims (attention's
-    batch and heads; else relax's broadcasting matmul of a and b_t^T)."""
-    from tvm import relax, te
-
-    a_shape = [int(d) for d in bb.normalize(a).ty.shape]
-    b_shape = [int(d) for d in bb.normalize(b_t).ty.shape]
-    if a_shape[:-2] != b_shape[:-2] or a_shape[-1] != b_shape[-1]:
-        rank = len(b_shape)
-        return relax.op.matmul(a, relax.op.permute_dims(b_t, list(range(rank - 2)) + [rank - 1, rank - 2]),
-                               out_dtype="int32")
-
-    def compute(x, y):
-        k = te.reduce_axis((0, a_shape[-1]), name="k")
-        return te.compute(a_shape[:-1] + [b_shape[-2]],
-                          lambda *i: te.sum(x[(*i[:-1], k)].astype("int32") * y[(*i[:-2], i[-1], k)].astype("int32"),
-                                            axis=k), name="matmul")
-
-    return bb.emit_te(compute, bb.emit(a), bb.emit(b_t), primfunc_name_hint="matmul")
 
 
 def _has_vnni(target) -> bool:

@@ -10,11 +10,11 @@
    for comparisons, and for tests of both paths on one machine).
 
    The configuration (palette 1): tiles 0-3 accumulators (16 x 16 fp32 or int32), 4-5 A (16 rows x
-   64 bytes), 6-7 B (16 rows of k pairs / quads x 64 bytes); a row block with fewer than 16 rows
-   configures its A and C tiles with just those rows, so a tile never reads or writes past a matrix.
-   ldtilecfg runs per call: another library in the process (ONNX Runtime, oneDNN) may reconfigure a
-   thread between calls, and it costs far less than one call's tile products; for the same reason a
-   call puts back the configuration it found (effc_amx_save / effc_amx_restore). */
+   64 bytes), 6-7 B (16 rows of k pairs / quads x 64 bytes); a matrix of fewer than 16 rows
+   configures its A and C tiles with just those rows, so a tile never reads or writes past it.
+   Each call reads the thread's configuration once (effc_amx_begin), loads effc's only where it
+   differs, and puts back one another library in the process (ONNX Runtime, oneDNN) had loaded
+   (effc_amx_end). */
 #ifndef EFFC_AMX_H
 #define EFFC_AMX_H
 
@@ -61,27 +61,44 @@ typedef struct {
   uint8_t rows[16];
 } effc_tilecfg;
 
-/* Load the configuration for a block of row blocks of rows0 and rows1 rows (rows1 0: one block). */
-static inline void effc_amx_configure(int rows0, int rows1) {
-  effc_tilecfg cfg;
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64;
-  cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = (uint8_t)rows0;
-  cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = (uint8_t)(rows1 ? rows1 : rows0);
-  cfg.rows[6] = cfg.rows[7] = 16;
-  _tile_loadconfig(&cfg);
+/* One call's use of the tiles: the configuration the thread had when the call began, and the rows
+   effc loaded (-1: none yet). */
+typedef struct {
+  effc_tilecfg saved;
+  int rows;
+} effc_amx_state;
+
+static inline void effc_amx_fill(effc_tilecfg *cfg, int rows) {
+  memset(cfg, 0, sizeof *cfg);
+  cfg->palette = 1;
+  for (int t = 0; t < 8; ++t) cfg->colsb[t] = 64, cfg->rows[t] = (uint8_t)(t < 6 ? rows : 16);
 }
 
-/* The caller's tile configuration, saved before effc's tiles and put back after them: ONNX Runtime's
-   MLAS (or oneDNN) may configure a thread's tiles once and keep that configuration between its calls,
-   and its tile products under effc's configuration (other rows) raise #UD, a SIGILL. A thread whose
-   tiles were unconfigured (palette 0) is released back to that state. */
-static inline void effc_amx_save(effc_tilecfg *saved) { _tile_storeconfig(saved); }
+/* Before a call's first tile: what the thread has loaded (sttilecfg, some hundred cycles). */
+static inline void effc_amx_begin(effc_amx_state *state) {
+  _tile_storeconfig(&state->saved);
+  state->rows = -1;
+}
 
-static inline void effc_amx_restore(const effc_tilecfg *saved) {
-  if (saved->palette) _tile_loadconfig(saved);
-  else _tile_release();
+/* Tiles 0-5 of `rows` rows (A and accumulators), 6-7 of 16 (B), all 64 bytes a row; loaded only
+   when the thread has another (effc's own from its last call is the common case). */
+static inline void effc_amx_configure(effc_amx_state *state, int rows) {
+  if (state->rows == rows) return;
+  effc_tilecfg cfg;
+  effc_amx_fill(&cfg, rows);
+  if (state->rows >= 0 || memcmp(&state->saved, &cfg, sizeof cfg) != 0) _tile_loadconfig(&cfg);
+  state->rows = rows;
+}
+
+/* After a call's last tile: put back a configuration another library loaded. ONNX Runtime's MLAS and
+   oneDNN configure a thread once and keep it between their calls: their tile products under effc's
+   configuration raise #UD (a SIGILL) or compute on the wrong shapes. A thread that had none keeps
+   effc's (whoever uses tiles on it next configures them), so effc's next call needs no reload. */
+static inline void effc_amx_end(const effc_amx_state *state) {
+  if (state->rows < 0 || !state->saved.palette) return;
+  effc_tilecfg cfg;
+  effc_amx_fill(&cfg, state->rows);
+  if (memcmp(&state->saved, &cfg, sizeof cfg) != 0) _tile_loadconfig(&state->saved);
 }
 
 #endif

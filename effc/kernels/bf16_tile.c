@@ -89,6 +89,54 @@ static const uint16_t *panel_of_rows(const char *b, int es, int64_t ldb, int64_t
   return panel_bf16;
 }
 
+/* The panel (k2 pairs x nr columns) of a b given by columns (column c's k values contiguous, columns
+   ld elements apart, element size es): its first `cols` columns, zero beyond and past k. Each k pair
+   of a column is one 32-bit word of that column: 16 columns' words gathered per store. Made when
+   first, as panel_of_rows. */
+static const uint16_t *panel_of_columns(const char *b, int es, int64_t ld, int64_t k, int cols, int nr, int64_t k2,
+                                        int first) {
+  int64_t n = 2 * k2 * nr;
+  if (n > panel_capacity) {
+    free(panel_bf16);
+    panel_bf16 = (uint16_t *)malloc(n * sizeof(uint16_t));
+    panel_capacity = panel_bf16 ? n : 0;
+    first = 1;
+  }
+  if (!first || !panel_bf16) return panel_bf16;
+  uint32_t *panel = (uint32_t *)panel_bf16;
+  int64_t whole = es == 2 ? k / 2 : 0; /* pairs read as words; an odd k's last pair, fp32 b: element-wise */
+  for (int c0 = 0; c0 < nr; c0 += 16) {
+    int left = cols - c0;
+    __mmask16 mask = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32((int)ld));
+    const char *base = b + (int64_t)c0 * ld * es;
+    for (int64_t kp = 0; kp < whole; ++kp) {
+      __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, column, base + kp * 4, 2);
+      _mm512_storeu_si512(panel + kp * nr + c0, words);
+    }
+    for (int64_t kp = whole; kp < k2; ++kp)
+      for (int c = 0; c < 16; ++c) {
+        uint32_t word = 0;
+        for (int e = 0; e < 2; ++e) {
+          int64_t kk = 2 * kp + e;
+          if (c >= left || kk >= k) continue;
+          uint16_t v;
+          if (es == 2) {
+            memcpy(&v, base + ((int64_t)c * ld + kk) * 2, 2);
+          } else {
+            uint32_t f; /* fp32 bits, rounded to bf16 (nearest even) as to_bf16 does */
+            memcpy(&f, base + ((int64_t)c * ld + kk) * 4, 4);
+            v = (uint16_t)((f + 0x7FFF + ((f >> 16) & 1)) >> 16);
+          }
+          word |= (uint32_t)v << (16 * e);
+        }
+        panel[kp * nr + c0 + c] = word;
+      }
+  }
+  return panel_bf16;
+}
+
 /* acc[r] += a's pair (a[r, 2 kp], a[r, 2 kp + 1]) x the panel's k pair row bp, for mr rows; odd: a's
    row ends after its first element (the second is taken as 0: no read past the row). */
 #define STEP(ODD)                                                                              \
@@ -173,18 +221,17 @@ static inline __attribute__((always_inline)) void amx_step(int rb, int cb, const
 
 #define STORE(T, R, V)                                                                          \
   do {                                                                                          \
-    float *dst = c + (R) * 16 * ldc + (V) * 16;                                                 \
+    float *dst = cr[R] + (V) * 16;                                                              \
     if ((V) * 16 + 16 <= cols) {                                                                \
       _tile_stored(T, dst, ldc * 4);                                                            \
     } else { /* the right edge: c's rows may be only cols wide */                               \
       _tile_stored(T, edge, 64);                                                                \
-      for (int r = 0; r < ((R) ? rows1 : rows0); ++r)                                           \
-        memcpy(dst + r * ldc, edge + r * 16, (cols - (V) * 16) * sizeof(float));                \
+      for (int r = 0; r < n; ++r) memcpy(dst + r * ldc, edge + r * 16, (cols - (V) * 16) * sizeof(float)); \
     }                                                                                           \
   } while (0)
 
-/* The accumulators to c (rows0 and rows1 rows in the two row blocks), its columns below cols. */
-static inline void amx_store(int rb, int cb, float *c, int64_t ldc, int rows0, int rows1, int cols) {
+/* The accumulators to c: row block r's n rows at cr[r], columns below cols. */
+static inline void amx_store(int rb, int cb, float *const cr[2], int64_t ldc, int n, int cols) {
   float edge[16 * 16];
   if (rb == 2) {
     STORE(0, 0, 0);
@@ -199,23 +246,30 @@ static inline void amx_store(int rb, int cb, float *c, int64_t ldc, int rows0, i
 }
 
 /* c[rows, 16 vecs] = a[rows, k] (bf16, rows lda apart) x panel b (k2 pairs x ldb columns, pairs
-   side by side). */
+   side by side). With 16 rows or more every row block has 16 rows: one that would pass the last
+   row starts earlier instead, overlapping the block before it (recomputing rows to the same
+   values), so the tiles keep one configuration: a reload (ldtilecfg) costs about as much as one
+   32 x 32 x 64 product, and a ragged m (vit's 197 tokens) would need two a call. */
 static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb,
                      int64_t k, int rows, int vecs, int cols) {
   uint16_t a_tail[2][16 * AMX_K], b_tail[4][16 * AMX_K];
   int64_t k_full = k / AMX_K * AMX_K, tail = k - k_full;
+  int n = rows < 16 ? rows : 16; /* rows of every row block */
+  effc_amx_state state;
+  effc_amx_begin(&state);
+  effc_amx_configure(&state, n);
   for (int r0 = 0; r0 < rows; r0 += 32) {
-    int rows0 = rows - r0 < 16 ? rows - r0 : 16, rows1 = rows - r0 - 16;
-    rows1 = rows1 <= 0 ? 0 : rows1 > 16 ? 16 : rows1;
-    int rb = rows1 ? 2 : 1;
-    effc_amx_configure(rows0, rows1);
-    const uint16_t *ar = a + r0 * lda;
+    int rb = rows - r0 > 16 ? 2 : 1;
+    int start[2] = {r0 + n > rows ? rows - n : r0, r0 + 16 + n > rows ? rows - n : r0 + 16};
+    const uint16_t *ar[2] = {a + start[0] * lda, a + start[1] * lda};
+    float *const cr[2] = {c + start[0] * ldc, c + start[1] * ldc};
     if (tail) /* a's last columns, zero-padded to a whole k step */
-      for (int r = 0; r < rows0 + rows1; ++r) {
-        uint16_t *dst = a_tail[r / 16] + (r % 16) * AMX_K;
-        memset(dst, 0, AMX_K * sizeof *dst);
-        memcpy(dst, ar + r * lda + k_full, tail * sizeof *dst);
-      }
+      for (int blk = 0; blk < rb; ++blk)
+        for (int r = 0; r < n; ++r) {
+          uint16_t *dst = a_tail[blk] + r * AMX_K;
+          memset(dst, 0, AMX_K * sizeof *dst);
+          memcpy(dst, ar[blk] + r * lda + k_full, tail * sizeof *dst);
+        }
     for (int v0 = 0; v0 < vecs; v0 += rb == 2 ? 2 : 4) {
       int cb = vecs - v0 < (rb == 2 ? 2 : 4) ? vecs - v0 : (rb == 2 ? 2 : 4);
       _tile_zero(0);
@@ -223,7 +277,7 @@ static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, cons
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t k0 = 0; k0 < k_full; k0 += AMX_K) {
-        const void *ap[2] = {ar + k0, ar + 16 * lda + k0};
+        const void *ap[2] = {ar[0] + k0, ar[1] + k0};
         const uint16_t *bk = b + (k0 / 2 * ldb + v0 * 16) * 2;
         const void *bp[4] = {bk, bk + 32, bk + 64, bk + 96};
         amx_step(rb, cb, ap, lda * 2, bp, ldb * 4);
@@ -239,21 +293,24 @@ static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, cons
         const void *bp[4] = {b_tail[0], b_tail[1], b_tail[2], b_tail[3]};
         amx_step(rb, cb, ap, AMX_K * 2, bp, AMX_K * 2);
       }
-      amx_store(rb, cb, c + r0 * ldc + v0 * 16, ldc, rows0, rows1, cols - v0 * 16);
+      float *const cv[2] = {cr[0] + v0 * 16, cr[1] + v0 * 16};
+      amx_store(rb, cb, cv, ldc, n, cols - v0 * 16);
     }
   }
+  effc_amx_end(&state);
 }
 
 static __thread uint16_t *a_bf16; /* this thread's bf16 copy of an fp32 a tile */
 static __thread int64_t a_capacity;
 
-#define CASE(R, V) case (R) * 8 + (V): tile(c, ldc, a, lda, a_f32, b, 16 * nv, k, R, V, cols); return 0;
+#define CASE(R, V) case (R) * 8 + (V): tile(c, ldc, a, lda, a_f32, b, ldb, k, R, V, cols); return 0;
 #define ROWS(R) CASE(R, 1) CASE(R, 2) CASE(R, 3) CASE(R, 4)
 static const int VECTOR_ROWS[5] = {0, 16, 12, 8, 6}; /* vectors -> most rows of a compiled vector tile */
 
-/* The vector (vdpbf16ps) tile: rows <= VECTOR_ROWS[vecs]; 0, or -1 where none is compiled. */
-static int vector_tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_f32, const void *b, int nv, int64_t k,
-                       int rows, int vecs, int cols) {
+/* The vector (vdpbf16ps) tile: rows <= VECTOR_ROWS[vecs], vecs <= 4 of a panel ldb columns wide; 0,
+   or -1 where none is compiled. */
+static int vector_tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_f32, const void *b, int64_t ldb,
+                       int64_t k, int rows, int vecs, int cols) {
   switch (rows * 8 + vecs) {
     ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
     CASE(7, 1) CASE(7, 2) CASE(7, 3) CASE(8, 1) CASE(8, 2) CASE(8, 3)
@@ -272,15 +329,19 @@ static int vector_tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_
    up to whole vectors) from the first k of a's columns (k odd: a's rows are read in place,
    unpadded). 0 when (rows, vectors) has a compiled tile and memory for a converted panel; -1
    otherwise (the rule never asks for a missing tile). */
-int32_t effc_bf16_tile_part(float *c, float *c_row, const char *a, const char *a_next, const char *a_row,
-                            const char *b, const char *b_next, const char *b_row, int64_t k2, int32_t mr, int32_t nv,
-                            int32_t first, int32_t rows, int32_t cols, int64_t k) {
+static int32_t tile_part(float *c, float *c_row, const char *a, const char *a_next, const char *a_row, const char *b,
+                         const char *b_next, const char *b_row, int64_t k2, int32_t mr, int32_t nv, int32_t first,
+                         int32_t rows, int32_t cols, int64_t k, int b_transposed) {
   int64_t ldc = c_row - c;
   int a_f32 = a_next - a == 4;
   int64_t lda = (a_row - a) / (a_f32 ? 4 : 2);
   int vecs = (cols + 15) / 16;
   if (rows > mr || vecs > nv || k > 2 * k2) return -1;
-  if (b_row != b) {
+  if (b_transposed) {
+    int es = (int)(b_next - b);
+    b = (const char *)panel_of_columns(b, es, (b_row - b) / es, k, cols, nv * 16, k2, first);
+    if (!b) return -1;
+  } else if (b_row != b) {
     int es = (int)(b_next - b);
     b = (const char *)panel_of_rows(b, es, (b_row - b) / es, k, cols, nv * 16, k2, first);
     if (!b) return -1;
@@ -302,19 +363,37 @@ int32_t effc_bf16_tile_part(float *c, float *c_row, const char *a, const char *a
       for (int r = 0; r < rows; ++r) to_bf16(a_bf16 + r * k, (const float *)a + r * lda, k);
       ab = a_bf16, lda = k;
     }
-    effc_tilecfg saved;
-    effc_amx_save(&saved);
     amx_tile(c, ldc, ab, lda, (const uint16_t *)b, 16 * nv, k, rows, vecs, cols);
-    effc_amx_restore(&saved);
     return 0;
   }
-  /* taller tiles than the vector registers hold (the AMX rule's) run as several vector tiles */
+  /* taller or wider tiles than the vector registers hold (the AMX rule's) run as several vector
+     tiles: groups of at most 4 vectors, each as many rows as its registers hold */
   int64_t a_step = lda * (a_f32 ? 4 : 2);
-  for (int r0 = 0; r0 < rows; r0 += VECTOR_ROWS[vecs]) {
-    int part = rows - r0 < VECTOR_ROWS[vecs] ? rows - r0 : VECTOR_ROWS[vecs];
-    if (vector_tile(c + r0 * ldc, ldc, a + r0 * a_step, lda, a_f32, b, nv, k, part, vecs, cols)) return -1;
+  for (int v0 = 0; v0 < vecs; v0 += 4) {
+    int group = vecs - v0 < 4 ? vecs - v0 : 4;
+    const uint16_t *bg = (const uint16_t *)b + v0 * 16 * 2;
+    for (int r0 = 0; r0 < rows; r0 += VECTOR_ROWS[group]) {
+      int part = rows - r0 < VECTOR_ROWS[group] ? rows - r0 : VECTOR_ROWS[group];
+      if (vector_tile(c + r0 * ldc + v0 * 16, ldc, a + r0 * a_step, lda, a_f32, bg, 16 * nv, k, part, group,
+                      cols - v0 * 16))
+        return -1;
+    }
   }
   return 0;
+}
+
+int32_t effc_bf16_tile_part(float *c, float *c_row, const char *a, const char *a_next, const char *a_row,
+                            const char *b, const char *b_next, const char *b_row, int64_t k2, int32_t mr, int32_t nv,
+                            int32_t first, int32_t rows, int32_t cols, int64_t k) {
+  return tile_part(c, c_row, a, a_next, a_row, b, b_next, b_row, k2, mr, nv, first, rows, cols, k, 0);
+}
+
+/* As effc_bf16_tile_part with b given as its columns: b_row is the address of b's next column, each
+   column k contiguous values (attention's K rows for Q.K^T, effc.codegen.product_nt). */
+int32_t effc_bf16_tile_rows(float *c, float *c_row, const char *a, const char *a_next, const char *a_row,
+                            const char *b, const char *b_next, const char *b_row, int64_t k2, int32_t mr, int32_t nv,
+                            int32_t first, int32_t rows, int32_t cols, int64_t k) {
+  return tile_part(c, c_row, a, a_next, a_row, b, b_next, b_row, k2, mr, nv, first, rows, cols, k, 1);
 }
 
 /* The whole tile (rows = mr, cols = 16 nv, k = 2 k2) of a packed b: the entry point of modules built

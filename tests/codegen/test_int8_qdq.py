@@ -189,16 +189,16 @@ def test_k_transposed_heads_are_read_as_rows():
     keeps their 64 bytes contiguous (0,2,1,3), no byte transpose; V's heads (0,2,1,3) stay B."""
     from tvm import relax
 
-    from effc.codegen.qdq_lowering import _rows_transposed
+    from effc.codegen.product_nt import rows_transposed
 
     bb = relax.BlockBuilder()
     k = relax.Var("k", relax.TensorType([1, 197, 6, 64], "uint8"))
     with bb.function("f", [k]):
         k_t = bb.emit(relax.op.permute_dims(k, [0, 2, 3, 1]))
-        rows = _rows_transposed(bb, k_t)
+        rows = rows_transposed(bb, k_t)
         assert rows is not None and [int(a) for a in rows.attrs.axes] == [0, 2, 1, 3]
         assert [int(d) for d in bb.normalize(rows).ty.shape] == [1, 6, 197, 64]
         v_heads = bb.emit(relax.op.permute_dims(k, [0, 2, 1, 3]))
-        assert _rows_transposed(bb, v_heads) is None
-        assert _rows_transposed(bb, k) is None
+        assert rows_transposed(bb, v_heads) is None
+        assert rows_transposed(bb, k) is None
         bb.emit_func_output(k_t)

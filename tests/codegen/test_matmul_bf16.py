@@ -5,6 +5,7 @@ crash; a wrong bf16 tile fails the compile (exit 1)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -109,6 +110,64 @@ def test_model_so_computes_with_vdpbf16ps(built):
     _, out, _ = built
     asm = subprocess.run(["objdump", "-d", str(out / "model.so")], capture_output=True, text=True).stdout
     assert "vdpbf16ps" in asm
+    assert "tdpbf16ps" in asm  # the AMX path is in every bf16 model.so: the CPU that runs it picks
+
+
+@requires_bf16
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
+def test_q_kt_reads_k_rows(tmp_path):
+    """Q.K^T with K^T a transpose of K's heads: the product reads K's rows (effc.codegen.product_nt),
+    no K^T kernel, the C tile packs the panel from them; agrees with fp32 ONNX Runtime."""
+    from effc.codegen.build import compile_model, run_compiled
+    from effc.verify import OrtRunner, deviation, make_inputs
+
+    rng = np.random.default_rng(3)
+    heads, d, s = 2, 24, 21  # 12 values a head: k even; 21 tokens: a ragged panel
+    inits = [numpy_helper.from_array((rng.standard_normal((d, d)) / 5).astype(np.float32), w) for w in ("Wq", "Wk")]
+    inits.append(numpy_helper.from_array(np.array([1, s, heads, d // heads], np.int64), "shape"))
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q0"]), helper.make_node("MatMul", ["x", "Wk"], ["k0"]),
+             helper.make_node("Reshape", ["q0", "shape"], ["q1"]), helper.make_node("Reshape", ["k0", "shape"], ["k1"]),
+             helper.make_node("Transpose", ["q1"], ["q"], perm=[0, 2, 1, 3]),
+             helper.make_node("Transpose", ["k1"], ["kt"], perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["y"])]
+    model = model_from_nodes(nodes, [("x", [1, s, d])], [("y", [1, heads, s, s])], inits)
+    result = compile_model(model, "llvm", tmp_path, precision="bf16")
+    asm = subprocess.run(["objdump", "-d", str(tmp_path / "model.so")], capture_output=True, text=True).stdout
+    assert re.search(r"call.*<effc_bf16_tile_rows>", asm), "q k^T did not read k as rows"
+    feeds = make_inputs(model, 1, seed=2)
+    dev = deviation(run_compiled(tmp_path, feeds), OrtRunner(model).run_all(feeds))
+    assert dev.cosine >= 0.999 and dev.max_rel < 2e-2, dev
+
+
+def _run_in_child(out, feeds, amx: str):
+    """The compiled module's outputs from a fresh process with EFFC_AMX=``amx`` (the tile path is
+    chosen once per process)."""
+    import os
+    import sys
+
+    np.savez(out / f"feeds{amx}.npz", **feeds)
+    code = ("import sys, numpy as np; from effc.codegen.build import run_compiled; "
+            "f = dict(np.load(sys.argv[2])); r = run_compiled(sys.argv[1], [f])[0]; "
+            "np.savez(sys.argv[3], **r)")
+    result = out / f"out{amx}.npz"
+    subprocess.run([sys.executable, "-c", code, str(out), str(out / f"feeds{amx}.npz"), str(result)], check=True,
+                   env={**os.environ, "EFFC_AMX": amx})
+    return dict(np.load(result))
+
+
+@requires_bf16
+def test_amx_and_vector_paths_agree_in_a_compiled_module(built):
+    """A module built on an AMX host runs on a CPU (or OS) without tile state: the same tiles then
+    run on vdpbf16ps, rows split to what the registers hold, with the same results up to fp32
+    summation order."""
+    from effc.verify import make_inputs
+
+    model, out, _ = built
+    feeds = make_inputs(model, 1, seed=7)[0]
+    vector, amx = _run_in_child(out, feeds, "0"), _run_in_child(out, feeds, "1")
+    for name in vector:
+        scale = np.abs(vector[name]).max()
+        assert np.abs(vector[name] - amx[name]).max() <= 1e-4 * scale, name
 
 
 def test_a_cpu_without_avx512_bf16_gets_fp32(tmp_path):
@@ -136,8 +195,8 @@ def test_a_wrong_bf16_tile_fails_the_compile(tmp_path, monkeypatch, capsys):
     import effc.codegen.bf16_tile_call as tile_call
     from effc.cli import run
 
-    real = tile_call.element_address
-    monkeypatch.setattr(tile_call, "element_address", lambda region, row=0, column=0: real(
+    real = tile_call._address
+    monkeypatch.setattr(tile_call, "_address", lambda region, row=0, column=0: real(
         region, row, column + (1 if len(region.region) == 4 and not row else 0)))
     path = tmp_path / "model.onnx"
     onnx.save(onnx.load_from_string(_proto_bytes()), path)

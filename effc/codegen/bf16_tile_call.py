@@ -33,10 +33,11 @@ def bf16_tile_pass():
         m, n, k, b_layout = valid or (None, None, k_pad, 0)  # the matrix's own sizes: edge tiles are partial
         c = node.writes[0]
         a, b = [r for r in node.reads if str(r.source.dtype) == "bfloat16"]
-        rows, cols = _edge(c, -2, m, mr), _edge(c, -1, n, nr)
-        call = tirx.call_extern("int32", SYMBOL_ROWS if b_layout == 2 else SYMBOL, _address(c), _address(c, row=1),
-                                _address(a), _address(a, column=1), _address(a, row=1), _address(b),
-                                _address(b, column=1), _address(b, row=1) if b_layout else _address(b),
+        rows, cols = tile_edge(c, -2, m, mr), tile_edge(c, -1, n, nr)
+        call = tirx.call_extern("int32", SYMBOL_ROWS if b_layout == 2 else SYMBOL, element_address(c),
+                                element_address(c, row=1), element_address(a), element_address(a, column=1),
+                                element_address(a, row=1), element_address(b), element_address(b, column=1),
+                                element_address(b, row=1) if b_layout else element_address(b),
                                 tirx.IntImm("int64", k_pad // 2),
                                 tirx.IntImm("int32", mr), tirx.IntImm("int32", nr // LANES), _first_row_tile(c),
                                 rows, cols,
@@ -50,7 +51,7 @@ def bf16_tile_pass():
     return marked_stmt_pass("EffcBf16TileCall", TILE_KEY, lower)
 
 
-def _edge(c_region, axis: int, size, whole: int):
+def tile_edge(c_region, axis: int, size, whole: int):
     """How many rows or columns of the tile at ``c_region`` lie inside the matrix's ``size`` along
     ``axis``: ``whole`` but at the padded edge (``size`` None: always)."""
     from tvm import tirx
@@ -71,7 +72,7 @@ def _first_row_tile(c_region):
     return tirx.Cast("int32", row == tirx.IntImm(str(row.ty), 0))
 
 
-def _address(region, row: int = 0, column: int = 0):
+def element_address(region, row: int = 0, column: int = 0):
     """The address of ``region``'s first element, or of the one ``row`` rows / ``column`` columns on
     (the kernel takes element sizes and strides from such differences)."""
     from tvm import tirx

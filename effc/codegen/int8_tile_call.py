@@ -13,6 +13,8 @@ whatever TVM later does to the buffers (compaction, flattening).
 
 from __future__ import annotations
 
+from effc.codegen.bf16_tile_call import element_address, tile_edge
+
 TILE_KEY = "effc.int8_tile"
 SYMBOL = "effc_int8_tile"
 INT8 = ("uint8", "int8")
@@ -39,26 +41,6 @@ def int8_tile_pass():
     from effc.codegen.tir_rewrite import marked_stmt_pass
 
     return marked_stmt_pass("EffcInt8TileCall", TILE_KEY, lower)
-
-
-def tile_edge(c_region, axis: int, size: int, whole: int):
-    """How many rows or columns of the tile at ``c_region`` lie inside the matrix's ``size`` along
-    ``axis``: ``whole`` but at the padded edge (bf16_tile_call reads its tiles' edges the same way)."""
-    from tvm import tirx
-
-    start = c_region.region[axis].min
-    dtype = str(start.ty)
-    return tirx.Cast("int32", tirx.min(tirx.IntImm(dtype, size) - start, tirx.IntImm(dtype, whole)))
-
-
-def element_address(region, row: int = 0):
-    """The address of ``region``'s first element, or of the one ``row`` rows on (the kernel takes the
-    row stride from the difference)."""
-    from tvm import tirx
-
-    index = [r.min for r in region.region]
-    index[-2] = index[-2] + row if row else index[-2]
-    return tirx.address_of(tirx.BufferLoad(region.source, index))
 
 
 def _next_quad(region):

@@ -10,8 +10,8 @@
    for comparisons, and for tests of both paths on one machine).
 
    The configuration (palette 1): tiles 0-3 accumulators (16 x 16 fp32 or int32), 4-5 A (16 rows x
-   64 bytes), 6-7 B (16 rows of k pairs / quads x 64 bytes); a matrix of fewer than 16 rows
-   configures its A and C tiles with just those rows, so a tile never reads or writes past it.
+   64 bytes), 6-7 B (16 rows of k pairs / quads x 64 bytes); a row block of fewer than 16 rows
+   configures its A and C tiles with just those rows, so a tile never reads or writes past a matrix.
    Each call reads the thread's configuration once (effc_amx_begin), loads effc's only where it
    differs, and puts back one another library in the process (ONNX Runtime, oneDNN) had loaded
    (effc_amx_end). */
@@ -61,33 +61,37 @@ typedef struct {
   uint8_t rows[16];
 } effc_tilecfg;
 
-/* One call's use of the tiles: the configuration the thread had when the call began, and the rows
-   effc loaded (-1: none yet). */
+/* One call's use of the tiles: the configuration the thread had when the call began, and the rows of
+   the two row blocks effc loaded (rows0 -1: none yet). */
 typedef struct {
   effc_tilecfg saved;
-  int rows;
+  int rows0, rows1;
 } effc_amx_state;
 
-static inline void effc_amx_fill(effc_tilecfg *cfg, int rows) {
+/* Tiles 0, 1 (accumulators) and 4 (A) of rows0 rows, 2, 3 and 5 of rows1, 6-7 (B) of 16; 64 bytes a row. */
+static inline void effc_amx_fill(effc_tilecfg *cfg, int rows0, int rows1) {
   memset(cfg, 0, sizeof *cfg);
   cfg->palette = 1;
-  for (int t = 0; t < 8; ++t) cfg->colsb[t] = 64, cfg->rows[t] = (uint8_t)(t < 6 ? rows : 16);
+  for (int t = 0; t < 8; ++t) cfg->colsb[t] = 64, cfg->rows[t] = 16;
+  cfg->rows[0] = cfg->rows[1] = cfg->rows[4] = (uint8_t)rows0;
+  cfg->rows[2] = cfg->rows[3] = cfg->rows[5] = (uint8_t)rows1;
 }
 
 /* Before a call's first tile: what the thread has loaded (sttilecfg, some hundred cycles). */
 static inline void effc_amx_begin(effc_amx_state *state) {
   _tile_storeconfig(&state->saved);
-  state->rows = -1;
+  state->rows0 = state->rows1 = -1;
 }
 
-/* Tiles 0-5 of `rows` rows (A and accumulators), 6-7 of 16 (B), all 64 bytes a row; loaded only
-   when the thread has another (effc's own from its last call is the common case). */
-static inline void effc_amx_configure(effc_amx_state *state, int rows) {
-  if (state->rows == rows) return;
+/* Row blocks of rows0 and rows1 rows (effc_amx_fill), loaded only when the thread has another
+   configuration (effc's own from its last call is the common case): each load costs about as much
+   as a 32 x 32 x 64 bf16 product. */
+static inline void effc_amx_configure(effc_amx_state *state, int rows0, int rows1) {
+  if (state->rows0 == rows0 && state->rows1 == rows1) return;
   effc_tilecfg cfg;
-  effc_amx_fill(&cfg, rows);
-  if (state->rows >= 0 || memcmp(&state->saved, &cfg, sizeof cfg) != 0) _tile_loadconfig(&cfg);
-  state->rows = rows;
+  effc_amx_fill(&cfg, rows0, rows1);
+  if (state->rows0 >= 0 || memcmp(&state->saved, &cfg, sizeof cfg) != 0) _tile_loadconfig(&cfg);
+  state->rows0 = rows0, state->rows1 = rows1;
 }
 
 /* After a call's last tile: put back a configuration another library loaded. ONNX Runtime's MLAS and
@@ -95,9 +99,9 @@ static inline void effc_amx_configure(effc_amx_state *state, int rows) {
    configuration raise #UD (a SIGILL) or compute on the wrong shapes. A thread that had none keeps
    effc's (whoever uses tiles on it next configures them), so effc's next call needs no reload. */
 static inline void effc_amx_end(const effc_amx_state *state) {
-  if (state->rows < 0 || !state->saved.palette) return;
+  if (state->rows0 < 0 || !state->saved.palette) return;
   effc_tilecfg cfg;
-  effc_amx_fill(&cfg, state->rows);
+  effc_amx_fill(&cfg, state->rows0, state->rows1);
   if (memcmp(&state->saved, &cfg, sizeof cfg) != 0) _tile_loadconfig(&state->saved);
 }
 

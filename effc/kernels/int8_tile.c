@@ -101,7 +101,7 @@ static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t
   int n = rows < 16 ? rows : 16; /* rows of every row block */
   effc_amx_state state;
   effc_amx_begin(&state);
-  effc_amx_configure(&state, n);
+  effc_amx_configure(&state, n, n);
   for (int r0 = 0; r0 < rows; r0 += 32) {
     int rb = rows - r0 > 16 ? 2 : 1;
     int start[2] = {r0 + n > rows ? rows - n : r0, r0 + 16 + n > rows ? rows - n : r0 + 16};

@@ -195,8 +195,8 @@ def test_a_wrong_bf16_tile_fails_the_compile(tmp_path, monkeypatch, capsys):
     import effc.codegen.bf16_tile_call as tile_call
     from effc.cli import run
 
-    real = tile_call._address
-    monkeypatch.setattr(tile_call, "_address", lambda region, row=0, column=0: real(
+    real = tile_call.element_address
+    monkeypatch.setattr(tile_call, "element_address", lambda region, row=0, column=0: real(
         region, row, column + (1 if len(region.region) == 4 and not row else 0)))
     path = tmp_path / "model.onnx"
     onnx.save(onnx.load_from_string(_proto_bytes()), path)

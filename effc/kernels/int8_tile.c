@@ -8,8 +8,8 @@
    signs: u8 a x s8 b (a linear: activation x weight, tdpbusd) or s8 a x u8 b (a conv: weight x
    im2col, tdpbsud). Of a, just the first k bytes of each row are read (a is read in place, never
    padded); b has ceil(k / 4) quads, zero past k (the rule packs it so).
-   On AMX (amx.h) the tile runs in 16 x 16 int32 tiles: a row block is 16 rows of a (fewer at the
-   bottom edge: tiles configured with just those rows), a column block 16 columns of b, a k step
+   On AMX (amx.h) the tile runs in 16 x 16 int32 tiles: a row block is 16 rows of a (fewer only when
+   the tile has fewer: tiles configured with just those rows), a column block 16 columns of b, a k step
    64 bytes (16 quads: one tile row). Two row blocks x two column blocks (4 accumulators, 2 A and 2 B
    tiles) or one row block x up to four column blocks. The last k step, when k is no multiple of 64,
    reads zero-padded copies of a's last columns and b's last quads. Without AMX (EFFC_AMX=0, or the
@@ -61,23 +61,30 @@ static inline __attribute__((always_inline)) void amx_step(const int sa, int rb,
   if (cb > 3) { _tile_loadd(7, bp[3], bs); DP(sa, 3, 4, 7); }
 }
 
+/* c[rows, 16 blocks] = a[rows, k] x panel b. With 16 rows or more every row block has 16 rows: one
+   that would pass the last row starts earlier instead, overlapping the block before it (recomputing
+   rows to the same values), so the tiles keep one configuration per call (amx.h). */
 static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t *c, int64_t ldc, const uint8_t *a,
                                                            int64_t lda, const uint8_t *b, int64_t ldb, int64_t k,
-                                                           int rows, int blocks, int cols, effc_amx_state *state) {
+                                                           int rows, int blocks, int cols) {
   uint8_t a_tail[2][16 * AMX_K], b_tail[4][16 * AMX_K];
   int64_t k_full = k / AMX_K * AMX_K, tail = k - k_full, tail_quads = (tail + 3) / 4;
   __mmask64 tail_mask = tail ? (__mmask64)((1ull << tail) - 1) : 0;
   if (tail)
     for (int v = 0; v < 4; ++v) memset(b_tail[v] + tail_quads * 64, 0, (16 - tail_quads) * 64);
+  int n = rows < 16 ? rows : 16; /* rows of every row block */
+  effc_amx_state state;
+  effc_amx_begin(&state);
+  effc_amx_configure(&state, n, n);
   for (int r0 = 0; r0 < rows; r0 += 32) {
-    int rows0 = rows - r0 < 16 ? rows - r0 : 16, rows1 = rows - r0 - 16;
-    rows1 = rows1 <= 0 ? 0 : rows1 > 16 ? 16 : rows1;
-    int rb = rows1 ? 2 : 1;
-    effc_amx_configure(state, rows0, rows1 ? rows1 : rows0);
-    const uint8_t *ar = a + r0 * lda;
+    int rb = rows - r0 > 16 ? 2 : 1;
+    int start[2] = {r0 + n > rows ? rows - n : r0, r0 + 16 + n > rows ? rows - n : r0 + 16};
+    const uint8_t *ar[2] = {a + start[0] * lda, a + start[1] * lda};
+    int32_t *const cr[2] = {c + start[0] * ldc, c + start[1] * ldc};
     if (tail) /* a's last columns, zero-padded to a whole k step (a masked load reads just them) */
-      for (int r = 0; r < rows0 + rows1; ++r)
-        _mm512_storeu_si512(a_tail[r / 16] + (r % 16) * AMX_K, _mm512_maskz_loadu_epi8(tail_mask, ar + r * lda + k_full));
+      for (int blk = 0; blk < rb; ++blk)
+        for (int r = 0; r < n; ++r)
+          _mm512_storeu_si512(a_tail[blk] + r * AMX_K, _mm512_maskz_loadu_epi8(tail_mask, ar[blk] + r * lda + k_full));
     for (int v0 = 0; v0 < blocks; v0 += rb == 2 ? 2 : 4) {
       int cb = blocks - v0 < (rb == 2 ? 2 : 4) ? blocks - v0 : (rb == 2 ? 2 : 4);
       _tile_zero(0);
@@ -86,8 +93,9 @@ static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t
       _tile_zero(3);
       for (int64_t k0 = 0; k0 < k_full; k0 += AMX_K) {
         if (k0 + PREFETCH < k)
-          for (int r = 0; r < rows0 + rows1; ++r) _mm_prefetch((const char *)ar + r * lda + k0 + PREFETCH, _MM_HINT_T0);
-        const void *ap[2] = {ar + k0, ar + 16 * lda + k0};
+          for (int blk = 0; blk < rb; ++blk)
+            for (int r = 0; r < n; ++r) _mm_prefetch((const char *)ar[blk] + r * lda + k0 + PREFETCH, _MM_HINT_T0);
+        const void *ap[2] = {ar[0] + k0, ar[1] + k0};
         const uint8_t *bk = b + k0 / 4 * ldb + v0 * 64;
         const void *bp[4] = {bk, bk + 64, bk + 128, bk + 192};
         amx_step(sa, rb, cb, ap, lda, bp, ldb);
@@ -100,10 +108,11 @@ static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t
         const void *bp[4] = {b_tail[0], b_tail[1], b_tail[2], b_tail[3]};
         amx_step(sa, rb, cb, ap, AMX_K, bp, 64);
       }
-      char *const cv[2] = {(char *)(c + r0 * ldc + v0 * 16), (char *)(c + (r0 + 16) * ldc + v0 * 16)};
-      effc_amx_store(rb, cb, cv, ldc * 4, rows0, rows1, cols - v0 * 16);
+      char *const cv[2] = {(char *)(cr[0] + v0 * 16), (char *)(cr[1] + v0 * 16)};
+      effc_amx_store(rb, cb, cv, ldc * 4, n, n, cols - v0 * 16);
     }
   }
+  effc_amx_end(&state);
 }
 
 /* ---- AVX-512 VNNI (vpdpbusd): the same tile in R x V-vector register tiles ---- */
@@ -179,11 +188,8 @@ int32_t effc_int8_tile(int32_t *c, int32_t *c_row, const uint8_t *a, const uint8
   }
   int blocks = (cols + 15) / 16;
   if (effc_amx() & EFFC_AMX_INT8) {
-    effc_amx_state state;
-    effc_amx_begin(&state);
-    if (a_signed) amx_tile(1, c, ldc, a, lda, b, ldb, k, rows, blocks, cols, &state);
-    else amx_tile(0, c, ldc, a, lda, b, ldb, k, rows, blocks, cols, &state);
-    effc_amx_end(&state);
+    if (a_signed) amx_tile(1, c, ldc, a, lda, b, ldb, k, rows, blocks, cols);
+    else amx_tile(0, c, ldc, a, lda, b, ldb, k, rows, blocks, cols);
   } else {
     vnni_tile(a_signed != 0, c, ldc, a, lda, b, ldb, k, rows, blocks, cols);
   }

@@ -34,7 +34,7 @@ def tile_calls(out) -> int | None:
     if not shutil.which("objdump"):
         return None
     asm = subprocess.run(["objdump", "-d", str(out / "model.so")], capture_output=True, text=True).stdout
-    return asm.count("<effc_int8_tile>")
+    return sum(1 for line in asm.splitlines() if "call" in line and "<effc_int8_tile>" in line)
 
 
 def mlp(tmp_path):
@@ -61,6 +61,16 @@ def test_int8_products_call_the_amx_tile(tmp_path, model):
     assert "int8-matmul" in res.rule_hits
     calls = tile_calls(tmp_path / "out")
     assert calls is None or calls >= res.rule_hits["int8-matmul"], calls
+
+
+def test_a_few_rows_stay_on_vnni_tiles(tmp_path):
+    """3 rows (a Gemm on x[3, 33]): the VNNI register tiles, no tile call."""
+    from tests.codegen.test_int8_qdq import gemm_qdq
+
+    path, feed = gemm_qdq(tmp_path)
+    res, _ = compile_and_compare(path, tmp_path / "out", feed, step_of(path, "y_scale"))
+    assert res.rule_hits.get("int8-matmul") == 1
+    assert tile_calls(tmp_path / "out") in (None, 0)
 
 
 def test_a_wrong_int8_tile_fails_the_compile(tmp_path, monkeypatch, capsys):

@@ -46,6 +46,9 @@ FEW_PANELS = 4  # fewer (batch, panel) pairs than this: the row tiles run in par
 # step: 4 tile products per 4 loads)
 AMX_ROWS = 32
 AMX_VECTORS = 2
+# fewer rows than this stay on VNNI register tiles: a tile product costs about the same for 1 row as
+# for 16 (measured, 1 x 768 x 768: VNNI 1.4x faster; 4 rows 1.15x; 8 rows AMX 1.5x faster)
+AMX_MIN_ROWS = 8
 
 
 def has_vnni(target) -> bool:
@@ -79,7 +82,7 @@ class Int8Matmul(RegisterTileRule):
                 from effc.kernels import native
 
                 native.load("int8_tile")  # the tile's symbol, for modules built and run in this process
-            return sch
+                return sch
         recorded = self.recorded(func, target)
         pixels = _conv_pixels(func)
         if pixels is not None:  # a conv GEMM (its col packed per call too): its own tile, conv_knobs
@@ -92,13 +95,16 @@ class Int8Matmul(RegisterTileRule):
         """``func`` tiled mr x nr_vectors (``target``: unused, VNNI's tile is the same on every AVX-512 CPU), or None.
         ``activation_tile``: B is an activation (attention's K^T or V, packed per call): the tile holds
         at most ACTIVATION_ACCUMULATORS vectors and ACTIVATION_ROWS rows, whatever mr says.
-        ``amx``: one call of the C tile per mr x nr tile (int8_tile_call) instead of vpdpbusd steps."""
+        ``amx``: one call of the C tile per mr x nr tile (int8_tile_call) instead of vpdpbusd steps;
+        None for fewer than AMX_MIN_ROWS rows."""
         sch = s_tir.Schedule(func)
         main = _int8_reduction(sch)
         gemm = None if main is None else panels.matmul_gemm(sch, main)
         if gemm is None:
             return None
         a_copy, b_copy, c_copy, c_map, (batch, i, j, k), (m, n, kk) = gemm
+        if amx and m < AMX_MIN_ROWS:
+            return None
         if amx:  # an edge tile computes only its rows and columns: a ragged n keeps the tile's width
             nr, mr = min(nr_vectors, -(-n // LANES)) * LANES, min(m, mr)
         else:

@@ -54,12 +54,13 @@ def register_pipeline() -> str:
         def factory(**kwargs):
             base, host, device = compilation_pipeline.PIPELINE_MAP["s_tir"](**kwargs)
             from effc.codegen.peel_tail import full_panel_pass, peel_tail_pass
+            from effc.codegen.reciprocal_divide import reciprocal_divide_pass
             from effc.codegen.requant_casts import requant_casts_pass
             from effc.codegen.vnni_pass import vnni_pass
 
             # peeling after prefetching: the peeled tile keeps its prefetches
             return tvm.transform.Sequential([prefetch_pass(), peel_tail_pass(), full_panel_pass(), vnni_pass(),
-                                             requant_casts_pass(), base]), host, device
+                                             requant_casts_pass(), reciprocal_divide_pass(), base]), host, device
 
         compilation_pipeline.register_tir_pipeline(PIPELINE, factory)
     return PIPELINE

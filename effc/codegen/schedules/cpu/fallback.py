@@ -107,8 +107,12 @@ def _strided_rows(block, inner: int) -> bool:
     fused, that cancels.)"""
     if "if_then_else" in str(block.body):  # a padding (bounds tests): its row is the inner loop
         return True
+    if not block.iter_vars:
+        return False
     var = block.iter_vars[-1].var
     for region in block.reads:
+        if not region.region:  # a 0-d read (a scalar: the bound of a where)
+            continue
         index = region.region[-1].min
         if isinstance(index, (tirx.Add, tirx.Sub)) and isinstance(index.b, tirx.IntImm):
             index = index.a

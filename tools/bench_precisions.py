@@ -229,15 +229,27 @@ def markdown(rows: list[dict]) -> str:
 
 
 def cpu_line() -> str:
-    from effc.codegen.target import llvm_target
+    from effc.codegen.target import cpuinfo_flags, llvm_target
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    flags = cpuinfo_flags()
     has = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
     amx = "AMX present" if "amx_bf16" in flags else "no AMX"
     return (f"{platform.machine()} `{model}`, LLVM CPU family `{llvm_target().spec['mcpu']}`, {amx} "
             f"(features: {', '.join(has) or 'none of avx512f/bf16/vnni/amx'})")
+
+
+def _bf16_hardware() -> str:
+    """What OpenVINO's default precision runs on, on this CPU."""
+    from effc.codegen.target import cpuinfo_flags
+
+    flags = cpuinfo_flags()
+    if "amx_bf16" in flags:
+        return "this CPU has AMX-BF16 tiles, which OpenVINO (oneDNN) uses for bf16 by default"
+    if "avx512_bf16" in flags:
+        return "this CPU has AVX-512 BF16 but no AMX tiles"
+    return "this CPU has no bf16 arithmetic"
 
 
 def page(rows: list[dict], started: str, load_before: str, load_after: str, threads: int, runs: int,
@@ -258,8 +270,8 @@ def page(rows: list[dict], started: str, load_before: str, load_after: str, thre
          f"round, after an idle gap; {warmup} warm-up rounds dropped, then the median of {runs} rounds x 3 "
          f"back-to-back calls; see effc/codegen/bench.py).{_overload_note(load_before, load_after)}"), "",
         ("Columns: OpenVINO f32 = `INFERENCE_PRECISION_HINT=f32`; OpenVINO default = the precision it picks "
-         f"for this CPU (it reported {', '.join(default_precision) or '?'}: this CPU has AVX-512 BF16, "
-         "which OpenVINO uses by default, but no AMX tiles); int8 (QDQ) = a copy made by ONNX Runtime's "
+         f"for this CPU (it reported {', '.join(default_precision) or '?'}: {_bf16_hardware()}); "
+         "int8 (QDQ) = a copy made by ONNX Runtime's "
          f"`quantize_static` (QDQ format, u8 activations, per-channel s8 weights, MinMax over {CALIBRATION} "
          "zoo samples other than the bench feed), run as is by each engine. effc bf16: "
          f"{'`effc compile --precision bf16`' if 'bf16' in offered else NOT_BUILT + ' (no `--precision bf16` here)'}; "

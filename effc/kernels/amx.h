@@ -105,6 +105,25 @@ static inline void effc_amx_end(const effc_amx_state *state) {
   if (memcmp(&state->saved, &cfg, sizeof cfg) != 0) _tile_loadconfig(&state->saved);
 }
 
+/* The row blocks of the (up to) 32 rows from r0 of a `rows`-row matrix: count (1 or 2), rows each
+   (n: 16, or all of a matrix of fewer) and where each starts. With 16 rows or more every block has
+   16: one that would pass the last row starts earlier instead, overlapping the block before it
+   (rows recomputed to the same values), so the tiles keep one configuration a call: a reload
+   (ldtilecfg) costs about a 32 x 32 x 64 bf16 product, and a ragged m (vit's 197 tokens) would
+   need two a call. */
+typedef struct {
+  int count, n, start[2];
+} effc_amx_rows;
+
+static inline effc_amx_rows effc_amx_row_blocks(int rows, int r0) {
+  effc_amx_rows blocks;
+  blocks.n = rows < 16 ? rows : 16;
+  blocks.count = rows - r0 > 16 ? 2 : 1;
+  blocks.start[0] = r0 + blocks.n > rows ? rows - blocks.n : r0;
+  blocks.start[1] = r0 + 16 + blocks.n > rows ? rows - blocks.n : r0 + 16;
+  return blocks;
+}
+
 /* Accumulator tile T (16 x 16 4-byte values: fp32 or int32), row block R's rows, column block V to
    cr[R] + 64 V, rows ld bytes apart: just the columns below cols, since c's rows may be only that
    wide (TVM sizes a ragged tile's buffer to the matrix). */

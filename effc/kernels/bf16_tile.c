@@ -212,21 +212,18 @@ static inline __attribute__((always_inline)) void amx_step(int rb, int cb, const
 }
 
 /* c[rows, 16 vecs] = a[rows, k] (bf16, rows lda apart) x panel b (k2 pairs x ldb columns, pairs
-   side by side). With 16 rows or more every row block has 16 rows: one that would pass the last
-   row starts earlier instead, overlapping the block before it (recomputing rows to the same
-   values), so the tiles keep one configuration: a reload (ldtilecfg) costs about as much as one
-   32 x 32 x 64 product, and a ragged m (vit's 197 tokens) would need two a call. */
+   side by side), in the row blocks of effc_amx_row_blocks. */
 static void amx_tile(float *c, int64_t ldc, const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb,
                      int64_t k, int rows, int vecs, int cols) {
   uint16_t a_tail[2][16 * AMX_K], b_tail[4][16 * AMX_K];
   int64_t k_full = k / AMX_K * AMX_K, tail = k - k_full;
-  int n = rows < 16 ? rows : 16; /* rows of every row block */
+  int n = rows < 16 ? rows : 16; /* rows of every row block (effc_amx_row_blocks) */
   effc_amx_state state;
   effc_amx_begin(&state);
   effc_amx_configure(&state, n, n);
   for (int r0 = 0; r0 < rows; r0 += 32) {
-    int rb = rows - r0 > 16 ? 2 : 1;
-    int start[2] = {r0 + n > rows ? rows - n : r0, r0 + 16 + n > rows ? rows - n : r0 + 16};
+    effc_amx_rows row_blocks = effc_amx_row_blocks(rows, r0);
+    int rb = row_blocks.count, *start = row_blocks.start;
     const uint16_t *ar[2] = {a + start[0] * lda, a + start[1] * lda};
     float *const cr[2] = {c + start[0] * ldc, c + start[1] * ldc};
     if (tail) /* a's last columns, zero-padded to a whole k step */

@@ -61,9 +61,7 @@ static inline __attribute__((always_inline)) void amx_step(const int sa, int rb,
   if (cb > 3) { _tile_loadd(7, bp[3], bs); DP(sa, 3, 4, 7); }
 }
 
-/* c[rows, 16 blocks] = a[rows, k] x panel b. With 16 rows or more every row block has 16 rows: one
-   that would pass the last row starts earlier instead, overlapping the block before it (recomputing
-   rows to the same values), so the tiles keep one configuration per call (amx.h). */
+/* c[rows, 16 blocks] = a[rows, k] x panel b, in the row blocks of effc_amx_row_blocks (amx.h). */
 static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t *c, int64_t ldc, const uint8_t *a,
                                                            int64_t lda, const uint8_t *b, int64_t ldb, int64_t k,
                                                            int rows, int blocks, int cols) {
@@ -72,13 +70,13 @@ static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t
   __mmask64 tail_mask = tail ? (__mmask64)((1ull << tail) - 1) : 0;
   if (tail)
     for (int v = 0; v < 4; ++v) memset(b_tail[v] + tail_quads * 64, 0, (16 - tail_quads) * 64);
-  int n = rows < 16 ? rows : 16; /* rows of every row block */
+  int n = rows < 16 ? rows : 16; /* rows of every row block (effc_amx_row_blocks) */
   effc_amx_state state;
   effc_amx_begin(&state);
   effc_amx_configure(&state, n, n);
   for (int r0 = 0; r0 < rows; r0 += 32) {
-    int rb = rows - r0 > 16 ? 2 : 1;
-    int start[2] = {r0 + n > rows ? rows - n : r0, r0 + 16 + n > rows ? rows - n : r0 + 16};
+    effc_amx_rows row_blocks = effc_amx_row_blocks(rows, r0);
+    int rb = row_blocks.count, *start = row_blocks.start;
     const uint8_t *ar[2] = {a + start[0] * lda, a + start[1] * lda};
     int32_t *const cr[2] = {c + start[0] * ldc, c + start[1] * ldc};
     if (tail) /* a's last columns, zero-padded to a whole k step (a masked load reads just them) */

@@ -6,7 +6,7 @@ of a model that has the same shapes, and other models that share them. The file 
 defaults when there is no record.
 
 effc ships records for the zoo models in effc/codegen/tuned/<cpu>.json (one file per CPU family,
-as TVM names it: emeraldrapids, znver5, ...); `effc compile` applies the file of the host's family
+as TVM names it: emeraldrapids, znver5, rocketlake-amx, ...); `effc compile` applies the file of the host's family
 unless told `--records none` or given a file of its own.
 """
 
@@ -21,7 +21,14 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 
 
 def cpu_family(target) -> str:
-    return str(target.attrs.get("mcpu", "generic")) if target is not None else "generic"
+    """The CPU family records are kept for: LLVM's -mcpu name, marked "-amx" where the target adds
+    AMX to a name without it (effc.codegen.target.host_mattr: a VM's Emerald Rapids seen as
+    rocketlake), so its records are not applied to the CPU the name really means."""
+    if target is None:
+        return "generic"
+    cpu = str(target.attrs.get("mcpu", "generic"))
+    mattr = [str(a) for a in target.attrs.get("mattr", None) or ()]
+    return f"{cpu}-amx" if "+amx-tile" in mattr else cpu
 
 
 def shipped_path(target) -> Path | None:

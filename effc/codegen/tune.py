@@ -90,7 +90,7 @@ TUNED_RULES = ("int8-matmul", "matmul-bf16", "matmul")  # the rule names tunable
 def tunable_rules(target, precision: str) -> list:
     """The CPU matmul rules the tuner searches, in the build's order (effc.codegen.schedules.cpu):
     int8 (kernels lowered from QDQ, on VNNI; on AMX its tile is fixed: nothing to search), then bf16
-    or fp32 as ``precision`` says."""
+    (on vdpbf16ps; on AMX its tile is fixed too) or fp32 as ``precision`` says."""
     from effc.codegen.schedules.cpu.int8_matmul import Int8Matmul, has_amx_int8, has_vnni
     from effc.codegen.schedules.cpu.matmul import Matmul
     from effc.codegen.schedules.cpu.matmul_bf16 import MatmulBf16
@@ -98,9 +98,11 @@ def tunable_rules(target, precision: str) -> list:
     rules = [Int8Matmul()] if has_vnni(target) and not has_amx_int8(target) else []
     if precision == "bf16":
         from effc.kernels import native
+        from effc.codegen.schedules.cpu.matmul_bf16 import has_amx_bf16
 
         native.load("bf16_tile")  # the tile the timed kernels call
-        rules.append(MatmulBf16())
+        if not has_amx_bf16(target):
+            rules.append(MatmulBf16())
     else:
         rules.append(Matmul())
     return rules

@@ -227,11 +227,13 @@ def _proto_bytes() -> bytes:
 
 
 @requires_bf16
-def test_tune_with_bf16_records_the_bf16_rule(tmp_path):
+def test_tune_with_bf16_records_the_bf16_rule(tmp_path, monkeypatch):
+    """vdpbf16ps tiles (EFFC_AMX=0 builds them on an AMX host, whose own tiles take no knobs)."""
     import json
 
     from effc.codegen.tune import tune_model
 
+    monkeypatch.setenv("EFFC_AMX", "0")
     rng = np.random.default_rng(3)
     model = model_from_nodes([helper.make_node("MatMul", ["x", "W"], ["y"])], [("x", [1, 16, K])], [("y", [1, 16, 64])],
                              [numpy_helper.from_array(rng.standard_normal((K, 64)).astype(np.float32), "W")])

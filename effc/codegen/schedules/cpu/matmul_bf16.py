@@ -54,9 +54,12 @@ def has_avx512_bf16(target) -> bool:
 
 
 def has_amx_bf16(target) -> bool:
-    """Whether ``target``'s CPU has AMX-BF16 tiles (the kernel still checks at run time that the OS
-    granted them, and falls back to vdpbf16ps)."""
-    return _has(target, "amx-bf16")
+    """Whether the rule builds AMX-sized tiles for ``target``: its CPU has AMX-BF16 and EFFC_AMX is not
+    0 (as the int8 rule; the kernel still checks at run time that the OS granted the tiles, and
+    falls back to vdpbf16ps)."""
+    import os
+
+    return os.environ.get("EFFC_AMX") != "0" and _has(target, "amx-bf16")
 
 
 def _has(target, feature: str) -> bool:
@@ -77,6 +80,12 @@ class MatmulBf16(RegisterTileRule):
 
     def is_target_available(self, target) -> bool:
         return target.kind.name == "llvm" and has_avx512_bf16(target)
+
+    def recorded(self, func, target) -> dict:
+        """Tuned knobs are vdpbf16ps register tiles: none apply on AMX, whose tile (all rows of a
+        panel, AMX_FITTING) was chosen in whole models: knobs the tuner found fastest for a kernel
+        alone made vit-s16, bert-base and gpt2 1.5-2x slower there (small tiles, many calls)."""
+        return {} if has_amx_bf16(target) else super().recorded(func, target)
 
     def apply(self, func, target, tunable):
         if not self.is_target_available(target):

@@ -9,6 +9,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
+def x_to_y(nodes, name: str, x_shape, y_shape, inits, opset: int = 20, ir_version: int = 9) -> onnx.ModelProto:
+    """A float model of one input x and one output y (shapes given) from ``nodes`` and ``inits``."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
 def float_mlp(batch: int, rows: tuple, k: int, hidden: int, seed: int = 0, gelu: bool = True) -> onnx.ModelProto:
     """x[batch, *rows, k] -> MatMul W1 + b1 -> Gelu -> MatMul W2 + b2 -> + x (residual) -> y.
     Inputs are shifted positive so MinMax calibration gives nonzero activation zero points."""
@@ -24,11 +33,7 @@ def float_mlp(batch: int, rows: tuple, k: int, hidden: int, seed: int = 0, gelu:
              helper.make_node("MatMul", ["a1", "W2"], ["m2"], name="fc2"),
              helper.make_node("Add", ["m2", "b2"], ["h2"], name="fc2_bias"),
              helper.make_node("Add", ["h2", "x"], ["y"], name="residual")]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
-    return model
+    return x_to_y(nodes, "mlp", shape, shape, inits)
 
 
 def calibration(shape, count: int = 4, seed: int = 1) -> list[np.ndarray]:
@@ -79,11 +84,7 @@ def int4_matmul(m_rows: tuple, k: int, n: int, block: int = 32, seed: int = 0, s
     nodes = [helper.make_node("DequantizeLinear", dq_inputs, ["W"], name="dq_w", axis=0, block_size=block),
              helper.make_node("MatMul", ["x", "W"], ["m"], name="fc"),
              helper.make_node("Add", ["m", "b"], ["y"], name="fc_bias")]
-    graph = helper.make_graph(nodes, "w4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*m_rows, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*m_rows, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    return model
+    return x_to_y(nodes, "w4", [*m_rows, k], [*m_rows, n], inits, opset=21, ir_version=10)
 
 
 def float_attention(batch: int = 2, seq: int = 9, heads: int = 3, head_dim: int = 8, seed: int = 0,
@@ -139,8 +140,4 @@ def float_attention(batch: int = 2, seq: int = 9, heads: int = 3, head_dim: int 
     merged = node("Reshape", [node("Transpose", [attn], "attn_t", perm=[0, 2, 1, 3]), flat_shape], "merged")
     node("Add", ["x", linear("o", merged)], "y")
     shape = [batch, seq, dim]
-    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    return model
+    return x_to_y(nodes, "attention", shape, shape, inits, opset=17)

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 pytest.importorskip("tvm")
 
@@ -18,7 +18,7 @@ from effc.codegen.build import compile_model  # noqa: E402
 from effc.codegen.check import verify_build  # noqa: E402
 from effc.codegen.target import llvm_target  # noqa: E402
 from effc.verify import make_inputs  # noqa: E402
-from tests.codegen.qdq_models import calibration, quantize_qdq  # noqa: E402
+from tests.codegen.qdq_models import calibration, quantize_qdq, x_to_y  # noqa: E402
 from tests.codegen.test_int8_qdq import requires_vnni  # noqa: E402
 from tests.codegen.test_matmul_bf16 import requires_bf16  # noqa: E402
 
@@ -46,11 +46,7 @@ def flattened_mlp() -> onnx.ModelProto:
              helper.make_node("Reshape", ["g2", "back2"], ["h2"]),
              helper.make_node("Add", ["h2", "x"], ["y"], name="residual")]
     shape = [BATCH, SEQ, K]
-    graph = helper.make_graph(nodes, "flat_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
-    return model
+    return x_to_y(nodes, "flat_mlp", shape, shape, inits)
 
 
 def compile_and_verify(model: ir.Model, out, precision: str):

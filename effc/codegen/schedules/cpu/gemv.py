@@ -19,6 +19,7 @@ from effc.codegen.schedules.cpu.panels import (
     pack_panel,
     pick_nr,
     vectorize,
+    weight_params,
     write_back_at,
 )
 
@@ -68,8 +69,7 @@ class Gemv(CPURule):
 def _weight_read(block, func) -> int | None:
     """Index of the read that is a constant weight indexed by both loop variables (the other read,
     the activation row, must depend on the reduction variable only)."""
-    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
-    weights = [func.params[int(i)] for i in free] if free else []
+    weights = weight_params(func)
     spatial, reduce = (iv.var for iv in block.iter_vars)
     if len(block.reads) != 2:
         return None

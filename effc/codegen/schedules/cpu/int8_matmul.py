@@ -196,8 +196,7 @@ def _b_is_activation(func) -> bool:
     if main is None:
         return False
     b = sch.get(main).reads[1].source
-    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
-    return not any(func.params[int(i)].same_as(b) for i in (free or []))
+    return not any(w.same_as(b) for w in panels.weight_params(func))
 
 
 def _rows_in_registers(sch, block) -> None:
@@ -294,11 +293,7 @@ def _pack_panel(sch, func, panel, nr: int) -> None:
     else:
         layout = lambda s, j, k: (s, j // nr, k // K_STEP, j % nr, k % K_STEP)  # noqa: E731
     sch.transform_layout(panel, ("write", 0), layout)
-    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
-    weights = [func.params[int(i)] for i in free] if free else []
-    reads = sch.get(panel).reads
-    if len(reads) == 1 and any(reads[0].source.same_as(w) for w in weights):
-        sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)
+    if panels.packs_a_weight(sch, func, panel):
         return
     # an activation (attention's K^T, V) is packed on every call: in parallel over the panels, each
     # panel's k steps in order, so that the writes run contiguously (nr x 4 bytes a step)

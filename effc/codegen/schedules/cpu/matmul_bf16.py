@@ -27,7 +27,7 @@ from effc.codegen.bf16_tile_call import LANES, TILE_KEY
 from effc.codegen.peel_tail import FULL_PANELS_KEY
 from effc.codegen.schedules.cpu.base import RegisterTileRule, extent, one_reduction
 from effc.codegen.schedules.cpu.matmul import _pick_mr
-from effc.codegen.schedules.cpu.panels import matmul_gemm, write_back_at
+from effc.codegen.schedules.cpu.panels import matmul_gemm, packs_a_weight, weight_params, write_back_at
 
 FITTING = ((6, 4), (8, 3), (12, 2), (8, 2), (4, 4))  # tiles near the peak, best first (mr, nr_vectors)
 MAX_ROWS = {1: 16, 2: 12, 3: 8, 4: 6}  # nr_vectors -> most rows of a tile bf16_tile.c has (<= 24 of 32 zmm)
@@ -160,8 +160,7 @@ class MatmulBf16(RegisterTileRule):
 
 def _b_computed(sch, func, main) -> bool:
     """Whether main's B is computed in the model (attention's K^T or V), not a weight."""
-    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
-    weights = [func.params[int(x)] for x in free] if free else []
+    weights = weight_params(func)
     b = sch.get(main).reads[1].source
     producers = [sch.get(p) for p in sch.get_producers(main) if sch.get(p).writes[0].source.same_as(b)]
     sources = [r.source for p in producers for r in p.reads] or [b]
@@ -213,8 +212,7 @@ def _read_b_in_place(sch, func, main, b_copy) -> int:
     Q.K^T, effc.codegen.product_nt), whose panels the C tile packs, vectorised, by each panel's
     first row tile: no per-call packing loop in TIR (a scalar scatter into a buffer TVM widens to
     fp32) and no second conversion. B_PACKED, unchanged, when B is a weight or read otherwise."""
-    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
-    weights = [func.params[int(x)] for x in free] if free else []
+    weights = weight_params(func)
     trial = sch.copy()
     stage = _stage(trial, main, b_copy, 1)
     if any(r.source.same_as(w) for r in trial.get(stage).reads for w in weights):
@@ -257,11 +255,7 @@ def _pack_pairs(sch, func, panel, nr: int) -> None:
     else:
         layout = lambda s, j, k: (s, j // nr, k // 2, j % nr, k % 2)  # noqa: E731
     sch.transform_layout(panel, ("write", 0), layout)
-    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
-    weights = [func.params[int(x)] for x in free] if free else []
-    reads = sch.get(panel).reads
-    if len(reads) == 1 and any(reads[0].source.same_as(w) for w in weights):
-        sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)
+    if packs_a_weight(sch, func, panel):
         return
     _parallel_copy(sch, panel)
 

@@ -13,6 +13,23 @@ from effc.codegen.schedules.cpu.base import ancestors, descendants, extent, fold
 PAD_WASTE = 1 / 32  # padding of n (computed, then discarded) worth a wider register tile
 
 
+def weight_params(func) -> list:
+    """The buffers of ``func``'s layout-free params (the model's weights; TVM 0.27: a param is its
+    buffer)."""
+    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    return [func.params[int(i)] for i in free] if free else []
+
+
+def packs_a_weight(sch, func, panel) -> bool:
+    """Whether ``panel`` packs a weight alone: then it is marked to run once, at compile time
+    (effc.codegen.prefold), never per call."""
+    reads = sch.get(panel).reads
+    if len(reads) == 1 and any(reads[0].source.same_as(w) for w in weight_params(func)):
+        sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)
+        return True
+    return False
+
+
 def matmul_gemm(sch, main):
     """The matmul rules' common start: ``main``'s side inputs inlined and the block normalised by
     to_batched_gemm (its result), or None when ``main`` is not a true (batched) matmul: an access
@@ -86,11 +103,7 @@ def pack_panel(sch, func, panel, nr: int) -> None:
     else:
         layout = lambda s, j, k: (s, j // nr, k, j % nr)  # noqa: E731
     sch.transform_layout(panel, ("write", 0), layout)
-    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
-    weights = [func.params[int(i)] for i in free] if free else []  # TVM 0.27: a param is its buffer
-    reads = sch.get(panel).reads
-    if len(reads) == 1 and any(reads[0].source.same_as(w) for w in weights):
-        sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)
+    if packs_a_weight(sch, func, panel):
         return
     loops = sch.get_loops(panel)  # the reindex loops run over [S, J, K] (S dropped when it is 1)
     if len(loops) not in (2, 3):

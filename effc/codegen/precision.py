@@ -3,7 +3,7 @@
 fp32: every matmul in fp32 (the default). bf16: matmuls from bf16 operands with fp32 accumulation
 (effc.codegen.bf16_matmul) where the CPU has AVX-512 BF16: on AMX tiles (tdpbf16ps) where it has
 AMX-BF16 and Linux grants the process tile state, else vdpbf16ps; elsewhere fp32, said so,
-never a crash. auto: bf16 where the CPU has avx512bf16 or amx-bf16 (as OpenVINO's default does),
+never a crash. auto: bf16 where the CPU has avx512bf16 (as OpenVINO's default does, on AMX where present),
 else fp32. A bf16 module is verified against fp32 ONNX Runtime at BF16_TOLERANCE, not at fp32's."""
 
 from __future__ import annotations

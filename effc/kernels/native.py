@@ -16,6 +16,7 @@ from effc.errors import EffcError
 
 HERE = Path(__file__).parent
 FLAGS = {"bf16_tile": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fPIC"],
+         "attention_f32": ["-O3", "-mavx512f", "-fPIC"],
          "int8_tile": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-fPIC"]}
 _loaded: dict[str, ctypes.CDLL] = {}
 
@@ -23,7 +24,7 @@ _loaded: dict[str, ctypes.CDLL] = {}
 def _compiler() -> str:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
     if not cc:
-        raise EffcError("bf16 and int8 tile kernels need a C compiler (gcc, cc or clang; or set CC)")
+        raise EffcError("effc's C kernels (bf16 and int8 tiles, fused attention) need a C compiler (gcc, cc or clang; or set CC)")
     return cc
 
 

@@ -167,7 +167,7 @@ def prepare(imported, bt: BuildTarget, precision: str = "fp32"):
         if precision == "fp32" and fused_attention.has_avx512(bt.tvm()):
             # bf16 keeps attention's products on the AMX / vdpbf16ps tiles: 2x faster there than
             # this fp32 kernel (vit-s16: 3.5 ms unfused bf16 against 5.2 ms fused fp32)
-            mod = relax.transform.DeadCodeElimination()(fused_attention.fused_attention_pass()(mod))
+            mod = relax.transform.DeadCodeElimination()(fused_attention.fused_attention_pass(bt.threads)(mod))
         if precision == "bf16":
             from effc.codegen.bf16_matmul import bf16_matmul_pass
 

@@ -4,9 +4,10 @@ Unfused, the chain is four kernels around a [.., S, S] scores tensor that is wri
 and written by the softmax and read again by P.V, and the head split of Q and V (a permute of the
 linears' [B, S, H, D] output) and the head merge after P.V are layout kernels of their own. Here
 the chain from the first matmul to the second becomes one call of effc/kernels/attention_f32.c,
-which keeps a block of query rows' scores in cache and reads Q, V (and writes O) in place through
-strides: a permute or a reshape in front of an operand is read as a view, not materialized. K^T
-is read as the graph computes it (a contiguous [.., D, S_k]: the kernel reads its rows).
+which keeps a block of query rows' scores in cache and reads Q, K, V (and writes O) in place
+through strides: a permute or a reshape in front of an operand is read as a view, not
+materialized. K^T's rows are read in place where they are contiguous; where K's rows are (the head
+split of the key linear's output), each task transposes its head's keys into its scratch.
 
 Matched, on static float32 shapes of rank 3 or 4 (one batch axis, or batch and heads):
 ``matmul(softmax(where(mask, ., fill)?(matmul(Q, KT) [* or / scalar const] [+ bias]), axis=-1), V)``
@@ -29,7 +30,7 @@ RULE = "attention-f32"
 SYMBOL = "effc_attention_f32"
 MR = 6  # query rows per register tile (the C kernel's MR)
 LANES = 16
-MIN_TASKS = 16  # parallel tasks to aim for (batch x heads x row chunks), for balance over threads
+TASKS_PER_THREAD = 2  # whole-head tasks a thread at least, else heads are split by rows
 MIN_TASK_ROWS = 24
 SCRATCH_BYTES = 1 << 20  # a task's scores: within L2 for the softmax and P.V that read them back
 
@@ -90,7 +91,8 @@ class _Chain:
     fill: float = 0.0
 
 
-def fused_attention_pass():
+def fused_attention_pass(threads: int = 1):
+    """The rewrite, for a module to run on ``threads`` threads (the task split balances over them)."""
     from tvm import relax
     from tvm.relax import PyExprMutator, expr_functor
 
@@ -206,7 +208,7 @@ def fused_attention_pass():
             (q, q_strides), (kt, kt_strides), (v, v_strides) = (self._view(e) for e in (chain.q, chain.kt, chain.v))
             if q_strides[-1] != 1 or v_strides[-1] != 1:
                 return call
-            if kt_strides[-1] != 1:  # the keys' axis is not contiguous in place: K^T as the graph has it
+            if 1 not in kt_strides[-2:]:  # neither K^T's nor K's rows in place: K^T as the graph has it
                 kt, kt_strides = chain.kt, _contiguous(_static(chain.kt.ty.shape))
             out_shape = _static(call.ty.shape)
             contiguous = _contiguous(out_shape)
@@ -220,7 +222,7 @@ def fused_attention_pass():
                 (chain.mask, _broadcast_strides(chain.mask, rank))
             native.load("attention_f32")  # the symbol, for modules built and run in this process
             inputs = [q, kt, v, bias, mask]
-            func = prim_func(batch, chain, [q_strides, kt_strides, v_strides, bias_strides, mask_strides, o_strides],
+            func = prim_func(batch, chain, threads, [q_strides, kt_strides, v_strides, bias_strides, mask_strides, o_strides],
                              [(_static(e.ty.shape), _dtype(e)) for e in inputs], out_shape)
             gv = self.builder_.add_func(func, "fused_attention")
             return relax.call_tir(gv, inputs, relax.TensorType(out_shape, "float32"))
@@ -286,21 +288,28 @@ def _dtype(expr) -> str:
     return str(getattr(expr.ty, "dtype", ""))
 
 
-def task_plan(batches: int, sq: int, sk: int) -> tuple[int, int]:
-    """(tasks, rows per task): MIN_TASKS or more where the rows allow, in whole register tiles, and
-    no more rows than keep a task's scores (its scratch) within SCRATCH_BYTES."""
-    chunks = max(1, min(math.ceil(MIN_TASKS / batches), math.ceil(sq / MIN_TASK_ROWS)))
+def task_plan(batches: int, sq: int, sk: int, threads: int = 1) -> tuple[int, int]:
+    """(tasks, rows per task): whole heads where there are TASKS_PER_THREAD a thread of them (a task
+    may transpose its head's keys: fewer, longer tasks do that once), else heads split into row
+    chunks of whole register tiles; never more rows than keep a task's scores within SCRATCH_BYTES."""
+    chunks = max(1, min(math.ceil(TASKS_PER_THREAD * threads / batches), math.ceil(sq / MIN_TASK_ROWS)))
     rows = math.ceil(math.ceil(sq / chunks) / MR) * MR
-    rows = max(MR, min(rows, SCRATCH_BYTES // (4 * (_row_floats(sk))) // MR * MR))
+    rows = max(MR, min(rows, SCRATCH_BYTES // (4 * _lds(sk)) // MR * MR))
     return batches * math.ceil(sq / rows), rows
 
 
-def _row_floats(sk: int) -> int:
-    """Scratch floats per query row: its scores in whole vectors, and its softmax's 1 / sum."""
-    return math.ceil(sk / LANES) * LANES + 1
+def _lds(sk: int) -> int:
+    """A row of scores (or of transposed keys) in whole vectors."""
+    return math.ceil(sk / LANES) * LANES
 
 
-def prim_func(batch: list[int], chain: _Chain, strides: list[list[int]], inputs: list, out_shape: list[int]):
+def scratch_floats(task_rows: int, sk: int, d: int, transposes: bool) -> int:
+    """The C kernel's scratch: the task's rows of scores, a 1 / sum per row, K^T's d rows if it
+    transposes the keys."""
+    return task_rows * (_lds(sk) + 1) + (d * _lds(sk) if transposes else 0)
+
+
+def prim_func(batch: list[int], chain: _Chain, threads: int, strides: list[list[int]], inputs: list, out_shape: list[int]):
     """The kernel: a parallel loop over tasks, each calling the C kernel with scratch rows of its own.
     ``batch``: [B] or [B, H]; ``strides``: Q's, K^T's, V's, the bias's, the mask's and O's element
     strides, batch axes first; ``inputs``: the five input buffers' (shape, dtype)."""
@@ -310,10 +319,12 @@ def prim_func(batch: list[int], chain: _Chain, strides: list[list[int]], inputs:
 
     sq, sk, d, dv = chain.sizes
     heads = batch[1] if len(batch) == 2 else 1
-    tasks, task_rows = task_plan(int(np.prod(batch)), sq, sk)
+    tasks, task_rows = task_plan(int(np.prod(batch)), sq, sk, threads)
     (qb, qh), (kb, kh), (vb, vh), (bb, bh), (mb, mh), (ob, oh) = \
         ((s[0], s[1] if len(batch) == 2 else 0) for s in strides)
     qi, kd, vj, bi, mi, oi = (s[-2] for s in strides)
+    kj = strides[1][-1]
+    scratch_size = scratch_floats(task_rows, sk, d, kj != 1)
     (q_shape, _), (kt_shape, _), (v_shape, _), (bias_shape, _), (mask_shape, mask_dtype) = inputs
     has_bias, fills, fill, scale = int(chain.bias is not None), chain.mask_fills, chain.fill, chain.scale
 
@@ -323,10 +334,10 @@ def prim_func(batch: list[int], chain: _Chain, strides: list[list[int]], inputs:
                         mask: T.Buffer(mask_shape, mask_dtype), o: T.Buffer(out_shape, "float32")):
         T.func_attr({"global_symbol": "fused_attention", "tirx.noalias": True})
         for t in T.parallel(tasks):
-            scratch = T.alloc_buffer((task_rows * _row_floats(sk),), "float32")
+            scratch = T.alloc_buffer((scratch_size,), "float32")
             T.evaluate(T.call_extern("int32", SYMBOL, q.data, kt.data, v.data, bias.data, mask.data, o.data,
                                      scratch.data, heads, sq, sk, d, dv, T.float32(scale), T.int64(qb),
-                                     T.int64(qh), T.int64(qi), T.int64(kb), T.int64(kh), T.int64(kd),
+                                     T.int64(qh), T.int64(qi), T.int64(kb), T.int64(kh), T.int64(kd), T.int64(kj),
                                      T.int64(vb), T.int64(vh), T.int64(vj), T.int64(bb), T.int64(bh),
                                      T.int64(bi), T.int64(ob), T.int64(oh), T.int64(oi), T.int64(mb),
                                      T.int64(mh), T.int64(mi), has_bias, fills, T.float32(fill), t, task_rows))

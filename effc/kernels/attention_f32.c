@@ -147,13 +147,60 @@ static float softmax_row(float *s, const float *bias, const uint8_t *mask, int f
     return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
-/* One task: rows [i0, i0 + task_rows) of head h of batch b; strides are in elements; ``scratch``
- * holds the task's rows of scores, each rounded up to whole vectors, and a float per row:
- * task_rows * (16 ceil(sk / 16) + 1) floats. ``mask_fills``: -1 no mask, 1 fill where it is true,
- * 0 where it is false. */
+/* out[c] = column c of the 16 x 16 block in r[0..15]: 32-bit, then 64-bit interleaves, then two
+ * rounds of 128-bit lane shuffles */
+static inline __attribute__((always_inline)) void transpose16(const __m512 r[16], __m512 out[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; g++) { /* u[4g + m]: rows 4g..4g+3 of column 4L + m in lane L */
+        __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+        __m512d c = _mm512_castps_pd(t[4 * g + 1]), d = _mm512_castps_pd(t[4 * g + 3]);
+        u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    for (int m = 0; m < 4; m++) {
+        __m512 v0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44), v1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xEE);
+        __m512 w0 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44);
+        __m512 w1 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xEE);
+        out[m] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+        out[4 + m] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+        out[8 + m] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+        out[12 + m] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+    }
+}
+
+/* K^T's rows for the products: K [j, d] (strides kj, kd: the linear's output read through the head
+ * split) copied transposed into kt_rows [d, lds], in 16 x 16 register blocks where d is contiguous */
+static void transpose_keys(const float *k, int64_t kd, int64_t kj, int64_t sk, int64_t d, float *kt_rows,
+                           int64_t lds) {
+    const int64_t d_blocks = kd == 1 ? d / LANES * LANES : 0, j_blocks = sk / LANES * LANES;
+    for (int64_t j0 = 0; j0 < j_blocks; j0 += LANES)
+        for (int64_t d0 = 0; d0 < d_blocks; d0 += LANES) {
+            __m512 r[LANES], out[LANES];
+            for (int i = 0; i < LANES; i++) r[i] = _mm512_loadu_ps(k + (j0 + i) * kj + d0);
+            transpose16(r, out);
+            for (int c = 0; c < LANES; c++) _mm512_storeu_ps(kt_rows + (d0 + c) * lds + j0, out[c]);
+        }
+    for (int64_t dd = 0; dd < d; dd++) { /* what the blocks left: ragged keys, ragged or strided d */
+        float *row = kt_rows + dd * lds;
+        for (int64_t j = dd < d_blocks ? j_blocks : 0; j < sk; j++) row[j] = k[j * kj + dd * kd];
+    }
+}
+
+/* One task: rows [i0, i0 + task_rows) of head h of batch b; strides are in elements. K^T is read
+ * in place where its rows are contiguous (kj == 1), else transposed per task. ``scratch`` holds
+ * the task's rows of scores, each rounded up to whole vectors, a float per row and, where K^T is
+ * transposed, its d rows: (task_rows + (kj != 1) d) * 16 ceil(sk / 16) + task_rows floats.
+ * ``mask_fills``: -1 no mask, 1 fill where it is true, 0 where it is false. */
 int32_t effc_attention_f32(const float *q, const float *kt, const float *v, const float *bias,
-                           const uint8_t *mask, float *o, float *scratch, int32_t heads, int32_t sq, int32_t sk, int32_t d, int32_t dv,
-                           float scale, int64_t qb, int64_t qh, int64_t qi, int64_t kb, int64_t kh, int64_t kd,
+                           const uint8_t *mask, float *o, float *scratch, int32_t heads, int32_t sq,
+                           int32_t sk, int32_t d, int32_t dv, float scale, int64_t qb, int64_t qh,
+                           int64_t qi, int64_t kb, int64_t kh, int64_t kd, int64_t kj,
                            int64_t vb, int64_t vh, int64_t vj, int64_t bb, int64_t bh, int64_t bi, int64_t ob,
                            int64_t oh, int64_t oi, int64_t mb, int64_t mh, int64_t mi, int32_t has_bias,
                            int32_t mask_fills, float fill, int32_t task, int32_t task_rows) {
@@ -169,6 +216,12 @@ int32_t effc_attention_f32(const float *q, const float *kt, const float *v, cons
     o += b * ob + h * oh;
     if (has_bias) bias += b * bb + h * bh;
     if (mask_fills >= 0) mask += b * mb + h * mh;
+    float *inv_sum = scores + (int64_t)task_rows * lds; /* one per row, after the scores */
+    if (kj != 1) {
+        float *kt_rows = inv_sum + task_rows;
+        transpose_keys(kt, kd, kj, sk, d, kt_rows, lds);
+        kt = kt_rows, kd = lds;
+    }
     float scales[MR], ones[MR];
     for (int r = 0; r < MR; r++) scales[r] = scale, ones[r] = 1.0f;
     /* Q K^T a panel of 64 keys at a time for all the task's rows: the panel of K^T (D x 64) stays
@@ -180,7 +233,6 @@ int32_t effc_attention_f32(const float *q, const float *kt, const float *v, cons
             product(q + i0 * qi, qi, rows, kt + j, kd, d, n, scores + (i0 - i_start) * lds + j, lds, scales, 0);
         }
     }
-    float *inv_sum = scores + (int64_t)task_rows * lds; /* one per row, after the scores */
     for (int32_t i = i_start; i < i_end; i++)
         inv_sum[i - i_start] = softmax_row(scores + (i - i_start) * lds, has_bias ? bias + i * bi : 0,
                                                mask_fills >= 0 ? mask + i * mi : 0, mask_fills, fill, sk);

@@ -87,17 +87,18 @@ def vit_style(seq=37, heads=3, d=16, batch=2):
                    [("y", TensorProto.FLOAT, [batch, seq, width])])
 
 
-def rank3_cross(bh=6, sq=5, sk=23, d=17, dv=9, read_twice=False):
+def rank3_cross(bh=6, sq=5, sk=23, d=17, dv=9, read_twice=False, kt_input=False):
     """Rank-3 [B*H, S, D] cross attention: softmax(q @ transpose(k) / sqrt(d)) @ v, no bias;
-    ``read_twice``: the probabilities are also an output (the chain cannot fuse)."""
+    ``read_twice``: the probabilities are also an output (the chain cannot fuse); ``kt_input``: K^T
+    is an input [B*H, D, S_k] (its rows read in place, no transpose in the kernel)."""
     g = Graph()
-    kt = g.node("Transpose", ["k"], "kt", perm=[0, 2, 1])
+    kt = "kt" if kt_input else g.node("Transpose", ["k"], "kt", perm=[0, 2, 1])
     scores = g.node("Div", [g.node("MatMul", ["q", kt], "qk"), g.const("root_d", np.sqrt(d))], "scaled")
     p = g.node("Softmax", [scores], "p", axis=-1)
     g.node("MatMul", [p, "v"], "y")
     outputs = [("y", TensorProto.FLOAT, [bh, sq, dv])] + [("p", TensorProto.FLOAT, [bh, sq, sk])] * read_twice
-    return g.model([("q", TensorProto.FLOAT, [bh, sq, d]), ("k", TensorProto.FLOAT, [bh, sk, d]),
-                    ("v", TensorProto.FLOAT, [bh, sk, dv])], outputs)
+    keys = ("kt", TensorProto.FLOAT, [bh, d, sk]) if kt_input else ("k", TensorProto.FLOAT, [bh, sk, d])
+    return g.model([("q", TensorProto.FLOAT, [bh, sq, d]), keys, ("v", TensorProto.FLOAT, [bh, sk, dv])], outputs)
 
 
 def causal_masked_fill(seq=70, heads=2, d=24, batch=2):
@@ -136,8 +137,10 @@ def _compile_and_compare(model, tmp_path, target="llvm"):
 
 
 @requires_avx512
-@pytest.mark.parametrize("build", [vit_style, rank3_cross, causal_masked_fill],
-                         ids=["vit-style-additive-mask", "rank3-cross-div", "causal-masked-fill"])
+@pytest.mark.parametrize("build", [vit_style, rank3_cross, lambda: rank3_cross(sk=77, kt_input=True),
+                                   causal_masked_fill],
+                         ids=["vit-style-additive-mask", "rank3-cross-div", "rank3-kt-rows-in-place",
+                              "causal-masked-fill"])
 def test_attention_fuses_and_matches_ort(build, tmp_path):
     result = _compile_and_compare(build(), tmp_path)
     assert result.rule_hits.get("attention-f32") == 1, result.kernels
@@ -146,11 +149,11 @@ def test_attention_fuses_and_matches_ort(build, tmp_path):
 
 @requires_avx512
 def test_vit_style_reads_head_split_in_place(tmp_path):
-    """Only the keys' permute remains a layout kernel: q's and v's head split and the head merge
-    are the fused kernel's strided reads and writes."""
+    """No layout kernel remains: q's, k's and v's head splits and the head merge are the fused
+    kernel's strided reads and writes (the keys transposed per task)."""
     result = _compile_and_compare(vit_style(), tmp_path)
     layout = [name for name in result.kernels if "transpose" in name]
-    assert len(layout) == 1, result.kernels
+    assert not layout, result.kernels
 
 
 @requires_avx512
@@ -176,10 +179,11 @@ def test_a_cpu_without_avx512_gets_the_unfused_chain(tmp_path):
 
 
 def test_task_plan_balances_and_bounds_scratch():
-    from effc.codegen.fused_attention import MR, SCRATCH_BYTES, _row_floats, task_plan
+    from effc.codegen.fused_attention import MR, SCRATCH_BYTES, _lds, task_plan
 
-    tasks, rows = task_plan(6, 197, 197)  # vit-s16: 6 heads
-    assert tasks >= 16 and rows % MR == 0 and rows * (tasks // 6) >= 197
-    tasks, rows = task_plan(1, 8192, 8192)  # one long head: scratch stays bounded
-    assert rows * _row_floats(8192) * 4 <= SCRATCH_BYTES and tasks * rows >= 8192
+    assert task_plan(6, 197, 197, threads=2) == (6, 198)  # vit-s16, 2 threads: whole heads
+    tasks, rows = task_plan(6, 197, 197, threads=16)  # more threads than heads: row chunks
+    assert tasks >= 32 and rows % MR == 0 and rows * (tasks // 6) >= 197
+    tasks, rows = task_plan(1, 8192, 8192)  # one long head: the scores stay bounded
+    assert rows * _lds(8192) * 4 <= SCRATCH_BYTES and tasks * rows >= 8192
     assert task_plan(64, 1, 77) == (64, MR)  # a decode step: one row a task

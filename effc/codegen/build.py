@@ -164,7 +164,7 @@ def prepare(imported, bt: BuildTarget, precision: str = "fp32"):
 
         mod = sink_reshape_pass()(conv_gemm_pass(precision)(patchify_conv()(mod)))
         mod = split_views_pass()(mod)  # a split's pieces read in place by their (layout) kernels
-        if precision == "fp32" and fused_attention.has_avx512(bt.tvm()):
+        if precision == "fp32" and fused_attention.available(bt.tvm()):
             # bf16 keeps attention's products on the AMX / vdpbf16ps tiles: 2x faster there than
             # this fp32 kernel (vit-s16: 3.5 ms unfused bf16 against 5.2 ms fused fp32)
             mod = relax.transform.DeadCodeElimination()(fused_attention.fused_attention_pass(bt.threads)(mod))

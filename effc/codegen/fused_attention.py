@@ -41,6 +41,21 @@ def has_avx512(target) -> bool:
     return target.kind.name == "llvm" and bool(target_has_features("avx512f", target))
 
 
+def available(target) -> bool:
+    """The kernel applies to ``target``: AVX-512, and the C kernel builds here (without a C
+    compiler the unfused chain, which needs none, is kept rather than failing an fp32 build)."""
+    from effc.errors import EffcError
+    from effc.kernels import native
+
+    if not has_avx512(target):
+        return False
+    try:
+        native.load("attention_f32")  # the symbol, for modules built and run in this process
+    except (EffcError, OSError):
+        return False
+    return True
+
+
 def _static(shape) -> list[int] | None:
     from tvm import tirx
 
@@ -95,8 +110,6 @@ def fused_attention_pass(threads: int = 1):
     """The rewrite, for a module to run on ``threads`` threads (the task split balances over them)."""
     from tvm import relax
     from tvm.relax import PyExprMutator, expr_functor
-
-    from effc.kernels import native
 
     @expr_functor.mutator
     class FuseAttention(PyExprMutator):
@@ -220,7 +233,6 @@ def fused_attention_pass(threads: int = 1):
                 (chain.bias, _broadcast_strides(chain.bias, rank))
             mask, mask_strides = (q, [0] * rank) if chain.mask is None else \
                 (chain.mask, _broadcast_strides(chain.mask, rank))
-            native.load("attention_f32")  # the symbol, for modules built and run in this process
             inputs = [q, kt, v, bias, mask]
             func = prim_func(batch, chain, threads, [q_strides, kt_strides, v_strides, bias_strides, mask_strides, o_strides],
                              [(_static(e.ty.shape), _dtype(e)) for e in inputs], out_shape)

@@ -187,3 +187,17 @@ def test_task_plan_balances_and_bounds_scratch():
     tasks, rows = task_plan(1, 8192, 8192)  # one long head: the scores stay bounded
     assert rows * _lds(8192) * 4 <= SCRATCH_BYTES and tasks * rows >= 8192
     assert task_plan(64, 1, 77) == (64, MR)  # a decode step: one row a task
+
+
+@requires_avx512
+def test_without_a_c_compiler_the_chain_stays_unfused(tmp_path, monkeypatch):
+    """The unfused chain needs no C compiler, so an fp32 build keeps it rather than failing."""
+    from effc.errors import EffcError
+    from effc.kernels import native
+
+    def no_compiler(name):
+        raise EffcError("effc's C kernels need a C compiler")
+
+    monkeypatch.setattr(native, "load", no_compiler)
+    result = _compile_and_compare(rank3_cross(), tmp_path)
+    assert "attention-f32" not in result.rule_hits, result.kernels

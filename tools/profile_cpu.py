@@ -24,6 +24,8 @@ import numpy as np
 def family(name: str) -> str:
     if name.startswith("vm."):
         return "vm builtins"
+    if name.startswith("fused_attention"):  # effc.codegen.fused_attention: both products and the softmax
+        return "attention (fused)"
     if "softmax" in name:
         return "softmax"
     if "matmul" in name and "subtract" in name and "prepacked" not in name:

@@ -5,16 +5,17 @@ and written by the softmax and read again by P.V, and the head split of Q and V 
 linears' [B, S, H, D] output) and the head merge after P.V are layout kernels of their own. Here
 the chain from the first matmul to the second becomes one call of effc/kernels/attention_f32.c,
 which keeps a block of query rows' scores in cache and reads Q, K, V (and writes O) in place
-through strides: a permute or a reshape in front of an operand is read as a view, not
-materialized. K^T's rows are read in place where they are contiguous; where K's rows are (the head
-split of the key linear's output), each task transposes its head's keys into its scratch.
+through strides: permutes, unit-step slices (a fused qkv linear's Split pieces) and reshapes in
+front of an operand are read as a view, not materialized. K^T's rows are read in place where they
+are contiguous; where K's rows are (the head split of the key linear's output), each task
+transposes its head's keys into its scratch.
 
 Matched, on static float32 shapes of rank 3 or 4 (one batch axis, or batch and heads):
 ``matmul(softmax(where(mask, ., fill)?(matmul(Q, KT) [* or / scalar const] [+ bias]), axis=-1), V)``
 with every intermediate used once: a float bias added (an additive mask), a bool mask with a
 constant fill (masked_fill, either branch) or both; each may broadcast on any axis but the keys'.
-A constant bias that is all zeros (an all-true mask) is dropped. A permute_dims(., [0, 2, 1, 3]) of the output (the head
-merge) is written in place as well. Anything else stays the unfused chain.
+A constant bias that is all zeros (an all-true mask) is dropped. A permute_dims(., [0, 2, 1, 3])
+of the output (the head merge) is written in place as well. Anything else stays the unfused chain.
 """
 
 from __future__ import annotations
@@ -218,49 +219,47 @@ def fused_attention_pass(threads: int = 1):
 
         # --- the call -------------------------------------------------------------------------
         def _fused(self, chain, call, merged: bool):
-            (q, q_strides), (kt, kt_strides), (v, v_strides) = (self._view(e) for e in (chain.q, chain.kt, chain.v))
-            if q_strides[-1] != 1 or v_strides[-1] != 1:
+            q, kt, v = (self._view(e) for e in (chain.q, chain.kt, chain.v))
+            if q.strides[-1] != 1 or v.strides[-1] != 1:
                 return call
-            if 1 not in kt_strides[-2:]:  # neither K^T's nor K's rows in place: K^T as the graph has it
-                kt, kt_strides = chain.kt, _contiguous(_static(chain.kt.ty.shape))
+            if 1 not in kt.strides[-2:]:  # neither K^T's nor K's rows in place: K^T as the graph has it
+                kt = View(chain.kt, _contiguous(_static(chain.kt.ty.shape)))
             out_shape = _static(call.ty.shape)
             contiguous = _contiguous(out_shape)
             o_strides = [contiguous[i] for i in (0, 2, 1, 3)] if merged else contiguous
             batch = out_shape[:len(out_shape) - 2] if not merged else [out_shape[0], out_shape[2]]
             # an absent bias or mask: Q stands in (never read)
             rank = len(out_shape)
-            bias, bias_strides = (q, [0] * rank) if chain.bias is None else \
-                (chain.bias, _broadcast_strides(chain.bias, rank))
-            mask, mask_strides = (q, [0] * rank) if chain.mask is None else \
-                (chain.mask, _broadcast_strides(chain.mask, rank))
-            inputs = [q, kt, v, bias, mask]
-            func = prim_func(batch, chain, threads, [q_strides, kt_strides, v_strides, bias_strides, mask_strides, o_strides],
-                             [(_static(e.ty.shape), _dtype(e)) for e in inputs], out_shape)
+            bias = View(q.base, [0] * rank) if chain.bias is None else \
+                View(chain.bias, _broadcast_strides(chain.bias, rank))
+            mask = View(q.base, [0] * rank) if chain.mask is None else \
+                View(chain.mask, _broadcast_strides(chain.mask, rank))
+            views = [q, kt, v, bias, mask]
+            func = prim_func(batch, chain, threads, views, o_strides, out_shape)
             gv = self.builder_.add_func(func, "fused_attention")
-            return relax.call_tir(gv, inputs, relax.TensorType(out_shape, "float32"))
+            return relax.call_tir(gv, [view.base for view in views], relax.TensorType(out_shape, "float32"))
 
         def _view(self, expr):
-            """(base tensor, element strides of ``expr``'s axes in it): the permutes and a reshape in
-            front of ``expr`` read in place (a reshape moves no data: its output's strides, base's data)."""
-            steps, base = [], expr
-            while isinstance(base, relax.Var):
-                bound = self.lookup_binding(base)
-                if _op(bound) not in ("relax.permute_dims", "relax.reshape") or _static(bound.args[0].ty.shape) is None:
-                    break
-                steps.append(bound)
-                base = bound.args[0]
-                if _op(bound) == "relax.reshape":
-                    break
-            if not steps:
-                return expr, _contiguous(_static(expr.ty.shape))
-            inner = steps.pop()
-            if _op(inner) == "relax.reshape":
-                strides = _contiguous(_static(inner.ty.shape))
-            else:
-                strides = _permuted(_contiguous(_static(base.ty.shape)), inner)
-            for step in reversed(steps):
-                strides = _permuted(strides, step)
-            return base, strides
+            """View(base tensor, element strides of ``expr``'s axes in it, element offset): the
+            permutes, unit-step slices (a Split's pieces) and reshapes in front of ``expr`` read in
+            place; where a reshape would need a copy of a strided view, ``expr`` itself."""
+            shape = _static(expr.ty.shape)
+            itself = View(expr, _contiguous(shape), 0)
+            bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+            op = _op(bound)
+            if op not in ("relax.permute_dims", "relax.reshape", "relax.strided_slice") or \
+                    _static(bound.args[0].ty.shape) is None:
+                return itself
+            inner = self._view(bound.args[0])
+            if op == "relax.permute_dims":
+                return View(inner.base, _permuted(inner.strides, bound), inner.offset)
+            if op == "relax.strided_slice":
+                starts = _slice_starts(bound, len(inner.strides))
+                if starts is None:
+                    return itself
+                return View(inner.base, inner.strides, inner.offset + sum(b * s for b, s in zip(starts, inner.strides)))
+            strides = _reshaped(_static(bound.args[0].ty.shape), inner.strides, shape)
+            return itself if strides is None else View(inner.base, strides, inner.offset)
 
     return mutator_pass(FuseAttention, "EffcFuseAttention")
 
@@ -270,6 +269,49 @@ def _merges_heads(expr) -> bool:
     if _op(expr) != "relax.permute_dims" or expr.attrs.axes is None:
         return False
     return [int(a) for a in expr.attrs.axes] == [0, 2, 1, 3]
+
+
+@dataclass
+class View:
+    """An operand read in place: ``base``'s data from element ``offset`` on, with these strides."""
+
+    base: object
+    strides: list[int]
+    offset: int = 0
+
+
+def _slice_starts(call, rank: int) -> list[int] | None:
+    """Per axis, where a strided_slice with unit steps and static bounds starts; None otherwise."""
+    from tvm import relax
+
+    def ints(arg):
+        values = arg.fields if isinstance(arg, relax.Tuple) else getattr(arg, "values", None)
+        try:
+            return [int(getattr(v, "value", v)) for v in values]
+        except (TypeError, ValueError):
+            return None
+
+    axes, begins = ints(call.args[1]), ints(call.args[2])
+    steps = ints(call.args[4]) if len(call.args) > 4 else None
+    if axes is None or begins is None or (steps is not None and any(st != 1 for st in steps)):
+        return None
+    shape = _static(call.args[0].ty.shape)
+    starts = [0] * rank
+    for axis, begin in zip(axes, begins):
+        axis %= rank
+        starts[axis] = begin + shape[axis] if begin < 0 else begin
+    return starts
+
+
+def _reshaped(in_shape: list[int], in_strides: list[int], out_shape: list[int]) -> list[int] | None:
+    """Strides of reshape(x, out_shape) for x viewed with ``in_strides``: any shape where x is
+    contiguous; for a strided view, only splitting its last axis (the head split [.., H*D] ->
+    [.., H, D]); None where the reshape would need a copy."""
+    if in_strides == _contiguous(in_shape):
+        return _contiguous(out_shape)
+    if out_shape[:-2] == in_shape[:-1] and out_shape[-2] * out_shape[-1] == in_shape[-1]:
+        return in_strides[:-1] + [out_shape[-1] * in_strides[-1], in_strides[-1]]
+    return None
 
 
 def _broadcasts(expr, scores: list[int]) -> bool:
@@ -321,10 +363,11 @@ def scratch_floats(task_rows: int, sk: int, d: int, transposes: bool) -> int:
     return task_rows * (_lds(sk) + 1) + (d * _lds(sk) if transposes else 0)
 
 
-def prim_func(batch: list[int], chain: _Chain, threads: int, strides: list[list[int]], inputs: list, out_shape: list[int]):
+def prim_func(batch: list[int], chain: _Chain, threads: int, views: list[View], o_strides: list[int],
+              out_shape: list[int]):
     """The kernel: a parallel loop over tasks, each calling the C kernel with scratch rows of its own.
-    ``batch``: [B] or [B, H]; ``strides``: Q's, K^T's, V's, the bias's, the mask's and O's element
-    strides, batch axes first; ``inputs``: the five input buffers' (shape, dtype)."""
+    ``batch``: [B] or [B, H]; ``views``: Q, K^T, V, the bias and the mask as read in place (element
+    strides, batch axes first, and offsets into their base tensors); ``o_strides``: O's."""
     from tvm.script import tirx as T
 
     from effc.codegen.custom_ops import _rooted
@@ -332,12 +375,17 @@ def prim_func(batch: list[int], chain: _Chain, threads: int, strides: list[list[
     sq, sk, d, dv = chain.sizes
     heads = batch[1] if len(batch) == 2 else 1
     tasks, task_rows = task_plan(int(np.prod(batch)), sq, sk, threads)
+    strides = [view.strides for view in views] + [o_strides]
     (qb, qh), (kb, kh), (vb, vh), (bb, bh), (mb, mh), (ob, oh) = \
         ((s[0], s[1] if len(batch) == 2 else 0) for s in strides)
     qi, kd, vj, bi, mi, oi = (s[-2] for s in strides)
     kj = strides[1][-1]
     scratch_size = scratch_floats(task_rows, sk, d, kj != 1)
-    (q_shape, _), (kt_shape, _), (v_shape, _), (bias_shape, _), (mask_shape, mask_dtype) = inputs
+    shapes = [_static(view.base.ty.shape) for view in views]
+    q_at, kt_at, v_at, bias_at, mask_at = (tuple(int(i) for i in np.unravel_index(view.offset, shape))
+                                           for view, shape in zip(views, shapes))
+    q_shape, kt_shape, v_shape, bias_shape, mask_shape = shapes
+    mask_dtype = _dtype(views[4].base)
     has_bias, fills, fill, scale = int(chain.bias is not None), chain.mask_fills, chain.fill, chain.scale
 
     @T.prim_func(s_tir=True)
@@ -347,12 +395,14 @@ def prim_func(batch: list[int], chain: _Chain, threads: int, strides: list[list[
         T.func_attr({"global_symbol": "fused_attention", "tirx.noalias": True})
         for t in T.parallel(tasks):
             scratch = T.alloc_buffer((scratch_size,), "float32")
-            T.evaluate(T.call_extern("int32", SYMBOL, q.data, kt.data, v.data, bias.data, mask.data, o.data,
-                                     scratch.data, heads, sq, sk, d, dv, T.float32(scale), T.int64(qb),
-                                     T.int64(qh), T.int64(qi), T.int64(kb), T.int64(kh), T.int64(kd), T.int64(kj),
-                                     T.int64(vb), T.int64(vh), T.int64(vj), T.int64(bb), T.int64(bh),
-                                     T.int64(bi), T.int64(ob), T.int64(oh), T.int64(oi), T.int64(mb),
-                                     T.int64(mh), T.int64(mi), has_bias, fills, T.float32(fill), t, task_rows))
+            T.evaluate(T.call_extern("int32", SYMBOL, T.address_of(q[q_at]), T.address_of(kt[kt_at]),
+                                     T.address_of(v[v_at]), T.address_of(bias[bias_at]),
+                                     T.address_of(mask[mask_at]), o.data, scratch.data, heads, sq, sk, d, dv,
+                                     T.float32(scale), T.int64(qb), T.int64(qh), T.int64(qi), T.int64(kb),
+                                     T.int64(kh), T.int64(kd), T.int64(kj), T.int64(vb), T.int64(vh),
+                                     T.int64(vj), T.int64(bb), T.int64(bh), T.int64(bi), T.int64(ob),
+                                     T.int64(oh), T.int64(oi), T.int64(mb), T.int64(mh), T.int64(mi), has_bias,
+                                     fills, T.float32(fill), t, task_rows))
 
     return _rooted(fused_attention).without_attr("global_symbol").with_attrs(
         {"tirx.is_scheduled": 1, "op_pattern": 8, "effc.rule": RULE})

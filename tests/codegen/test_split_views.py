@@ -72,11 +72,23 @@ def test_int8_causal_attention_has_no_split_or_float_head_pass(tmp_path):
     assert heads and not [k for k in heads if "dequantize" in k], heads  # heads move bytes, no float pass
 
 
-def test_fp32_split_pieces_fuse_into_the_head_layout(tmp_path):
+@pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "haswell"])
+def test_fp32_split_pieces_are_read_in_place(tmp_path, mcpu):
+    """No kernel copies a Split's pieces: on AVX-512 the fused attention reads them as views of the
+    qkv linear's output (effc.codegen.fused_attention); elsewhere each piece's slice fuses into its
+    head layout kernel."""
+    from effc.codegen.fused_attention import has_avx512
+    from effc.codegen.target import BuildTarget, host_threads, llvm_target
+
     model = causal_qkv()
-    res = compile_model(ir.from_proto(model), "llvm", tmp_path / "out")
+    bt = BuildTarget("llvm", llvm_target(mcpu=mcpu).spec, host_threads())
+    res = compile_model(ir.from_proto(model), bt, tmp_path / "out")
     assert not [k for k in res.kernels if "split" in k], list(res.kernels)
-    assert [k for k in res.kernels if "strided_slice" in k and "transpose" in k], list(res.kernels)
+    if has_avx512(bt.tvm()):
+        assert res.rule_hits.get("attention-f32") and not [k for k in res.kernels if "strided_slice" in k], \
+            list(res.kernels)
+    else:
+        assert [k for k in res.kernels if "strided_slice" in k and "transpose" in k], list(res.kernels)
     feed = {"x": np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)}
     onnx.save(model, tmp_path / "f.onnx")
     got = load_compiled(tmp_path / "out")(feed)

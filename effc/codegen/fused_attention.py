@@ -37,9 +37,9 @@ SCRATCH_BYTES = 1 << 20  # a task's scores: within L2 for the softmax and P.V th
 
 
 def has_avx512(target) -> bool:
-    from tvm.target.codegen import target_has_features
+    from effc.codegen.target import cpu_has
 
-    return target.kind.name == "llvm" and bool(target_has_features("avx512f", target))
+    return cpu_has(target, "avx512f")
 
 
 def available(target) -> bool:

@@ -132,9 +132,9 @@ def _drop_unused(proto, names: set[str]) -> None:
 
 
 def _has_avx512(target) -> bool:
-    from tvm.target.codegen import target_has_features
+    from effc.codegen.target import cpu_has
 
-    return target.kind.name == "llvm" and bool(target_has_features("avx512f", target))
+    return cpu_has(target, "avx512f")
 
 
 def _dq_values(graph: _Graph, node):

@@ -227,9 +227,9 @@ def _activation_product(bb, a, b, plan: Plan):
 
 
 def _has_vnni(target) -> bool:
-    from tvm.target.codegen import target_has_features
+    from effc.codegen.target import cpu_has
 
-    return target.kind.name == "llvm" and bool(target_has_features("avx512vnni", target))
+    return cpu_has(target, "avx512vnni")
 
 
 def _producer_op(proto, name: str) -> str | None:

@@ -100,6 +100,19 @@ def vector_registers(target=None) -> int:
     return 32 if _vector_bytes(_llvm(target)) >= 64 else 16
 
 
+def cpu_has(target, *features: str) -> bool:
+    """Whether ``target`` (a tvm Target) is an llvm CPU with every one of LLVM's ``features``
+    (e.g. "avx512f", "avx512vnni", "amx-int8"): the one feature query of the CPU rules and lowerings."""
+    from tvm.target.codegen import target_has_features
+
+    if target.kind.name != "llvm":
+        return False
+    try:
+        return all(bool(target_has_features(feature, target)) for feature in features)
+    except Exception:  # noqa: BLE001 (no LLVM feature query for this target)
+        return False
+
+
 def _llvm(target):
     import tvm
 

@@ -54,18 +54,17 @@ AMX_MIN_ROWS = 8
 
 
 def has_vnni(target) -> bool:
-    from tvm.target.codegen import target_has_features
+    from effc.codegen.target import cpu_has
 
-    return target.kind.name == "llvm" and bool(target_has_features("avx512vnni", target))
+    return cpu_has(target, "avx512vnni")
 
 
 def has_amx_int8(target) -> bool:
     """Whether the rule builds AMX tiles for ``target``: it has AMX-INT8, and EFFC_AMX is not 0 (which
     also keeps the built tiles off AMX at run time: the VNNI register tiles are then the better ones)."""
-    from tvm.target.codegen import target_has_features
+    from effc.codegen.target import cpu_has
 
-    return (os.environ.get("EFFC_AMX") != "0" and target.kind.name == "llvm"
-            and bool(target_has_features("amx-int8", target)) and bool(target_has_features("amx-tile", target)))
+    return os.environ.get("EFFC_AMX") != "0" and cpu_has(target, "amx-int8", "amx-tile")
 
 
 class Int8Matmul(RegisterTileRule):

@@ -50,7 +50,9 @@ AMX_WIDE_OUTPUT_BYTES = 4 << 20
 
 def has_avx512_bf16(target) -> bool:
     """Whether ``target`` (a tvm llvm Target) may run vdpbf16ps."""
-    return _has(target, "avx512bf16")
+    from effc.codegen.target import cpu_has
+
+    return cpu_has(target, "avx512bf16")
 
 
 def has_amx_bf16(target) -> bool:
@@ -59,16 +61,9 @@ def has_amx_bf16(target) -> bool:
     falls back to vdpbf16ps)."""
     import os
 
-    return os.environ.get("EFFC_AMX") != "0" and _has(target, "amx-bf16")
+    from effc.codegen.target import cpu_has
 
-
-def _has(target, feature: str) -> bool:
-    import tvm
-
-    try:
-        return bool(tvm.target.codegen.target_has_features(feature, target))
-    except Exception:  # noqa: BLE001 (no LLVM feature query for this target)
-        return False
+    return os.environ.get("EFFC_AMX") != "0" and cpu_has(target, "amx-bf16")
 
 
 class MatmulBf16(RegisterTileRule):

@@ -18,15 +18,13 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "lanes.h"
+
 #define MR 6
 #define NV 4
 #define LANES 16
 #define TILE_COLS (NV * LANES)
 #define KC 64 /* keys per P V chunk: 64 rows of V (D_v 64) are 16 KiB */
-
-static inline __attribute__((always_inline)) __mmask16 lane_mask(int64_t left) {
-    return left >= LANES ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
-}
 
 /* c[r][0:n] = ((accumulate ? c[r][0:n] : 0) + sum_k a[r][k] b[k][0:n]) * row_scale[r] for
  * r < rows <= MR and 16 (nv - 1) < n <= 16 nv: nv is a constant in each call site's copy, so the
@@ -37,7 +35,7 @@ static inline __attribute__((always_inline)) void tile_nv(const int nv, const fl
                                                           int accumulate) {
     const float *ar[MR];
     __m512 acc[MR][NV];
-    const __mmask16 last = lane_mask(n - (nv - 1) * LANES);
+    const __mmask16 last = effc_lane_mask(n - (nv - 1) * LANES);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++) ar[r] = a + (r < rows ? r : rows - 1) * lda;
 #pragma GCC unroll 8
@@ -129,7 +127,7 @@ static float softmax_row(float *s, const float *bias, const uint8_t *mask, int f
     __m512 vmax = _mm512_set1_ps(-__builtin_inff());
     const __m512 vfill = _mm512_set1_ps(fill);
     for (int64_t j = 0; j < n; j += LANES) {
-        __mmask16 m = lane_mask(n - j);
+        __mmask16 m = effc_lane_mask(n - j);
         __m512 x = _mm512_maskz_loadu_ps(m, s + j);
         if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + j));
         if (mask) x = _mm512_mask_mov_ps(x, filled(mask + j, m, fills), vfill);
@@ -139,7 +137,7 @@ static float softmax_row(float *s, const float *bias, const uint8_t *mask, int f
     const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += LANES) {
-        __mmask16 m = lane_mask(n - j);
+        __mmask16 m = effc_lane_mask(n - j);
         __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), top)));
         _mm512_mask_storeu_ps(s + j, m, e);
         sum = _mm512_add_ps(sum, e);

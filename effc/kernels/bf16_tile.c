@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "amx.h"
+#include "lanes.h"
 
 #define MAX_ROWS 16
 #define MAX_VECS 4
@@ -35,8 +36,7 @@ static void to_bf16(uint16_t *dst, const float *src, int64_t n) {
   }
   if (i < n) {
     int64_t rest = n - i;
-    __mmask16 lo = rest >= 16 ? 0xFFFF : (__mmask16)((1u << rest) - 1);
-    __mmask16 hi = rest > 16 ? (__mmask16)((1u << (rest - 16)) - 1) : 0;
+    __mmask16 lo = effc_lane_mask(rest), hi = effc_lane_mask(rest - 16);
     __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + i + 16), _mm512_maskz_loadu_ps(lo, src + i));
     _mm512_mask_storeu_epi16(dst + i, rest >= 32 ? 0xFFFFFFFFu : (__mmask32)((1ull << rest) - 1), (__m512i)v);
   }
@@ -80,7 +80,7 @@ static const uint16_t *panel_of_rows(const char *b, int es, int64_t ldb, int64_t
   for (int64_t kp = 0; kp < k2; ++kp)
     for (int c0 = 0; c0 < nr; c0 += 16) {
       int left = cols - c0;
-      __mmask16 mask = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+      __mmask16 mask = effc_lane_mask(left);
       __m512i lo = _mm512_cvtepu16_epi32(row_of(b, es, ldb, 2 * kp, k, c0, mask));
       __m512i hi = _mm512_cvtepu16_epi32(row_of(b, es, ldb, 2 * kp + 1, k, c0, mask));
       _mm512_storeu_si512(panel_bf16 + (kp * nr + c0) * 2, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
@@ -99,7 +99,7 @@ static const uint16_t *panel_of_columns(const char *b, int es, int64_t ld, int64
   int64_t whole = es == 2 ? k / 2 : 0; /* pairs read as words; an odd k's last pair, fp32 b: element-wise */
   for (int c0 = 0; c0 < nr; c0 += 16) {
     int left = cols - c0;
-    __mmask16 mask = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    __mmask16 mask = effc_lane_mask(left);
     __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                         _mm512_set1_epi32((int)ld));
     const char *base = b + (int64_t)c0 * ld * es;
@@ -143,12 +143,6 @@ static const uint16_t *panel_of_columns(const char *b, int es, int64_t ld, int64
     }                                                                                          \
   } while (0)
 
-/* The lanes of a 16-column vector inside c when `left` columns of its row remain: c's rows may be
-   just n wide (TVM sizes the tile's buffer to the matrix), so nothing is stored past them. */
-static inline __mmask16 column_mask(int left) {
-  return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
-}
-
 /* c[mr, 16 nv] = a[mr, kk] x the first nv vectors of a panel ldb columns wide (ldb >= 16 nv). */
 static inline __attribute__((always_inline)) void tile(float *c, int64_t ldc, const void *a, int64_t lda, int a_f32,
                                                        const void *b, int64_t ldb, int64_t kk, const int mr,
@@ -173,7 +167,7 @@ static inline __attribute__((always_inline)) void tile(float *c, int64_t ldc, co
     if (kc & 1) STEP(1);
   }
   for (int r = 0; r < mr; ++r)
-    for (int v = 0; v < nv; ++v) _mm512_mask_storeu_ps(c + r * ldc + v * 16, column_mask(cols - v * 16), acc[r][v]);
+    for (int v = 0; v < nv; ++v) _mm512_mask_storeu_ps(c + r * ldc + v * 16, effc_lane_mask(cols - v * 16), acc[r][v]);
 }
 
 

@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "amx.h"
+#include "lanes.h"
 
 #define AMX_K 64 /* bytes of k per tile row */
 /* a's rows are prefetched this many bytes (two k steps) ahead: the tile reads 32 row streams, which
@@ -117,10 +118,6 @@ static inline __attribute__((always_inline)) void amx_tile(const int sa, int32_t
 #define MAX_ROWS 6
 #define MAX_VECS 4
 
-static inline __mmask16 column_mask(int left) {
-  return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
-}
-
 /* acc += quad Q of R rows of a (its first BYTES bytes, the rest 0) x quad Q of V vectors of b */
 #define VNNI_STEP(Q, BYTES)                                                                     \
   do {                                                                                          \
@@ -146,7 +143,7 @@ static inline __attribute__((always_inline)) void vnni_block(const int sa, int32
   for (int64_t q = 0; q < k / 4; ++q) VNNI_STEP(q, 4);
   if (k % 4) VNNI_STEP(k / 4, k % 4); /* a's last quad holds fewer than 4 of its bytes: no read past them */
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm512_mask_storeu_epi32(c + r * ldc + v * 16, column_mask(cols - v * 16), acc[r][v]);
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_epi32(c + r * ldc + v * 16, effc_lane_mask(cols - v * 16), acc[r][v]);
 }
 
 #define CASE(R, V) case (R) * 8 + (V): vnni_block(sa, c, ldc, a, lda, b, ldb, k, R, V, cols); return;

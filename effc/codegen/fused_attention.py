@@ -123,6 +123,7 @@ def fused_attention_pass(threads: int = 1):
                     merges += [b.value.args[0] for b in block.bindings if _merges_heads(b.value)]
             # a product whose only user is a head merge is fused there, writing the merged layout
             self.merged_later = [v for v in merges if self.users.get(v) == 1]
+            self.left = False  # the binding being visited is such a product
             return super().visit_function_(func)
 
         def visit_var_binding_(self, binding):
@@ -132,7 +133,7 @@ def fused_attention_pass(threads: int = 1):
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if getattr(self, "left", False):
+            if self.left:
                 return call
             merged = _merges_heads(call) and self._once(call.args[0])
             chain = self._chain(self.lookup_binding(call.args[0]) if merged else call)
@@ -185,8 +186,8 @@ def fused_attention_pass(threads: int = 1):
                 if _dtype(bias) != "float32" or not _broadcasts(bias, scores):
                     return None
                 value = self._constant(bias)
-                if value is not None:  # a constant bias: zeros dropped, else folded here
-                    bias = relax.const(value.astype(np.float32)) if value.any() else None
+                if value is not None and not value.any():  # a constant zero bias (an all-true mask)
+                    bias = None
             return _Chain(q, kt, v, scale, (qs[-2], ks[-1], qs[-1], vs[-1]), bias, **masked)
 
         def _scores(self, x, bias=None):
@@ -208,7 +209,9 @@ def fused_attention_pass(threads: int = 1):
             return None if first is None else (tuple(first.args), scale, bias)
 
         def _constant(self, expr):
-            """The value of a constant bias: a Constant, or where() of constants (a mask's form)."""
+            """The value of a constant bias, a Constant or where() of constants (a mask's form), to
+            tell a zero one; a non-zero one stays the graph's expression, one tensor every layer's
+            kernel reads (shared by all of them where the graph shares it)."""
             if _is_constant(expr):
                 return expr.value.numpy()
             bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None

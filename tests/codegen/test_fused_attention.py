@@ -101,14 +101,18 @@ def rank3_cross(bh=6, sq=5, sk=23, d=17, dv=9, read_twice=False, kt_input=False)
     return g.model([("q", TensorProto.FLOAT, [bh, sq, d]), keys, ("v", TensorProto.FLOAT, [bh, sk, dv])], outputs)
 
 
-def causal_masked_fill(seq=70, heads=2, d=24, batch=2):
+def causal_masked_fill(seq=70, heads=2, d=24, batch=2, additive=False):
     """torch's eager masked_fill form: Where(causal[1, 1, S, S], q @ k^T * 0.2, -inf), softmax, @ v;
-    70 keys: two 64-key panels, the second ragged; q, k, v as [B, H, S, D] inputs."""
+    70 keys: two 64-key panels, the second ragged; q, k, v as [B, H, S, D] inputs. ``additive``: the
+    causal mask as a constant float bias instead (0 below the diagonal, -1e4 above), added."""
     g = Graph()
-    causal = g.const("causal", np.tril(np.ones((seq, seq), bool))[None, None], bool)
+    lower = np.tril(np.ones((seq, seq), bool))[None, None]
     kt = g.node("Transpose", ["k"], "kt", perm=[0, 1, 3, 2])
     scores = g.node("Mul", [g.node("MatMul", ["q", kt], "qk"), g.const("scale", 0.2)], "scaled")
-    filled = g.node("Where", [causal, scores, g.const("neg_inf", -np.inf)], "filled")
+    if additive:
+        filled = g.node("Add", [scores, g.const("causal_bias", np.where(lower, 0.0, -1e4))], "filled")
+    else:
+        filled = g.node("Where", [g.const("causal", lower, bool), scores, g.const("neg_inf", -np.inf)], "filled")
     g.node("MatMul", [g.node("Softmax", [filled], "p", axis=-1), "v"], "y")
     shape = [batch, heads, seq, d]
     return g.model([(n, TensorProto.FLOAT, shape) for n in ("q", "k", "v")], [("y", TensorProto.FLOAT, shape)])
@@ -138,9 +142,9 @@ def _compile_and_compare(model, tmp_path, target="llvm"):
 
 @requires_avx512
 @pytest.mark.parametrize("build", [vit_style, rank3_cross, lambda: rank3_cross(sk=77, kt_input=True),
-                                   causal_masked_fill],
+                                   causal_masked_fill, lambda: causal_masked_fill(additive=True)],
                          ids=["vit-style-additive-mask", "rank3-cross-div", "rank3-kt-rows-in-place",
-                              "causal-masked-fill"])
+                              "causal-masked-fill", "causal-constant-bias"])
 def test_attention_fuses_and_matches_ort(build, tmp_path):
     result = _compile_and_compare(build(), tmp_path)
     assert result.rule_hits.get("attention-f32") == 1, result.kernels
